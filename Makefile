@@ -1,0 +1,46 @@
+# lmforge: `make demo` runs the pipeline on the demo corpus, `make test` runs the test suite.
+# Both create the virtual environments from the lock files first (Python 3.11 and pip are all you need).
+
+PYTHON ?= python3
+VENV := .venv
+DVC_VENV := .venv-dvc
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/pip
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+
+.PHONY: install demo test ui clean-artifacts
+
+$(STAMP): requirements.lock requirements-dvc.lock pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "lmforge needs Python 3.11, this is " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m venv $(DVC_VENV)
+	PIP_DISABLE_PIP_VERSION_CHECK=1 $(DVC_VENV)/bin/pip install -q -r requirements-dvc.lock
+	ln -sf ../../$(DVC_VENV)/bin/dvc $(BIN)/dvc
+	mkdir -p $(DAGSTER_HOME)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@if [ -z "$$(ls -A data/raw 2>/dev/null)" ]; then $(BIN)/lmforge demo-corpus; fi
+	$(BIN)/lmforge run
+	@echo
+	@echo "Next: 'make ui' for the Dagster UI (http://127.0.0.1:3000), 'dvc repro' with the venv active"
+	@echo "      (source $(VENV)/bin/activate), artifacts/<stage>/summary.json and quarantine.jsonl,"
+	@echo "      Data Docs in artifacts/clean/data_docs/index.html."
+
+test: install
+	$(BIN)/python -m pytest
+
+ui: install
+	@echo "Dagster UI: http://127.0.0.1:3000   MLflow UI: http://127.0.0.1:5000"
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow/mlflow.db & \
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean-artifacts:
+	rm -rf artifacts

@@ -1,0 +1,111 @@
+"""Helpers shared by the asset modules: run-config overrides, code versions, metadata rendering."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import dagster as dg
+import pydantic
+
+from lmforge.params import Params, with_overrides
+
+
+def overrides_config(cls: type, name: str) -> type[dg.Config]:
+    """A ``dg.Config`` class whose fields mirror dataclass ``cls`` with every field optional.
+
+    Left empty, a field takes its value from ``params.yaml``; set in the launchpad (or in the run
+    config of ``lmforge run``), it overrides that one value for that one run.  Fields that are lists of
+    structures (ingest sources) are edited in ``params.yaml`` only.
+    """
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            tp = overrides_config(tp, f"{name}{tp.__name__}")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            continue
+        tp = _plain(tp)
+        fields[f.name] = (Optional[tp], pydantic.Field(default=None, description=f"default: params.yaml ({_default(f)})"))
+    return pydantic.create_model(name, __base__=dg.Config, **fields)
+
+
+def _plain(tp: Any) -> Any:
+    """Dagster config knows str/int/float/bool/lists/nested Config; a Literal becomes its base type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return type(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return _plain(next(a for a in typing.get_args(tp) if a is not type(None)))
+    return tp
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    value = f.default_factory()  # type: ignore[misc]
+    return "…" if dataclasses.is_dataclass(value) else repr(value)
+
+
+def stage_params(params: Params, stage: str, config: dg.Config) -> Params:
+    """``params`` with the non-empty fields of a stage's run config applied to ``params.<stage>``."""
+    overrides = config.model_dump(exclude_none=True)
+    overrides = _drop_empty(overrides)
+    if not overrides:
+        return params
+    return dataclasses.replace(params, **{stage: with_overrides(getattr(params, stage), overrides)})
+
+
+def _drop_empty(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_empty(v)
+            if not v:
+                continue
+        out[k] = v
+    return out
+
+
+def code_version(*modules: types.ModuleType) -> str:
+    """Hash of the source of the modules that compute an asset: Dagster marks it stale when they change."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(inspect.getsource(module).encode())
+    return h.hexdigest()[:12]
+
+
+def md_table(rows: list[dict[str, Any]] | dict[str, Any], headers: tuple[str, str] = ("", "")) -> str:
+    """A markdown table from a list of dicts, or from a mapping as two columns."""
+    if isinstance(rows, dict):
+        rows = [{headers[0]: k, headers[1]: v} for k, v in rows.items()]
+    if not rows:
+        return "_none_"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    text = str(value).replace("\n", " ").replace("|", "\\|")
+    return text if len(text) <= 120 else text[:117] + "…"
+
+
+def sample_rows(ds, n: int = 5, columns: tuple[str, ...] = ("id", "path", "format", "text")) -> str:
+    """The first ``n`` rows of a dataset as a markdown table (text truncated)."""
+    if len(ds) == 0:
+        return "_empty_"
+    head = ds.select(range(min(n, len(ds)))).select_columns(list(columns)).to_list()
+    return md_table(head)
+
+
+def summary_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    """Numbers of a summary as Dagster metadata (plotted over time in the UI)."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

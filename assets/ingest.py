@@ -1,0 +1,38 @@
+"""Asset ``ingest``: raw sources → ``<artifacts>/ingest`` (Arrow dataset + quarantine)."""
+
+
+import dagster as dg
+
+import lmforge.formats
+import lmforge.ingest
+import lmforge.params
+from assets.common import code_version, md_table, overrides_config, sample_rows, stage_params, summary_metadata
+from dagster_project.resources import ParamsResource
+from lmforge.artifacts import load_dataset_dir
+
+IngestConfig = overrides_config(lmforge.params.IngestParams, "IngestConfig")
+IngestConfig.__doc__ = "Overrides of params.yaml `ingest` for one run. Used by: ingest."
+
+
+@dg.asset(
+    group_name="data",
+    kinds={"python", "arrow"},
+    code_version=code_version(lmforge.formats, lmforge.ingest),
+    description="Every configured source (files of many formats, Hugging Face datasets) converted to "
+    "plain-text documents with provenance; unreadable inputs go to quarantine.jsonl.",
+)
+def ingest(context: dg.AssetExecutionContext, config: IngestConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = stage_params(lmforge_params.load(), "ingest", config)
+    summary = lmforge.ingest.run_ingest(params)
+    context.log.info(f"ingest: {summary['documents']} documents, {summary['quarantined']} quarantined")
+    stage = params.stage_dir("ingest")
+    ds = load_dataset_dir(stage / "dataset", "ingest")
+    return dg.MaterializeResult(
+        metadata={
+            **summary_metadata(summary),
+            "path": dg.MetadataValue.path(str(stage)),
+            "rejections": dg.MetadataValue.md(md_table(summary["by_reason"], ("reason", "count"))),
+            "formats": dg.MetadataValue.md(md_table(summary["formats"], ("format", "documents"))),
+            "sample": dg.MetadataValue.md(sample_rows(ds)),
+        }
+    )

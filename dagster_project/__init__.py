@@ -1,0 +1,1 @@
+"""Dagster wiring of lmforge: Definitions, resources, jobs, schedules, sensors, checks and the CLI."""

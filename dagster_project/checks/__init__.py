@@ -1,0 +1,1 @@
+"""Asset checks: the gates between stages.  Blocking checks stop everything downstream on failure."""

@@ -1,0 +1,176 @@
+"""Writing and reading stage artifacts: Arrow datasets, ``quarantine.jsonl`` and ``summary.json``.
+
+Every stage goes through these helpers so that the artifact contract in DESIGN.md (one directory per
+stage, a ``summary.json`` for DVC metrics, one quarantine record per rejected input) holds everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge.params import LmforgeError
+
+QUARANTINE = "quarantine.jsonl"
+SUMMARY = "summary.json"
+PARAMS = "params.json"
+
+
+class QuarantineWriter:
+    """Append-only writer of rejected inputs, one JSON object a line, counting reasons as it goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.by_reason: Counter[str] = Counter()
+        self._fh = open(path, "w", encoding="utf-8")
+
+    def write(self, *, source: str, reason: str, detail: str, text: str | None = None, **extra: Any) -> None:
+        record = {"source": source, "reason": reason, "detail": detail, **extra, "text": text}
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.by_reason[reason] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_reason.values())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> QuarantineWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def count_reasons(path: Path) -> Counter[str]:
+    """Reasons in an existing quarantine file (used to merge shards written by worker processes)."""
+    reasons: Counter[str] = Counter()
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                reasons[json.loads(line)["reason"]] += 1
+    return reasons
+
+
+def concat_files(parts: list[Path], target: Path) -> None:
+    with open(target, "wb") as out:
+        for part in parts:
+            if part.exists():
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out)
+                part.unlink()
+
+
+def write_summary(stage_dir: Path, summary: dict[str, Any]) -> Path:
+    path = stage_dir / SUMMARY
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def write_params(stage_dir: Path, stage_params: Any) -> Path:
+    """Record the effective parameters of a run (params.yaml plus run-config overrides) beside its
+    outputs, so that checks and people see exactly what produced them."""
+    import dataclasses
+
+    path = stage_dir / PARAMS
+    path.write_text(json.dumps(dataclasses.asdict(stage_params), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_params(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / PARAMS
+    if not path.exists():
+        raise LmforgeError(f"{path} not found: run the '{stage_dir.name}' stage first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_summary(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / SUMMARY
+    if not path.exists():
+        raise LmforgeError(f"{path} not found: run the '{stage_dir.name}' stage first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def fresh_dir(path: Path) -> Path:
+    """Empty ``path`` (a stage's output directory) so that no file of an earlier run survives."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def load_dataset_dir(path: Path, stage: str):
+    """Open an Arrow dataset written by an earlier stage (memory-mapped, not loaded)."""
+    import datasets
+
+    if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        raise LmforgeError(f"{path} not found: materialize the '{stage}' stage first (lmforge run --select {stage})")
+    state = path / "state.json"
+    if state.exists() and not json.loads(state.read_text())["_data_files"]:
+        # ``datasets`` saves an empty dataset without data files and cannot load it back
+        features = datasets.DatasetInfo.from_directory(str(path)).features
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    return datasets.load_from_disk(str(path))
+
+
+def save_generated(
+    generator: Callable[..., Iterator[dict]],
+    gen_kwargs: dict[str, Any],
+    features,
+    out_dir: Path,
+    num_proc: int | None = None,
+) -> Any:
+    """Stream rows from ``generator`` into an Arrow dataset saved at ``out_dir``.
+
+    Rows go straight to Arrow files on disk (Hugging Face ``datasets`` writes in batches), so memory
+    stays flat however large the corpus is.  A throw-away cache directory forces a fresh generation
+    each run: the generator has side effects (quarantine records) that a cache hit would skip.
+    """
+    import datasets
+
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-cache-") as cache:
+        try:
+            ds = datasets.Dataset.from_generator(
+                generator,
+                features=features,
+                gen_kwargs=gen_kwargs,
+                cache_dir=cache,
+                num_proc=num_proc,
+                split="train",
+            )
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if isinstance(exc.__cause__, LmforgeError):  # a user mistake found while reading
+                raise exc.__cause__ from None
+            raise
+        except ValueError as exc:
+            if "corresponds to no data" not in str(exc):
+                raise
+            # every row was rejected: ``datasets`` refuses to build an empty split, so make it here
+            ds = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+        ds.save_to_disk(str(out_dir), max_shard_size="500MB")
+        del ds
+    return load_dataset_dir(out_dir, out_dir.parent.name)
+
+
+def shards(items: list, n: int) -> list[list]:
+    """Split ``items`` into at most ``n`` contiguous shards (contiguous keeps the output order)."""
+    n = max(1, min(n, len(items)))
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def env_num_proc(requested: int) -> int:
+    """Worker processes to use: never more than the cores this process may run on."""
+    return max(1, min(requested, len(os.sched_getaffinity(0))))

@@ -1,0 +1,195 @@
+"""The demo corpus: real documents that no one on this team wrote and that every Python has, offline.
+
+- ``raw/packages/<name>.{md,rst,txt}``: the long description of every installed distribution, in its
+  own format (``Description-Content-Type``; the packaging spec's default for a missing type is rst);
+- ``raw/stdlib/<module>.txt``: the module docstring of every public standard-library module;
+- ``raw/html/<module>.html``: an API page per module rendered from its docstrings (module, classes,
+  functions), so that the HTML reader runs on real markup;
+- ``finetune/classification.jsonl``: description → first ``Topic ::`` classifier (top-level topic);
+- ``finetune/summarisation.jsonl``: description → ``Summary``.
+
+Everything is read from metadata and source files, never by importing pure-Python modules (imports
+have side effects: ``antigravity`` opens a browser), and written in sorted order with no timestamps, so
+the same Python and the same locked packages give byte-identical files on every machine.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import html
+import importlib.metadata as metadata
+import importlib.util
+import inspect
+import json
+import platform
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmforge.formats import markdown_to_text, rst_to_text, tidy_lines
+
+#: Distributions left out: this project itself (its README changes with every commit).
+EXCLUDED_DISTRIBUTIONS = {"lmforge"}
+MANIFEST = "demo-manifest.json"
+
+_EXT = {"text/markdown": ".md", "text/x-rst": ".rst", "text/plain": ".txt"}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def distributions() -> Iterator[tuple[str, metadata.PackageMetadata]]:
+    """Installed distributions, one per normalised name, in sorted order."""
+    seen: dict[str, metadata.PackageMetadata] = {}
+    for dist in metadata.distributions():
+        name = _normalise(dist.metadata["Name"] or "")
+        if name and name not in EXCLUDED_DISTRIBUTIONS and name not in seen:
+            seen[name] = dist.metadata
+    yield from sorted(seen.items())
+
+
+def description(meta: metadata.PackageMetadata) -> tuple[str, str]:
+    """(long description, file suffix by its content type)."""
+    body = meta.get_payload() if hasattr(meta, "get_payload") else None  # type: ignore[attr-defined]
+    text = (body or meta.get("Description") or "").replace("\r\n", "\n")
+    content_type = (meta.get("Description-Content-Type") or "text/x-rst").split(";")[0].strip().lower()
+    return text, _EXT.get(content_type, ".txt")
+
+
+def as_plain_text(text: str, suffix: str) -> str:
+    return {".md": markdown_to_text, ".rst": rst_to_text}.get(suffix, tidy_lines)(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Standard library docstrings
+# --------------------------------------------------------------------------------------------------
+
+
+def stdlib_docs(module: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(module docstring, [(member signature, docstring)]) of a public stdlib module, or None."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    if spec.origin.endswith(".py"):
+        return _docs_from_source(Path(spec.origin))
+    if spec.origin == "built-in" or spec.origin.endswith((".so", ".pyd")):
+        return _docs_from_extension(module)
+    return None
+
+
+def _docs_from_source(path: Path) -> tuple[str, list[tuple[str, str]]] | None:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return None
+    members = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc:
+                sig = node.name if isinstance(node, ast.ClassDef) else f"{node.name}({ast.unparse(node.args)})"
+                members.append((sig, doc))
+    return ast.get_docstring(tree) or "", members
+
+
+def _docs_from_extension(module: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """Compiled modules have no source: import them (they have no import-time side effects)."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # an optional extension missing from this build
+        return None
+    members = []
+    for name in sorted(vars(mod)):
+        obj = getattr(mod, name)
+        if name.startswith("_") or not (inspect.isroutine(obj) or inspect.isclass(obj)):
+            continue
+        doc = inspect.getdoc(obj)
+        if doc and getattr(obj, "__module__", module) in (module, None):
+            members.append((name, doc))
+    return inspect.getdoc(mod) or "", members
+
+
+def render_html(module: str, doc: str, members: list[tuple[str, str]]) -> str:
+    """A small API reference page, the way documentation generators lay one out."""
+
+    def paragraphs(text: str) -> str:
+        return "\n".join(f"<p>{html.escape(p.strip())}</p>" for p in re.split(r"\n\s*\n", text) if p.strip())
+
+    parts = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{module} — Python standard library</title>',
+        "<style>body{font-family:sans-serif;max-width:50em}code{background:#eee}</style></head><body>",
+        f"<nav><a href=\"index.html\">Index</a> › {module}</nav>",
+        f"<h1>The <code>{module}</code> module</h1>",
+        paragraphs(doc),
+    ]
+    for sig, member_doc in members:
+        anchor = sig.split("(")[0]
+        parts += [f'<h2 id="{anchor}"><code>{html.escape(sig)}</code></h2>', paragraphs(member_doc)]
+    parts.append("<footer>Rendered from the module's docstrings by lmforge demo-corpus.</footer></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text if text.endswith("\n") else text + "\n")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    _write(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+
+
+def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str, int]:
+    """Write the demo corpus under ``data_dir`` (``raw/`` and ``finetune/``); return file counts."""
+    raw = data_dir / "raw"
+    counts = {"packages": 0, "stdlib": 0, "html": 0, "classification": 0, "summarisation": 0}
+    classification, summarisation = [], []
+    for name, meta in distributions():
+        text, suffix = description(meta)
+        if not text.strip():
+            continue
+        _write(raw / "packages" / f"{name}{suffix}", text)
+        counts["packages"] += 1
+        plain = as_plain_text(text, suffix)
+        topics = [c for c in meta.get_all("Classifier") or [] if c.startswith("Topic ::")]
+        if topics and plain:
+            label = topics[0].split("::")[1].strip()
+            classification.append({"package": name, "text": plain, "label": label, "classifier": topics[0]})
+        summary = (meta.get("Summary") or "").strip()
+        if summary and summary != "UNKNOWN" and plain:
+            summarisation.append({"package": name, "document": plain, "summary": summary})
+    for module in sorted(sys.stdlib_module_names):
+        if module.startswith("_"):
+            continue
+        docs = stdlib_docs(module)
+        if docs is None:
+            continue
+        doc, members = docs
+        if doc.strip():
+            _write(raw / "stdlib" / f"{module}.txt", doc)
+            counts["stdlib"] += 1
+        if doc.strip() or members:
+            _write(raw / "html" / f"{module}.html", render_html(module, doc, members))
+            counts["html"] += 1
+    _jsonl(data_dir / "finetune" / "classification.jsonl", classification)
+    _jsonl(data_dir / "finetune" / "summarisation.jsonl", summarisation)
+    counts["classification"], counts["summarisation"] = len(classification), len(summarisation)
+    manifest = {
+        "python": platform.python_version(),
+        "requirements_lock_sha256": hashlib.sha256(lock_file.read_bytes()).hexdigest() if lock_file and lock_file.exists() else None,
+        "counts": counts,
+    }
+    _write(data_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    return counts

@@ -1,0 +1,298 @@
+"""Ingest: every configured source → one Arrow dataset of plain-text documents with provenance.
+
+Each output row says where it came from (``source``, ``path``, ``record``, ``format``,
+``file_sha256``) so that any document, and any model trained on it, can be traced back to the exact
+bytes of the exact file.  Anything that cannot become a document becomes a quarantine record.
+
+Accounting (checked by the tests): every directory entry that passes the include/exclude globs ends
+up as documents or as quarantine records; every line/row/item of a JSONL, JSON, CSV or Parquet file
+or of a Hugging Face dataset is one document or one quarantine record.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.artifacts import (
+    QUARANTINE,
+    QuarantineWriter,
+    concat_files,
+    count_reasons,
+    env_num_proc,
+    fresh_dir,
+    save_generated,
+    shards,
+    write_params,
+    write_summary,
+)
+from lmforge.formats import Record, detect_format, read_records
+from lmforge.params import IngestParams, LmforgeError, Params, SourceParams
+
+COLUMNS = ("id", "source", "path", "record", "format", "text", "bytes", "sha256", "file_sha256")
+
+
+def features():
+    import datasets
+
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "path": datasets.Value("string"),
+            "record": datasets.Value("int64"),
+            "format": datasets.Value("string"),
+            "text": datasets.Value("large_string"),
+            "bytes": datasets.Value("int64"),
+            "sha256": datasets.Value("string"),
+            "file_sha256": datasets.Value("string"),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of ingest work: a file of a directory source, a rejected entry, or a whole HF source."""
+
+    source: str
+    path: str  # as recorded: relative to the source directory, or the dataset path/name
+    abs_path: str = ""
+    reject: tuple[str, str] | None = None  # (reason, detail) known before reading
+    hf: SourceParams | None = None
+
+
+def document_id(source: str, path: str, record: int) -> str:
+    """Stable id from provenance (not content): re-ingesting the same file gives the same ids."""
+    return hashlib.sha256(f"{source}\0{path}\0{record}".encode()).hexdigest()[:16]
+
+
+def _matches(rel: str, patterns: list[str]) -> bool:
+    """Glob match of a relative path; ``*`` crosses ``/`` and a leading ``**/`` also matches no directory."""
+    return any(fnmatch.fnmatchcase(rel, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel, p[3:])) for p in patterns)
+
+
+def resolve_source_path(params: Params, source: SourceParams) -> Path:
+    return params.path(source.path if source.path is not None else params.paths.raw)
+
+
+def list_items(params: Params) -> tuple[list[Item], int]:
+    """Enumerate the work of every source (cheap: no file is read).  Returns (items, filtered_out)."""
+    items: list[Item] = []
+    filtered = 0
+    names = [s.name for s in params.ingest.sources]
+    if len(set(names)) != len(names):
+        raise LmforgeError(f"ingest.sources: source names must be unique, got {names}")
+    for source in params.ingest.sources:
+        if source.type != "directory":
+            items.append(Item(source.name, source.path or "", hf=source))
+            continue
+        root = resolve_source_path(params, source)
+        if not root.is_dir():
+            hint = " (run 'lmforge demo-corpus' to create the demo corpus)" if source.path is None else ""
+            raise LmforgeError(f"ingest source '{source.name}': directory not found: {root}{hint}")
+        found, skipped = _walk(source, root)
+        items += found
+        filtered += skipped
+    return items, filtered
+
+
+def _walk(source: SourceParams, root: Path) -> tuple[list[Item], int]:
+    """Walk ``root`` in sorted order without following symlinks; symlinks and special files are
+    recorded as rejections so that the user sees them."""
+    items: list[Item] = []
+    filtered = 0
+    real_root = os.path.realpath(root)
+
+    def unreadable_dir(exc: OSError) -> None:
+        rel = os.path.relpath(exc.filename, root).replace(os.sep, "/")
+        items.append(Item(source.name, rel, exc.filename, ("unreadable", f"cannot list directory: {exc.strerror}")))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable_dir):
+        dirnames.sort()
+        entries = sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        for name in sorted(entries):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if not _matches(rel, source.include) or _matches(rel, source.exclude):
+                filtered += 1
+                continue
+            items.append(Item(source.name, rel, full, _pre_reject(full, real_root)))
+    return items, filtered
+
+
+def _pre_reject(full: str, real_root: str) -> tuple[str, str] | None:
+    """Rejections decided from the directory entry alone."""
+    if os.path.islink(full):
+        target = os.path.realpath(full)
+        where = "inside" if os.path.commonpath([target, real_root]) == real_root else "outside"
+        return ("symlink", f"symbolic link to {os.readlink(full)} ({where} the source) is never followed")
+    try:
+        mode = os.stat(full).st_mode
+    except OSError as exc:
+        return ("unreadable", f"cannot stat: {exc.strerror}")
+    if not stat.S_ISREG(mode):
+        return ("not_a_regular_file", "a device, socket or pipe, not a file")
+    fmt, _ = detect_format(Path(full))
+    if fmt is None:
+        return ("unsupported_format", f"no reader for '{Path(full).name}' (supported: see README 'Formats')")
+    return None
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def _hf_records(source: SourceParams, params: Params):
+    """Yield (path label, Record) for a Hugging Face dataset source, streamed row by row."""
+    import datasets
+
+    if source.type == "hf_disk":
+        location = str(resolve_source_path(params, source))
+        try:
+            ds = datasets.load_from_disk(location)
+        except FileNotFoundError:
+            raise LmforgeError(f"ingest source '{source.name}': no saved dataset at {location}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[source.split]
+    elif source.type == "hf_files":
+        location = str(resolve_source_path(params, source))
+        builder = source.builder or _guess_builder(location)
+        ds = datasets.load_dataset(builder, data_files=location, split=source.split, streaming=True)
+    else:  # hf_hub: a dataset name on the Hub (or a local dataset directory, same code path)
+        if not source.path:
+            raise LmforgeError(f"ingest source '{source.name}': hf_hub needs 'path' (the dataset name)")
+        location = source.path
+        ds = datasets.load_dataset(location, source.config, split=source.split, streaming=True)
+    columns = ds.column_names
+    if columns is not None and source.text_field not in columns:
+        raise LmforgeError(
+            f"ingest source '{source.name}': no column '{source.text_field}' in {location} "
+            f"(columns: {', '.join(columns)}); set text_field"
+        )
+    for i, row in enumerate(ds):
+        value = row.get(source.text_field)
+        if isinstance(value, str):
+            yield location, Record(i, text=value)
+        else:
+            yield location, Record(i, reason="missing_text_field", detail=f"row {i}: '{source.text_field}' is {value!r}")
+
+
+def _guess_builder(location: str) -> str:
+    fmt, _ = detect_format(Path(location))
+    return {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(fmt or "", "text")
+
+
+def _generate(shards: list[tuple[int, list[Item]]], params_blob: dict, out_dir: str):
+    """Rows of the shards given to one worker process (``datasets`` hands each worker a sub-list);
+    rejections go to each shard's own quarantine part, merged in shard order afterwards."""
+    from lmforge.params import Params, build
+
+    params: Params = build(Params, params_blob, "")
+    for shard, items in shards:
+        yield from _generate_shard(shard, items, params, out_dir)
+
+
+def _generate_shard(shard: int, items: list[Item], params: Params, out_dir: str):
+    cfg: IngestParams = params.ingest
+    with QuarantineWriter(Path(out_dir) / f"{QUARANTINE}.part{shard:03d}") as quarantine:
+        for item in items:
+            if item.hf is not None:
+                records = _hf_records(item.hf, params)
+                fmt, file_sha = "hf", ""
+            elif item.reject is not None:
+                reason, detail = item.reject
+                quarantine.write(source=item.source, path=item.path, record=0, reason=reason, detail=detail)
+                continue
+            else:
+                fmt, gz = detect_format(Path(item.abs_path))
+                file_sha = _file_sha256(item.abs_path)
+                records = ((item.path, r) for r in read_records(Path(item.abs_path), fmt, gz, _field(params, item), cfg.max_document_bytes))
+            for path, rec in records:
+                if rec.reason is None and not (rec.text or "").strip():
+                    rec = Record(rec.record, text=rec.text, reason="empty_text", detail="no text after conversion")
+                if rec.reason is not None:
+                    quarantine.write(
+                        source=item.source, path=path, record=rec.record, reason=rec.reason, detail=rec.detail, text=rec.text
+                    )
+                    continue
+                data = rec.text.encode("utf-8", "surrogatepass")
+                if len(data) > cfg.max_document_bytes:
+                    quarantine.write(
+                        source=item.source, path=path, record=rec.record, reason="too_large",
+                        detail=f"document larger than ingest.max_document_bytes ({cfg.max_document_bytes:,})",
+                    )
+                    continue
+                yield {
+                    "id": document_id(item.source, path, rec.record),
+                    "source": item.source,
+                    "path": path,
+                    "record": rec.record,
+                    "format": fmt,
+                    "text": rec.text,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "file_sha256": file_sha,
+                }
+
+
+def _field(params: Params, item: Item) -> str:
+    return next(s.text_field for s in params.ingest.sources if s.name == item.source)
+
+
+def run_ingest(params: Params) -> dict[str, Any]:
+    """Materialize ``<artifacts>/ingest``: ``dataset/`` (Arrow), ``quarantine.jsonl``, ``summary.json``."""
+    from dataclasses import asdict
+
+    items, filtered = list_items(params)
+    out = fresh_dir(params.stage_dir("ingest"))
+    dataset_dir = out / "dataset"
+    parts = shards(items, env_num_proc(params.ingest.num_proc)) or [[]]
+    ds = save_generated(
+        _generate,
+        {"shards": list(enumerate(parts)), "params_blob": asdict(params), "out_dir": str(out)},
+        features(),
+        dataset_dir,
+        num_proc=len(parts) if len(parts) > 1 else None,
+    )
+    part_files = [out / f"{QUARANTINE}.part{i:03d}" for i in range(len(parts))]
+    concat_files(part_files, out / QUARANTINE)
+    by_reason = count_reasons(out / QUARANTINE)
+    documents = len(ds)
+    input_bytes = sum(os.path.getsize(i.abs_path) for i in items if i.abs_path and i.reject is None)
+    text_bytes = int(ds.data.column("bytes").to_numpy().sum()) if documents else 0
+    summary = {
+        "files": len(items),
+        "filtered_out": filtered,
+        "documents": documents,
+        "quarantined": sum(by_reason.values()),
+        "by_reason": dict(sorted(by_reason.items())),
+        "bytes": input_bytes,
+        "text_bytes": text_bytes,
+        "formats": dict(sorted(_count(ds, "format").items())),
+        "sources": dict(sorted(_count(ds, "source").items())),
+    }
+    write_params(out, params.ingest)
+    write_summary(out, summary)
+    return summary
+
+
+def _count(ds, column: str) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        return {}
+    counts = pc.value_counts(ds.data.column(column)).to_pylist()
+    return {c["values"]: c["counts"] for c in counts}

@@ -1,0 +1,270 @@
+"""Typed, strict loading of ``params.yaml``.
+
+``params.yaml`` is the single source of defaults for every stage (DESIGN.md, "Config").  It is parsed
+into the dataclasses below so that the rest of the code reads attributes, not dictionary keys, and so
+that a typo in a key is reported as an error with a suggestion instead of silently falling back to a
+default.  Nothing here imports Dagster: notebooks and benchmarks load parameters the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+#: The repository root: relative paths in any params file resolve against it.
+REPO_ROOT = Path(os.environ.get("LMFORGE_ROOT", Path(__file__).resolve().parents[1]))
+
+
+class LmforgeError(Exception):
+    """A user mistake (bad config, missing input): the CLI prints it as one line, without a traceback."""
+
+
+class ParamsError(LmforgeError, ValueError):
+    """A mistake in a params file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage parameters.  Comments say why each default was chosen.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathsParams:
+    raw: str = "data/raw"  # the demo corpus and the default ingest source
+    finetune: str = "data/finetune"  # task sets for fine-tuning (classification, summarisation)
+    artifacts: str = "artifacts"  # every stage writes <artifacts>/<stage>/
+
+
+@dataclass
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"  # the registry needs a database backend
+    experiment: str = "lmforge"
+
+
+SourceType = Literal["directory", "hf_disk", "hf_files", "hf_hub"]
+
+
+@dataclass
+class SourceParams:
+    """One ingest source.  ``type`` picks how it is read:
+
+    - ``directory``: files under ``path`` (recursive), filtered by ``include``/``exclude`` globs;
+    - ``hf_disk``: a dataset saved with ``datasets.save_to_disk`` at ``path``;
+    - ``hf_files``: ``datasets.load_dataset(builder, data_files=path)`` on local files;
+    - ``hf_hub``: ``datasets.load_dataset(name, config, split=split)``, streamed (needs network, or a
+      local dataset directory given as ``name``).
+    """
+
+    name: str = "raw"
+    type: SourceType = "directory"
+    path: str | None = None  # None means paths.raw
+    include: list[str] = field(default_factory=lambda: ["**/*"])
+    exclude: list[str] = field(default_factory=lambda: ["**/.*"])  # hidden files (.gitkeep, .DS_Store)
+    text_field: str = "text"  # field/column holding the text in JSON, JSONL, CSV, Parquet and HF data
+    builder: str | None = None  # hf_files: "json", "csv", "parquet", "text"; None guesses from suffix
+    config: str | None = None  # hf_hub: dataset configuration name
+    split: str = "train"  # hf_*: which split to read
+
+
+@dataclass
+class IngestParams:
+    sources: list[SourceParams] = field(default_factory=lambda: [SourceParams()])
+    # A single document larger than this is quarantined rather than loaded: one runaway file (a log,
+    # a dump) must not dominate the corpus or the memory of the run.
+    max_document_bytes: int = 10_000_000
+    num_proc: int = 2  # worker processes converting files; 2 cores is the laptop target
+
+
+@dataclass
+class FilterParams:
+    """Gopher-style quality heuristics (Rae et al. 2021), loosened where technical text needs it."""
+
+    min_words: int = 20  # Gopher uses 50; package READMEs are often short but still useful
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_ratio: float = 0.1  # '#' and '...' per word: markers of lists of hashtags or truncation
+    min_alpha_word_fraction: float = 0.6  # Gopher: 0.8; code snippets in docs lower it legitimately
+    max_duplicate_line_fraction: float = 0.3  # boilerplate repeated line after line
+
+
+@dataclass
+class DedupParams:
+    exact: bool = True  # drop documents whose cleaned text is identical to an earlier one
+    # near: "remove" quarantines near duplicates; "cluster" keeps them but tags a cluster id so the
+    # split keeps each cluster in one split; "off" skips MinHash entirely (fastest, leaks most).
+    near: Literal["remove", "cluster", "off"] = "remove"
+    threshold: float = 0.8  # estimated Jaccard similarity of word shingles
+    num_perm: int = 64  # permutations: 64 estimates Jaccard within ~±0.06, at half the cost of 128
+    shingle_words: int = 5  # word 5-grams: short enough to match paraphrase, long enough to be rare
+
+
+@dataclass
+class ValidationParams:
+    """Thresholds of the great-expectations suite run as blocking checks on the cleaned data."""
+
+    min_rows: int = 10
+    min_chars: int = 1
+    max_chars: int = 1_000_000
+    max_rejection_ratio: float = 0.9  # more than this quarantined means the input or config is wrong
+
+
+@dataclass
+class CleanParams:
+    # Applied in this order.  Available: fix_mojibake, normalize_unicode, strip_markup,
+    # remove_control_chars, scrub_pii, remove_special_chars, lowercase, remove_stopwords, lemmatize,
+    # normalize_whitespace.  The last five of the optional ones are off by default: lowercasing,
+    # stopword removal and lemmatisation destroy information a generative model must learn.
+    steps: list[str] = field(
+        default_factory=lambda: [
+            "fix_mojibake",
+            "normalize_unicode",
+            "strip_markup",
+            "remove_control_chars",
+            "normalize_whitespace",
+        ]
+    )
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFC"  # NFC keeps the text as written
+    language: str = "en"  # for stopwords and lemmatisation
+    filters: FilterParams = field(default_factory=FilterParams)
+    dedup: DedupParams = field(default_factory=DedupParams)
+    validation: ValidationParams = field(default_factory=ValidationParams)
+    num_proc: int = 2  # worker processes for cleaning and MinHash; 2 cores is the laptop target
+
+
+@dataclass
+class SplitParams:
+    train: float = 0.90
+    val: float = 0.05
+    test: float = 0.05
+    seed: str = "lmforge"  # salts the hash: change it to draw a different, still deterministic, split
+
+    def __post_init__(self) -> None:
+        ratios = (self.train, self.val, self.test)
+        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+            raise ParamsError(f"split: train + val + test must be non-negative and sum to 1, got {ratios}")
+
+
+@dataclass
+class Params:
+    paths: PathsParams = field(default_factory=PathsParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    clean: CleanParams = field(default_factory=CleanParams)
+    split: SplitParams = field(default_factory=SplitParams)
+
+    def path(self, value: str | os.PathLike) -> Path:
+        """Resolve a path from a params file: absolute as is, relative against the repo root."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path(self.paths.artifacts)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.artifacts / stage
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict conversion from plain data to the dataclasses.
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    return type(value).__name__
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types with a clear path."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+            raise ParamsError(f"unknown key '{full}' ({hint})")
+        kwargs[key] = _convert(hints[key], value, full)
+    try:
+        return cls(**kwargs)
+    except ParamsError:
+        raise
+    except (TypeError, ValueError) as exc:  # __post_init__ validation of a stage
+        raise ParamsError(f"{where or 'params'}: {exc}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {_describe(value)}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ParamsError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported parameter type {tp} at {where}")  # a bug in this module, not user input
+
+
+def params_file() -> Path:
+    """The params file in force: ``$LMFORGE_PARAMS`` or ``<repo>/params.yaml``."""
+    override = os.environ.get("LMFORGE_PARAMS")
+    if override:
+        p = Path(override).expanduser()
+        return p if p.is_absolute() else Path.cwd() / p
+    return REPO_ROOT / "params.yaml"
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    path = Path(path) if path is not None else params_file()
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return build(Params, data or {}, "")
+
+
+def with_overrides(obj: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of dataclass ``obj`` with nested ``overrides`` applied (Dagster run config)."""
+    changes = {}
+    for key, value in overrides.items():
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = with_overrides(current, value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
