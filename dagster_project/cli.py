@@ -97,6 +97,8 @@ def _report(result) -> None:
         typer.secho(f"check failed: {key.asset_key.to_user_string()}/{key.name}: {evaluation.description}", fg=typer.colors.RED, err=True)
     for event in result.get_step_failure_events():
         cls_name, message = _root_cause(event.step_failure_data.error)
+        if cls_name == "DagsterAssetCheckFailedError":
+            continue  # already reported above, check by check
         if cls_name in ("LmforgeError", "ParamsError"):
             typer.secho(f"error in {event.step_key}: {message}", fg=typer.colors.RED, err=True)
         else:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,25 @@ def load_dataset_dir(path: Path, stage: str):
     return datasets.load_from_disk(str(path))
 
 
+@contextmanager
+def worker_friendly_signals() -> Iterator[None]:
+    """Let forked worker processes die on SIGTERM while a ``datasets`` pool runs.
+
+    Dagster installs a SIGTERM handler for graceful run termination.  Workers forked by ``datasets``
+    inherit it, so when the pool is torn down (``Pool.terminate`` sends SIGTERM) an idle worker does
+    not exit and the run hangs forever.  Restoring the default action around the pool avoids that;
+    the parent's handler is back as soon as the pool is gone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def save_generated(
     generator: Callable[..., Iterator[dict]],
     gen_kwargs: dict[str, Any],
@@ -137,14 +159,15 @@ def save_generated(
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-cache-") as cache:
         try:
-            ds = datasets.Dataset.from_generator(
-                generator,
-                features=features,
-                gen_kwargs=gen_kwargs,
-                cache_dir=cache,
-                num_proc=num_proc,
-                split="train",
-            )
+            with worker_friendly_signals():
+                ds = datasets.Dataset.from_generator(
+                    generator,
+                    features=features,
+                    gen_kwargs=gen_kwargs,
+                    cache_dir=cache,
+                    num_proc=num_proc,
+                    split="train",
+                )
         except datasets.exceptions.DatasetGenerationError as exc:
             if isinstance(exc.__cause__, LmforgeError):  # a user mistake found while reading
                 raise exc.__cause__ from None

@@ -24,6 +24,7 @@ from lmforge.artifacts import (
     fresh_dir,
     load_dataset_dir,
     save_generated,
+    worker_friendly_signals,
     write_params,
     write_summary,
 )
@@ -123,18 +124,19 @@ def run_clean(params: Params) -> dict[str, Any]:
     work = out / ".work"
     blob = asdict(params.clean)
     num_proc = env_num_proc(params.clean.num_proc)
-    scored = source.map(
-        _score_batch,
-        batched=True,
-        batch_size=64,
-        fn_kwargs={"params_blob": blob},
-        remove_columns=source.column_names,
-        features=_scored_features(),
-        num_proc=num_proc if len(source) >= 2 * num_proc else None,
-        cache_file_name=str(work / "scored.arrow"),
-        load_from_cache_file=False,
-        desc="clean: normalise, filter, sign",
-    )
+    with worker_friendly_signals():
+        scored = source.map(
+            _score_batch,
+            batched=True,
+            batch_size=64,
+            fn_kwargs={"params_blob": blob},
+            remove_columns=source.column_names,
+            features=_scored_features(),
+            num_proc=num_proc if len(source) >= 2 * num_proc else None,
+            cache_file_name=str(work / "scored.arrow"),
+            load_from_cache_file=False,
+            desc="clean: normalise, filter, sign",
+        )
     scored.save_to_disk(str(work / "scored"))
     del scored
     kept = save_generated(

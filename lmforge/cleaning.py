@@ -55,9 +55,17 @@ def normalize_unicode(text: str, p: CleanParams) -> str:
 
 
 def strip_markup(text: str, _: CleanParams) -> str:
-    """Remove tags and comments left over after format conversion, then decode HTML entities."""
-    text = _MARKUP.sub(" ", text)
-    return _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+    """Decode HTML entities, then remove the tags and comments left over after format conversion.
+
+    Decoding first means escaped tags (``&lt;div&gt;``, common in documentation about HTML) are
+    removed too: the cleaned corpus then never contains markup, which validation enforces.
+    """
+    text = _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+    while True:  # nested brackets (``<code object <lambda> at 0x…>``) reveal a tag once the inner one goes
+        stripped = _MARKUP.sub(" ", text)
+        if stripped == text:
+            return text
+        text = stripped
 
 
 def remove_control_chars(text: str, _: CleanParams) -> str:

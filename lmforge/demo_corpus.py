@@ -24,6 +24,7 @@ import inspect
 import json
 import platform
 import re
+import site
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,9 @@ from lmforge.formats import markdown_to_text, rst_to_text, tidy_lines
 
 #: Distributions left out: this project itself (its README changes with every commit).
 EXCLUDED_DISTRIBUTIONS = {"lmforge"}
+#: Standard-library modules left out: with setuptools installed, looking up ``distutils`` imports
+#: setuptools' own copy, which is neither the standard library nor free of side effects.
+EXCLUDED_MODULES = {"distutils"}
 MANIFEST = "demo-manifest.json"
 
 _EXT = {"text/markdown": ".md", "text/x-rst": ".rst", "text/plain": ".txt"}
@@ -44,7 +48,9 @@ def _normalise(name: str) -> str:
 def distributions() -> Iterator[tuple[str, metadata.PackageMetadata]]:
     """Installed distributions, one per normalised name, in sorted order."""
     seen: dict[str, metadata.PackageMetadata] = {}
-    for dist in metadata.distributions():
+    # the site-packages directories only: sys.path may also hold vendored copies added at run time
+    paths = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    for dist in metadata.distributions(path=paths):
         name = _normalise(dist.metadata["Name"] or "")
         if name and name not in EXCLUDED_DISTRIBUTIONS and name not in seen:
             seen[name] = dist.metadata
@@ -171,7 +177,7 @@ def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str
         if summary and summary != "UNKNOWN" and plain:
             summarisation.append({"package": name, "document": plain, "summary": summary})
     for module in sorted(sys.stdlib_module_names):
-        if module.startswith("_"):
+        if module.startswith("_") or module in EXCLUDED_MODULES:
             continue
         docs = stdlib_docs(module)
         if docs is None:

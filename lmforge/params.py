@@ -19,8 +19,23 @@ from typing import Any, Literal
 
 import yaml
 
-#: The repository root: relative paths in any params file resolve against it.
-REPO_ROOT = Path(os.environ.get("LMFORGE_ROOT", Path(__file__).resolve().parents[1]))
+
+
+def _find_root() -> Path:
+    """The project root: ``$LMFORGE_ROOT``, else the nearest directory from the working directory up
+    that holds ``params.yaml`` and ``dvc.yaml`` (so ``dvc repro`` in a copy of the project uses that
+    copy), else the checkout this package was installed from."""
+    if os.environ.get("LMFORGE_ROOT"):
+        return Path(os.environ["LMFORGE_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    for directory in (cwd, *cwd.parents):
+        if (directory / "params.yaml").is_file() and (directory / "dvc.yaml").is_file():
+            return directory
+    return Path(__file__).resolve().parents[1]
+
+
+#: The project root: relative paths in any params file resolve against it.
+REPO_ROOT = _find_root()
 
 
 class LmforgeError(Exception):

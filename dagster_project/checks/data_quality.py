@@ -21,7 +21,8 @@ def clean_expectations(lmforge_params: ParamsResource):
             metadata["observed"] = dg.MetadataValue.text(str(outcome.observed))
         if outcome.examples:
             metadata["examples"] = dg.MetadataValue.json(outcome.examples)
-        verdict = "" if outcome.passed else f" FAILED: {outcome.unexpected} unexpected, e.g. {outcome.examples[:2]}"
+        example = f", e.g. {outcome.examples[0][:80]!r}" if outcome.examples else ""
+        verdict = "" if outcome.passed else f" FAILED: {outcome.unexpected} unexpected{example}"
         yield dg.AssetCheckResult(
             asset_key="clean",
             check_name=outcome.name,
