@@ -1,6 +1,5 @@
 """Asset ``clean``: ingested documents → normalised, filtered, deduplicated documents."""
 
-
 import dagster as dg
 
 import lmforge.cleaning

@@ -1,6 +1,5 @@
 """Asset ``ingest``: raw sources → ``<artifacts>/ingest`` (Arrow dataset + quarantine)."""
 
-
 import dagster as dg
 
 import lmforge.formats

@@ -1,6 +1,5 @@
 """Asset ``split``: cleaned documents → deterministic train / val / test."""
 
-
 import dagster as dg
 
 import lmforge.split

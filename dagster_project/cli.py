@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,7 @@ def _materialize(select: str, run_config: dict, verbose: bool):
     if not (home / "dagster.yaml").exists():  # a project-local instance: no telemetry banner on every run
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     graph = defs.resolve_asset_graph()
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # the selection grammar is "beta" upstream
     try:
         keys = dg.AssetSelection.from_string(select).resolve(graph)
     except Exception as exc:  # the selection grammar raises several types
@@ -152,25 +154,25 @@ def demo_corpus(
     counts = build_demo_corpus(data, REPO_ROOT / "requirements.lock")
     typer.echo(f"demo corpus written to {data}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     if data.resolve() == (REPO_ROOT / "data").resolve():
-        _compare_with_data_dvc()
+        _compare_with_data_dvc(REPO_ROOT)
 
 
-def _compare_with_data_dvc() -> None:
+def _compare_with_data_dvc(root: Path) -> None:
     """Tell the user plainly whether the corpus built here is the one the committed data.dvc records."""
     import platform
 
-    dvc_file = REPO_ROOT / "data.dvc"
+    dvc_file = root / "data.dvc"
     dvc = Path(sys.executable).with_name("dvc")
     if not dvc_file.exists() or not dvc.exists():
         return
-    status = subprocess.run([str(dvc), "status", "--json", "data.dvc"], cwd=REPO_ROOT, capture_output=True, text=True)
+    status = subprocess.run([str(dvc), "status", "--json", "data.dvc"], cwd=root, capture_output=True, text=True)
     if status.returncode == 0 and status.stdout.strip() in ("{}", ""):
         typer.echo("the corpus matches data.dvc byte for byte")
         return
     import yaml
 
     recorded = (yaml.safe_load(dvc_file.read_text()) or {}).get("meta") or {}
-    lock = REPO_ROOT / "requirements.lock"
+    lock = root / "requirements.lock"
     lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
     reasons = []
     if recorded.get("python") and recorded["python"] != platform.python_version():

@@ -32,7 +32,7 @@ from lmforge.artifacts import (
     write_summary,
 )
 from lmforge.formats import Record, detect_format, read_records
-from lmforge.params import IngestParams, LmforgeError, Params, SourceParams
+from lmforge.params import IngestParams, LmforgeError, Params, SourceParams, build
 
 COLUMNS = ("id", "source", "path", "record", "format", "text", "bytes", "sha256", "file_sha256")
 
@@ -198,8 +198,6 @@ def _guess_builder(location: str) -> str:
 def _generate(shards: list[tuple[int, list[Item]]], params_blob: dict, out_dir: str):
     """Rows of the shards given to one worker process (``datasets`` hands each worker a sub-list);
     rejections go to each shard's own quarantine part, merged in shard order afterwards."""
-    from lmforge.params import Params, build
-
     params: Params = build(Params, params_blob, "")
     for shard, items in shards:
         yield from _generate_shard(shard, items, params, out_dir)

@@ -76,3 +76,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, corpus: Path, monkeyp
 def test_bad_selection(params_file: Path):
     result = runner.invoke(app, ["run", "--select", "key:nothing"])
     assert result.exit_code == 1 and "matches no asset" in result.output
+
+
+def test_demo_corpus_command_writes_once(tmp_path: Path):
+    result = invoke("demo-corpus", "--data", str(tmp_path))
+    assert result.exit_code == 0 and "demo corpus written" in result.output
+    assert (tmp_path / "raw" / "packages").is_dir() and (tmp_path / "finetune" / "classification.jsonl").exists()
+    again = invoke("demo-corpus", "--data", str(tmp_path))
+    assert again.exit_code == 0 and "leaving it as it is" in again.output

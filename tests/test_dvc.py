@@ -54,3 +54,23 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = sh("dvc", "repro")
     assert "Running stage 'split'" in third and "Running stage 'ingest'" not in third and "Running stage 'clean'" not in third
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="DVC is installed by `make install`")
+def test_a_corpus_that_differs_from_data_dvc_is_explained_not_an_error(tmp_path: Path, capsys):
+    from dagster_project.cli import _compare_with_data_dvc
+
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "doc.txt").write_text("recorded")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "data"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    (tmp_path / "data.dvc").write_text((tmp_path / "data.dvc").read_text() + "meta:\n  python: 3.10.0\n")
+    _compare_with_data_dvc(tmp_path)
+    assert "matches data.dvc" in capsys.readouterr().out
+    (tmp_path / "data" / "doc.txt").write_text("built elsewhere")
+    _compare_with_data_dvc(tmp_path)
+    out = capsys.readouterr().out
+    assert "differs from the one recorded in data.dvc (data.dvc was recorded with Python 3.10.0" in out
+    assert "Nothing is broken" in out and "dvc add data" in out

@@ -65,14 +65,14 @@ def test_bad_inputs_each_become_a_quarantine_record(tmp_path: Path):
     (raw / "truncated.txt.gz").write_bytes(gzip.compress(prose(2).encode() * 50)[:-30])
     (raw / "notgzip.jsonl.gz").write_bytes(b"plain bytes, not gzip")
     (raw / "lines.jsonl").write_text(json.dumps({"text": prose(3)}) + "\n{oops\n" + json.dumps({"body": "x"}) + "\n")
-    (raw / "huge.txt").write_text("word " * 2_000_000)  # a 10 MB single line, over the 1 MB limit set below
+    (raw / "huge.txt").write_text("word " * 10_000_000)  # a 50 MB single line, over the 10 MB default
     (raw / "table.docx").write_bytes(b"PK\x03\x04")
     outside = tmp_path / "secret.txt"
     outside.write_text("outside the source")
     (raw / "link.txt").symlink_to(outside)
     (raw / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
     os.mkfifo(raw / "pipe.txt")
-    summary, ds, quarantine = ingest(tmp_path, raw, ingest={"max_document_bytes": 1_000_000})
+    summary, ds, quarantine = ingest(tmp_path, raw)
     reasons = {(q["path"], q["reason"]) for q in quarantine}
     assert reasons == {
         ("latin1.txt", "invalid_utf8"),
