@@ -3,8 +3,9 @@
 Two passes over memory-mapped Arrow data, so memory stays flat in corpus size:
 1. in parallel (``datasets.map``): clean each text, apply the quality filters, hash it and compute its
    MinHash signature;
-2. in order, in one process: exact and near-duplicate decisions (the first occurrence wins), writing
-   kept documents to the output dataset and everything else to ``quarantine.jsonl``.
+2. in one process: exact and near-duplicate decisions over the whole corpus (the first occurrence
+   wins; see ``lmforge.dedup``), then one ordered pass writing kept documents to the output dataset
+   and everything else to ``quarantine.jsonl``.
 
 Accounting (checked by the tests): ``documents_in == kept + quarantined``.
 """
@@ -15,6 +16,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lmforge.artifacts import (
     QUARANTINE,
@@ -29,8 +32,8 @@ from lmforge.artifacts import (
     write_summary,
 )
 from lmforge.cleaning import make_cleaner, quality
-from lmforge.dedup import Deduplicator, signature, text_sha256
-from lmforge.params import CleanParams, Params, build
+from lmforge.dedup import band_hashes, banding, cluster_representatives, estimated_jaccard, signature, text_sha256
+from lmforge.params import CleanParams, DedupParams, Params, build
 
 PASSTHROUGH = ("id", "source", "path", "record", "format", "file_sha256")
 
@@ -73,6 +76,7 @@ def _score_batch(batch: dict[str, list], params_blob: dict) -> dict[str, list]:
     clean = make_cleaner(p)
     out: dict[str, list] = {k: batch[k] for k in PASSTHROUGH}
     out.update(text=[], bytes=[], sha256=[], reject_reason=[], reject_detail=[], signature=[])
+    zeros = [0] * p.dedup.num_perm
     for raw in batch["text"]:
         text = clean(raw)
         rejected = quality(text, p.filters)
@@ -81,39 +85,88 @@ def _score_batch(batch: dict[str, list], params_blob: dict) -> dict[str, list]:
         out["sha256"].append(text_sha256(text))
         out["reject_reason"].append(rejected[0] if rejected else None)
         out["reject_detail"].append(rejected[1] if rejected else None)
-        near = rejected is None and p.dedup.near != "off"
-        out["signature"].append(signature(text, p.dedup).tolist() if near else [])
+        if p.dedup.near == "off":
+            out["signature"].append([])
+        else:  # rejected documents get a placeholder so that every signature has num_perm values
+            out["signature"].append(zeros if rejected else signature(text, p.dedup).tolist())
     return out
 
 
-def _decide(scored_dir: str, params_blob: dict, quarantine_path: str):
-    """Pass 2, sequential: yield kept rows; write rejected ones to the quarantine."""
+# Decisions of pass 2, one int8 per document.
+KEEP, REJECTED, EXACT_DUPLICATE, NEAR_DUPLICATE = 0, 1, 2, 3
+
+
+def plan_dedup(table, p: DedupParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decide every document's fate from the scored Arrow table, reading it in record batches.
+
+    Returns (status, representative index, estimated Jaccard with it).  The state held is a few
+    numbers per document (see ``lmforge.dedup``), never the texts.
+    """
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    status = np.zeros(n, dtype=np.int8)
+    rep = np.arange(n, dtype=np.int64)
+    jaccard = np.full(n, np.nan, dtype=np.float32)
+    near = p.near != "off"
+    n_bands, rows = banding(p.threshold, p.num_perm) if near else (0, 0)
+    bands = np.zeros((n, n_bands), dtype=np.uint64)
+    seen: dict[bytes, int] = {}  # 128-bit sha256 prefix → first document with that text
+    columns = ["reject_reason", "sha256"] + (["signature"] if near else [])
+    start = 0
+    for batch in table.select(columns).to_batches(max_chunksize=4096):
+        for k, (reason, sha) in enumerate(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())):
+            i = start + k
+            if reason is not None:
+                status[i] = REJECTED
+            elif p.exact and (first := seen.setdefault(bytes.fromhex(sha[:32]), i)) != i:
+                status[i], rep[i] = EXACT_DUPLICATE, first
+        if near:
+            signatures = batch.column(2).flatten().to_numpy().reshape(-1, p.num_perm)
+            bands[start : start + len(batch)] = band_hashes(signatures, n_bands, rows)
+        start += len(batch)
+    if near:
+        eligible = np.flatnonzero(status == KEEP)
+        first = eligible[cluster_representatives(bands[eligible])]
+        members, leaders = eligible[first != eligible], first[first != eligible]
+        rep[members] = leaders
+        sig = table.column("signature")
+
+        def gather(index: np.ndarray) -> np.ndarray:
+            return pc.take(sig, index).combine_chunks().flatten().to_numpy().reshape(-1, p.num_perm)
+
+        jaccard[members] = estimated_jaccard(gather(members), gather(leaders))
+        if p.near == "remove":
+            status[members[jaccard[members] >= p.threshold]] = NEAR_DUPLICATE
+    return status, rep, jaccard
+
+
+def _write(scored_dir: str, params_blob: dict, quarantine_path: str):
+    """Pass 2, sequential: decide, then yield kept rows and write rejected ones to the quarantine."""
     import datasets
 
     p: CleanParams = build(CleanParams, params_blob, "clean")
-    dedup = Deduplicator(p.dedup)
     scored = datasets.load_from_disk(scored_dir)
+    status, rep, jaccard = plan_dedup(scored.data, p.dedup)
+    ids = scored.data.column("id")
+    rows = scored.remove_columns("signature")
+    i = 0
     with QuarantineWriter(Path(quarantine_path)) as quarantine:
-        for batch in scored.iter(batch_size=1000):
-            for i in range(len(batch["id"])):
-                row = {k: batch[k][i] for k in batch}
+        for batch in rows.iter(batch_size=1000):
+            for k in range(len(batch["id"])):
+                row = {key: batch[key][k] for key in batch}
                 where = {"source": row["source"], "path": row["path"], "record": row["record"], "id": row["id"]}
-                if row["reject_reason"]:
+                first = ids[int(rep[i])].as_py()
+                if status[i] == REJECTED:
                     quarantine.write(**where, reason=row["reject_reason"], detail=row["reject_detail"], text=row["text"])
-                    continue
-                first = dedup.exact_duplicate_of(row["id"], row["sha256"])
-                if first is not None:
+                elif status[i] == EXACT_DUPLICATE:
                     quarantine.write(**where, reason="exact_duplicate", detail=f"same text as document {first}", text=row["text"])
-                    continue
-                cluster = row["id"]
-                near = dedup.near_cluster(row["id"], row["signature"]) if row["signature"] else None
-                if near is not None:
-                    if p.dedup.near == "remove":
-                        detail = f"near duplicate of document {near[0]} (estimated Jaccard {near[1]:.2f})"
-                        quarantine.write(**where, reason="near_duplicate", detail=detail, text=row["text"])
-                        continue
-                    cluster = near[0]
-                yield {**{k: row[k] for k in PASSTHROUGH}, "text": row["text"], "bytes": row["bytes"], "sha256": row["sha256"], "cluster": cluster}
+                elif status[i] == NEAR_DUPLICATE:
+                    detail = f"near duplicate of document {first} (estimated Jaccard {jaccard[i]:.2f})"
+                    quarantine.write(**where, reason="near_duplicate", detail=detail, text=row["text"])
+                else:
+                    yield {**{key: row[key] for key in PASSTHROUGH}, "text": row["text"], "bytes": row["bytes"], "sha256": row["sha256"], "cluster": first}
+                i += 1
 
 
 def run_clean(params: Params) -> dict[str, Any]:
@@ -140,7 +193,7 @@ def run_clean(params: Params) -> dict[str, Any]:
     scored.save_to_disk(str(work / "scored"))
     del scored
     kept = save_generated(
-        _decide,
+        _write,
         {"scored_dir": str(work / "scored"), "params_blob": blob, "quarantine_path": str(out / QUARANTINE)},
         features(),
         out / "dataset",

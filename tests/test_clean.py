@@ -8,7 +8,8 @@ import numpy as np
 
 from conftest import prose, write_params
 from lmforge.clean import run_clean
-from lmforge.dedup import Deduplicator, shingle_hashes, signature
+from lmforge.clean import EXACT_DUPLICATE, KEEP, NEAR_DUPLICATE, REJECTED, plan_dedup
+from lmforge.dedup import cluster_representatives, shingle_hashes, signature, text_sha256
 from lmforge.ingest import run_ingest
 from lmforge.params import DedupParams, load_params
 
@@ -91,11 +92,28 @@ def test_minhash_estimates_jaccard():
     assert unrelated < 0.3
 
 
-def test_deduplicator_first_occurrence_wins():
+def test_clusters_link_shared_bands_transitively_and_the_first_row_leads():
+    bands = np.array([[1, 10], [2, 20], [1, 30], [3, 30], [4, 40]], dtype=np.uint64)
+    # rows 0 and 2 share band 0; rows 2 and 3 share band 1: one cluster {0, 2, 3} led by row 0
+    assert cluster_representatives(bands).tolist() == [0, 1, 0, 0, 4]
+    assert cluster_representatives(np.zeros((0, 3), dtype=np.uint64)).tolist() == []
+
+
+def test_plan_first_occurrence_wins_and_verifies_similarity():
+    import pyarrow as pa
+
     p = DedupParams()
-    d = Deduplicator(p)
-    text = prose(3, 100)
-    assert d.exact_duplicate_of("a", "ab" * 32) is None and d.exact_duplicate_of("b", "ab" * 32) == "a"
-    assert d.near_cluster("a", signature(text, p)) is None
-    assert d.near_cluster("b", signature(near_copy(text), p))[0] == "a"
-    assert d.near_cluster("c", signature(prose(4, 100), p)) is None
+    base, other = prose(3, 100), prose(4, 100)
+    texts = [base, base, near_copy(base), other, "rejected"]
+    sigs = [signature(t, p).tolist() for t in texts[:4]] + [[0] * p.num_perm]
+    table = pa.table({
+        "reject_reason": [None, None, None, None, "too_few_words"],
+        "sha256": [text_sha256(t) for t in texts],
+        "signature": sigs,
+    })
+    status, rep, jaccard = plan_dedup(table, p)
+    assert status.tolist() == [KEEP, EXACT_DUPLICATE, NEAR_DUPLICATE, KEEP, REJECTED]
+    assert rep.tolist() == [0, 0, 0, 3, 4]
+    assert 0.8 <= jaccard[2] < 1.0 and np.isnan(jaccard[0])
+    status, rep, _ = plan_dedup(table, DedupParams(near="cluster"))
+    assert status.tolist() == [KEEP, EXACT_DUPLICATE, KEEP, KEEP, REJECTED] and rep[2] == 0
