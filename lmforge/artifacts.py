@@ -197,3 +197,12 @@ def shards(items: list, n: int) -> list[list]:
 def env_num_proc(requested: int) -> int:
     """Worker processes to use: never more than the cores this process may run on."""
     return max(1, min(requested, len(os.sched_getaffinity(0))))
+
+
+def value_counts(ds, column: str) -> dict[str, int]:
+    """Occurrences of each value of a dataset column, sorted by value (computed by Arrow)."""
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        return {}
+    return dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(ds.data.column(column)).to_pylist()))

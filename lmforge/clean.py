@@ -27,6 +27,7 @@ from lmforge.artifacts import (
     fresh_dir,
     load_dataset_dir,
     save_generated,
+    value_counts,
     worker_friendly_signals,
     write_params,
     write_summary,
@@ -201,7 +202,7 @@ def run_clean(params: Params) -> dict[str, Any]:
     shutil.rmtree(work)
     by_reason = count_reasons(out / QUARANTINE)
     n_kept = len(kept)
-    clusters = _cluster_sizes(kept) if params.clean.dedup.near == "cluster" else {}
+    clusters = value_counts(kept, "cluster") if params.clean.dedup.near == "cluster" else {}
     summary = {
         "documents_in": len(source),
         "kept": n_kept,
@@ -215,11 +216,3 @@ def run_clean(params: Params) -> dict[str, Any]:
     write_params(out, params.clean)
     write_summary(out, summary)
     return summary
-
-
-def _cluster_sizes(ds) -> dict[str, int]:
-    import pyarrow.compute as pc
-
-    if len(ds) == 0:
-        return {}
-    return {c["values"]: c["counts"] for c in pc.value_counts(ds.data.column("cluster")).to_pylist()}

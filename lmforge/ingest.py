@@ -28,6 +28,7 @@ from lmforge.artifacts import (
     fresh_dir,
     save_generated,
     shards,
+    value_counts,
     write_params,
     write_summary,
 )
@@ -89,6 +90,7 @@ def list_items(params: Params) -> tuple[list[Item], int]:
         raise LmforgeError(f"ingest.sources: source names must be unique, got {names}")
     for source in params.ingest.sources:
         if source.type != "directory":
+            open_hf_source(source, params)  # fail fast on a wrong path, name or column
             items.append(Item(source.name, source.path or "", hf=source))
             continue
         root = resolve_source_path(params, source)
@@ -155,33 +157,38 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _hf_records(source: SourceParams, params: Params):
-    """Yield (path label, Record) for a Hugging Face dataset source, streamed row by row."""
+def open_hf_source(source: SourceParams, params: Params):
+    """(location, dataset) for a Hugging Face source, streamed where possible.  Called once up front
+    in the main process, so a wrong path, name or text column stops the run with one clear line."""
     import datasets
 
-    if source.type == "hf_disk":
-        location = str(resolve_source_path(params, source))
-        try:
+    location = (source.path or "") if source.type == "hf_hub" else str(resolve_source_path(params, source))
+    if not location:
+        raise LmforgeError(f"ingest source '{source.name}': {source.type} needs 'path'")
+    try:
+        if source.type == "hf_disk":
             ds = datasets.load_from_disk(location)
-        except FileNotFoundError:
-            raise LmforgeError(f"ingest source '{source.name}': no saved dataset at {location}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[source.split]
-    elif source.type == "hf_files":
-        location = str(resolve_source_path(params, source))
-        builder = source.builder or _guess_builder(location)
-        ds = datasets.load_dataset(builder, data_files=location, split=source.split, streaming=True)
-    else:  # hf_hub: a dataset name on the Hub (or a local dataset directory, same code path)
-        if not source.path:
-            raise LmforgeError(f"ingest source '{source.name}': hf_hub needs 'path' (the dataset name)")
-        location = source.path
-        ds = datasets.load_dataset(location, source.config, split=source.split, streaming=True)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[source.split]
+        elif source.type == "hf_files":
+            builder = source.builder or _guess_builder(location)
+            ds = datasets.load_dataset(builder, data_files=location, split=source.split, streaming=True)
+        else:  # hf_hub: a dataset name on the Hub (a local dataset directory takes the same code path)
+            ds = datasets.load_dataset(location, source.config, split=source.split, streaming=True)
+    except Exception as exc:  # datasets raises many types: not found, offline, bad split, bad files
+        raise LmforgeError(f"ingest source '{source.name}': cannot load {location}: {type(exc).__name__}: {exc}") from None
     columns = ds.column_names
     if columns is not None and source.text_field not in columns:
         raise LmforgeError(
             f"ingest source '{source.name}': no column '{source.text_field}' in {location} "
             f"(columns: {', '.join(columns)}); set text_field"
         )
+    return location, ds
+
+
+def _hf_records(source: SourceParams, params: Params):
+    """Yield (path label, Record) for a Hugging Face dataset source, row by row."""
+    location, ds = open_hf_source(source, params)
     for i, row in enumerate(ds):
         value = row.get(source.text_field)
         if isinstance(value, str):
@@ -279,18 +286,9 @@ def run_ingest(params: Params) -> dict[str, Any]:
         "by_reason": dict(sorted(by_reason.items())),
         "bytes": input_bytes,
         "text_bytes": text_bytes,
-        "formats": dict(sorted(_count(ds, "format").items())),
-        "sources": dict(sorted(_count(ds, "source").items())),
+        "formats": value_counts(ds, "format"),
+        "sources": value_counts(ds, "source"),
     }
     write_params(out, params.ingest)
     write_summary(out, summary)
     return summary
-
-
-def _count(ds, column: str) -> dict[str, int]:
-    import pyarrow.compute as pc
-
-    if len(ds) == 0:
-        return {}
-    counts = pc.value_counts(ds.data.column(column)).to_pylist()
-    return {c["values"]: c["counts"] for c in counts}

@@ -156,3 +156,18 @@ def test_hugging_face_source_without_the_text_column_stops_the_run(tmp_path: Pat
     params = load_params(write_params(tmp_path, ingest={"sources": [{"name": "d", "type": "hf_disk", "path": str(saved)}]}))
     with pytest.raises(LmforgeError, match="no column 'text'.*columns: content"):
         run_ingest(params)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"type": "hf_disk", "path": "/nowhere/saved"}, "cannot load /nowhere/saved"),
+        ({"type": "hf_hub", "path": "no-such-user/no-such-dataset"}, "cannot load no-such-user/no-such-dataset"),
+        ({"type": "hf_hub"}, "hf_hub needs 'path'"),
+    ],
+)
+def test_unloadable_hugging_face_sources_are_one_line_errors(tmp_path: Path, source: dict, message: str):
+    (tmp_path / "raw").mkdir()
+    params = load_params(write_params(tmp_path, ingest={"sources": [{"name": "d", **source}]}))
+    with pytest.raises(LmforgeError, match=message):
+        run_ingest(params)
