@@ -165,8 +165,14 @@ def _compare_with_data_dvc(root: Path) -> None:
     dvc = Path(sys.executable).with_name("dvc")
     if not dvc_file.exists() or not dvc.exists():
         return
-    status = subprocess.run([str(dvc), "status", "--json", "data.dvc"], cwd=root, capture_output=True, text=True)
-    if status.returncode == 0 and status.stdout.strip() in ("{}", ""):
+    # `dvc data status` compares the workspace with data.dvc by content, whether or not the DVC cache
+    # holds the data (on a fresh clone it does not, and plain `dvc status` reports that as a change)
+    status = subprocess.run([str(dvc), "data", "status", "--json", "data"], cwd=root, capture_output=True, text=True)
+    if status.returncode != 0:
+        typer.secho(f"note: could not compare with data.dvc: {status.stderr.strip()}", fg=typer.colors.YELLOW)
+        return
+    uncommitted = json.loads(status.stdout or "{}").get("uncommitted", {})
+    if not any(changes for changes in uncommitted.values()):
         typer.echo("the corpus matches data.dvc byte for byte")
         return
     import yaml

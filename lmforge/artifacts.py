@@ -6,6 +6,7 @@ stage, a ``summary.json`` for DVC metrics, one quarantine record per rejected in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -177,9 +178,28 @@ def save_generated(
                 raise
             # every row was rejected: ``datasets`` refuses to build an empty split, so make it here
             ds = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-        ds.save_to_disk(str(out_dir), max_shard_size="500MB")
+        save_dataset(ds, out_dir)
         del ds
     return load_dataset_dir(out_dir, out_dir.parent.name)
+
+
+def save_dataset(ds, out_dir: Path) -> None:
+    """``save_to_disk`` with a content-derived fingerprint in ``state.json``.
+
+    ``datasets`` derives the fingerprint from the function and arguments that made the dataset,
+    absolute paths included, so the same rows saved from two checkouts would differ by that one field
+    and DVC would see a change.  Hashing the Arrow files instead makes equal content equal bytes.
+    """
+    ds.save_to_disk(str(out_dir), max_shard_size="500MB")
+    state_path = out_dir / "state.json"
+    state = json.loads(state_path.read_text())
+    digest = hashlib.sha256()
+    for entry in state["_data_files"]:
+        with open(out_dir / entry["filename"], "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    state["_fingerprint"] = digest.hexdigest()[:16]
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def shards(items: list, n: int) -> list[list]:

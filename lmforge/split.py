@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.artifacts import fresh_dir, load_dataset_dir, write_params, write_summary
+from lmforge.artifacts import fresh_dir, load_dataset_dir, save_dataset, write_params, write_summary
 from lmforge.params import Params, SplitParams
 
 SPLITS = ("train", "val", "test")
@@ -48,7 +48,7 @@ def run_split(params: Params) -> dict[str, Any]:
     summary: dict[str, Any] = {"documents_in": len(source)}
     for name in SPLITS:
         indices = np.flatnonzero(labels == name)
-        source.select(indices).save_to_disk(str(out / name))
+        save_dataset(source.select(indices), out / name)
         summary[name] = len(indices)
         summary[f"{name}_bytes"] = int(sizes[indices].sum())
     write_params(out, params.split)

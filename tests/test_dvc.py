@@ -67,6 +67,7 @@ def test_a_corpus_that_differs_from_data_dvc_is_explained_not_an_error(tmp_path:
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "data"]):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     (tmp_path / "data.dvc").write_text((tmp_path / "data.dvc").read_text() + "meta:\n  python: 3.10.0\n")
+    shutil.rmtree(tmp_path / ".dvc" / "cache")  # as on a fresh clone: the data is not in the cache
     _compare_with_data_dvc(tmp_path)
     assert "matches data.dvc" in capsys.readouterr().out
     (tmp_path / "data" / "doc.txt").write_text("built elsewhere")
