@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-STAGES = ("ingest", "clean", "split")
+STAGES = ("ingest", "clean", "split", "tokenizer", "packed")
 
 
 def _fail(message: str) -> None:
@@ -122,7 +122,7 @@ def _print_summaries(stages: list[str]) -> None:
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
-        flat = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict))
+        flat = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40))
         typer.echo(f"{stage:>8}: {flat}")
         reasons = summary.get("by_reason")
         if reasons:

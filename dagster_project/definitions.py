@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import clean, ingest, split
-from dagster_project.checks import data_quality, leakage
+from assets import clean, ingest, split, tokenizer
+from dagster_project.checks import data_quality, leakage, vocabulary
 from dagster_project.jobs import JOBS
 from dagster_project.loggers import console
 from dagster_project.resources import ParamsResource
 from dagster_project.schedules import SCHEDULES
 from dagster_project.sensors import SENSORS
 
-ASSETS = dg.load_assets_from_modules([ingest, clean, split])
-CHECKS = dg.load_asset_checks_from_modules([data_quality, leakage])
+ASSETS = dg.load_assets_from_modules([ingest, clean, split, tokenizer])
+CHECKS = dg.load_asset_checks_from_modules([data_quality, leakage, vocabulary])
 
 defs = dg.Definitions(
     assets=ASSETS,

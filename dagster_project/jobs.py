@@ -11,4 +11,11 @@ data_job = dg.define_asset_job(
     description="Ingest, clean (with the great-expectations gate) and split the corpus.",
 )
 
-JOBS = [data_job]
+#: The vocabulary and the packed token datasets (the data stages must have run).
+tokenizer_job = dg.define_asset_job(
+    "tokenizer_job",
+    selection=dg.AssetSelection.groups("tokenizer"),
+    description="Train the tokenizer on the train split and pack every split into token blocks.",
+)
+
+JOBS = [data_job, tokenizer_job]

@@ -169,12 +169,46 @@ class SplitParams:
 
 
 @dataclass
+class TokenizerParams:
+    algorithm: Literal["bpe", "wordpiece", "unigram", "char"] = "bpe"  # bpe is byte-level: no UNK ever
+    vocab_size: int = 8192  # small corpora: a few thousand; 32k–64k for billions of tokens
+    min_frequency: int = 2  # a merge/piece seen once is noise
+    normalizer: Literal["none", "nfc", "nfkc", "lowercase"] = "nfc"  # nfc: the cleaned text is NFC already
+    extra_ids: int = 100  # T5 sentinel tokens, added when a candidate is an encoder-decoder
+    max_unk_rate: float = 0.01  # blocking check: more unknown tokens means the vocabulary is too small
+    block_size: int = 256  # packed block length in tokens (the longest candidate context is typical)
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"  # token id storage; auto: the smallest that fits
+    num_proc: int = 2
+
+
+@dataclass
+class CandidateParams:
+    """One candidate architecture: a preset plus overrides of its fields (see models/architectures.py)."""
+
+    name: str = "gpt"
+    preset: str = "cpu-small"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainParams:
+    candidates: list[CandidateParams] = field(
+        default_factory=lambda: [
+            CandidateParams("llama-rope", "cpu-small", {}),
+            CandidateParams("bloom-alibi", "cpu-small", {"position": "alibi"}),
+        ]
+    )
+
+
+@dataclass
 class Params:
     paths: PathsParams = field(default_factory=PathsParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     ingest: IngestParams = field(default_factory=IngestParams)
     clean: CleanParams = field(default_factory=CleanParams)
     split: SplitParams = field(default_factory=SplitParams)
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
 
     def path(self, value: str | os.PathLike) -> Path:
         """Resolve a path from a params file: absolute as is, relative against the repo root."""
@@ -236,6 +270,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{where}: expected a list, got {_describe(value)}")

@@ -38,6 +38,16 @@ def test_run_materializes_the_data_stages_with_checks(params_file: Path, tmp_pat
     assert clean["documents_in"] == ingest["documents"] == clean["kept"] + clean["quarantined"]
     assert split["train"] + split["val"] + split["test"] == clean["kept"]
     assert (art / "clean/data_docs/index.html").exists()
+    # the vocabulary group on the same splits
+    result = invoke("run", "--select", "group:tokenizer")
+    assert result.exit_code == 0, result.output
+    tokenizer = json.loads((art / "tokenizer/summary.json").read_text())
+    assert {"vocab_size", "fertility", "unk_rate"} <= set(tokenizer) and tokenizer["round_trip_rate"] == 1.0
+    packed = json.loads((art / "packed/summary.json").read_text())
+    assert packed["train_tokens"] > 0 and (art / "packed/train.bin").exists()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(art / "tokenizer/hf")).eos_token == "<eos>"
     # run config overrides one value for one run, recorded in the stage's params.json
     config = tmp_path / "run.yaml"
     config.write_text("ops:\n  clean:\n    config:\n      filters:\n        min_words: 500\n")
@@ -84,3 +94,12 @@ def test_demo_corpus_command_writes_once(tmp_path: Path):
     assert (tmp_path / "raw" / "packages").is_dir() and (tmp_path / "finetune" / "classification.jsonl").exists()
     again = invoke("demo-corpus", "--data", str(tmp_path))
     assert again.exit_code == 0 and "leaving it as it is" in again.output
+
+
+def test_failing_tokenizer_check_stops_packing(tmp_path: Path, corpus: Path, monkeypatch):
+    params = write_params(tmp_path, corpus, tokenizer={"algorithm": "char", "vocab_size": 12, "min_frequency": 1})
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    result = invoke("run", "--params", str(params))
+    assert result.exit_code == 1
+    assert "check failed: tokenizer/unk_rate_below_threshold" in result.output and "raise vocab_size" in result.output
+    assert not (tmp_path / "artifacts" / "packed").exists()

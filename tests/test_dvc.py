@@ -19,7 +19,7 @@ BIN = REPO / ".venv" / "bin"
 def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "lmforge", "assets", "dagster_project"):
+    for name in ("dvc.yaml", "lmforge", "assets", "dagster_project", "models"):
         src = REPO / name
         (shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, project / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -40,13 +40,14 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
     first = sh("dvc", "repro")
-    assert "Running stage 'ingest'" in first and "Running stage 'split'" in first
+    for stage in ("ingest", "clean", "split", "tokenizer", "packed"):
+        assert f"Running stage '{stage}'" in first
     summary = json.loads((project / "artifacts/split/summary.json").read_text())
     assert summary["train"] + summary["val"] + summary["test"] == 8
     lock = (project / "dvc.lock").read_text()
     second = sh("dvc", "repro")
     assert "Running stage" not in second
-    for stage in ("ingest", "clean", "split"):
+    for stage in ("ingest", "clean", "split", "tokenizer", "packed"):
         assert f"Stage '{stage}' didn't change, skipping" in second
     assert (project / "dvc.lock").read_text() == lock
     # a changed parameter re-runs only the stages that declare it
@@ -54,6 +55,11 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = sh("dvc", "repro")
     assert "Running stage 'split'" in third and "Running stage 'ingest'" not in third and "Running stage 'clean'" not in third
+    # a tokenizer parameter re-runs the vocabulary stages only
+    params["tokenizer"]["vocab_size"] = 300
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    fourth = sh("dvc", "repro")
+    assert "Running stage 'tokenizer'" in fourth and "Running stage 'packed'" in fourth and "Running stage 'split'" not in fourth
 
 
 @pytest.mark.slow

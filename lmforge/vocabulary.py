@@ -1,0 +1,111 @@
+"""Stages ``tokenizer`` and ``packed``: train the vocabulary on the train split, measure it on val,
+then tokenize and pack every split.  Library work is in ``models.tokenizer`` and ``models.data``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from lmforge.artifacts import fresh_dir, load_dataset_dir, worker_friendly_signals, write_params, write_summary
+from lmforge.params import LmforgeError, Params
+from lmforge.split import SPLITS
+
+
+def candidate_configs(params: Params) -> dict[str, Any]:
+    """The architecture config of every candidate, or a one-line error naming the bad one."""
+    from models.architectures import ArchConfigError, from_name
+
+    configs = {}
+    for c in params.pretrain.candidates:
+        try:
+            configs[c.name] = from_name(c.preset, **c.overrides)
+        except (ArchConfigError, TypeError) as exc:
+            raise LmforgeError(f"pretrain.candidates '{c.name}': {exc}") from None
+    if len(configs) != len(params.pretrain.candidates):
+        raise LmforgeError("pretrain.candidates: names must be unique")
+    return configs
+
+
+def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:
+    """Texts of a dataset in lists of ``size``, read from the memory-mapped Arrow table."""
+    for batch in ds.data.select(["text"]).to_batches(max_chunksize=size):
+        yield batch.column(0).to_pylist()
+
+
+def run_tokenizer(params: Params) -> dict[str, Any]:
+    """Materialize ``<artifacts>/tokenizer``: ``hf/`` (AutoTokenizer directory), ``summary.json``."""
+    from models.tokenizer import TokenizerSpec, measure, to_transformers, train_tokenizer
+
+    p = params.tokenizer
+    configs = candidate_configs(params)
+    objectives = tuple(dict.fromkeys(cfg.objective for cfg in configs.values())) or ("causal",)
+    spec = TokenizerSpec(p.algorithm, p.vocab_size, p.min_frequency, p.normalizer, objectives, p.extra_ids)
+    split_dir = params.stage_dir("split")
+    train = load_dataset_dir(split_dir / "train", "split")
+    if len(train) == 0:
+        raise LmforgeError("tokenizer: the train split is empty; add documents or lower split.val/test")
+    out = fresh_dir(params.stage_dir("tokenizer"))
+    start = time.perf_counter()
+    tok = train_tokenizer((t for batch in text_batches(train) for t in batch), spec, length=len(train))
+    seconds = time.perf_counter() - start
+    context = max([cfg.max_context for cfg in configs.values()] + [p.block_size])
+    hf = to_transformers(tok, spec, model_max_length=context)
+    hf.save_pretrained(str(out / "hf"))
+    val = load_dataset_dir(split_dir / "val", "split")
+    measured_on = "val" if len(val) else "train"
+    metrics = measure(tok, text_batches(val if len(val) else train), tok.token_to_id(spec.roles().get("unk", "")) if "unk" in spec.roles() else None)
+    sample = next(iter(text_batches(val if len(val) else train, 1)))[0][:300]
+    summary = {
+        "algorithm": p.algorithm,
+        "objectives": list(objectives),
+        "vocab_size": tok.get_vocab_size(),
+        "fertility": round(metrics.fertility, 4),
+        "bytes_per_token": round(metrics.bytes_per_token, 4),
+        "unk_rate": round(metrics.unk_rate, 6),
+        "round_trip_rate": round(metrics.round_trip_rate, 6),
+        "measured_on": measured_on,
+        "measured_documents": metrics.documents,
+        "training_documents": len(train),
+        "training_seconds": round(seconds, 2),
+        "special_tokens": spec.roles(),
+        "sample_text": sample,
+        # each token decoded on its own, so byte-level symbols (Ġ for a space) read as text
+        "sample_tokens": [tok.decode([i]) for i in tok.encode(sample, add_special_tokens=False).ids],
+    }
+    write_params(out, p)
+    write_summary(out, summary)
+    return summary
+
+
+def run_pack(params: Params) -> dict[str, Any]:
+    """Materialize ``<artifacts>/packed``: ``<split>.bin`` token arrays, ``meta.json``, ``summary.json``."""
+    from models.data import pack_split, token_dtype, write_meta
+    from models.tokenizer import load
+
+    p = params.tokenizer
+    tok_dir = params.stage_dir("tokenizer") / "hf"
+    if not (tok_dir / "tokenizer.json").exists():
+        raise LmforgeError(f"{tok_dir} not found: materialize the 'tokenizer' stage first")
+    from transformers import AutoTokenizer
+
+    tok = load(tok_dir)
+    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    separator = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id  # between documents
+    pad = hf.pad_token_id
+    try:
+        dtype = token_dtype(tok.get_vocab_size(), p.dtype)
+    except ValueError as exc:
+        raise LmforgeError(str(exc)) from None
+    out = fresh_dir(params.stage_dir("packed"))
+    splits = {}
+    for name in SPLITS:
+        ds = load_dataset_dir(params.stage_dir("split") / name, "split")
+        with worker_friendly_signals():
+            splits[name] = pack_split(ds, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, out / f"{name}.bin", p.num_proc)
+    meta = {"block_size": p.block_size, "dtype": dtype.name, "pad_id": pad, "separator_id": separator, "vocab_size": tok.get_vocab_size(), "splits": splits}
+    write_meta(out, meta)
+    summary = {"block_size": p.block_size, "dtype": dtype.name, **{f"{n}_{k}": v for n, s in splits.items() for k, v in s.items()}}
+    write_params(out, p)
+    write_summary(out, summary)
+    return summary

@@ -1,0 +1,111 @@
+"""The model zoo: every family trains a step and survives save/reload; bad configs name the field."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.architectures import PRESETS, ArchConfig, ArchConfigError, SpecialIds, build_model, flops_per_token, from_name, model_class, parameter_count
+
+IDS = SpecialIds(pad=0, bos=1, eos=2)
+VARIANTS = {
+    "gpt2": dict(position="learned"),
+    "llama": {},
+    "llama-mqa": dict(n_kv_head=1),
+    "llama-gqa": dict(n_kv_head=2),
+    "mistral": dict(window=8),
+    "mixtral": dict(n_experts=4, experts_per_token=2),
+    "bloom": dict(position="alibi"),
+    "bert": dict(arch="encoder"),
+    "t5": dict(arch="encoder-decoder"),
+}
+
+
+def micro(**overrides) -> ArchConfig:
+    return from_name("tiny", vocab_size=300, max_context=32, **overrides)
+
+
+def batch_for(cfg: ArchConfig) -> dict:
+    torch.manual_seed(0)
+    x = torch.randint(3, cfg.vocab_size, (2, 16))
+    if cfg.arch == "encoder":
+        return {"input_ids": x, "labels": x, "next_sentence_label": torch.tensor([0, 1])}
+    return {"input_ids": x, "labels": x}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_family_runs_forward_backward_and_reloads_identically(tmp_path: Path, name: str):
+    cfg = micro(**VARIANTS[name])
+    expected = {"gpt2": "gpt2", "llama-mqa": "llama", "llama-gqa": "llama", "bert": "bert", "t5": "t5"}.get(name, name)
+    assert cfg.family == expected
+    model = build_model(cfg, IDS)
+    out = model(**batch_for(cfg))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad and p.grad is not None)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    reloaded = model_class(cfg).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        a = model(**batch_for(cfg)).logits if cfg.arch != "encoder" else model(**batch_for(cfg)).prediction_logits
+        b = reloaded(**batch_for(cfg)).logits if cfg.arch != "encoder" else reloaded(**batch_for(cfg)).prediction_logits
+    assert torch.equal(a, b)
+    assert (tmp_path / "model.safetensors").exists()
+    assert parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert flops_per_token(cfg) > 6 * 0  # computed for every config
+
+
+def test_mlm_and_seq2seq_load_with_the_auto_classes(tmp_path: Path):
+    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    build_model(micro(arch="encoder"), IDS).save_pretrained(tmp_path / "bert")
+    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "bert")).__name__ == "BertForMaskedLM"
+    build_model(micro(arch="encoder-decoder"), IDS).save_pretrained(tmp_path / "t5")
+    assert type(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5")).__name__ == "T5ForConditionalGeneration"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_parses_counts_and_runs_at_micro_size(preset: str):
+    cfg = from_name(preset)
+    n = parameter_count(cfg)  # on the meta device: no memory even for 1b
+    assert flops_per_token(cfg, n) > 6 * (n - cfg.vocab_size * cfg.d_model) - 1
+    if preset == "tiny":
+        assert n < 1_000_000
+    shrunk = cfg.replace(n_layer=1, d_model=32, n_head=4, n_kv_head=4 if cfg.n_kv_head == cfg.n_head else 1, d_ff=64, vocab_size=128, max_context=16)
+    model = build_model(shrunk, IDS)
+    model(input_ids=torch.randint(0, 128, (1, 8)), labels=torch.randint(0, 128, (1, 8))).loss.backward()
+
+
+def test_sizes_grow_with_the_presets():
+    counts = [parameter_count(from_name(p)) for p in ("tiny", "cpu-small", "125m", "350m", "1b")]
+    assert counts == sorted(counts) and 100e6 < counts[2] < 150e6 and 0.9e9 < counts[4] < 1.2e9
+
+
+def test_moe_flops_count_only_the_active_experts():
+    dense, moe = micro(), micro(n_experts=8, experts_per_token=2)
+    assert parameter_count(moe) > 3 * parameter_count(dense)
+    assert flops_per_token(moe) < 2 * flops_per_token(dense)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(d_model=60, n_head=8), "n_head"),
+        (dict(n_kv_head=3), "n_kv_head"),
+        (dict(position="alibi", n_kv_head=1), "n_kv_head"),
+        (dict(arch="encoder", window=8), "window"),
+        (dict(position="alibi", d_ff=100), "d_ff"),
+        (dict(arch="encoder-decoder", position="rope"), "position"),
+        (dict(n_experts=2, experts_per_token=3), "experts_per_token"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides: dict, field: str):
+    with pytest.raises(ArchConfigError, match=rf"^{field}:"):
+        micro(**overrides)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ArchConfigError, match="preset: unknown preset 'cpu-smal' \\(did you mean 'cpu-small'\\?\\)"):
+        from_name("cpu-smal")
+    with pytest.raises(ArchConfigError, match="^n_heads: not an architecture field \\(did you mean 'n_head'\\?\\)"):
+        from_name("tiny", n_heads=4)
