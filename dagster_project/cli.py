@@ -123,10 +123,10 @@ def _print_summaries(stages: list[str]) -> None:
             continue
         summary = json.loads(path.read_text())
         flat = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40))
-        typer.echo(f"{stage:>8}: {flat}")
+        typer.echo(f"{stage:>9}: {flat}")
         reasons = summary.get("by_reason")
         if reasons:
-            typer.echo(f"{'':>8}  quarantined by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()))
+            typer.echo(f"{'':>9}  quarantined by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()))
 
 
 @app.command()
