@@ -22,21 +22,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def graphql(port: int, query: str) -> dict:
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
+LAUNCH = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+
+
+def run_job(port: int, job: str) -> str:
+    """Launch a job the way the UI's Launchpad does, and wait for its end status."""
+    params = {"selector": {"repositoryLocationName": "lmforge", "repositoryName": "__repository__", "jobName": job}, "runConfigData": {}}
+    launched = graphql(port, LAUNCH, {"params": params})["data"]["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = graphql(port, STATUS, {"id": run_id})["data"]["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"{job} did not finish in 300 s")
+
+
 @pytest.mark.slow
-def test_dagster_dev_serves_the_workspace(tmp_path: Path):
+def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, params_file: Path):
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
-    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = tmp_path / "dagster_home"
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     proc = subprocess.Popen(
         [str(REPO / ".venv/bin/dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -51,10 +79,16 @@ def test_dagster_dev_serves_the_workspace(tmp_path: Path):
                 time.sleep(1)
         assert nodes is not None, "the Dagster UI did not answer within 120 s"
         by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
-        assert {"ingest", "clean", "split"} <= set(by_key)
+        assert {"ingest", "clean", "split", "tokenizer", "packed"} <= set(by_key)
         assert by_key["clean"]["groupName"] == "data" and by_key["clean"]["hasAssetChecks"]
+        assert by_key["tokenizer"]["groupName"] == "tokenizer"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
             assert page.status == 200 and b"Dagster" in page.read()
+        # materialize from the UI's API: the data job, then the vocabulary job
+        assert run_job(port, "data_job") == "SUCCESS"
+        assert run_job(port, "tokenizer_job") == "SUCCESS"
+        summary = json.loads((tmp_path / "artifacts" / "tokenizer" / "summary.json").read_text())
+        assert summary["vocab_size"] > 0 and (tmp_path / "artifacts" / "packed" / "train.bin").exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
