@@ -34,30 +34,21 @@ from lmforge.artifacts import (
 )
 from lmforge.cleaning import make_cleaner, quality
 from lmforge.dedup import band_hashes, banding, cluster_representatives, estimated_jaccard, signature, text_sha256
+from lmforge.ingest import features as ingest_features
 from lmforge.params import CleanParams, DedupParams, Params, build
 
 PASSTHROUGH = ("id", "source", "path", "record", "format", "file_sha256")
 
 
 def features():
+    """The ingest columns, plus the near-duplicate cluster of each document."""
     import datasets
 
-    return datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "source": datasets.Value("string"),
-            "path": datasets.Value("string"),
-            "record": datasets.Value("int64"),
-            "format": datasets.Value("string"),
-            "file_sha256": datasets.Value("string"),
-            "text": datasets.Value("large_string"),
-            "bytes": datasets.Value("int64"),
-            "sha256": datasets.Value("string"),
-            # id of the first document of this one's near-duplicate cluster (its own id if alone);
-            # the split stage keeps a cluster in one split so near copies cannot leak across splits
-            "cluster": datasets.Value("string"),
-        }
-    )
+    f = ingest_features()
+    # id of the first document of this one's near-duplicate cluster (its own id if alone); the
+    # split stage keeps a cluster in one split so near copies cannot leak across splits
+    f["cluster"] = datasets.Value("string")
+    return f
 
 
 def _scored_features():
