@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -21,7 +22,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-STAGES = ("ingest", "clean", "split", "tokenizer", "packed")
+#: The instance settings lmforge ships (this checkout's .dagster/dagster.yaml), copied into new homes.
+INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / ".dagster" / "dagster.yaml"
+STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain")
 
 
 def _fail(message: str) -> None:
@@ -39,9 +42,16 @@ def run(
     select: str = typer.Option("*", "--select", "-s", help="Dagster asset selection, e.g. 'ingest', 'key:clean+', 'group:data'."),
     params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml (same as $LMFORGE_PARAMS)."),
     config: Optional[Path] = typer.Option(None, help="YAML run config: per-stage overrides, as in the UI launchpad."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Dagster's debug events too."),
+    partition: Optional[list[str]] = typer.Option(
+        None, "--partition", "-p", help="Candidate(s) to pretrain (partitioned assets); default: every candidate."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Dagster's debug events too and tracebacks."),
 ) -> None:
-    """Materialize the selected assets (with their checks) and print each stage's summary."""
+    """Materialize the selected assets (with their checks) and print each stage's summary.
+
+    Unpartitioned assets run first, in one run; then each partition of the partitioned ones
+    (pretraining candidates), one run per partition.
+    """
     import yaml
 
     _use_params(params)
@@ -52,19 +62,18 @@ def run(
         _fail(str(exc))
     except (OSError, yaml.YAMLError) as exc:
         _fail(f"cannot read run config {config}: {exc}")
-    result = _materialize(select, run_config or {}, verbose)
-    _report(result)
+    _materialize(select, run_config or {}, verbose, partition)
 
 
-def _materialize(select: str, run_config: dict, verbose: bool):
+def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None) -> None:
     import dagster as dg
 
     from dagster_project.definitions import defs
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster")))
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():  # a project-local instance: no telemetry banner on every run
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    if not (home / "dagster.yaml").exists():  # telemetry off, the `training` pool limited to one run
+        shutil.copy(INSTANCE_TEMPLATE, home / "dagster.yaml")
     graph = defs.resolve_asset_graph()
     warnings.filterwarnings("ignore", category=dg.BetaWarning)  # the selection grammar is "beta" upstream
     try:
@@ -73,11 +82,22 @@ def _materialize(select: str, run_config: dict, verbose: bool):
         _fail(f"invalid selection '{select}': {str(exc).splitlines()[0]}")
     if not keys:
         _fail(f"selection '{select}' matches no asset (assets: {', '.join(sorted(k.to_user_string() for k in graph.get_all_asset_keys()))})")
+    plain = sorted(k for k in keys if graph.get(k).partitions_def is None)
+    partitioned = sorted(k for k in keys if graph.get(k).partitions_def is not None)
+    known = sorted({p for k in partitioned for p in graph.get(k).partitions_def.get_partition_keys()})
+    for p in partitions or []:
+        if p not in known:
+            _fail(f"no partition '{p}' (partitions: {', '.join(known) or 'none selected'})")
     logger = {"log_level": "DEBUG" if verbose else "INFO", "tracebacks": verbose}
     run_config = {**run_config, "loggers": {"console": {"config": logger}}}
     job = defs.resolve_implicit_global_asset_job_def()
+    runs = ([(plain, None)] if plain else []) + [(partitioned, p) for p in (partitions or known) if partitioned]
     with dg.DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
+        for selection, partition_key in runs:
+            result = job.execute_in_process(
+                run_config=run_config, instance=instance, asset_selection=selection, partition_key=partition_key, raise_on_error=False
+            )
+            _report(result, partition_key)
 
 
 def _root_cause(error) -> tuple[str, str]:
@@ -91,7 +111,7 @@ def _root_cause(error) -> tuple[str, str]:
     return error.cls_name or "Error", message
 
 
-def _report(result) -> None:
+def _report(result, partition: str | None) -> None:
     """Print what ran, which checks failed and why, then the summaries; exit non-zero on failure."""
     failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
     for evaluation in failed_checks:
@@ -107,23 +127,31 @@ def _report(result) -> None:
             typer.secho(f"error in {event.step_key}: {cls_name}: {message.splitlines()[-1] if message else ''}", fg=typer.colors.RED, err=True)
             typer.secho("  (full traceback in the run's logs: lmforge run -v, or the Dagster UI)", err=True)
     done = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-    _print_summaries([s for s in STAGES if s in done])
+    _print_summaries([s for s in STAGES if s in done], partition)
     if failed_checks and result.success:
         typer.secho("blocking checks failed: downstream assets were not materialized", fg=typer.colors.RED, err=True)
     if not result.success or failed_checks:
         raise typer.Exit(1)
-    typer.secho(f"run {result.run_id[:8]} succeeded: {', '.join(done) or 'nothing materialized'}", fg=typer.colors.GREEN)
+    where = f" [{partition}]" if partition else ""
+    typer.secho(f"run {result.run_id[:8]} succeeded: {', '.join(done) or 'nothing materialized'}{where}", fg=typer.colors.GREEN)
 
 
-def _print_summaries(stages: list[str]) -> None:
+def _print_summaries(stages: list[str], partition: str | None = None) -> None:
     params = load_params()
     for stage in stages:
-        path = params.stage_dir(stage) / "summary.json"
-        if not path.exists():
-            continue
+        if stage == "pretrain":
+            candidates = [partition] if partition else [c.name for c in params.pretrain.candidates]
+            for name in candidates:
+                _print_summary(f"{stage}/{name}", params.stage_dir(stage) / name / "summary.json")
+        else:
+            _print_summary(stage, params.stage_dir(stage) / "summary.json")
+
+
+def _print_summary(label: str, path: Path) -> None:
+    if path.exists():
         summary = json.loads(path.read_text())
         flat = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40))
-        typer.echo(f"{stage:>9}: {flat}")
+        typer.echo(f"{label:>9}: {flat}")
         reasons = summary.get("by_reason")
         if reasons:
             typer.echo(f"{'':>9}  quarantined by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()))

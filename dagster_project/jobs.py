@@ -18,4 +18,11 @@ tokenizer_job = dg.define_asset_job(
     description="Train the tokenizer on the train split and pack every split into token blocks.",
 )
 
-JOBS = [data_job, tokenizer_job]
+#: One candidate's pretraining per run (pick the partition in the launchpad, or backfill them all).
+pretrain_job = dg.define_asset_job(
+    "pretrain_job",
+    selection=dg.AssetSelection.groups("pretrain"),
+    description="Pretrain candidate architectures (one partition per candidate).",
+)
+
+JOBS = [data_job, tokenizer_job, pretrain_job]

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from models.train_config import Scale, TrainConfig
+
 
 
 def _find_root() -> Path:
@@ -192,6 +194,8 @@ class CandidateParams:
 
 @dataclass
 class PretrainParams:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: Scale = field(default_factory=Scale)
     candidates: list[CandidateParams] = field(
         default_factory=lambda: [
             CandidateParams("llama-rope", "cpu-small", {}),

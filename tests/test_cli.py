@@ -1,12 +1,14 @@
 """``lmforge run`` end to end on a tiny corpus, and its errors: one clear line, no traceback."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_params
+from conftest import REPO, write_params
 from dagster_project.cli import app
 
 runner = CliRunner()
@@ -103,3 +105,47 @@ def test_failing_tokenizer_check_stops_packing(tmp_path: Path, corpus: Path, mon
     assert result.exit_code == 1
     assert "check failed: tokenizer/unk_rate_below_threshold" in result.output and "raise vocab_size" in result.output
     assert not (tmp_path / "artifacts" / "packed").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, corpus: Path, monkeypatch):
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    params = write_params(
+        tmp_path,
+        corpus,
+        tokenizer={"vocab_size": 400, "block_size": 64},
+        split={"train": 0.6, "val": 0.2, "test": 0.2},
+        mlflow={"tracking_uri": f"sqlite:///{db}", "experiment": "test"},
+        pretrain={
+            "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
+            "candidates": [{"name": "a", "preset": "tiny", "overrides": {}}, {"name": "b", "preset": "tiny", "overrides": {"position": "alibi"}}],
+        },
+    )
+    # a process of its own, as a user runs it: partitions come from the params file at load time
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "LMFORGE_PARAMS": str(params)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def lmforge(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / ".venv/bin/lmforge"), *args], env=env, capture_output=True, text=True, timeout=900)
+
+    result = lmforge("run", "--select", "key:pretrain", "--partition", "a")
+    assert result.returncode == 1 and "materialize the 'packed' stage first" in result.stderr
+    result = lmforge("run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded: pretrain [a]" in result.stdout and "succeeded: pretrain [b]" in result.stdout
+    for name, family in (("a", "llama"), ("b", "bloom")):
+        summary = json.loads((tmp_path / "artifacts/pretrain" / name / "summary.json").read_text())
+        assert {"parameters", "tokens_seen", "tokens_per_second", "final_val_loss"} <= set(summary) and summary["family"] == family
+        assert (tmp_path / "artifacts/pretrain" / name / "loss_curve.png").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert sorted(r.data.tags["candidate"] for r in runs) == ["a", "b"]
+    run = runs[0]
+    assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_second", "val/perplexity"} <= set(run.data.metrics)
+    assert {"git_sha", "dvc_data_md5", "dagster_run_id", "candidate", "model_dir"} <= set(run.data.tags) and run.data.tags["dagster_run_id"]
+    assert "arch.n_layer" in run.data.params and [a.path for a in client.list_artifacts(run.info.run_id)] == ["loss_curve.png"]
+    assert run.info.status == "FINISHED"
+    result = lmforge("run", "--select", "key:pretrain", "--partition", "zzz")
+    assert result.returncode == 1 and "no partition 'zzz' (partitions: a, b)" in result.stderr

@@ -9,10 +9,13 @@ from dagster_project.sensors import raw_data_changed
 def test_asset_graph_snapshot():
     graph = defs.resolve_asset_graph()
     keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
-    assert keys == ["clean", "ingest", "packed", "split", "tokenizer"]
+    assert keys == ["clean", "ingest", "packed", "pretrain", "split", "tokenizer"]
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
-        "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer"
+        "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain"
     }
+    pretrain = graph.get(dg.AssetKey("pretrain"))
+    assert pretrain.partitions_def.get_partition_keys() == ["llama-rope", "bloom-alibi"]  # params.yaml candidates
+    assert pretrain.pools == {"training"}
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("packed")).parent_keys) == ["split", "tokenizer"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("clean")).parent_keys] == ["ingest"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("split")).parent_keys] == ["clean"]
@@ -26,12 +29,15 @@ def test_checks_are_blocking():
     specs = {(k.asset_key.to_user_string(), k.name): graph.get_check_spec(k) for k in graph.asset_check_keys}
     assert set(specs) == {
         ("clean", n) for n in ("non_empty", "length_bounds", "no_markup", "no_control_chars", "unique_hashes", "min_rows", "max_rejection_ratio")
-    } | {("split", "no_leakage"), ("tokenizer", "round_trip_exact"), ("tokenizer", "unk_rate_below_threshold")}
+    } | {("split", "no_leakage"), ("tokenizer", "round_trip_exact"), ("tokenizer", "unk_rate_below_threshold")} | {
+        ("pretrain", "weights_finite"), ("pretrain", "beats_unigram_baseline")
+    }
     assert all(spec.blocking for spec in specs.values())
 
 
 def test_jobs_schedules_sensors():
-    assert defs.resolve_job_def("data_job") is not None and defs.resolve_job_def("tokenizer_job") is not None
+    for job in ("data_job", "tokenizer_job", "pretrain_job"):
+        assert defs.resolve_job_def(job) is not None
     assert defs.resolve_schedule_def("nightly_data").cron_schedule == "0 3 * * *"
     assert defs.resolve_sensor_def("raw_data_changed") is not None
 

@@ -24,12 +24,17 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
         (shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, project / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["clean"]["validation"]["min_rows"] = 3
+    params["split"].update(train=0.6, val=0.2, test=0.2)
+    params["tokenizer"].update(vocab_size=400, block_size=64)
+    params["pretrain"]["train"].update(max_steps=60, batch_size=4, lr=0.01, val_every=30, checkpoint_every=30, warmup_steps=5, val_batches=2)
+    params["pretrain"]["candidates"] = [{"name": "tiny", "preset": "tiny", "overrides": {}}]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     raw = project / "data" / "raw"
     raw.mkdir(parents=True)
-    for i in range(8):
+    for i in range(20):
         (raw / f"doc{i}.txt").write_text(prose(i, 80))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DAGSTER_HOME": str(tmp_path / "dagster")}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("LMFORGE_PARAMS", None)
 
     def sh(*cmd: str) -> str:
@@ -40,14 +45,15 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
     first = sh("dvc", "repro")
-    for stage in ("ingest", "clean", "split", "tokenizer", "packed"):
+    for stage in ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0"):
         assert f"Running stage '{stage}'" in first
     summary = json.loads((project / "artifacts/split/summary.json").read_text())
-    assert summary["train"] + summary["val"] + summary["test"] == 8
+    assert summary["train"] + summary["val"] + summary["test"] == 20
+    assert json.loads((project / "artifacts/pretrain/tiny/summary.json").read_text())["steps"] == 60
     lock = (project / "dvc.lock").read_text()
     second = sh("dvc", "repro")
     assert "Running stage" not in second
-    for stage in ("ingest", "clean", "split", "tokenizer", "packed"):
+    for stage in ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0"):
         assert f"Stage '{stage}' didn't change, skipping" in second
     assert (project / "dvc.lock").read_text() == lock
     # a changed parameter re-runs only the stages that declare it

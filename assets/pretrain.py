@@ -1,0 +1,73 @@
+"""Asset ``pretrain``: one Dagster partition per candidate architecture in ``params.yaml``."""
+
+import json
+
+import dagster as dg
+
+import lmforge.pretrain
+import models.lightning_module
+import models.training
+from assets.common import code_version, overrides_config, stage_params, summary_metadata
+from dagster_project.resources import ParamsResource
+from lmforge.params import ParamsError, PretrainParams, load_params
+
+PretrainConfig = overrides_config(PretrainParams, "PretrainConfig")
+PretrainConfig.__doc__ = "Overrides of params.yaml `pretrain` for one run (candidates: edit params.yaml). Used by: pretrain."
+
+
+def _candidates() -> list[str]:
+    """Partition keys, read when the code location loads: reload it after editing the candidates."""
+    try:
+        return [c.name for c in load_params().pretrain.candidates]
+    except ParamsError:
+        return []  # the run itself reports the params error in one line
+
+
+candidates = dg.StaticPartitionsDefinition(_candidates())
+
+
+@dg.asset(
+    group_name="pretrain",
+    kinds={"python", "pytorch", "mlflow"},
+    deps=["packed"],
+    partitions_def=candidates,
+    pool="training",  # dagster.yaml limits the pool to one run at a time on this machine
+    code_version=code_version(models.lightning_module, models.training, lmforge.pretrain),
+    check_specs=[
+        dg.AssetCheckSpec("weights_finite", asset="pretrain", blocking=True, description="Every exported weight is finite."),
+        dg.AssetCheckSpec(
+            "beats_unigram_baseline", asset="pretrain", blocking=True,
+            description="Final val loss below the unigram (context-free) baseline.",
+        ),
+    ],
+    description="Pretrain one candidate with PyTorch Lightning (resumes from its newest checkpoint), "
+    "export it in Hugging Face format, track it in MLflow.",
+)
+def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_params: ParamsResource):
+    params = stage_params(lmforge_params.load(), "pretrain", config)
+    candidate = context.partition_key
+    context.log.info(f"pretrain {candidate}: training (progress bar on the console; metrics in MLflow)")
+    summary = lmforge.pretrain.run_pretrain(params, candidate, dagster_run_id=context.run_id)
+    out = params.stage_dir("pretrain") / candidate
+    finite = models.training.weights_finite(out / "hf")
+    beats = summary["final_val_loss"] < summary["unigram_baseline"]
+    context.log.info(f"pretrain {candidate}: val loss {summary['final_val_loss']:.4f} (unigram {summary['unigram_baseline']:.4f})")
+    history = json.loads((out / "history.json").read_text())
+    table = "| step | val loss |\n|---|---|\n" + "\n".join(f"| {s} | {v:.4f} |" for s, v in history["val_losses"])
+    yield dg.MaterializeResult(
+        metadata={
+            **summary_metadata(summary),
+            "path": dg.MetadataValue.path(str(out / "hf")),
+            "mlflow_run_id": summary["mlflow_run_id"],
+            "val_losses": dg.MetadataValue.md(table),
+            "loss_curve": dg.MetadataValue.md(f"![loss curve]({(out / 'loss_curve.png').as_uri()})\n\n`{out / 'loss_curve.png'}`"),
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="weights_finite", passed=finite, description="all finite" if finite else "NaN or inf in the weights"),
+            dg.AssetCheckResult(
+                check_name="beats_unigram_baseline",
+                passed=beats,
+                description=f"val loss {summary['final_val_loss']:.4f} {'<' if beats else '≥'} unigram {summary['unigram_baseline']:.4f}",
+            ),
+        ],
+    )

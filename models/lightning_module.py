@@ -1,0 +1,158 @@
+"""Pretraining with PyTorch Lightning: the module (model, loss, optimizer, schedule) and the data.
+
+Kept deliberately thin so that the training step costs what a plain PyTorch loop costs: one forward
+of the Hugging Face model, its own loss, one backward.  Everything here runs unchanged on a laptop
+CPU and on GPUs; the strategy (DDP, FSDP) is the Trainer's business (``models.training``).
+
+Exact resumption: the order of training blocks is a pure function of (seed, position in the
+stream), and the data module saves how many samples were consumed in every checkpoint, so a run
+restored from step N sees exactly the batches an uninterrupted run would have seen after step N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from models.architectures import ArchConfig, SpecialIds, build_model
+from models.data import PackedBlocks
+from models.train_config import TrainConfig
+
+
+class StreamSampler(Sampler[int]):
+    """Endless, resumable block order: epoch e is a permutation seeded by (seed, e); the stream is
+    split across ranks by position; ``start`` skips samples already consumed (all ranks counted)."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            for p in range(offset, self.n):
+                if (position + p - offset) % self.world == self.rank:
+                    yield int(order[p])
+            position = (epoch + 1) * self.n
+
+
+class PackedDataModule(pl.LightningDataModule):
+    """Packed blocks of ``artifacts/packed``, collated for the objective."""
+
+    def __init__(self, packed_dir: Path, collate, train: TrainConfig):
+        super().__init__()
+        self.packed_dir, self.collate, self.cfg = Path(packed_dir), collate, train
+        self.consumed = 0  # samples, all ranks; restored from checkpoints by load_state_dict
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_blocks = PackedBlocks(self.packed_dir, "train")
+        self.val_blocks = PackedBlocks(self.packed_dir, "val")
+
+    def samples_per_step(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self.cfg.batch_size * self.cfg.accumulate * world
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = StreamSampler(len(self.train_blocks), self.cfg.seed, self.consumed, rank, world)
+        return DataLoader(self.train_blocks, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        n = min(len(self.val_blocks), self.cfg.val_batches * self.cfg.batch_size)
+        subset = torch.utils.data.Subset(self.val_blocks, range(n))
+        return DataLoader(subset, batch_size=self.cfg.batch_size, collate_fn=self.collate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.trainer.global_step * self.samples_per_step()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed = state["consumed"]
+
+
+class LMModule(pl.LightningModule):
+    """Any lmforge architecture, trained with its own loss (causal, MLM+NSP or span corruption)."""
+
+    def __init__(self, arch: dict, ids: dict, train: dict, tokens_per_sample: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.arch, self.ids, self.cfg = ArchConfig(**arch), SpecialIds(**ids), TrainConfig(**train)
+        self.tokens_per_sample = tokens_per_sample
+        self.model = build_model(self.arch, self.ids)
+        if self.cfg.compile:
+            self.model = torch.compile(self.model)
+
+    def configure_model(self) -> None:
+        """FSDP2: shard every transformer block, then the rest, over the data-parallel mesh.
+
+        The blocks are the classes ``transformers`` itself never splits (``_no_split_modules``), so
+        this works for every family without naming its layers.
+        """
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        blocks = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded = True
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step}: lower pretrain.lr, "
+                "keep pretrain.grad_clip on, or use precision 32"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.model(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)  # before clipping
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a sharded DTensor
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"  # the fused CUDA kernel: one launch for all parameters
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.cfg))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def module_args(arch: ArchConfig, ids: SpecialIds, train: TrainConfig, block_size: int) -> dict:
+    return {"arch": asdict(arch), "ids": asdict(ids), "train": asdict(train), "tokens_per_sample": block_size}

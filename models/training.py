@@ -1,0 +1,288 @@
+"""``pretrain()``: one candidate architecture trained on the packed corpus with a Lightning Trainer.
+
+Checkpoints are written every ``checkpoint_every`` steps, atomically (to a temporary name, then
+renamed), so the newest file in the checkpoint directory is always complete; ``pretrain`` resumes
+from it.  The final model is exported in Hugging Face format (safetensors) with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from models.architectures import ArchConfig, SpecialIds, flops_per_token, parameter_count
+from models.lightning_module import LMModule, PackedDataModule, module_args
+from models.objectives import CausalCollator, MlmNspCollator, SpanCorruptionCollator
+from models.train_config import Scale, TrainConfig
+
+CHECKPOINT = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """A killed process leaves at worst a ``.tmp`` file, never a truncated checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``directory``, if any.
+
+    A file checkpoint is complete by construction (``AtomicCheckpointIO``); a sharded (distributed)
+    checkpoint directory is complete once ``torch.distributed.checkpoint`` has written its
+    ``.metadata``, which it does last.
+    """
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.glob("step=*.ckpt")
+        if (m := CHECKPOINT.match(p.name)) and (p.is_file() or (p / ".metadata").exists())
+    ]
+    return max(found)[1] if found else None
+
+
+def make_strategy(scale: Scale, module: LMModule):
+    """The Lightning strategy for ``scale.strategy``; FSDP wraps each transformer block."""
+    if scale.strategy == "fsdp2":
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        world = scale.devices * scale.num_nodes if scale.devices > 0 else "auto"
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    if scale.strategy == "fsdp":
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        names = set(getattr(module.model, "_no_split_modules", None) or [])
+        blocks = {type(m) for m in module.model.modules() if type(m).__name__ in names}
+        return FSDPStrategy(
+            auto_wrap_policy=blocks,
+            activation_checkpointing_policy=blocks if scale.activation_checkpointing else None,
+            state_dict_type=scale.state_dict,
+        )
+    return scale.strategy
+
+
+def export(module: LMModule, trainer: pl.Trainer, tokenizer, hf_dir: Path) -> None:
+    """Save the model in Hugging Face format (safetensors), gathering shards first if sharded."""
+    state = None
+    if trainer.world_size > 1 and trainer.strategy.__class__.__name__ in ("ModelParallelStrategy", "FSDPStrategy"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # a collective: every rank takes part, rank 0 receives the full tensors on CPU
+        state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.is_global_zero:
+        module.model.save_pretrained(str(hf_dir), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(hf_dir))
+    trainer.strategy.barrier()
+
+
+@dataclass
+class History(pl.Callback):
+    """Losses and throughput as training goes, for the summary, MLflow and the loss plot."""
+
+    tokens_per_step: int = 0
+    flops_per_token: int = 0
+    peak_flops: float = 0.0
+    train: list[tuple[int, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+    speeds: list[float] = field(default_factory=list)
+    _last: float | None = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        now = time.perf_counter()
+        if self._last is not None:
+            speed = self.tokens_per_step / (now - self._last)
+            self.speeds.append(speed)
+            module.log("train/tokens_per_second", speed)
+            if self.peak_flops:
+                module.log("train/mfu", speed * self.flops_per_token / (self.peak_flops * trainer.world_size))
+        self._last = now
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.train.append((trainer.global_step, float(loss)))
+        module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None and not trainer.sanity_checking:
+            self.val.append((trainer.global_step, float(value)))
+            module.log("val/perplexity", torch.exp(value.detach().float()))
+        self._last = None  # validation time is not training time
+
+    def tokens_per_second(self) -> float:
+        return sum(self.speeds) / len(self.speeds) if self.speeds else 0.0
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    return SpecialIds(pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
+
+
+def sentinel_ids(tokenizer) -> list[int]:
+    """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in order (T5 span corruption)."""
+    vocab = tokenizer.get_vocab()
+    found = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := re.fullmatch(r"<extra_id_(\d+)>", t)))
+    return [i for _, i in found]
+
+
+def collator_for(arch: ArchConfig, tokenizer, seed: int):
+    if arch.objective == "mlm":
+        return MlmNspCollator(tokenizer, seed=seed)
+    if arch.objective == "seq2seq":
+        return SpanCorruptionCollator(sentinel_ids(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, seed=seed)
+    return CausalCollator(tokenizer.pad_token_id)
+
+
+def pretrain(
+    arch: ArchConfig,
+    cfg: TrainConfig,
+    packed_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    scale: Scale | None = None,
+    logger: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) ``arch`` on ``packed_dir``; export to ``out_dir/hf``; return the summary."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    scale = scale or Scale()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    block_size = json.loads((Path(packed_dir) / "meta.json").read_text())["block_size"]
+    arch = arch.replace(vocab_size=len(tokenizer))
+    if block_size > arch.max_context:
+        raise ValueError(f"tokenizer.block_size: {block_size} is longer than the model's max_context {arch.max_context}")
+    module = LMModule(**module_args(arch, special_ids(tokenizer), cfg, block_size))
+    data = PackedDataModule(packed_dir, collator_for(arch, tokenizer, cfg.seed), cfg)
+    n_params = parameter_count(arch)
+    history = History(cfg.batch_size * cfg.accumulate * block_size, flops_per_token(arch, n_params), scale.peak_tflops * 1e12)
+    ckpt_dir = out_dir / "checkpoints"
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint_every, save_top_k=2, monitor="step", mode="max",
+    )
+    callbacks: list[pl.Callback] = [checkpoints, history]
+    if cfg.early_stopping_patience:
+        callbacks.append(pl.callbacks.EarlyStopping("val/loss", patience=cfg.early_stopping_patience, mode="min"))
+    trainer = pl.Trainer(
+        max_steps=cfg.max_steps,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+        accelerator=scale.accelerator,
+        devices=scale.devices,
+        num_nodes=scale.num_nodes,
+        strategy=make_strategy(scale, module),
+        precision=cfg.precision,
+        gradient_clip_val=cfg.grad_clip or None,
+        accumulate_grad_batches=cfg.accumulate,
+        val_check_interval=cfg.val_every * cfg.accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # StreamSampler shards the stream by rank itself (and resumes)
+    )
+    resume = newest_checkpoint(ckpt_dir)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    final_val = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    export(module, trainer, tokenizer, out_dir / "hf")
+    return {
+        "family": arch.family,
+        "objective": arch.objective,
+        "parameters": n_params,
+        "flops_per_token": history.flops_per_token,
+        "steps": trainer.global_step,
+        "tokens_seen": trainer.global_step * cfg.batch_size * cfg.accumulate * trainer.world_size * block_size,
+        "tokens_per_second": round(history.tokens_per_second(), 1),
+        "final_train_loss": history.train[-1][1] if history.train else None,
+        "final_val_loss": float(final_val),
+        "resumed_from_step": int(CHECKPOINT.match(resume.name).group(1)) if resume else None,
+        "train_losses": history.train,
+        "val_losses": history.val + [(trainer.global_step, float(final_val))],
+    }
+
+
+def weights_finite(model_dir: Path) -> bool:
+    """True if no tensor of the exported safetensors holds NaN or infinity."""
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for f in sorted(Path(model_dir).glob("*.safetensors")) for t in load_file(f).values())
+
+
+def launch(arch: ArchConfig, cfg: TrainConfig, packed_dir: Path, tokenizer_dir: Path, out_dir: Path, scale: Scale,
+           mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Run ``pretrain`` in ``scale.devices`` processes on this node with torchrun, wait, return rank 0's
+    result.  (Several nodes: run the same torchrun command on each node, README "Scaling".)"""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={scale.devices}",
+        "-m", "models.training",
+        "--arch", json.dumps(asdict(arch)), "--train", json.dumps(asdict(cfg)), "--scale", json.dumps(asdict(scale)),
+        "--packed", str(packed_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out_dir),
+    ]
+    if mlflow_uri and mlflow_run_id:
+        command += ["--mlflow-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id]
+    (out_dir / "result.json").unlink(missing_ok=True)
+    proc = subprocess.run(command, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}); its log is above")
+    return json.loads((out_dir / "result.json").read_text())
+
+
+def needs_launcher(scale: Scale) -> bool:
+    """Several processes on this node: Lightning must not re-launch the caller (Dagster, pytest)."""
+    return scale.devices > 1 or scale.strategy == "fsdp2"
+
+
+def main() -> None:
+    """Entry point for multi-process runs (``torchrun --nproc_per_node N -m models.training ...``):
+    each process trains its shard; rank 0 writes ``result.json`` beside the exported model."""
+    import argparse
+    import json
+
+    from models.architectures import ArchConfig
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--arch", required=True, help="ArchConfig as JSON")
+    parser.add_argument("--train", required=True, help="TrainConfig as JSON")
+    parser.add_argument("--scale", required=True, help="Scale as JSON")
+    parser.add_argument("--packed", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mlflow-uri", help="log to this MLflow tracking URI ...")
+    parser.add_argument("--mlflow-run-id", help="... into this existing run (created by the caller)")
+    args = parser.parse_args()
+    logger = None
+    if args.mlflow_uri and args.mlflow_run_id:
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        logger = MLFlowLogger(tracking_uri=args.mlflow_uri, run_id=args.mlflow_run_id)
+    result = pretrain(
+        ArchConfig(**json.loads(args.arch)), TrainConfig(**json.loads(args.train)), args.packed, args.tokenizer,
+        args.out, Scale(**json.loads(args.scale)), logger=logger, progress=False,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        (args.out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

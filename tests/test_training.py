@@ -1,0 +1,151 @@
+"""Pretraining on CPU: the loss falls, runs repeat exactly, a killed run resumes exactly, NaN stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, prose
+from models.architectures import from_name
+from models.data import pack_split, write_meta
+from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
+from models.train_config import TrainConfig
+from models.training import pretrain, weights_finite
+
+
+@pytest.fixture(scope="module")
+def corpus_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tokenizer for every objective and its packed splits (blocks of 64 tokens)."""
+    root = tmp_path_factory.mktemp("packed")
+    texts = [prose(i, 120) for i in range(120)]
+    spec = TokenizerSpec(vocab_size=400, min_frequency=1, objectives=("causal", "mlm", "seq2seq"), extra_ids=20)
+    tok = train_tokenizer(iter(texts), spec)
+    to_transformers(tok, spec, 64).save_pretrained(str(root / "tok"))
+    eos, pad = tok.token_to_id("<eos>"), tok.token_to_id("<pad>")
+    (root / "packed").mkdir()
+    splits = {}
+    for name, part in (("train", texts[:100]), ("val", texts[100:])):
+        ds = datasets.Dataset.from_dict({"text": part})
+        splits[name] = pack_split(ds, root / "tok" / "tokenizer.json", eos, pad, 64, np.dtype(np.uint16), root / "packed" / f"{name}.bin")
+    write_meta(root / "packed", {"block_size": 64, "dtype": "uint16", "pad_id": pad, "separator_id": eos, "vocab_size": tok.get_vocab_size(), "splits": splits})
+    return root / "packed", root / "tok"
+
+
+def cfg(**overrides) -> TrainConfig:
+    values = dict(max_steps=20, batch_size=4, warmup_steps=3, val_every=10, val_batches=2, checkpoint_every=10, lr=5e-3)
+    return TrainConfig(**{**values, **overrides})
+
+
+ARCH = from_name("tiny", max_context=64)
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+    summary = pretrain(ARCH, cfg(max_steps=30), packed, tok, tmp_path, progress=False)
+    first, last = summary["train_losses"][0][1], summary["final_val_loss"]
+    assert last < first - 0.5, (first, last)
+    assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * 4 * 64 and summary["tokens_per_second"] > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<eos>"
+    assert weights_finite(tmp_path / "hf") and sum(p.numel() for p in model.parameters()) == summary["parameters"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=20.ckpt", "step=30.ckpt"]
+
+
+def test_the_same_seed_gives_identical_losses(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+    a = pretrain(ARCH, cfg(max_steps=8), packed, tok, tmp_path / "a", progress=False)
+    b = pretrain(ARCH, cfg(max_steps=8), packed, tok, tmp_path / "b", progress=False)
+    assert a["train_losses"] == b["train_losses"] and a["final_val_loss"] == b["final_val_loss"]
+
+
+def test_a_nan_loss_stops_the_run_with_a_clear_message(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+    with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step \d+: lower pretrain.lr"):
+        pretrain(ARCH, cfg(lr=1e6, grad_clip=0.0, warmup_steps=1, max_steps=50), packed, tok, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("arch, auto", [("encoder", "AutoModelForMaskedLM"), ("encoder-decoder", "AutoModelForSeq2SeqLM")])
+def test_every_objective_trains(tmp_path: Path, corpus_dirs, arch: str, auto: str):
+    import transformers
+
+    packed, tok = corpus_dirs
+    summary = pretrain(from_name("tiny", arch=arch, max_context=64), cfg(max_steps=6, val_every=3), packed, tok, tmp_path, progress=False)
+    assert np.isfinite(summary["final_val_loss"]) and summary["objective"] in ("mlm", "seq2seq")
+    getattr(transformers, auto).from_pretrained(tmp_path / "hf")
+
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from models.architectures import from_name
+from models.train_config import TrainConfig
+from models.training import pretrain
+packed, tok, out = map(Path, sys.argv[1:4])
+cfg = TrainConfig(max_steps=120, batch_size=4, warmup_steps=3, val_every=40, val_batches=2, checkpoint_every=20, lr=5e-3)
+s = pretrain(from_name("tiny", max_context=64), cfg, packed, tok, out, progress=False)
+print(json.dumps({k: s[k] for k in ("final_train_loss", "final_val_loss", "resumed_from_step", "steps")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+
+    def start(out: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", SCRIPT, str(packed), str(tok), str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def finish(proc: subprocess.Popen) -> dict:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0
+        return json.loads(out.strip().splitlines()[-1])
+
+    reference = finish(start(tmp_path / "whole"))
+    victim = start(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed/checkpoints/step=20.ckpt").exists():
+        assert victim.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)  # a real kill: no handler, no cleanup
+    victim.wait()
+    assert not (tmp_path / "killed/hf").exists()
+    resumed = finish(start(tmp_path / "killed"))
+    assert resumed["resumed_from_step"] >= 20 and resumed["steps"] == 120
+    assert abs(resumed["final_train_loss"] - reference["final_train_loss"]) < 1e-4
+    assert abs(resumed["final_val_loss"] - reference["final_val_loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_trains_checkpoints_resumes_and_exports(tmp_path: Path, corpus_dirs):
+    """FSDP2 (fully_shard through Lightning's ModelParallelStrategy) with gloo: the GPU code path."""
+    from transformers import AutoModelForCausalLM
+
+    from models.train_config import Scale
+    from models.training import launch
+
+    packed, tok = corpus_dirs
+    scale = Scale(strategy="fsdp2", devices=2, accelerator="cpu")
+    whole = launch(ARCH, cfg(max_steps=20), packed, tok, tmp_path / "whole", scale)
+    assert whole["train_losses"][-1][1] < whole["train_losses"][0][1]
+    assert whole["tokens_seen"] == 20 * 4 * 2 * 64  # two processes, each its own batch
+    shards = sorted(p.name for p in (tmp_path / "whole/checkpoints/step=10.ckpt").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one shard per process
+    # resume from the sharded step-10 checkpoint in a fresh directory: same end as the whole run
+    (tmp_path / "resumed/checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tmp_path / "whole/checkpoints/step=10.ckpt", tmp_path / "resumed/checkpoints/step=10.ckpt")
+    resumed = launch(ARCH, cfg(max_steps=20), packed, tok, tmp_path / "resumed", scale)
+    assert resumed["resumed_from_step"] == 10
+    assert abs(resumed["final_val_loss"] - whole["final_val_loss"]) < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "whole/hf")  # gathered from the shards
+    assert sum(p.numel() for p in model.parameters()) == whole["parameters"] and weights_finite(tmp_path / "whole/hf")
