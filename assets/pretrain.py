@@ -1,5 +1,6 @@
 """Asset ``pretrain``: one Dagster partition per candidate architecture in ``params.yaml``."""
 
+import base64
 import json
 
 import dagster as dg
@@ -47,12 +48,13 @@ def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_
     params = stage_params(lmforge_params.load(), "pretrain", config)
     candidate = context.partition_key
     context.log.info(f"pretrain {candidate}: training (progress bar on the console; metrics in MLflow)")
-    summary = lmforge.pretrain.run_pretrain(params, candidate, dagster_run_id=context.run_id)
+    summary = lmforge.pretrain.run_pretrain(params, candidate, dagster_run_id=context.run_id, report=context.log.info)
     out = params.stage_dir("pretrain") / candidate
     finite = models.training.weights_finite(out / "hf")
     beats = summary["final_val_loss"] < summary["unigram_baseline"]
     context.log.info(f"pretrain {candidate}: val loss {summary['final_val_loss']:.4f} (unigram {summary['unigram_baseline']:.4f})")
     history = json.loads((out / "history.json").read_text())
+    png = base64.b64encode((out / "loss_curve.png").read_bytes()).decode()  # inline: the UI shows it
     table = "| step | val loss |\n|---|---|\n" + "\n".join(f"| {s} | {v:.4f} |" for s, v in history["val_losses"])
     yield dg.MaterializeResult(
         metadata={
@@ -60,7 +62,7 @@ def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_
             "path": dg.MetadataValue.path(str(out / "hf")),
             "mlflow_run_id": summary["mlflow_run_id"],
             "val_losses": dg.MetadataValue.md(table),
-            "loss_curve": dg.MetadataValue.md(f"![loss curve]({(out / 'loss_curve.png').as_uri()})\n\n`{out / 'loss_curve.png'}`"),
+            "loss_curve": dg.MetadataValue.md(f"![loss curve](data:image/png;base64,{png})\n\n`{out / 'loss_curve.png'}`"),
         },
         check_results=[
             dg.AssetCheckResult(check_name="weights_finite", passed=finite, description="all finite" if finite else "NaN or inf in the weights"),

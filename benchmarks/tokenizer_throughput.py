@@ -69,7 +69,7 @@ def main() -> None:
         t_ours = time.perf_counter() - start
 
         start = time.perf_counter()
-        direct = train_tokenizer(docs, spec)  # same assembly of tokenizers parts, list in memory
+        train_tokenizer(docs, spec)  # same assembly of tokenizers parts, list in memory
         t_direct = time.perf_counter() - start
         print(f"train : lmforge {mb / t_ours:6.2f} MB/s, direct {mb / t_direct:6.2f} MB/s, ratio {t_direct / t_ours:.2f}")
 

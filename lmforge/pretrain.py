@@ -1,7 +1,7 @@
 """Stage ``pretrain``: one candidate architecture trained on the packed corpus, tracked in MLflow.
 
 Output ``<artifacts>/pretrain/<candidate>/``: ``hf/`` (the model in Hugging Face format with its
-tokenizer), ``checkpoints/<fingerprint>/`` (resumable training state), ``loss_curve.png``,
+tokenizer), ``runs/<fingerprint>/checkpoints/`` (resumable training state), ``loss_curve.png``,
 ``history.json`` and ``summary.json``.  The fingerprint hashes the architecture, the training settings
 and the exact data and tokenizer, so a materialisation resumes only a run of the same configuration.
 """
@@ -98,7 +98,7 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progress: bool = True) -> dict[str, Any]:
+def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progress: bool = True, report=None) -> dict[str, Any]:
     """Train (or resume) one candidate; log it to MLflow; return its summary."""
     from pytorch_lightning.loggers import MLFlowLogger
 
@@ -115,12 +115,14 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
         raise LmforgeError("pretrain: the val split is empty (validation and the baseline check need it): raise split.val or add documents")
     out = params.stage_dir("pretrain") / candidate
     run_key = fingerprint(arch, params)
-    checkpoints = out / "checkpoints"
-    if checkpoints.exists():  # checkpoints of another configuration cannot be resumed: drop them
-        for stale in checkpoints.iterdir():
+    runs = out / "runs"
+    if runs.exists():  # checkpoints of another configuration cannot be resumed: drop them
+        for stale in runs.iterdir():
             if stale.name != run_key:
                 shutil.rmtree(stale)
-    work = checkpoints / run_key
+    work = runs / run_key
+    if (work / "COMPLETE").exists():  # a finished run materialized again: train anew, do not "resume" it
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if (out / "hf").exists():
         shutil.rmtree(out / "hf")
@@ -139,7 +141,7 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     if needs_launcher(scale):  # torchrun processes log into the MLflow run created here
         result = launch(arch, train, packed, tokenizer, work, scale, tracking_uri(params), logger.run_id)
     else:
-        result = pretrain(arch, train, packed, tokenizer, work, scale, logger=logger, progress=progress)
+        result = pretrain(arch, train, packed, tokenizer, work, scale, logger=logger, progress=progress, report=report)
     shutil.move(str(work / "hf"), str(out / "hf"))
     result["unigram_baseline"] = unigram_baseline(packed)
     history = {k: result.pop(k) for k in ("train_losses", "val_losses")}
@@ -152,9 +154,10 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     client.log_metric(run_id, "unigram_baseline", result["unigram_baseline"])
     # a reference to the weights, not the weights: big models would time out an upload
     client.set_tag(run_id, "model_dir", str(out / "hf"))
-    client.set_tag(run_id, "checkpoint_dir", str(work))
+    client.set_tag(run_id, "checkpoint_dir", str(work / "checkpoints"))
     client.set_terminated(run_id, "FINISHED")
     result.update(candidate=candidate, mlflow_run_id=run_id, fingerprint=run_key)
+    (work / "COMPLETE").touch()
     write_params(out, params.pretrain.train)
     write_summary(out, result)
     return result

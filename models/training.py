@@ -92,6 +92,7 @@ class History(pl.Callback):
     tokens_per_step: int = 0
     flops_per_token: int = 0
     peak_flops: float = 0.0
+    report: Any = None  # called with a progress line at each validation (the Dagster run log)
     train: list[tuple[int, float]] = field(default_factory=list)
     val: list[tuple[int, float]] = field(default_factory=list)
     speeds: list[float] = field(default_factory=list)
@@ -117,6 +118,12 @@ class History(pl.Callback):
         if value is not None and not trainer.sanity_checking:
             self.val.append((trainer.global_step, float(value)))
             module.log("val/perplexity", torch.exp(value.detach().float()))
+            if self.report is not None and trainer.is_global_zero:
+                train_loss = self.train[-1][1] if self.train else float("nan")
+                self.report(
+                    f"step {trainer.global_step}/{trainer.max_steps}: train loss {train_loss:.4f}, "
+                    f"val loss {float(value):.4f}, {self.tokens_per_second():,.0f} tokens/s"
+                )
         self._last = None  # validation time is not training time
 
     def tokens_per_second(self) -> float:
@@ -151,8 +158,10 @@ def pretrain(
     scale: Scale | None = None,
     logger: Any = None,
     progress: bool = True,
+    report: Any = None,
 ) -> dict[str, Any]:
-    """Train (or resume) ``arch`` on ``packed_dir``; export to ``out_dir/hf``; return the summary."""
+    """Train (or resume) ``arch`` on ``packed_dir``; export to ``out_dir/hf``; return the summary.
+    ``report`` (e.g. a Dagster logger's ``info``) receives a progress line at each validation."""
     import json
 
     from transformers import AutoTokenizer
@@ -167,7 +176,7 @@ def pretrain(
     module = LMModule(**module_args(arch, special_ids(tokenizer), cfg, block_size))
     data = PackedDataModule(packed_dir, collator_for(arch, tokenizer, cfg.seed), cfg)
     n_params = parameter_count(arch)
-    history = History(cfg.batch_size * cfg.accumulate * block_size, flops_per_token(arch, n_params), scale.peak_tflops * 1e12)
+    history = History(cfg.batch_size * cfg.accumulate * block_size, flops_per_token(arch, n_params), scale.peak_tflops * 1e12, report)
     ckpt_dir = out_dir / "checkpoints"
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,

@@ -1,6 +1,5 @@
 """Collators: causal labels, MLM 80/10/10 masking with NSP pairs, T5 span corruption."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

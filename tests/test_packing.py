@@ -1,6 +1,5 @@
 """Packing: every token of every document lands in a block, separated; the dtype fits the vocabulary."""
 
-import json
 from pathlib import Path
 
 import datasets

@@ -1,7 +1,6 @@
 """Pretraining on CPU: the loss falls, runs repeat exactly, a killed run resumes exactly, NaN stops."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, prose
 from models.architectures import from_name
@@ -149,3 +147,22 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_resumes_and_exports(tmp_p
     assert abs(resumed["final_val_loss"] - whole["final_val_loss"]) < 1e-4
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "whole/hf")  # gathered from the shards
     assert sum(p.numel() for p in model.parameters()) == whole["parameters"] and weights_finite(tmp_path / "whole/hf")
+
+
+def test_wall_clock_budget_and_early_stopping_end_a_run_before_max_steps(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+    timed = pretrain(ARCH, cfg(max_steps=100_000, max_minutes=0.05), packed, tok, tmp_path / "timed", progress=False)
+    assert 0 < timed["steps"] < 100_000 and (tmp_path / "timed/hf/model.safetensors").exists()
+    # lr 0 never improves the val loss: patience 1 stops at the second validation
+    stopped = pretrain(ARCH, cfg(max_steps=1000, lr=0.0, val_every=5, early_stopping_patience=1), packed, tok, tmp_path / "early", progress=False)
+    assert stopped["steps"] == 10
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path: Path, corpus_dirs):
+    from models.train_config import Scale
+    from models.training import launch
+
+    packed, tok = corpus_dirs
+    result = launch(ARCH, cfg(max_steps=10), packed, tok, tmp_path, Scale(strategy="ddp", devices=2, accelerator="cpu"))
+    assert result["steps"] == 10 and result["tokens_seen"] == 10 * 4 * 2 * 64 and np.isfinite(result["final_val_loss"])

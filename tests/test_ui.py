@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_params
 
 QUERY = "{ assetNodes { assetKey { path } groupName hasAssetChecks } }"
 
@@ -44,9 +44,11 @@ mutation($params: ExecutionParams!) {
 STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
 
 
-def run_job(port: int, job: str) -> str:
+def run_job(port: int, job: str, partition: str | None = None) -> str:
     """Launch a job the way the UI's Launchpad does, and wait for its end status."""
     params = {"selector": {"repositoryLocationName": "lmforge", "repositoryName": "__repository__", "jobName": job}, "runConfigData": {}}
+    if partition:
+        params["executionMetadata"] = {"tags": [{"key": "dagster/partition", "value": partition}]}
     launched = graphql(port, LAUNCH, {"params": params})["data"]["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
@@ -60,10 +62,22 @@ def run_job(port: int, job: str) -> str:
 
 
 @pytest.mark.slow
-def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, params_file: Path):
+def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, corpus: Path):
     port = free_port()
     home = tmp_path / "dagster_home"
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    home.mkdir()
+    params = write_params(
+        tmp_path, corpus,
+        split={"train": 0.6, "val": 0.2, "test": 0.2},
+        tokenizer={"vocab_size": 400, "block_size": 64},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ui"},
+        pretrain={
+            "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
+            "candidates": [{"name": "tiny", "preset": "tiny", "overrides": {}}],
+        },
+    )
+    env = {**os.environ, "DAGSTER_HOME": str(home), "LMFORGE_PARAMS": str(params)}
+    env.pop("MLFLOW_TRACKING_URI", None)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     proc = subprocess.Popen(
         [str(REPO / ".venv/bin/dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -89,6 +103,8 @@ def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, params_f
         assert run_job(port, "tokenizer_job") == "SUCCESS"
         summary = json.loads((tmp_path / "artifacts" / "tokenizer" / "summary.json").read_text())
         assert summary["vocab_size"] > 0 and (tmp_path / "artifacts" / "packed" / "train.bin").exists()
+        assert run_job(port, "pretrain_job", partition="tiny") == "SUCCESS"
+        assert json.loads((tmp_path / "artifacts/pretrain/tiny/summary.json").read_text())["steps"] == 60
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
