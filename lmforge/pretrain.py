@@ -111,8 +111,14 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     packed, tokenizer = params.stage_dir("packed"), params.stage_dir("tokenizer") / "hf"
     if not (packed / "meta.json").exists():
         raise LmforgeError(f"{packed} not found: materialize the 'packed' stage first")
-    if json.loads((packed / "meta.json").read_text())["splits"]["val"]["tokens"] == 0:
+    meta = json.loads((packed / "meta.json").read_text())
+    if meta["splits"]["val"]["tokens"] == 0:
         raise LmforgeError("pretrain: the val split is empty (validation and the baseline check need it): raise split.val or add documents")
+    if meta["block_size"] > arch.max_context:
+        raise LmforgeError(
+            f"tokenizer.block_size: blocks of {meta['block_size']} tokens are longer than candidate '{candidate}' "
+            f"can attend to (max_context {arch.max_context})"
+        )
     out = params.stage_dir("pretrain") / candidate
     run_key = fingerprint(arch, params)
     runs = out / "runs"

@@ -89,7 +89,7 @@ def export(module: LMModule, trainer: pl.Trainer, tokenizer, hf_dir: Path) -> No
 class History(pl.Callback):
     """Losses and throughput as training goes, for the summary, MLflow and the loss plot."""
 
-    tokens_per_step: int = 0
+    tokens_per_step: int = 0  # per process
     flops_per_token: int = 0
     peak_flops: float = 0.0
     report: Any = None  # called with a progress line at each validation (the Dagster run log)
@@ -103,7 +103,7 @@ class History(pl.Callback):
             return
         now = time.perf_counter()
         if self._last is not None:
-            speed = self.tokens_per_step / (now - self._last)
+            speed = self.tokens_per_step * trainer.world_size / (now - self._last)  # all processes
             self.speeds.append(speed)
             module.log("train/tokens_per_second", speed)
             if self.peak_flops:
