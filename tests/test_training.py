@@ -166,3 +166,20 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, corpus_dirs):
     packed, tok = corpus_dirs
     result = launch(ARCH, cfg(max_steps=10), packed, tok, tmp_path, Scale(strategy="ddp", devices=2, accelerator="cpu"))
     assert result["steps"] == 10 and result["tokens_seen"] == 10 * 4 * 2 * 64 and np.isfinite(result["final_val_loss"])
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+    summary = pretrain(ARCH, cfg(max_steps=6, val_every=3, precision="bf16-mixed"), packed, tok, tmp_path, progress=False)
+    assert np.isfinite(summary["final_val_loss"]) and weights_finite(tmp_path / "hf")
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_exports_plain_weights(tmp_path: Path, corpus_dirs):
+    from safetensors.torch import load_file
+
+    packed, tok = corpus_dirs
+    eager = pretrain(ARCH, cfg(max_steps=4, val_every=2), packed, tok, tmp_path / "eager", progress=False)
+    compiled = pretrain(ARCH, cfg(max_steps=4, val_every=2, compile=True), packed, tok, tmp_path / "compiled", progress=False)
+    assert abs(compiled["final_val_loss"] - eager["final_val_loss"]) < 1e-3
+    assert not any(k.startswith("_orig_mod") for k in load_file(tmp_path / "compiled/hf/model.safetensors"))
