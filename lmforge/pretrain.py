@@ -156,7 +156,8 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     plot_losses(history, out / "loss_curve.png", f"{candidate} ({arch.family}, {result['parameters']:,} parameters)")
     client, run_id = logger.experiment, logger.run_id
     client.log_artifact(run_id, str(out / "loss_curve.png"))
-    client.log_metric(run_id, "final_val_loss", result["final_val_loss"])
+    for key in ("final_val_loss", "val_perplexity", "val_bits_per_byte", "val_token_accuracy", "val_top5_accuracy"):
+        client.log_metric(run_id, key, result[key])
     client.log_metric(run_id, "unigram_baseline", result["unigram_baseline"])
     # a reference to the weights, not the weights: big models would time out an upload
     client.set_tag(run_id, "model_dir", str(out / "hf"))

@@ -21,6 +21,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from models.architectures import ArchConfig, SpecialIds, flops_per_token, parameter_count
 from models.lightning_module import LMModule, PackedDataModule, module_args
+from models.metrics import LMScores, score, token_byte_lengths
 from models.objectives import CausalCollator, MlmNspCollator, SpanCorruptionCollator
 from models.train_config import Scale, TrainConfig
 
@@ -69,6 +70,20 @@ def make_strategy(scale: Scale, module: LMModule):
             state_dict_type=scale.state_dict,
         )
     return scale.strategy
+
+
+@torch.no_grad()
+def validation_scores(module: LMModule, data: PackedDataModule, tokenizer, arch: ArchConfig) -> LMScores:
+    """Perplexity, bits per byte and accuracies of the trained model on the validation batches."""
+    byte_lengths = token_byte_lengths(tokenizer)
+    total = LMScores()
+    module.eval()
+    for batch in data.val_dataloader():
+        batch = {k: v.to(module.device) for k, v in batch.items()}
+        out = module.model(**batch)
+        logits = out.prediction_logits if arch.objective == "mlm" else out.logits  # BERT: MLM head's logits
+        total += score(logits, batch["labels"], byte_lengths, shift=arch.objective == "causal")
+    return total
 
 
 def export(module: LMModule, trainer: pl.Trainer, tokenizer, hf_dir: Path) -> None:
@@ -210,6 +225,7 @@ def pretrain(
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     final_val = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     export(module, trainer, tokenizer, out_dir / "hf")
+    val = validation_scores(module, data, tokenizer, arch)
     return {
         "family": arch.family,
         "objective": arch.objective,
@@ -220,6 +236,10 @@ def pretrain(
         "tokens_per_second": round(history.tokens_per_second(), 1),
         "final_train_loss": history.train[-1][1] if history.train else None,
         "final_val_loss": float(final_val),
+        "val_perplexity": val.perplexity,
+        "val_bits_per_byte": val.bits_per_byte,
+        "val_token_accuracy": val.token_accuracy,
+        "val_top5_accuracy": val.top5_accuracy,
         "resumed_from_step": int(CHECKPOINT.match(resume.name).group(1)) if resume else None,
         "train_losses": history.train,
         "val_losses": history.val + [(trainer.global_step, float(final_val))],

@@ -51,6 +51,9 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path, c
     first, last = summary["train_losses"][0][1], summary["final_val_loss"]
     assert last < first - 0.5, (first, last)
     assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * 4 * 64 and summary["tokens_per_second"] > 0
+    # the same validation batches, scored token by token: perplexity = exp(mean loss)
+    assert abs(np.log(summary["val_perplexity"]) - summary["final_val_loss"]) < 1e-3
+    assert 0 < summary["val_token_accuracy"] <= summary["val_top5_accuracy"] <= 1 and summary["val_bits_per_byte"] > 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
