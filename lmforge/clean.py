@@ -148,7 +148,8 @@ def _write(scored_dir: str, params_blob: dict, quarantine_path: str):
             for k in range(len(batch["id"])):
                 row = {key: batch[key][k] for key in batch}
                 where = {"source": row["source"], "path": row["path"], "record": row["record"], "id": row["id"]}
-                first = ids[int(rep[i])].as_py()
+                # the representative's id: looked up in the Arrow column only for duplicates
+                first = row["id"] if rep[i] == i else ids[int(rep[i])].as_py()
                 if status[i] == REJECTED:
                     quarantine.write(**where, reason=row["reject_reason"], detail=row["reject_detail"], text=row["text"])
                 elif status[i] == EXACT_DUPLICATE:
