@@ -42,6 +42,8 @@ def _plain(tp: Any) -> Any:
         return type(typing.get_args(tp)[0])
     if origin in (typing.Union, types.UnionType):
         return _plain(next(a for a in typing.get_args(tp) if a is not type(None)))
+    if origin is list:
+        return list[_plain(typing.get_args(tp)[0])]
     return tp
 
 

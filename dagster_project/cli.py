@@ -24,7 +24,8 @@ app = typer.Typer(
 
 #: The instance settings lmforge ships (this checkout's .dagster/dagster.yaml), copied into new homes.
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / ".dagster" / "dagster.yaml"
-STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain")
+STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain", "evaluate", "select", "task_data", "finetune_classifier", "finetune_sft")
+PARTITIONED_STAGES = ("pretrain", "evaluate")  # one summary per candidate
 
 
 def _fail(message: str) -> None:
@@ -49,8 +50,9 @@ def run(
 ) -> None:
     """Materialize the selected assets (with their checks) and print each stage's summary.
 
-    Unpartitioned assets run first, in one run; then each partition of the partitioned ones
-    (pretraining candidates), one run per partition.
+    The unpartitioned assets the partitioned ones need run first, in one run; then each partition
+    (pretraining candidate: pretrain, evaluate), one run per partition; then the other unpartitioned
+    assets (select, fine-tuning).  A failed partition does not stop the others.
     """
     import yaml
 
@@ -82,8 +84,13 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
         _fail(f"invalid selection '{select}': {str(exc).splitlines()[0]}")
     if not keys:
         _fail(f"selection '{select}' matches no asset (assets: {', '.join(sorted(k.to_user_string() for k in graph.get_all_asset_keys()))})")
-    plain = sorted(k for k in keys if graph.get(k).partitions_def is None)
     partitioned = sorted(k for k in keys if graph.get(k).partitions_def is not None)
+    plain = sorted(k for k in keys if graph.get(k).partitions_def is None)
+    # what the partitions need (data, tokenizer) runs first; the rest (select, task sets, fine-tuning)
+    # after every partition, so that a failure there cannot keep the candidates from training
+    needed = dg.AssetSelection.assets(*partitioned).upstream().resolve(graph) if partitioned else set(plain)
+    before = [k for k in plain if k in needed]
+    after = [k for k in plain if k not in needed]
     known = sorted({p for k in partitioned for p in graph.get(k).partitions_def.get_partition_keys()})
     for p in partitions or []:
         if p not in known:
@@ -91,13 +98,19 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     logger = {"log_level": "DEBUG" if verbose else "INFO", "tracebacks": verbose}
     run_config = {**run_config, "loggers": {"console": {"config": logger}}}
     job = defs.resolve_implicit_global_asset_job_def()
-    runs = ([(plain, None)] if plain else []) + [(partitioned, p) for p in (partitions or known) if partitioned]
+    runs = ([(before, None)] if before else []) + [(partitioned, p) for p in (partitions or known) if partitioned] + ([(after, None)] if after else [])
+    failed = False
     with dg.DagsterInstance.get() as instance:
         for selection, partition_key in runs:
             result = job.execute_in_process(
                 run_config=run_config, instance=instance, asset_selection=selection, partition_key=partition_key, raise_on_error=False
             )
-            _report(result, partition_key)
+            ok = _report(result, partition_key)
+            failed |= not ok
+            if not ok and partition_key is None:  # a failed partition does not stop the others; the rest does
+                break
+    if failed:
+        raise typer.Exit(1)
 
 
 def _root_cause(error) -> tuple[str, str]:
@@ -111,12 +124,18 @@ def _root_cause(error) -> tuple[str, str]:
     return error.cls_name or "Error", message
 
 
-def _report(result, partition: str | None) -> None:
-    """Print what ran, which checks failed and why, then the summaries; exit non-zero on failure."""
-    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
-    for evaluation in failed_checks:
+def _report(result, partition: str | None) -> bool:
+    """Print what ran, which checks failed and why, then the summaries; return whether all went well.
+    A failed warning-level check (e.g. a fine-tuned model not beating its baseline) is printed only."""
+    import dagster as dg
+
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    failed_checks = [e for e in failed if e.severity != dg.AssetCheckSeverity.WARN]
+    for evaluation in failed:
         key = evaluation.asset_check_key
-        typer.secho(f"check failed: {key.asset_key.to_user_string()}/{key.name}: {evaluation.description}", fg=typer.colors.RED, err=True)
+        warning = evaluation.severity == dg.AssetCheckSeverity.WARN
+        typer.secho(f"check {'warning' if warning else 'failed'}: {key.asset_key.to_user_string()}/{key.name}: {evaluation.description}",
+                    fg=typer.colors.YELLOW if warning else typer.colors.RED, err=True)
     for event in result.get_step_failure_events():
         cls_name, message = _root_cause(event.step_failure_data.error)
         if cls_name == "DagsterAssetCheckFailedError":
@@ -131,15 +150,16 @@ def _report(result, partition: str | None) -> None:
     if failed_checks and result.success:
         typer.secho("blocking checks failed: downstream assets were not materialized", fg=typer.colors.RED, err=True)
     if not result.success or failed_checks:
-        raise typer.Exit(1)
+        return False
     where = f" [{partition}]" if partition else ""
     typer.secho(f"run {result.run_id[:8]} succeeded: {', '.join(done) or 'nothing materialized'}{where}", fg=typer.colors.GREEN)
+    return True
 
 
 def _print_summaries(stages: list[str], partition: str | None = None) -> None:
     params = load_params()
     for stage in stages:
-        if stage == "pretrain":
+        if stage in PARTITIONED_STAGES:
             candidates = [partition] if partition else [c.name for c in params.pretrain.candidates]
             for name in candidates:
                 _print_summary(f"{stage}/{name}", params.stage_dir(stage) / name / "summary.json")
@@ -165,6 +185,86 @@ def summary(params: Optional[Path] = typer.Option(None, help="Params file to use
         _print_summaries(list(STAGES))
     except LmforgeError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def generate(
+    prompts: Optional[list[str]] = typer.Argument(None, help="Prompt(s) to complete."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Model directory, or MLflow URI (runs:/ID[/path], models:/NAME@ALIAS, models:/NAME/VERSION); default: the champion of `select`.",
+    ),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Prompts from a file, one per line ('-': standard input)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default: params.yaml evaluate.sampling)."),
+    temperature: Optional[float] = typer.Option(None, help="0: greedy; higher: more varied (default: params.yaml)."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens; 0: no limit."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass; 1.0: no limit."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (sampled text is reproducible)."),
+    batch_size: int = typer.Option(8, help="Prompts generated together (without streaming)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is generated (default: on for one prompt)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt: {prompt, completion}."),
+    params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml."),
+) -> None:
+    """Complete prompts with a trained model: batched, KV cache, greedy or sampled, streamed."""
+    import dataclasses
+
+    _use_params(params)
+    try:
+        p = load_params()
+        texts = list(prompts or [])
+        if file is not None:
+            lines = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+            texts += [line for line in lines.splitlines() if line.strip()]
+        if not texts:
+            _fail("no prompt: give one as an argument or --file FILE")
+        overrides = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                            repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
+        try:
+            sampling = dataclasses.replace(p.evaluate.sampling, **overrides)
+        except ValueError as exc:
+            _fail(str(exc))
+        ref = model or _champion_dir(p)
+        from lmforge.tracking import tracking_uri
+        from models.generation import ModelNotFound, generate as run_generate, load
+
+        try:
+            lm, tokenizer, objective = load(ref, tracking_uri=tracking_uri(p))
+        except ModelNotFound as exc:
+            _fail(str(exc))
+        if objective == "mlm":
+            _fail(f"{ref} is a masked language model: it fills in blanks and cannot generate text")
+        streaming = (len(texts) == 1 and not as_json) if stream is None else stream
+        if streaming:
+            current = [-1]
+
+            def show(i: int, piece: str) -> None:
+                if i != current[0]:
+                    current[0] = i
+                    typer.secho(("" if i == 0 else "\n") + texts[i], bold=True, nl=False)
+                typer.echo(piece, nl=False)
+
+            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, on_text=show)
+            typer.echo()
+        else:
+            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size)
+        if as_json:
+            for prompt, completion in zip(texts, outputs):
+                typer.echo(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+        elif not streaming:
+            for prompt, completion in zip(texts, outputs):
+                typer.secho(prompt, bold=True, nl=False)
+                typer.echo(completion + "\n")
+    except LmforgeError as exc:
+        _fail(str(exc))
+
+
+def _champion_dir(params) -> str:
+    """The champion's model directory, from the `select` stage's summary."""
+    path = params.stage_dir("select") / "summary.json"
+    if not path.exists():
+        _fail("no --model given and no champion yet: materialize 'select' (lmforge run --select select) or pass --model")
+    return str(params.path(json.loads(path.read_text())["champion_dir"]))
 
 
 @app.command("demo-corpus")

@@ -25,4 +25,18 @@ pretrain_job = dg.define_asset_job(
     description="Pretrain candidate architectures (one partition per candidate).",
 )
 
-JOBS = [data_job, tokenizer_job, pretrain_job]
+#: Evaluate candidates (per partition), then select the champion (after every partition).
+evaluation_job = dg.define_asset_job(
+    "evaluation_job",
+    selection=dg.AssetSelection.assets("evaluate"),
+    description="Evaluate pretrained candidates (one partition per candidate); then run `select`.",
+)
+
+#: Validate the task sets, fine-tune the champion, score against the baselines.
+finetune_job = dg.define_asset_job(
+    "finetune_job",
+    selection=dg.AssetSelection.groups("finetune") | dg.AssetSelection.assets("select"),
+    description="Choose the champion (select), validate the task sets and fine-tune it (classification, SFT).",
+)
+
+JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job]

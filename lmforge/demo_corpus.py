@@ -5,7 +5,9 @@
 - ``raw/stdlib/<module>.txt``: the module docstring of every public standard-library module;
 - ``raw/html/<module>.html``: an API page per module rendered from its docstrings (module, classes,
   functions), so that the HTML reader runs on real markup;
-- ``finetune/classification.jsonl``: description → first ``Topic ::`` classifier (top-level topic);
+- ``finetune/classification.jsonl``: a passage → the kind of documentation it comes from: ``readme``
+  (a package's description), ``module`` (a module docstring) or ``api`` (a function or class docstring
+  with its signature), the question a documentation router answers;
 - ``finetune/summarisation.jsonl``: description → ``Summary``.
 
 Everything is read from metadata and source files, never by importing pure-Python modules (imports
@@ -37,6 +39,8 @@ EXCLUDED_DISTRIBUTIONS = {"lmforge"}
 #: setuptools' own copy, which is neither the standard library nor free of side effects.
 EXCLUDED_MODULES = {"distutils"}
 MANIFEST = "demo-manifest.json"
+#: Classification examples taken from one document (package or module) at most: keeps the classes balanced.
+PASSAGES_PER_DOCUMENT = 3
 
 _EXT = {"text/markdown": ".md", "text/x-rst": ".rst", "text/plain": ".txt"}
 
@@ -67,6 +71,13 @@ def description(meta: metadata.PackageMetadata) -> tuple[str, str]:
 
 def as_plain_text(text: str, suffix: str) -> str:
     return {".md": markdown_to_text, ".rst": rst_to_text}.get(suffix, tidy_lines)(text)
+
+
+def passages(text: str, min_words: int = 30, limit: int = PASSAGES_PER_DOCUMENT) -> list[str]:
+    """Up to ``limit`` paragraphs of at least ``min_words`` words, whitespace-normalised: classification
+    examples.  The task splits by source document, so no document is on both sides of the train/test line."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return [p for p in paragraphs if len(p.split()) >= min_words][:limit]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,10 +180,7 @@ def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str
         _write(raw / "packages" / f"{name}{suffix}", text)
         counts["packages"] += 1
         plain = as_plain_text(text, suffix)
-        topics = [c for c in meta.get_all("Classifier") or [] if c.startswith("Topic ::")]
-        if topics and plain:
-            label = topics[0].split("::")[1].strip()
-            classification.append({"package": name, "text": plain, "label": label, "classifier": topics[0]})
+        classification += [{"source": f"packages/{name}", "text": t, "label": "readme"} for t in passages(plain)]
         summary = (meta.get("Summary") or "").strip()
         if summary and summary != "UNKNOWN" and plain:
             summarisation.append({"package": name, "document": plain, "summary": summary})
@@ -183,6 +191,9 @@ def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str
         if docs is None:
             continue
         doc, members = docs
+        classification += [{"source": f"stdlib/{module}", "text": t, "label": "module"} for t in passages(doc)]
+        api = [f"{sig}\n{' '.join(member_doc.split())}" for sig, member_doc in members if len(member_doc.split()) >= 25]
+        classification += [{"source": f"stdlib/{module}", "text": t, "label": "api"} for t in api[:PASSAGES_PER_DOCUMENT]]
         if doc.strip():
             _write(raw / "stdlib" / f"{module}.txt", doc)
             counts["stdlib"] += 1

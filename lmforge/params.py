@@ -205,6 +205,119 @@ class PretrainParams:
 
 
 @dataclass
+class SamplingParams:
+    """How text is sampled (``lmforge generate`` and the evaluation's samples)."""
+
+    max_new_tokens: int = 40
+    temperature: float = 0.8  # 0: greedy (argmax); higher: more varied text
+    top_k: int = 50  # sample among the k most likely tokens; 0: no limit
+    top_p: float = 0.95  # nucleus: the smallest set holding this probability mass; 1.0: no limit
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens; 1.0: off
+    seed: int = 1337  # sampled text is reproducible
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError("sampling: need temperature ≥ 0, top_k ≥ 0, 0 < top_p ≤ 1, max_new_tokens ≥ 1")
+
+
+@dataclass
+class EvaluateParams:
+    splits: list[Literal["val", "test"]] = field(default_factory=lambda: ["val", "test"])
+    batch_size: int = 8
+    max_blocks: int = 0  # blocks scored per split; 0: all (cap it for big held-out sets)
+    context_multiples: list[int] = field(default_factory=lambda: [1, 2, 4])  # × the training block length
+    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    speed_new_tokens: int = 32  # generated tokens per timing (KV cache on)
+    prompts: list[str] = field(
+        default_factory=lambda: ["The model", "This package provides", "Python is", "To install the library,"]
+    )
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+#: The factors of model selection, each normalised to [0, 1] (1: the best candidate).
+SELECT_FACTORS = ("quality", "speed", "size", "training_cost", "context")
+
+
+@dataclass
+class SelectParams:
+    """Weights of the factor matrix (normalised: only their ratios matter; 0 drops a factor)."""
+
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"quality": 0.5, "speed": 0.15, "size": 0.1, "training_cost": 0.1, "context": 0.15}
+    )
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - set(SELECT_FACTORS))
+        if unknown:
+            raise ValueError(f"weights: unknown factor(s) {', '.join(unknown)} (factors: {', '.join(SELECT_FACTORS)})")
+        if any(not isinstance(w, (int, float)) or w < 0 for w in self.weights.values()) or not sum(self.weights.values()) > 0:
+            raise ValueError("weights: need non-negative numbers with a positive sum")
+
+
+@dataclass
+class FinetuneTrainParams:
+    epochs: int = 6  # passes over the task's train part (early stopping may end sooner)
+    batch_size: int = 8
+    lr: float = 5e-4  # full fine-tuning: a fraction of the pretraining rate
+    lora_lr: float = 2e-3  # LoRA trains few weights, the update starting from zero: a higher rate
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    patience: int = 2  # epochs without a better val score before stopping; 0: off
+    max_length: int = 256  # tokens per example (≤ the model's context)
+    seed: int = 1337
+
+
+@dataclass
+class LoraParams:
+    r: int = 8  # rank of the update matrices
+    alpha: int = 16  # scaling = alpha / r
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # peft's shorthand: every linear layer except the output head
+
+
+@dataclass
+class ClassificationTaskParams:
+    """Sequence classification: ``text`` → one of ``labels`` (an unknown label is refused)."""
+
+    file: str = "classification.jsonl"  # under paths.finetune; .jsonl or .csv
+    text_field: str = "text"
+    label_field: str = "label"
+    group_field: str | None = "source"  # examples sharing it stay in one split (no leakage); null: none
+    labels: list[str] = field(default_factory=lambda: ["readme", "module", "api"])
+
+
+@dataclass
+class SftTaskParams:
+    """Supervised fine-tuning of a causal model on prompt/response pairs (summarisation in the demo)."""
+
+    file: str = "summarisation.jsonl"
+    prompt_field: str = "document"
+    response_field: str = "summary"
+    group_field: str | None = "package"
+    template: str = "{prompt}\nSummary:"  # the model sees this, then learns to write " {response}<eos>"
+    max_prompt_tokens: int = 192  # a longer prompt keeps its beginning
+    max_new_tokens: int = 32  # generated for scoring (greedy)
+
+
+@dataclass
+class FinetuneParams:
+    methods: list[Literal["full", "lora"]] = field(default_factory=lambda: ["full", "lora"])
+    min_examples: int = 50  # blocking check: a smaller task set cannot be evaluated meaningfully
+    val_fraction: float = 0.2  # by a hash of the example: adding examples does not reshuffle the rest
+    test_fraction: float = 0.2
+    train: FinetuneTrainParams = field(default_factory=FinetuneTrainParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    classification: ClassificationTaskParams = field(default_factory=ClassificationTaskParams)
+    sft: SftTaskParams = field(default_factory=SftTaskParams)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: name at least one of full, lora")
+        if not (0 < self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("val_fraction and test_fraction must be positive and leave a train part")
+
+
+@dataclass
 class Params:
     paths: PathsParams = field(default_factory=PathsParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
@@ -213,6 +326,9 @@ class Params:
     split: SplitParams = field(default_factory=SplitParams)
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    select: SelectParams = field(default_factory=SelectParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
 
     def path(self, value: str | os.PathLike) -> Path:
         """Resolve a path from a params file: absolute as is, relative against the repo root."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,35 +19,8 @@ import numpy as np
 
 from lmforge.artifacts import write_params, write_summary
 from lmforge.params import REPO_ROOT, LmforgeError, Params
+from lmforge.tracking import lineage_tags, tracking_uri
 from lmforge.vocabulary import candidate_configs
-
-
-def tracking_uri(params: Params) -> str:
-    """``$MLFLOW_TRACKING_URI``, else params.yaml's, with a relative SQLite path made absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        path = REPO_ROOT / uri[len(prefix) :]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = prefix + str(path)
-    return uri
-
-
-def lineage_tags() -> dict[str, str]:
-    """Code and data versions: the git commit and the DVC hash of data.dvc."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown", ""
-    data_hash = "unknown"
-    dvc_file = REPO_ROOT / "data.dvc"
-    if dvc_file.exists():
-        import yaml
-
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-        data_hash = outs[0].get("md5", "unknown")
-    return {"git_sha": sha, "git_dirty": str(bool(dirty)).lower(), "dvc_data_md5": data_hash}
 
 
 def fingerprint(arch, params: Params) -> str:

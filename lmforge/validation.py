@@ -79,7 +79,8 @@ def _expectations(params: Params) -> dict[str, list]:
     }
 
 
-def _context(docs_dir: Path):
+def _context_without_docs():
+    """An in-memory great-expectations context, quiet (no progress bars, errors only)."""
     import great_expectations as gx
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -87,6 +88,12 @@ def _context(docs_dir: Path):
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _context(docs_dir: Path):
+    """An in-memory context that renders Data Docs into ``docs_dir``."""
+    context = _context_without_docs()
     context.add_data_docs_site(
         site_name="lmforge",
         site_config={
@@ -124,17 +131,7 @@ def validate_clean(params: Params) -> list[CheckOutcome]:
         )
 
     def run(suite_name: str, frame) -> None:
-        result = validations[suite_name].run(batch_parameters={"dataframe": frame})
-        for r in result.results:
-            outcome = outcomes[r.expectation_config.meta["check"]]
-            res = r.result or {}
-            outcome.passed &= bool(r.success)
-            outcome.unexpected += int(res.get("unexpected_count") or 0)
-            if "observed_value" in res:
-                outcome.observed = res["observed_value"]
-            for value in res.get("partial_unexpected_list") or []:
-                if len(outcome.examples) < 5:
-                    outcome.examples.append(str(value)[:200])
+        _fold(validations[suite_name].run(batch_parameters={"dataframe": frame}), outcomes)
 
     if len(ds) == 0:
         run("documents", pd.DataFrame({"text": pd.Series([], dtype=object)}))
@@ -148,3 +145,34 @@ def validate_clean(params: Params) -> list[CheckOutcome]:
 
 def data_docs_index(params: Params) -> Path:
     return params.stage_dir("clean") / "data_docs" / "index.html"
+
+
+def validate_frame(name: str, frame, checks: list[tuple[str, str, Any]]) -> list[CheckOutcome]:
+    """Run ``checks`` ((name, description, expectation) triples) on a whole pandas frame at once,
+    for small tables such as the fine-tuning task sets; one outcome per check name."""
+    import great_expectations as gx
+
+    context = _context_without_docs()
+    suite = context.suites.add(gx.ExpectationSuite(name=name))
+    outcomes: dict[str, CheckOutcome] = {}
+    for check, description, expectation in checks:
+        expectation.meta = {"check": check}
+        suite.add_expectation(expectation)
+        outcomes.setdefault(check, CheckOutcome(check, description))
+    batch = context.data_sources.add_pandas(name).add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+    _fold(gx.ValidationDefinition(name=name, data=batch, suite=suite).run(batch_parameters={"dataframe": frame}), outcomes)
+    return list(outcomes.values())
+
+
+def _fold(result, outcomes: dict[str, CheckOutcome]) -> None:
+    """Add one validation result (one batch) to the outcomes of the checks it ran."""
+    for r in result.results:
+        outcome = outcomes[r.expectation_config.meta["check"]]
+        res = r.result or {}
+        outcome.passed &= bool(r.success)
+        outcome.unexpected += int(res.get("unexpected_count") or 0)
+        if "observed_value" in res:
+            outcome.observed = res["observed_value"]
+        for value in res.get("partial_unexpected_list") or []:
+            if len(outcome.examples) < 5:
+                outcome.examples.append(str(value)[:200])

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, write_params
+from test_finetune import classification_rows, sft_rows
 from dagster_project.cli import app
 
 runner = CliRunner()
@@ -21,7 +22,7 @@ def invoke(*args: str):
 def test_help():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("run", "demo-corpus", "summary"):
+    for command in ("run", "demo-corpus", "summary", "generate"):
         assert command in result.output
     assert "--select" in invoke("run", "--help").output
 
@@ -122,7 +123,13 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
             "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
             "candidates": [{"name": "a", "preset": "tiny", "overrides": {}}, {"name": "b", "preset": "tiny", "overrides": {"position": "alibi"}}],
         },
+        evaluate={"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
+        finetune={"min_examples": 20, "classification": {"labels": ["first", "second"]},
+                  "train": {"epochs": 2, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
     )
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(60)))
+    (tmp_path / "finetune/summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(40)))
     # a process of its own, as a user runs it: partitions come from the params file at load time
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "LMFORGE_PARAMS": str(params)}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -134,14 +141,27 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     assert result.returncode == 1 and "materialize the 'packed' stage first" in result.stderr
     result = lmforge("run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded: pretrain [a]" in result.stdout and "succeeded: pretrain [b]" in result.stdout
+    assert "succeeded: pretrain, evaluate [a]" in result.stdout and "succeeded: pretrain, evaluate [b]" in result.stdout
     for name, family in (("a", "llama"), ("b", "bloom")):
         summary = json.loads((tmp_path / "artifacts/pretrain" / name / "summary.json").read_text())
         assert {"parameters", "tokens_seen", "tokens_per_second", "final_val_loss"} <= set(summary) and summary["family"] == family
         assert (tmp_path / "artifacts/pretrain" / name / "loss_curve.png").exists()
+    # then each candidate is evaluated, the champion selected and fine-tuned, in the same `lmforge run`
+    (last,) = [line for line in result.stdout.splitlines() if "succeeded" in line and "select" in line]
+    assert all(name in last for name in ("task_data", "finetune_classifier", "finetune_sft"))
+    for name in ("a", "b"):
+        evaluation = json.loads((tmp_path / "artifacts/evaluate" / name / "summary.json").read_text())
+        assert {"perplexity", "bits_per_byte", "token_accuracy", "context_x4_perplexity", "tokens_per_second_b8"} <= set(evaluation)
+        assert all(evaluation["checks"].values())
+    champion = json.loads((tmp_path / "artifacts/select/summary.json").read_text())["champion"]
+    assert json.loads((tmp_path / "artifacts/finetune_sft/summary.json").read_text())["champion"] == champion
+    assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    all_runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    runs = [r for r in all_runs if "stage" not in r.data.tags]  # pretraining runs
     assert sorted(r.data.tags["candidate"] for r in runs) == ["a", "b"]
+    evaluations = [r for r in all_runs if r.data.tags.get("stage") == "evaluate"]
+    assert sorted(r.data.tags["mlflow.parentRunId"] for r in evaluations) == sorted(r.info.run_id for r in runs)  # nested
     run = runs[0]
     assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_second", "val/perplexity"} <= set(run.data.metrics)
     assert {"git_sha", "dvc_data_md5", "dagster_run_id", "candidate", "model_dir"} <= set(run.data.tags) and run.data.tags["dagster_run_id"]

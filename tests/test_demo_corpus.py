@@ -27,7 +27,8 @@ def test_demo_corpus_is_complete_and_deterministic(tmp_path: Path):
     classification = [json.loads(line) for line in (tmp_path / "a/finetune/classification.jsonl").read_text().splitlines()]
     summarisation = [json.loads(line) for line in (tmp_path / "a/finetune/summarisation.jsonl").read_text().splitlines()]
     assert len(classification) == counts["classification"] >= 50
-    assert all(r["text"] and r["label"] and r["classifier"].startswith(f"Topic :: {r['label']}") for r in classification)
+    assert {r["label"] for r in classification} == {"readme", "module", "api"}
+    assert all(len(r["text"].split()) >= 25 and r["source"].startswith({"readme": "packages/"}.get(r["label"], "stdlib/")) for r in classification)
     assert len(summarisation) >= 50 and all(r["document"] and r["summary"] for r in summarisation)
     assert not any(p.name.startswith("lmforge") for p in (raw / "packages").iterdir())
     build_demo_corpus(tmp_path / "b")

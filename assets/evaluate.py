@@ -1,0 +1,90 @@
+"""Assets ``evaluate`` (one partition per candidate) and ``select`` (the champion)."""
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+
+import lmforge.evaluate
+import lmforge.select
+import models.evaluation
+import models.generation
+import models.metrics
+from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.pretrain import candidates
+from dagster_project.resources import ParamsResource
+from lmforge.params import EvaluateParams, SelectParams
+
+EvaluateConfig = overrides_config(EvaluateParams, "EvaluateConfig")
+EvaluateConfig.__doc__ = "Overrides of params.yaml `evaluate` for one run. Used by: evaluate."
+SelectConfig = overrides_config(SelectParams, "SelectConfig")
+SelectConfig.__doc__ = "Overrides of params.yaml `select` for one run (weights: edit params.yaml). Used by: select."
+
+
+def inline_png(path: Path, caption: str) -> dg.MetadataValue:
+    """A PNG shown in the Dagster UI (inline data URL), with the file's path under it."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{data})\n\n`{path}`")
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"python", "pytorch", "mlflow"},
+    deps=["pretrain", "packed"],
+    partitions_def=candidates,
+    pool="training",
+    code_version=code_version(models.evaluation, models.generation, models.metrics, lmforge.evaluate),
+    check_specs=[
+        dg.AssetCheckSpec("metrics_finite", asset="evaluate", blocking=True, description="Perplexity is finite on every evaluated split."),
+    ],
+    description="Perplexity, bits per byte, token and top-5 accuracy on val and test; perplexity at 1×/2×/4× "
+    "the training context; tokens/s and memory at batch 1 and 8; generation samples.",
+)
+def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_params: ParamsResource):
+    params = stage_params(lmforge_params.load(), "evaluate", config)
+    candidate = context.partition_key
+    summary = lmforge.evaluate.run_evaluate(params, candidate, dagster_run_id=context.run_id, report=context.log.info)
+    out = params.stage_dir("evaluate") / candidate
+    splits = [{"split": s, **{k: f"{summary[f'{s}_{k}']:.4g}" for k in ("perplexity", "bits_per_byte", "token_accuracy", "top5_accuracy")}}
+              for s in params.evaluate.splits]
+    speeds = [{"batch": b, **{k: f"{summary[f'{k}_b{b}']:.4g}" for k in ("tokens_per_second", "latency_ms", "peak_memory_mb")}}
+              for b in params.evaluate.speed_batch_sizes]
+    yield dg.MaterializeResult(
+        metadata={
+            **summary_metadata(summary),
+            "scores": dg.MetadataValue.md(md_table(splits)),
+            "speed": dg.MetadataValue.md(md_table(speeds)),
+            "context_curve": inline_png(out / "context_curve.png", "context curve"),
+            "samples": dg.MetadataValue.md((out / "samples.md").read_text()),
+            "mlflow_run_id": summary["mlflow_run_id"],
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="metrics_finite", passed=summary["checks"]["metrics_finite"],
+                                description=f"test perplexity {summary['perplexity']}"),
+        ],
+    )
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"python", "mlflow"},
+    deps=["evaluate"],
+    code_version=code_version(lmforge.select),
+    description="Weighted factor matrix over the evaluated candidates (quality, speed, size, training cost, "
+    "context extrapolation; weights in params.yaml); names the champion.",
+)
+def select(context: dg.AssetExecutionContext, config: SelectConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = stage_params(lmforge_params.load(), "select", config)
+    summary = lmforge.select.run_select(params, dagster_run_id=context.run_id)
+    out = params.stage_dir("select")
+    context.log.info(f"select: champion {summary['champion']} (score {summary['champion_score']:.3f})")
+    return dg.MaterializeResult(
+        metadata={
+            "champion": summary["champion"],
+            "champion_score": summary["champion_score"],
+            "path": dg.MetadataValue.path(str(params.path(summary["champion_dir"]))),
+            "factor_matrix": dg.MetadataValue.md((out / "factors.md").read_text()),
+            "scores": inline_png(out / "scores.png", "scores"),
+            "mlflow_run_id": summary["mlflow_run_id"],
+        }
+    )

@@ -1,0 +1,142 @@
+"""Stage ``evaluate``: every number a user needs to compare the pretrained candidates.
+
+Output ``<artifacts>/evaluate/<candidate>/``: ``summary.json`` (flat metrics; ``perplexity``,
+``bits_per_byte`` and ``token_accuracy`` are the test split's), ``context_curve.png``, ``samples.md``
+and ``samples.json``.  Everything is also logged to an MLflow run nested under the candidate's
+pretraining run.  Model selection reads the *val* numbers; the test numbers are reported, never used
+to choose (a choice made on the test set would make its numbers optimistic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmforge.artifacts import read_summary, write_params, write_summary
+from lmforge.params import LmforgeError, Params
+from lmforge.tracking import tracked_run
+from lmforge.vocabulary import candidate_configs
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def plot_context_curve(curve: dict[int, float | None], block_size: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(m * block_size, p) for m, p in curve.items() if p is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if points:
+        ax.plot(*zip(*points), "o-")
+    ax.axvline(block_size, linestyle="--", color="grey", label="training context")
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity (val)", title=title, xscale="log", xticks=[m * block_size for m in curve])
+    ax.set_xticklabels([str(m * block_size) for m in curve])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def samples_markdown(samples: list[dict[str, str]], sampling) -> str:
+    lines = [f"Greedy, and sampled with temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p} (seed {sampling.seed}).", ""]
+    for s in samples:
+        lines += [f"**{s['prompt']}**", "", f"- greedy: {s['greedy']!r}", f"- sampled: {s['sampled']!r}", ""]
+    return "\n".join(lines)
+
+
+def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    """Evaluate one pretrained candidate; write its artifacts and MLflow run; return its summary."""
+    import numpy as np
+    import torch
+
+    from models.data import PackedBlocks
+    from models.evaluation import context_curve, lm_scores, speed, weights_mb
+    from models.generation import generate, load
+    from models.metrics import token_byte_lengths
+    from models.training import collator_for, weights_finite
+
+    say = report or (lambda _msg: None)
+    configs = candidate_configs(params)
+    if candidate not in configs:
+        raise LmforgeError(f"evaluate: no candidate '{candidate}' (candidates: {', '.join(configs)})")
+    arch, p = configs[candidate], params.evaluate
+    source = params.stage_dir("pretrain") / candidate
+    if not (source / "summary.json").exists() or not (source / "hf").exists():
+        raise LmforgeError(f"{source} has no trained model: materialize 'pretrain' for {candidate} first")
+    pretrained = read_summary(source)
+    packed = params.stage_dir("packed")
+    out = params.stage_dir("evaluate") / candidate
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)  # masking (MLM, T5) draws random positions: the same ones every time
+    model, tokenizer, objective = load(source / "hf")
+    byte_lengths = token_byte_lengths(tokenizer)
+    result: dict[str, Any] = {"candidate": candidate, "objective": objective, "parameters": pretrained["parameters"],
+                              "pretrain_fingerprint": pretrained["fingerprint"], "weights_mb": weights_mb(model),
+                              "training_flops": float(pretrained["flops_per_token"]) * pretrained["tokens_seen"]}
+    for split in p.splits:
+        blocks = PackedBlocks(packed, split)
+        if len(blocks) == 0:
+            raise LmforgeError(f"evaluate: the {split} split has no tokens: raise split.{split} or drop it from evaluate.splits")
+        s = lm_scores(model, blocks, collator_for(arch, tokenizer, seed=0), byte_lengths, objective, p.batch_size, p.max_blocks)
+        say(f"evaluate {candidate} [{split}]: perplexity {s.perplexity:.2f}, {s.bits_per_byte:.3f} bits/byte, accuracy {s.token_accuracy:.3f}")
+        result.update({f"{split}_perplexity": s.perplexity, f"{split}_bits_per_byte": s.bits_per_byte,
+                       f"{split}_token_accuracy": s.token_accuracy, f"{split}_top5_accuracy": s.top5_accuracy, f"{split}_tokens": s.tokens})
+    primary = "test" if "test" in p.splits else p.splits[0]
+    for key in ("perplexity", "bits_per_byte", "token_accuracy", "top5_accuracy"):
+        result[key] = result[f"{primary}_{key}"]
+    result["primary_split"] = primary
+
+    val = PackedBlocks(packed, "val")
+    stream = np.asarray(val.data[: val.tokens])
+    curve: dict[int, float | None] = {m: None for m in p.context_multiples}
+    if objective == "causal":
+        scores = context_curve(model, stream, val.block_size, p.context_multiples, byte_lengths, p.batch_size, val.pad_id)
+        curve = {m: (s.perplexity if s is not None else None) for m, s in scores.items()}
+    for m, ppl in curve.items():
+        result[f"context_x{m}_perplexity"] = ppl
+    base, longest = curve.get(1), curve.get(max(p.context_multiples))
+    # how much worse the model gets at the longest context, relative to the training length
+    result["context_extrapolation"] = longest / base if base and longest else None
+    say(f"evaluate {candidate}: context curve " + ", ".join(f"{m}×: {v:.1f}" if v else f"{m}×: n/a" for m, v in curve.items()))
+    plot_context_curve(curve, val.block_size, out / "context_curve.png", f"{candidate}: perplexity by context length")
+
+    prompt = torch.from_numpy(stream[: min(32, len(stream))].astype(np.int64))[None]
+    for row in speed(model, prompt, p.speed_batch_sizes, p.speed_new_tokens, objective):
+        b = row.pop("batch_size")
+        result.update({f"{k}_b{b}": v for k, v in row.items()})
+    say(f"evaluate {candidate}: " + ", ".join(f"{result[f'tokens_per_second_b{b}']:.0f} tokens/s at batch {b}" for b in p.speed_batch_sizes))
+
+    samples = []
+    if objective != "mlm":
+        greedy = generate(model, tokenizer, p.prompts, dataclasses.replace(p.sampling, temperature=0.0))
+        sampled = generate(model, tokenizer, p.prompts, p.sampling)
+        samples = [{"prompt": q, "greedy": g, "sampled": s} for q, g, s in zip(p.prompts, greedy, sampled)]
+    (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+    (out / "samples.md").write_text(samples_markdown(samples, p.sampling) if samples else "_masked language model: no generation_\n")
+
+    result["checks"] = {
+        "weights_finite": weights_finite(source / "hf"),
+        "beats_unigram_baseline": pretrained["final_val_loss"] < pretrained["unigram_baseline"],
+        "metrics_finite": all(math.isfinite(result[f"{s}_perplexity"]) for s in p.splits),
+    }
+    result = {k: (_finite(v) if isinstance(v, float) else v) for k, v in result.items()}
+    with tracked_run(params, f"evaluate {candidate}", {"candidate": candidate, "stage": "evaluate", "dagster_run_id": dagster_run_id},
+                     parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):
+        for key, value in result.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                client.log_metric(run_id, key, value)
+        for name in ("context_curve.png", "samples.md"):
+            client.log_artifact(run_id, str(out / name))
+        client.log_dict(run_id, result["checks"], "checks.json")
+    result["mlflow_run_id"] = run_id
+    write_params(out, p)
+    write_summary(out, result)
+    return result

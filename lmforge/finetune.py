@@ -1,0 +1,334 @@
+"""Stages ``task_data``, ``finetune_classifier`` and ``finetune_sft``: adapt the champion to the
+user's tasks.
+
+``task_data`` reads the task sets under ``paths.finetune`` (JSONL or CSV), validates them with
+great-expectations (enough examples, no empty fields, only known labels) and splits them into
+train/val/test by a hash of each example's group (the package, in the demo: all paragraphs of one
+package land in the same split, so the test set holds unseen packages), so that adding examples
+never moves the others.
+Its output ``<artifacts>/task_data/<task>/{train,val,test}.jsonl`` and ``validation.json`` feed the
+fine-tuning stages, which refuse a task set that failed validation.
+
+The fine-tuning stages train every method of ``finetune.methods`` (full, LoRA) from the champion of
+``select`` and score it on the test part against a baseline: the majority class (classification) or
+the pretrained model's zero-shot answers (SFT).  Output ``<artifacts>/finetune_<task>/models/<method>/hf``
+(Hugging Face format; LoRA also as ``adapter/``) and ``summary.json``; MLflow: one run per stage,
+nested under the champion's pretraining run, with one child run per method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.artifacts import fresh_dir, read_summary, write_params, write_summary
+from lmforge.params import LmforgeError, Params
+from lmforge.tracking import tracked_run
+from lmforge.validation import CheckOutcome, validate_frame
+
+#: Task name → (params section, the standard column names ← the params fields naming them).
+TASKS = {
+    "classification": {"text": "text_field", "label": "label_field"},
+    "sft": {"prompt": "prompt_field", "response": "response_field"},
+}
+SPLITS = ("train", "val", "test")
+
+
+def task_params(params: Params, task: str):
+    return getattr(params.finetune, task)
+
+
+def read_task_file(path: Path):
+    """A task set as a pandas frame of strings.  JSONL: one object a line; CSV: with a header."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise LmforgeError(f"{path} not found: put the task set there (JSONL or CSV; README 'Fine-tuning')")
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if path.suffix not in (".jsonl", ".json"):
+        raise LmforgeError(f"{path}: unsupported task file type (use .jsonl or .csv)")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise LmforgeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def task_frame(params: Params, task: str):
+    """The task set with standard columns (``text``/``label`` or ``prompt``/``response``)."""
+    import pandas as pd
+
+    p = task_params(params, task)
+    path = params.path(params.paths.finetune) / p.file
+    frame = read_task_file(path)
+    columns = {}
+    for standard, field_name in TASKS[task].items():
+        column = getattr(p, field_name)
+        if column not in frame.columns:
+            raise LmforgeError(f"{path}: no field '{column}' (finetune.{task}.{field_name}; fields: {', '.join(map(str, frame.columns)) or 'none'})")
+        columns[standard] = frame[column].map(_text)
+    key = next(iter(TASKS[task]))  # without a group field, each example is its own group
+    if p.group_field is not None and p.group_field not in frame.columns:
+        raise LmforgeError(f"{path}: no field '{p.group_field}' (finetune.{task}.group_field; null: split example by example)")
+    columns["group"] = frame[p.group_field].map(_text) if p.group_field else columns[key]
+    return pd.DataFrame(columns)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+#: Check name → what it guarantees (Dagster declares the blocking checks from this before any run).
+CHECK_NAMES = {
+    **{f"{task}_min_examples": f"the {task} task set has at least finetune.min_examples examples" for task in TASKS},
+    **{f"{task}_no_empty_fields": f"no missing or empty field in the {task} task set" for task in TASKS},
+    "classification_known_labels": "every label is one of finetune.classification.labels",
+}
+
+
+def expectations(params: Params, task: str) -> list[tuple[str, str, Any]]:
+    """The great-expectations checks of a task set: (check name, description, expectation)."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    n = params.finetune.min_examples
+    checks = [(f"{task}_min_examples", f"at least {n} examples", E.ExpectTableRowCountToBeBetween(min_value=n))]
+    for column in TASKS[task]:
+        checks += [
+            (f"{task}_no_empty_fields", "no missing or empty field", E.ExpectColumnValuesToNotBeNull(column=column)),
+            (f"{task}_no_empty_fields", "no missing or empty field", E.ExpectColumnValueLengthsToBeBetween(column=column, min_value=1)),
+        ]
+    if task == "classification":
+        labels = params.finetune.classification.labels
+        checks.append((f"{task}_known_labels", f"every label is one of finetune.classification.labels ({', '.join(labels)})",
+                       E.ExpectColumnValuesToBeInSet(column="label", value_set=labels)))
+    return checks
+
+
+def describe(outcome: CheckOutcome, frame_rows: int) -> str:
+    """One line a user can act on, e.g. 'classification_min_examples FAILED: 10 examples, at least 50 needed'."""
+    if outcome.passed:
+        return f"{outcome.name}: {outcome.description}"
+    if outcome.name.endswith("min_examples"):
+        return f"{outcome.name} FAILED: {frame_rows} examples, {outcome.description} needed"
+    example = f", e.g. {outcome.examples[0][:80]!r}" if outcome.examples else ""
+    return f"{outcome.name} FAILED: {outcome.unexpected} example(s) break '{outcome.description}'{example}"
+
+
+def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
+    """train/val/test by a hash of the group: stable when examples are added or reordered."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "test" if bucket < test_fraction else "val" if bucket < test_fraction + val_fraction else "train"
+
+
+def run_task_data(params: Params) -> tuple[dict[str, Any], list[str], list[CheckOutcome]]:
+    """Validate and split every task set; return (summary, failure lines, outcomes)."""
+    out = params.stage_dir("task_data")
+    summary: dict[str, Any] = {}
+    outcomes: list[CheckOutcome] = []
+    failures: list[str] = []
+    for task, columns in TASKS.items():
+        frame = task_frame(params, task)
+        results = validate_frame(task, frame, expectations(params, task))
+        outcomes += results
+        failures += [describe(o, len(frame)) for o in results if not o.passed]
+        task_dir = out / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        parts = {s: [] for s in SPLITS}
+        for row in frame.to_dict("records"):
+            parts[split_of(row["group"] or "", params.finetune.val_fraction, params.finetune.test_fraction)].append(row)
+        for split, rows in parts.items():
+            (task_dir / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+            summary[f"{task}_{split}"] = len(rows)
+        summary[f"{task}_examples"] = len(frame)
+        (task_dir / "validation.json").write_text(json.dumps({"passed": all(o.passed for o in results),
+                                                             "checks": {o.name: describe(o, len(frame)) for o in results}}, indent=2) + "\n")
+    summary["valid"] = not failures
+    write_params(out, params.finetune)
+    write_summary(out, summary)
+    return summary, failures, outcomes
+
+
+def load_task(params: Params, task: str) -> dict[str, list[dict[str, str]]]:
+    """The validated splits of a task, or a one-line error if it failed validation."""
+    task_dir = params.stage_dir("task_data") / task
+    if not (task_dir / "validation.json").exists():
+        raise LmforgeError(f"{task_dir} not found: materialize 'task_data' first")
+    validation = json.loads((task_dir / "validation.json").read_text())
+    if not validation["passed"]:
+        failed = [line for line in validation["checks"].values() if "FAILED" in line]
+        raise LmforgeError(f"the {task} task set failed validation: " + "; ".join(failed))
+    return {s: [json.loads(line) for line in (task_dir / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()] for s in SPLITS}
+
+
+def champion(params: Params) -> tuple[str, Path, str]:
+    """(name, model directory, pretraining MLflow run id) of the champion chosen by ``select``."""
+    chosen = read_summary(params.stage_dir("select"))
+    return chosen["champion"], params.path(chosen["champion_dir"]), chosen["champion_pretrain_run_id"]
+
+
+def _log_method(client, parent_id: str, params: Params, task: str, method: str, result: dict[str, Any], history: list[dict]) -> None:
+    """One child run per method: its settings, per-epoch validation and test metrics."""
+    experiment = client.get_run(parent_id).info.experiment_id
+    run = client.create_run(experiment, run_name=f"{task} {method}", tags={"mlflow.parentRunId": parent_id, "method": method, "stage": f"finetune_{task}"})
+    for key, value in dataclasses.asdict(params.finetune.train).items():
+        client.log_param(run.info.run_id, key, value)
+    if method == "lora":
+        for key, value in dataclasses.asdict(params.finetune.lora).items():
+            client.log_param(run.info.run_id, f"lora_{key}", value)
+    for row in history:
+        for key, value in row.items():
+            if key != "epoch":
+                client.log_metric(run.info.run_id, key, value, step=int(row["epoch"]))
+    for key, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run.info.run_id, f"test_{key}" if key in ("accuracy", "macro_f1", "rouge1", "rouge2", "rougeL") else key, value)
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def _methods_summary(summary: dict[str, Any], results: dict[str, dict[str, Any]], metrics: tuple[str, ...], baseline: dict[str, float],
+                     select_key: str, higher_is_better: bool = True) -> None:
+    """Flat keys per method, the method chosen on val (never on test), and whether it beats the
+    baseline on test."""
+    for method, r in results.items():
+        summary.update({f"{method}_{k}": v for k, v in r.items()})
+    sign = 1 if higher_is_better else -1
+    best = max(results, key=lambda m: sign * results[m][select_key])
+    summary["best_method"] = best
+    summary.update({k: results[best][k] for k in metrics})
+    summary.update({f"baseline_{k}": v for k, v in baseline.items()})
+    summary["beats_baseline"] = all(results[best][k] > baseline[k] for k in metrics)
+
+
+def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from models.finetune import classification_metrics, encode_classification, export, fit, majority_baseline, predict_classes, trainable_parameters, with_lora
+
+    say = report or (lambda _msg: None)
+    p, settings = params.finetune, params.finetune.train
+    data = load_task(params, "classification")
+    name, source, parent = champion(params)
+    labels = p.classification.labels
+    label_id = {label: i for i, label in enumerate(labels)}
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    pad = tokenizer.pad_token_id
+    encoded = {s: encode_classification(tokenizer, [r["text"] for r in rows], [label_id[r["label"]] for r in rows], settings.max_length) for s, rows in data.items()}
+    targets = {s: [e["labels"] for e in encoded[s]] for s in SPLITS}
+    baseline = majority_baseline(targets["train"], targets["test"], len(labels))
+    say(f"finetune_classifier: champion {name}; {len(labels)} labels; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
+        f"majority baseline accuracy {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}")
+    out = params.stage_dir("finetune_classifier")
+    fresh_dir(out / "models")  # no model of an earlier run (or a method since dropped) survives
+    results: dict[str, dict[str, Any]] = {}
+    with tracked_run(params, "finetune classification", {"stage": "finetune_classifier", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+        for method in p.methods:
+            torch.manual_seed(settings.seed)  # the new head's initial weights
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id, pad_token_id=pad)
+            if method == "lora":
+                model = with_lora(model, p.lora, "SEQ_CLS")
+
+            def validate(m) -> dict[str, float]:
+                predictions, loss = predict_classes(m, encoded["val"], settings.batch_size, pad)
+                scores = classification_metrics(predictions, targets["val"], len(labels))
+                return {"val_loss": loss, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
+
+            started = time.perf_counter()
+            fitted = fit(model, encoded["train"], validate, settings, settings.lora_lr if method == "lora" else settings.lr, pad,
+                         "val_macro_f1", desc=f"classification {method}", log=say)
+            predictions, _ = predict_classes(model, encoded["test"], settings.batch_size, pad)
+            results[method] = {**classification_metrics(predictions, targets["test"], len(labels)), "best_epoch": fitted.best_epoch,
+                               "epochs": fitted.epochs_run, "val_macro_f1": fitted.best_score, "trainable_parameters": trainable_parameters(model),
+                               "seconds": time.perf_counter() - started}
+            say(f"finetune_classifier {method}: test accuracy {results[method]['accuracy']:.3f}, macro-F1 {results[method]['macro_f1']:.3f}")
+            export(model, tokenizer, out / "models" / method, lora=method == "lora")
+            _log_method(client, run_id, params, "classification", method, results[method], fitted.history)
+        summary: dict[str, Any] = {"champion": name, "labels": labels, "test_examples": len(encoded["test"])}
+        _methods_summary(summary, results, ("accuracy", "macro_f1"), baseline, "val_macro_f1")
+        for key in ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1"):
+            client.log_metric(run_id, key, summary[key])
+    summary["mlflow_run_id"] = run_id
+    write_params(out, p)
+    write_summary(out, summary)
+    return summary
+
+
+def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from models.finetune import encode_sft, export, first_line, fit, mean_loss, rouge, sft_prompt, trainable_parameters, with_lora
+    from models.generation import generate, objective_of
+
+    say = report or (lambda _msg: None)
+    p, settings, task = params.finetune, params.finetune.train, params.finetune.sft
+    data = load_task(params, "sft")
+    name, source, parent = champion(params)
+    if objective_of(AutoConfig.from_pretrained(source)) != "causal":
+        raise LmforgeError(f"finetune_sft: the champion '{name}' is not a causal language model; SFT fine-tunes causal models only")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    pad = tokenizer.pad_token_id
+    prompts = {s: [sft_prompt(tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows] for s, rows in data.items()}
+    references = [r["response"] for r in data["test"]]
+    encoded = {s: encode_sft(tokenizer, prompts[s], [r["response"] for r in data[s]], settings.max_length) for s in SPLITS}
+    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
+
+    def answers(model) -> list[str]:
+        return [first_line(t) for t in generate(model, tokenizer, prompts["test"], greedy, batch_size=settings.batch_size)]
+
+    torch.manual_seed(settings.seed)
+    zero_shot_answers = answers(AutoModelForCausalLM.from_pretrained(source).eval())
+    baseline = rouge(zero_shot_answers, references)
+    say(f"finetune_sft: champion {name}; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
+        f"zero-shot ROUGE-1 {baseline['rouge1']:.3f}, ROUGE-L {baseline['rougeL']:.3f}")
+    out = params.stage_dir("finetune_sft")
+    fresh_dir(out / "models")
+    results: dict[str, dict[str, Any]] = {}
+    examples = []
+    with tracked_run(params, "finetune sft", {"stage": "finetune_sft", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+        for method in p.methods:
+            model = AutoModelForCausalLM.from_pretrained(source)
+            if method == "lora":
+                model = with_lora(model, p.lora, "CAUSAL_LM")
+
+            def validate(m) -> dict[str, float]:
+                loss = mean_loss(m, encoded["val"], settings.batch_size, pad)
+                return {"val_loss": loss}
+
+            started = time.perf_counter()
+            fitted = fit(model, encoded["train"], validate, settings, settings.lora_lr if method == "lora" else settings.lr, pad,
+                         "val_loss", higher_is_better=False, desc=f"sft {method}", log=say)
+            predicted = answers(model)
+            results[method] = {**rouge(predicted, references), "best_epoch": fitted.best_epoch, "epochs": fitted.epochs_run,
+                               "val_loss": fitted.best_score,
+                               "trainable_parameters": trainable_parameters(model), "seconds": time.perf_counter() - started}
+            examples += [{"method": method, "prompt": q[:300], "reference": ref, "zero_shot": z, "fine_tuned": a}
+                         for q, ref, z, a in list(zip(prompts["test"], references, zero_shot_answers, predicted))[:5]]
+            say(f"finetune_sft {method}: test ROUGE-1 {results[method]['rouge1']:.3f}, ROUGE-2 {results[method]['rouge2']:.3f}, ROUGE-L {results[method]['rougeL']:.3f}")
+            export(model, tokenizer, out / "models" / method, lora=method == "lora")
+            _log_method(client, run_id, params, "sft", method, results[method], fitted.history)
+        summary: dict[str, Any] = {"champion": name, "test_examples": len(references)}
+        _methods_summary(summary, results, ("rouge1", "rouge2", "rougeL"), baseline, "val_loss", higher_is_better=False)
+        (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
+        client.log_artifact(run_id, str(out / "examples.json"))
+        for key in ("rouge1", "rouge2", "rougeL", "baseline_rouge1", "baseline_rouge2", "baseline_rougeL"):
+            client.log_metric(run_id, key, summary[key])
+    summary["mlflow_run_id"] = run_id
+    write_params(out, p)
+    write_summary(out, summary)
+    return summary

@@ -1,0 +1,168 @@
+"""Stage ``select``: choose the champion among the evaluated candidates with a weighted factor matrix.
+
+Each factor is a number from the evaluation, turned into a score in (0, 1] relative to the best
+eligible candidate (1: the best; 0.8: 20% worse, by ratio), so that factors measured in different
+units can be weighed together.  The total is the weighted mean of the
+factor scores with the weights of ``params.yaml`` (``select.weights``).  A candidate is eligible only
+when every blocking check of its pretraining and evaluation passed and its evaluation belongs to the
+model trained now (same fingerprint): a stale or failed candidate cannot win.
+
+Output ``<artifacts>/select/``: ``summary.json`` (``champion``, its model directory, every score),
+``factors.md`` (the matrix) and ``scores.png`` (a bar chart).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.artifacts import write_params, write_summary
+from lmforge.params import SELECT_FACTORS, LmforgeError, Params
+from lmforge.tracking import tracked_run
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str
+    metric: str  # key of the evaluation summary
+    higher_is_better: bool
+    meaning: str
+
+
+def factors(params: Params) -> dict[str, Factor]:
+    fastest = max(params.evaluate.speed_batch_sizes)
+    longest = max(params.evaluate.context_multiples)
+    table = [
+        Factor("quality", "val_perplexity", False, "val perplexity (the candidates share one tokenizer)"),
+        Factor("speed", f"tokens_per_second_b{fastest}", True, f"generated tokens/s at batch {fastest}"),
+        Factor("size", "parameters", False, "parameter count"),
+        Factor("training_cost", "training_flops", False, "training FLOPs (6 × parameters × tokens, plus attention)"),
+        Factor("context", "context_extrapolation", False, f"val perplexity at {longest}× the training context ÷ at 1×"),
+    ]
+    assert tuple(f.name for f in table) == SELECT_FACTORS
+    return {f.name: f for f in table}
+
+
+def normalise(values: list[float | None], higher_is_better: bool) -> list[float]:
+    """Scores in (0, 1], 1 for the best: ``value / best`` when higher is better, ``best / value`` when
+    lower is better.  Ratios keep the size of a difference (10% slower scores 0.9), which min-max
+    scaling loses: with two candidates it turns every factor into a 0-or-1 vote.  Missing (None) or
+    non-positive values score 0."""
+    present = [v for v in values if v is not None and v > 0]
+    if not present:
+        return [0.0 for _ in values]
+    best = max(present) if higher_is_better else min(present)
+    return [0.0 if v is None or v <= 0 else (v / best if higher_is_better else best / v) for v in values]
+
+
+def eligibility(params: Params, candidate: str) -> tuple[dict[str, Any] | None, str]:
+    """(evaluation summary, "") for an eligible candidate, else (summary or None, the reason)."""
+    evaluation = params.stage_dir("evaluate") / candidate / "summary.json"
+    pretrained = params.stage_dir("pretrain") / candidate / "summary.json"
+    if not evaluation.exists() or not pretrained.exists():
+        return None, "not evaluated"
+    summary = json.loads(evaluation.read_text())
+    if summary.get("pretrain_fingerprint") != json.loads(pretrained.read_text()).get("fingerprint"):
+        return summary, "stale evaluation (the model was retrained since): re-run evaluate"
+    failed = [name for name, passed in summary.get("checks", {}).items() if not passed]
+    if failed:
+        return summary, "failed check " + ", ".join(failed)
+    return summary, ""
+
+
+def score_matrix(summaries: dict[str, dict[str, Any]], weights: dict[str, float], table: dict[str, Factor]) -> dict[str, dict[str, Any]]:
+    """For each eligible candidate: raw factor values, normalised scores and the weighted total."""
+    names = list(summaries)
+    total_weight = sum(weights.get(f, 0.0) for f in table)
+    rows: dict[str, dict[str, Any]] = {n: {"values": {}, "scores": {}, "total": 0.0} for n in names}
+    for name, factor in table.items():
+        values = [summaries[n].get(factor.metric) for n in names]
+        for n, v, s in zip(names, values, normalise(values, factor.higher_is_better)):
+            rows[n]["values"][name] = v
+            rows[n]["scores"][name] = s
+            rows[n]["total"] += weights.get(name, 0.0) * s / total_weight
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def matrix_markdown(rows: dict[str, dict[str, Any]], reasons: dict[str, str], weights: dict[str, float], champion: str) -> str:
+    header = "| candidate | " + " | ".join(f"{f} (w {weights.get(f, 0):g})" for f in SELECT_FACTORS) + " | score |"
+    lines = [header, "|" + "---|" * (len(SELECT_FACTORS) + 2)]
+    for name, row in rows.items():
+        cells = [f"{_fmt(row['values'][f])} → {row['scores'][f]:.2f}" for f in SELECT_FACTORS]
+        mark = " 🏆" if name == champion else ""
+        lines.append(f"| {name}{mark} | " + " | ".join(cells) + f" | **{row['total']:.3f}** |")
+    for name, reason in reasons.items():
+        lines.append(f"| {name} | " + " | ".join("—" for _ in SELECT_FACTORS) + f" | not eligible: {reason} |")
+    return "\n".join(lines) + "\n\nEach cell: measured value → score relative to the best eligible candidate (1 = best).\n"
+
+
+def plot_scores(rows: dict[str, dict[str, Any]], weights: dict[str, float], path: Path) -> None:
+    """Stacked bars: each factor's weighted contribution to a candidate's total."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    total_weight = sum(weights.get(f, 0.0) for f in SELECT_FACTORS)
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(names) + 1.8), dpi=100)
+    left = [0.0] * len(names)
+    for factor in SELECT_FACTORS:
+        widths = [weights.get(factor, 0.0) * rows[n]["scores"][factor] / total_weight for n in names]
+        ax.barh(names, widths, left=left, label=factor)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set(xlim=(0, 1), xlabel="weighted score", title="model selection")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_select(params: Params, dagster_run_id: str = "") -> dict[str, Any]:
+    table = factors(params)
+    weights = params.select.weights
+    summaries, reasons = {}, {}
+    for c in params.pretrain.candidates:
+        summary, reason = eligibility(params, c.name)
+        if reason:
+            reasons[c.name] = reason
+        else:
+            summaries[c.name] = summary
+    if not summaries:
+        raise LmforgeError("select: no eligible candidate (" + "; ".join(f"{n}: {r}" for n, r in reasons.items()) + ")")
+    rows = score_matrix(summaries, weights, table)
+    champion = max(rows, key=lambda n: rows[n]["total"])  # ties: the first in params.yaml
+    out = params.stage_dir("select")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "factors.md").write_text(matrix_markdown(rows, reasons, weights, champion))
+    plot_scores(rows, weights, out / "scores.png")
+    result = {
+        "champion": champion,
+        "champion_dir": str(Path(params.paths.artifacts) / "pretrain" / champion / "hf"),  # as params.yaml says it
+        "champion_score": rows[champion]["total"],
+        "scores": {n: r["total"] for n, r in rows.items()},
+        "factors": {n: {"values": r["values"], "scores": r["scores"]} for n, r in rows.items()},
+        "not_eligible": reasons,
+        "champion_pretrain_run_id": json.loads((params.stage_dir("pretrain") / champion / "summary.json").read_text())["mlflow_run_id"],
+    }
+    with tracked_run(params, "select", {"stage": "select", "champion": champion, "dagster_run_id": dagster_run_id}) as (client, run_id):
+        for name, total in result["scores"].items():
+            client.log_metric(run_id, f"score_{name}", total)
+        for name, w in weights.items():
+            client.log_param(run_id, f"weight_{name}", w)
+        client.log_artifact(run_id, str(out / "factors.md"))
+        client.log_artifact(run_id, str(out / "scores.png"))
+    result["mlflow_run_id"] = run_id
+    write_params(out, params.select)
+    write_summary(out, result)
+    return result

@@ -1,0 +1,69 @@
+"""MLflow tracking shared by the stages: where the tracking store is, lineage tags, and runs.
+
+Every stage that trains or measures a model records an MLflow run tagged with the code and data
+versions (git commit, DVC hash of ``data.dvc``) and the Dagster run id; evaluation and fine-tuning runs
+are children of the run of the model they start from, so the MLflow UI shows them nested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+
+from lmforge.params import REPO_ROOT, Params
+
+
+def tracking_uri(params: Params) -> str:
+    """``$MLFLOW_TRACKING_URI``, else params.yaml's, with a relative SQLite path made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        path = REPO_ROOT / uri[len(prefix) :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = prefix + str(path)
+    return uri
+
+
+def lineage_tags() -> dict[str, str]:
+    """Code and data versions: the git commit and the DVC hash of data.dvc."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", ""
+    data_hash = "unknown"
+    dvc_file = REPO_ROOT / "data.dvc"
+    if dvc_file.exists():
+        import yaml
+
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        data_hash = outs[0].get("md5", "unknown")
+    return {"git_sha": sha, "git_dirty": str(bool(dirty)).lower(), "dvc_data_md5": data_hash}
+
+
+def experiment_id(client, params: Params) -> str:
+    """The id of params.yaml's experiment, created (artifacts under ``mlflow/artifacts``) if missing."""
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(params.mlflow.experiment, artifact_location=(REPO_ROOT / "mlflow" / "artifacts").as_uri())
+
+
+@contextlib.contextmanager
+def tracked_run(params: Params, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[tuple[object, str]]:
+    """An MLflow run (client, run id) that ends FINISHED, or FAILED if the block raises."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(params))
+    all_tags = {**lineage_tags(), **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(client, params), run_name=name, tags=all_tags)
+    try:
+        yield client, run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")

@@ -1,0 +1,188 @@
+"""Fine-tuning: metrics against known values, task-set validation, and a tiny task learned."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import WORDS, write_params
+from lmforge.finetune import load_task, read_task_file, run_finetune_classifier, run_finetune_sft, run_task_data, split_of
+from lmforge.params import LmforgeError, load_params
+from models.finetune import classification_metrics, encode_sft, majority_baseline, rouge
+
+
+def test_accuracy_and_macro_f1_match_known_values():
+    got = classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 2], num_classes=3)
+    # per-class F1: 0 → 2/3 (P 1/2, R 1), 1 → 4/5 (P 1, R 2/3), 2 → 1
+    assert math.isclose(got["accuracy"], 0.8, rel_tol=1e-6)
+    assert math.isclose(got["macro_f1"], (2 / 3 + 4 / 5 + 1) / 3, rel_tol=1e-6)
+    assert majority_baseline([1, 1, 0], [1, 0, 1, 1], num_classes=2)["accuracy"] == 0.75
+
+
+def test_rouge_matches_known_values():
+    got = rouge(["the cat sat on the mat"], ["the cat is on the mat"])
+    assert math.isclose(got["rouge1"], 5 / 6, rel_tol=1e-5)  # 5 of 6 unigrams shared
+    assert math.isclose(got["rouge2"], 3 / 5, rel_tol=1e-5)  # the cat, on the, the mat
+    assert math.isclose(got["rougeL"], 5 / 6, rel_tol=1e-5)  # LCS: the cat on the mat
+    assert rouge(["completely different"], ["the cat"])["rouge1"] == 0.0
+
+
+def test_sft_examples_are_scored_on_the_response_only(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_champion(tmp_path))
+    (example,) = encode_sft(tok, ["a prompt\nSummary:"], ["the answer"], max_length=64)
+    n_prompt = len(tok("a prompt\nSummary:", add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:] and example["labels"][-1] == tok.eos_token_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Task sets
+# --------------------------------------------------------------------------------------------------
+
+HALF = len(WORDS) // 2
+
+
+def sentence(rng: random.Random, words: list[str], n: int = 12) -> str:
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def classification_rows(n: int, seed: int = 0) -> list[dict]:
+    """Separable labels: 'first' texts use the first half of the vocabulary, 'second' the other."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "first" if i % 3 else "second"  # 2:1, so the majority baseline is 2/3
+        rows.append({"text": sentence(rng, WORDS[:HALF] if label == "first" else WORDS[HALF:]), "label": label, "source": f"doc{i // 2}"})
+    return rows
+
+
+def sft_rows(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"document": sentence(rng, WORDS, 30), "summary": "a python package for language data", "package": f"p{i}"} for i in range(n)]
+
+
+def task_params(tmp_path: Path, classification_set: list[dict], sft_set: list[dict], **finetune):
+    finetune_dir = tmp_path / "finetune"
+    finetune_dir.mkdir(exist_ok=True)
+    for name, rows in (("classification.jsonl", classification_set), ("summarisation.jsonl", sft_set)):
+        (finetune_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = {"min_examples": 20, "classification": {"labels": ["first", "second"]}, **finetune}
+    return load_params(write_params(tmp_path, finetune=section, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+
+
+def test_valid_task_sets_are_split_by_group(tmp_path: Path):
+    params = task_params(tmp_path, classification_rows(90), sft_rows(40))
+    summary, failures, _ = run_task_data(params)
+    assert failures == [] and summary["valid"] and summary["classification_examples"] == 90
+    assert sum(summary[f"classification_{s}"] for s in ("train", "val", "test")) == 90
+    splits = load_task(params, "classification")
+    where = {row["group"]: s for s, rows in splits.items() for row in rows}
+    for s, rows in splits.items():
+        assert all(where[row["group"]] == s for row in rows)  # both examples of a source document together
+    assert split_of("doc1", 0.2, 0.2) == split_of("doc1", 0.2, 0.2)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (classification_rows(10), "classification_min_examples FAILED: 10 examples, at least 20 examples needed"),
+        (classification_rows(30) + [{"text": "some text here", "label": "third", "source": "x"}],
+         "classification_known_labels FAILED: 1 example(s) break 'every label is one of finetune.classification.labels (first, second)', e.g. 'third'"),
+        (classification_rows(30) + [{"text": "", "label": "first", "source": "y"}], "classification_no_empty_fields FAILED: 1 example(s)"),
+    ],
+)
+def test_a_bad_task_set_is_refused_with_a_clear_message(tmp_path: Path, rows: list[dict], message: str):
+    params = task_params(tmp_path, rows, sft_rows(40))
+    summary, failures, _ = run_task_data(params)
+    assert not summary["valid"] and any(f.startswith(message) for f in failures), failures
+    with pytest.raises(LmforgeError, match="the classification task set failed validation"):
+        load_task(params, "classification")
+
+
+def test_task_file_errors(tmp_path: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "first"}\n{not json}\n')
+    with pytest.raises(LmforgeError, match=r"bad.jsonl:2: not valid JSON"):
+        read_task_file(bad)
+    with pytest.raises(LmforgeError, match="not found: put the task set there"):
+        read_task_file(tmp_path / "missing.jsonl")
+    csv = tmp_path / "tasks.csv"
+    csv.write_text("text,label\nhello world,first\n")
+    assert read_task_file(csv).to_dict("records") == [{"text": "hello world", "label": "first"}]
+    params = task_params(tmp_path, [{"body": "x", "label": "first", "source": "s"}], sft_rows(5))
+    with pytest.raises(LmforgeError, match="no field 'text' .*finetune.classification.text_field"):
+        run_task_data(params)
+
+
+def test_a_blocking_task_check_stops_fine_tuning_in_dagster(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dagster_project.cli import app
+
+    task_params(tmp_path, classification_rows(10), sft_rows(40))
+    monkeypatch.setenv("LMFORGE_PARAMS", str(tmp_path / "params.yaml"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["run", "--select", "key:task_data+"], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "check failed: task_data/classification_min_examples: classification_min_examples FAILED: 10 examples" in result.output
+    assert not (tmp_path / "artifacts/finetune_classifier").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning a tiny champion
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_champion(tmp_path: Path) -> Path:
+    """A tiny causal model with a tokenizer, and the select summary naming it the champion."""
+    from models.architectures import build_model, from_name
+    from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
+    from models.training import special_ids
+
+    model_dir = tmp_path / "artifacts/pretrain/tiny/hf"
+    if not model_dir.exists():
+        rng = random.Random(0)
+        spec = TokenizerSpec(vocab_size=200, min_frequency=1)
+        tok = to_transformers(train_tokenizer(iter(sentence(rng, WORDS, 40) for _ in range(50)), spec), spec, 128)
+        torch.manual_seed(0)
+        build_model(from_name("tiny", vocab_size=len(tok), max_context=128), special_ids(tok)).save_pretrained(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+        (tmp_path / "artifacts/select").mkdir(parents=True)
+        (tmp_path / "artifacts/select/summary.json").write_text(json.dumps(
+            {"champion": "tiny", "champion_dir": str(model_dir), "champion_pretrain_run_id": None}))
+    return model_dir
+
+
+def test_fine_tuning_beats_the_baselines_on_a_tiny_task(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = task_params(tmp_path, classification_rows(120), sft_rows(80),
+                         train={"epochs": 6, "lr": 0.01, "lora_lr": 0.03, "batch_size": 8, "max_length": 64, "patience": 0},
+                         sft={"max_prompt_tokens": 40, "max_new_tokens": 10})
+    run_task_data(params)
+    tiny_champion(tmp_path)
+    classifier = run_finetune_classifier(params)
+    assert classifier["beats_baseline"], classifier
+    for method in ("full", "lora"):
+        assert classifier[f"{method}_accuracy"] > classifier["baseline_accuracy"], classifier
+        assert (tmp_path / f"artifacts/finetune_classifier/models/{method}/hf/config.json").exists()
+    assert classifier["lora_trainable_parameters"] < classifier["full_trainable_parameters"] / 5
+    assert (tmp_path / "artifacts/finetune_classifier/models/lora/adapter/adapter_config.json").exists()
+    sft = run_finetune_sft(params)
+    assert sft["beats_baseline"] and sft["rougeL"] > sft["baseline_rougeL"], sft
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "artifacts/finetune_classifier/models/lora/hf")  # merged LoRA
+    AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/finetune_sft/models/full/hf")
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    parents = {r.info.run_id: r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    children = sorted((parents[r.data.tags["mlflow.parentRunId"]], r.info.run_name) for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert children == [("finetune classification", "classification full"), ("finetune classification", "classification lora"),
+                        ("finetune sft", "sft full"), ("finetune sft", "sft lora")]
