@@ -73,28 +73,29 @@ def speed(model, prompt_ids: torch.Tensor, batch_sizes: list[int], new_tokens: i
     (one row, repeated across the batch) with the KV cache; masked LMs (no generation) are timed on
     forward passes over the prompt.  One untimed warm-up run first, then the best of three."""
     model.eval()
+
+    def run(ids: torch.Tensor) -> int:
+        """One timed unit of work; returns the tokens it produced (or read, for masked LMs)."""
+        if objective == "mlm":
+            model(input_ids=ids)
+            return ids.numel()
+        model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, use_cache=True, pad_token_id=model.config.pad_token_id, temperature=None, top_k=None, top_p=None,
+        )
+        return ids.shape[0] * new_tokens
+
     rows = []
     for b in batch_sizes:
         ids = prompt_ids.repeat(b, 1).to(model.device)
-
-        def run() -> int:
-            if objective == "mlm":
-                model(input_ids=ids)
-                return ids.numel()
-            model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, use_cache=True, pad_token_id=model.config.pad_token_id, temperature=None, top_k=None, top_p=None,
-            )
-            return b * new_tokens
-
         times = []
         with peak_memory(model.device) as memory:  # the warm-up allocates the KV cache: measure it too
-            run()
+            run(ids)
             for _ in range(3):
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                tokens = run()
+                tokens = run(ids)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)

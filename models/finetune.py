@@ -71,8 +71,7 @@ def encode_classification(tokenizer, texts: list[str], labels: list[int], max_le
 
 def sft_prompt(tokenizer, prompt: str, template: str, max_prompt_tokens: int) -> str:
     """The model's input for a prompt: the template around the prompt's first tokens."""
-    head = prompt[: 16 * max_prompt_tokens]  # enough text for the tokens kept (no token is that long)
-    ids = tokenizer(head, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=max_prompt_tokens)["input_ids"]
     return template.format(prompt=tokenizer.decode(ids))
 
 

@@ -8,7 +8,6 @@ from dagster_project.sensors import raw_data_changed
 
 def test_asset_graph_snapshot():
     graph = defs.resolve_asset_graph()
-    keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
         "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
         "evaluate": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
