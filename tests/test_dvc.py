@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from conftest import REPO, prose
+from test_finetune import classification_rows, sft_rows
 
 BIN = REPO / ".venv" / "bin"
+STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft")
 
 
 @pytest.mark.slow
@@ -28,11 +30,18 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     params["tokenizer"].update(vocab_size=400, block_size=64)
     params["pretrain"]["train"].update(max_steps=60, batch_size=4, lr=0.01, val_every=30, checkpoint_every=30, warmup_steps=5, val_batches=2)
     params["pretrain"]["candidates"] = [{"name": "tiny", "preset": "tiny", "overrides": {}}]
+    params["evaluate"].update(speed_new_tokens=4, prompts=["The model"])
+    params["finetune"].update(min_examples=20)
+    params["finetune"]["classification"]["labels"] = ["first", "second"]
+    params["finetune"]["train"].update(epochs=1, max_length=64)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     raw = project / "data" / "raw"
     raw.mkdir(parents=True)
     for i in range(20):
         (raw / f"doc{i}.txt").write_text(prose(i, 80))
+    (project / "data/finetune").mkdir()
+    (project / "data/finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(40)))
+    (project / "data/finetune/summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(30)))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DAGSTER_HOME": str(tmp_path / "dagster"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("LMFORGE_PARAMS", None)
@@ -45,15 +54,17 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
     first = sh("dvc", "repro")
-    for stage in ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first
     summary = json.loads((project / "artifacts/split/summary.json").read_text())
     assert summary["train"] + summary["val"] + summary["test"] == 20
     assert json.loads((project / "artifacts/pretrain/tiny/summary.json").read_text())["steps"] == 60
+    assert json.loads((project / "artifacts/select/summary.json").read_text())["champion"] == "tiny"
+    assert "beats_baseline" in json.loads((project / "artifacts/finetune_sft/summary.json").read_text())
     lock = (project / "dvc.lock").read_text()
     second = sh("dvc", "repro")
     assert "Running stage" not in second
-    for stage in ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0"):
+    for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in second
     assert (project / "dvc.lock").read_text() == lock
     # a changed parameter re-runs only the stages that declare it
