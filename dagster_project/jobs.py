@@ -39,4 +39,11 @@ finetune_job = dg.define_asset_job(
     description="Choose the champion (select), validate the task sets and fine-tune it (classification, SFT).",
 )
 
-JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job]
+#: Compress the champion and register it (and its quantized variant) in MLflow.
+deploy_job = dg.define_asset_job(
+    "deploy_job",
+    selection=dg.AssetSelection.groups("deploy"),
+    description="Quantize, prune and distil the champion; register it and its quantized variant with aliases.",
+)
+
+JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job]

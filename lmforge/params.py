@@ -318,6 +318,41 @@ class FinetuneParams:
 
 
 @dataclass
+class QuantizeParams:
+    variants: list[Literal["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]] = field(
+        default_factory=lambda: ["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]
+    )
+    max_perplexity_increase: float = 0.02  # blocking check: the chosen variant loses at most this (relative)
+
+
+@dataclass
+class PruneParams:
+    sparsity: float = 0.3  # share of each linear layer's weights (unstructured) or output rows (structured)
+    methods: list[Literal["unstructured", "structured"]] = field(default_factory=lambda: ["unstructured", "structured"])
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sparsity < 1:
+            raise ValueError(f"sparsity: must be in (0, 1), got {self.sparsity}")
+
+
+@dataclass
+class DistilParams:
+    student_preset: str = "tiny"  # a smaller preset than the champion's
+    student_overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 150  # the same for the distilled student and the from-scratch baseline
+    batch_size: int = 8
+    lr: float = 0.003
+    warmup_steps: int = 30
+    temperature: float = 2.0  # softens the teacher's distribution: its near-misses carry information
+    alpha: float = 0.5  # weight of the teacher's (KL) term against the data's cross-entropy
+    seed: int = 1337
+
+
+@dataclass
+class RegistryParams:
+    name: str = "lmforge"  # the registered model in MLflow: models:/lmforge@champion
+
+@dataclass
 class Params:
     paths: PathsParams = field(default_factory=PathsParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
@@ -329,6 +364,10 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     select: SelectParams = field(default_factory=SelectParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    quantize: QuantizeParams = field(default_factory=QuantizeParams)
+    prune: PruneParams = field(default_factory=PruneParams)
+    distil: DistilParams = field(default_factory=DistilParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def path(self, value: str | os.PathLike) -> Path:
         """Resolve a path from a params file: absolute as is, relative against the repo root."""

@@ -56,7 +56,8 @@ def tracked_run(params: Params, name: str, tags: dict[str, str], parent_run_id: 
     """An MLflow run (client, run id) that ends FINISHED, or FAILED if the block raises."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri(params))
+    uri = tracking_uri(params)
+    client = MlflowClient(uri, registry_uri=uri)  # never a registry some earlier code made process-wide
     all_tags = {**lineage_tags(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

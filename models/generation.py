@@ -45,7 +45,8 @@ def resolve(ref: str | Path, tracking_uri: str | None = None) -> Path:
                 run = mlflow.MlflowClient(tracking_uri).get_run(text[len("runs:/") :].strip("/"))
                 if "model_dir" in run.data.tags:
                     return resolve(run.data.tags["model_dir"])
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=tracking_uri, registry_uri=tracking_uri))
+            use_mlflow_store(tracking_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
         except Exception as exc:  # MLflow raises several types for unknown runs, names and aliases
             raise ModelNotFound(f"{text}: {str(exc).splitlines()[0]}") from None
         found = sorted(p.parent for p in local.rglob("config.json"))
@@ -58,6 +59,16 @@ def resolve(ref: str | Path, tracking_uri: str | None = None) -> Path:
     return path
 
 
+def use_mlflow_store(uri: str | None) -> None:
+    """Make ``uri`` MLflow's tracking and registry store for this process (``models:/`` URIs are
+    resolved through the process-wide registry URI, whatever ``download_artifacts`` is passed)."""
+    import mlflow
+
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+
 def load(ref: str | Path, device: str | None = None, tracking_uri: str | None = None) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, objective) for a model reference (see ``resolve``)."""
     import torch
@@ -65,9 +76,14 @@ def load(ref: str | Path, device: str | None = None, tracking_uri: str | None = 
 
     path = resolve(ref, tracking_uri)
     objective = objective_of(AutoConfig.from_pretrained(path))
-    cls = {"causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}[objective]
-    model = cls.from_pretrained(path)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    from models.quantization import RECIPE, load_quantized
+
+    if (path / RECIPE).exists():  # int8 dynamic quantization: CPU kernels, rebuilt from its recipe
+        model = load_quantized(path)
+    else:
+        cls = {"causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}[objective]
+        model = cls.from_pretrained(path)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, AutoTokenizer.from_pretrained(path), objective
 
 

@@ -126,6 +126,7 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
         evaluate={"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
         finetune={"min_examples": 20, "classification": {"labels": ["first", "second"]},
                   "train": {"epochs": 2, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
+        distil={"steps": 10, "batch_size": 4, "warmup_steps": 2},
     )
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(60)))
@@ -148,7 +149,10 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
         assert (tmp_path / "artifacts/pretrain" / name / "loss_curve.png").exists()
     # then each candidate is evaluated, the champion selected and fine-tuned, in the same `lmforge run`
     (last,) = [line for line in result.stdout.splitlines() if "succeeded" in line and "select" in line]
-    assert all(name in last for name in ("task_data", "finetune_classifier", "finetune_sft"))
+    assert all(name in last for name in ("task_data", "finetune_classifier", "finetune_sft", "quantize", "prune", "distil", "register"))
+    registered = json.loads((tmp_path / "artifacts/register/summary.json").read_text())
+    assert registered["champion_version"] == "1" and registered["candidate"] == champion_name(tmp_path)
+    assert json.loads((tmp_path / "artifacts/register_quantized/summary.json").read_text())["base_version"] == "1"
     for name in ("a", "b"):
         evaluation = json.loads((tmp_path / "artifacts/evaluate" / name / "summary.json").read_text())
         assert {"perplexity", "bits_per_byte", "token_accuracy", "context_x4_perplexity", "tokens_per_second_b8"} <= set(evaluation)
@@ -158,7 +162,7 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     all_runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
-    runs = [r for r in all_runs if "stage" not in r.data.tags]  # pretraining runs
+    runs = [r for r in all_runs if "stage" not in r.data.tags and "candidate" in r.data.tags]  # pretraining runs
     assert sorted(r.data.tags["candidate"] for r in runs) == ["a", "b"]
     evaluations = [r for r in all_runs if r.data.tags.get("stage") == "evaluate"]
     assert sorted(r.data.tags["mlflow.parentRunId"] for r in evaluations) == sorted(r.info.run_id for r in runs)  # nested
@@ -169,3 +173,7 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     assert run.info.status == "FINISHED"
     result = lmforge("run", "--select", "key:pretrain", "--partition", "zzz")
     assert result.returncode == 1 and "no partition 'zzz' (partitions: a, b)" in result.stderr
+
+
+def champion_name(root: Path) -> str:
+    return json.loads((root / "artifacts/select/summary.json").read_text())["champion"]

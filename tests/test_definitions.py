@@ -11,7 +11,9 @@ def test_asset_graph_snapshot():
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
         "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
         "evaluate": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
+        **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized"), "deploy"),
     }
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     for name in ("pretrain", "evaluate"):
         node = graph.get(dg.AssetKey(name))
         assert node.partitions_def.get_partition_keys() == ["llama-rope", "bloom-alibi"]  # params.yaml candidates
@@ -35,15 +37,16 @@ def test_checks_are_blocking():
     } | {("split", "no_leakage"), ("tokenizer", "round_trip_exact"), ("tokenizer", "unk_rate_below_threshold")} | {
         ("pretrain", "weights_finite"), ("pretrain", "beats_unigram_baseline"), ("evaluate", "metrics_finite")
     } | {("task_data", f"{task}_{n}") for task in ("classification", "sft") for n in ("min_examples", "no_empty_fields")} | {
-        ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot")
+        ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot"),
+        ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"),
     }
-    # a fine-tuned model below its baseline is a warning to read, not a gate
-    warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot")}
+    # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
+    warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch")}
     assert all(spec.blocking != (key in warnings) for key, spec in specs.items())
 
 
 def test_jobs_schedules_sensors():
-    for job in ("data_job", "tokenizer_job", "pretrain_job", "evaluation_job", "finetune_job"):
+    for job in ("data_job", "tokenizer_job", "pretrain_job", "evaluation_job", "finetune_job", "deploy_job"):
         assert defs.resolve_job_def(job) is not None
     assert defs.resolve_schedule_def("nightly_data").cron_schedule == "0 3 * * *"
     assert defs.resolve_sensor_def("raw_data_changed") is not None

@@ -13,7 +13,8 @@ from conftest import REPO, prose
 from test_finetune import classification_rows, sft_rows
 
 BIN = REPO / ".venv" / "bin"
-STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft")
+STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft",
+          "quantize", "prune", "distil", "register", "register_quantized")
 
 
 @pytest.mark.slow
@@ -34,6 +35,7 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     params["finetune"].update(min_examples=20)
     params["finetune"]["classification"]["labels"] = ["first", "second"]
     params["finetune"]["train"].update(epochs=1, max_length=64)
+    params["distil"].update(steps=10, batch_size=4, warmup_steps=2)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     raw = project / "data" / "raw"
     raw.mkdir(parents=True)

@@ -1,0 +1,109 @@
+"""Assets of the group ``deploy``: ``quantize``, ``prune``, ``distil``, ``register`` and ``register_quantized``."""
+
+import dagster as dg
+
+import lmforge.compress
+import lmforge.registry
+import models.distillation
+import models.quantization
+from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from dagster_project.resources import ParamsResource
+from lmforge.params import DistilParams, PruneParams, QuantizeParams
+
+QuantizeConfig = overrides_config(QuantizeParams, "QuantizeConfig")
+QuantizeConfig.__doc__ = "Overrides of params.yaml `quantize` for one run. Used by: quantize."
+PruneConfig = overrides_config(PruneParams, "PruneConfig")
+PruneConfig.__doc__ = "Overrides of params.yaml `prune` for one run. Used by: prune."
+DistilConfig = overrides_config(DistilParams, "DistilConfig")
+DistilConfig.__doc__ = "Overrides of params.yaml `distil` for one run. Used by: distil."
+
+
+def _variants_metadata(summary: dict, out) -> dict:
+    return {**summary_metadata(summary), "variants": dg.MetadataValue.md((out / "variants.md").read_text()),
+            "path": dg.MetadataValue.path(str(out / "models")), "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+@dg.asset(
+    group_name="deploy",
+    kinds={"python", "pytorch", "mlflow"},
+    deps=["select", "packed"],
+    pool="training",
+    code_version=code_version(models.quantization, lmforge.compress),
+    check_specs=[dg.AssetCheckSpec("perplexity_within_threshold", asset="quantize", blocking=True,
+                                   description="A quantized variant's test perplexity rose by at most quantize.max_perplexity_increase.")],
+    description="bf16/fp16 casts, int8 dynamic (CPU), int8/int4 weight-only (torchao) variants of the champion: size, "
+    "CPU speed at batch 1 and 8, perplexity change, measured side by side.",
+)
+def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_params: ParamsResource):
+    params = stage_params(lmforge_params.load(), "quantize", config)
+    summary = lmforge.compress.run_quantize(params, dagster_run_id=context.run_id, report=context.log.info)
+    yield dg.MaterializeResult(metadata={**_variants_metadata(summary, params.stage_dir("quantize")), "chosen": str(summary["chosen"])})
+    chosen = summary["chosen"]
+    yield dg.AssetCheckResult(
+        check_name="perplexity_within_threshold", passed=chosen is not None,
+        description=f"{chosen}: perplexity {summary['perplexity_increase']:+.2%}" if chosen
+        else f"every variant lost more than {summary['max_perplexity_increase']:.0%} perplexity",
+    )
+
+
+@dg.asset(
+    group_name="deploy",
+    kinds={"python", "pytorch", "mlflow"},
+    deps=["select", "packed"],
+    pool="training",
+    code_version=code_version(models.quantization, lmforge.compress),
+    description="Magnitude pruning of the champion's linear layers (unstructured and structured), scored like quantize.",
+)
+def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = stage_params(lmforge_params.load(), "prune", config)
+    summary = lmforge.compress.run_prune(params, dagster_run_id=context.run_id, report=context.log.info)
+    return dg.MaterializeResult(metadata=_variants_metadata(summary, params.stage_dir("prune")))
+
+
+@dg.asset(
+    group_name="deploy",
+    kinds={"python", "pytorch", "mlflow"},
+    deps=["select", "packed"],
+    pool="training",
+    code_version=code_version(models.distillation, lmforge.compress),
+    check_specs=[dg.AssetCheckSpec("beats_from_scratch", asset="distil", description="The distilled student beats the same student trained from scratch.")],
+    description="A smaller student trained on the champion's logits (KL + CE), against the same student trained from scratch.",
+)
+def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_params: ParamsResource):
+    params = stage_params(lmforge_params.load(), "distil", config)
+    summary = lmforge.compress.run_distil(params, dagster_run_id=context.run_id, report=context.log.info)
+    rows = [{"model": k, "parameters": summary["teacher_parameters"] if k == "teacher" else summary["student_parameters"],
+             "test perplexity": f"{summary[f'{k}_perplexity']:.2f}"} for k in ("teacher", "distilled", "from_scratch")]
+    yield dg.MaterializeResult(metadata={**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
+                                         "mlflow_run_id": summary["mlflow_run_id"]})
+    yield dg.AssetCheckResult(check_name="beats_from_scratch", passed=summary["beats_from_scratch"], severity=dg.AssetCheckSeverity.WARN,
+                              description=f"perplexity {summary['distilled_perplexity']:.2f} vs {summary['from_scratch_perplexity']:.2f} from scratch")
+
+
+@dg.asset(
+    group_name="deploy",
+    kinds={"python", "mlflow"},
+    deps=["select", "evaluate"],
+    code_version=code_version(lmforge.registry),
+    description="The champion as a new version of the MLflow registered model (registry.name), tagged with its lineage; "
+    "aliases `candidate`, and `champion` when at least as good as the reigning one on the same data.",
+)
+def register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = lmforge_params.load()
+    summary = lmforge.registry.run_register(params, dagster_run_id=context.run_id, report=context.log.info)
+    name = params.registry.name
+    return dg.MaterializeResult(metadata={**summary_metadata(summary), "champion_uri": f"models:/{name}@champion",
+                                          "candidate_uri": f"models:/{name}/{summary['candidate_version']}"})
+
+
+@dg.asset(
+    group_name="deploy",
+    kinds={"python", "mlflow"},
+    deps=["register", "quantize"],
+    code_version=code_version(lmforge.registry),
+    description="The chosen quantized variant of the registered champion as a new version; alias `quantized`.",
+)
+def register_quantized(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = lmforge_params.load()
+    summary = lmforge.registry.run_register_quantized(params, dagster_run_id=context.run_id, report=context.log.info)
+    return dg.MaterializeResult(metadata={**summary_metadata(summary), "uri": f"models:/{params.registry.name}@quantized"})

@@ -1,0 +1,234 @@
+"""Stages ``quantize``, ``prune`` and ``distil``: smaller, faster versions of the champion, each
+measured side by side with its reference in one run (machines are noisy; ratios are what count).
+
+- ``quantize``: every variant of ``quantize.variants`` (``models.quantization``), with its size on
+  disk, linear-weight bytes, CPU tokens/s and latency at each speed batch size, and the perplexity and
+  bits-per-byte change on the test split against the full-precision model.  The smallest variant
+  whose perplexity rises by at most ``quantize.max_perplexity_increase`` becomes ``quantized``.
+- ``prune``: magnitude pruning (unstructured and structured) at ``prune.sparsity``, scored the same way.
+- ``distil``: a smaller student trained on the champion's logits, against the same student trained
+  from scratch for the same steps on the same blocks.
+
+Outputs ``<artifacts>/<stage>/`` with ``summary.json``, a markdown table and the models (Hugging Face
+format, loadable by ``lmforge generate``); each stage is an MLflow run nested under the champion's
+pretraining run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.artifacts import fresh_dir, write_params, write_summary
+from lmforge.finetune import champion
+from lmforge.params import LmforgeError, Params
+from lmforge.tracking import tracked_run
+
+
+def _scorer(params: Params, source: Path):
+    """A function scoring a model on the test split the way ``evaluate`` does (same blocks)."""
+    from models.data import PackedBlocks
+    from models.evaluation import lm_scores
+    from models.generation import load
+    from models.metrics import token_byte_lengths
+    from models.objectives import CausalCollator
+
+    _, tokenizer, objective = load(source)
+    if objective != "causal":
+        raise LmforgeError(f"the champion at {source} is not a causal language model: compression measures causal models only")
+    blocks = PackedBlocks(params.stage_dir("packed"), "test")
+    lengths = token_byte_lengths(tokenizer)
+    collate = CausalCollator(tokenizer.pad_token_id)
+
+    def scores(model):
+        return lm_scores(model, blocks, collate, lengths, "causal", params.evaluate.batch_size, params.evaluate.max_blocks)
+
+    return scores, blocks
+
+
+def _speed(params: Params, model, blocks) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from models.evaluation import speed
+
+    prompt = torch.from_numpy(np.asarray(blocks.data[:32]).astype(np.int64))[None]
+    out = {}
+    for row in speed(model, prompt, params.evaluate.speed_batch_sizes, params.evaluate.speed_new_tokens, "causal"):
+        b = row.pop("batch_size")
+        out.update({f"{k}_b{b}": v for k, v in row.items()})
+    return out
+
+
+def measure(params: Params, model, scores, blocks, path: Path | None) -> dict[str, Any]:
+    """Quality, size and speed of one model."""
+    from models.quantization import disk_bytes, linear_weight_bytes
+
+    s = scores(model)
+    row = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "linear_weight_bytes": linear_weight_bytes(model)}
+    if path is not None:
+        row["disk_bytes"] = disk_bytes(path)
+    return {**row, **_speed(params, model, blocks)}
+
+
+def _relative(rows: dict[str, dict[str, Any]], reference: str, params: Params) -> None:
+    """Ratios against the reference row, measured in the same run."""
+    ref = rows[reference]
+    for row in rows.values():
+        row["perplexity_increase"] = row["perplexity"] / ref["perplexity"] - 1
+        row["bits_per_byte_delta"] = row["bits_per_byte"] - ref["bits_per_byte"]
+        row["linear_size_ratio"] = ref["linear_weight_bytes"] / row["linear_weight_bytes"]
+        if "disk_bytes" in row and "disk_bytes" in ref:
+            row["disk_size_ratio"] = ref["disk_bytes"] / row["disk_bytes"]
+        for b in params.evaluate.speed_batch_sizes:
+            row[f"speedup_b{b}"] = row[f"tokens_per_second_b{b}"] / ref[f"tokens_per_second_b{b}"]
+
+
+def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: dict[str, str] | None = None) -> str:
+    cols = ["perplexity", "perplexity_increase", "bits_per_byte_delta", "linear_size_ratio", "disk_size_ratio"] + [f"speedup_b{b}" for b in batch_sizes]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, row in rows.items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append("—" if v is None else f"{v:+.2%}" if c == "perplexity_increase" else f"{v:+.4f}" if c.endswith("delta") else f"{v:.3g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, reason in (unsupported or {}).items():
+        lines.append(f"| {name} | unsupported here: {reason} |" + " |" * (len(cols) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    from models.generation import load
+    from models.quantization import UnsupportedVariant, quantize
+
+    say = report or (lambda _msg: None)
+    name, source, parent = champion(params)
+    scores, blocks = _scorer(params, source)
+    out = params.stage_dir("quantize")
+    fresh_dir(out / "models")
+    reference, _, _ = load(source, device="cpu")
+    rows = {"fp32": measure(params, reference, scores, blocks, source)}
+    unsupported = {}
+    for variant in params.quantize.variants:
+        started = time.perf_counter()
+        try:
+            quantize(source, variant, out / "models" / variant)
+        except UnsupportedVariant as exc:
+            unsupported[variant] = str(exc).split(": ", 1)[-1]
+            say(f"quantize {variant}: unsupported here ({unsupported[variant]})")
+            continue
+        # measure the model as a user loads it from disk, not the object in memory
+        model, _, _ = load(out / "models" / variant, device="cpu")
+        rows[variant] = measure(params, model, scores, blocks, out / "models" / variant)
+        rows[variant]["seconds"] = time.perf_counter() - started
+        say(f"quantize {variant}: perplexity {rows[variant]['perplexity']:.2f} (fp32 {rows['fp32']['perplexity']:.2f})")
+    _relative(rows, "fp32", params)
+    threshold = params.quantize.max_perplexity_increase
+    within = [v for v in rows if v != "fp32" and rows[v]["perplexity_increase"] <= threshold]
+    chosen = min(within, key=lambda v: (rows[v]["linear_weight_bytes"], -rows[v][f"tokens_per_second_b{max(params.evaluate.speed_batch_sizes)}"]), default=None)
+    (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes, unsupported))
+    summary = {"champion": name, "chosen": chosen, "chosen_dir": str(Path(params.paths.artifacts) / "quantize" / "models" / chosen) if chosen else None,
+               "max_perplexity_increase": threshold, "variants": rows, "unsupported": unsupported}
+    if chosen:
+        summary.update({k: rows[chosen][k] for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in rows[chosen]})
+        summary.update({k: rows[chosen][k] for k in rows[chosen] if k.startswith("speedup_b")})
+    with tracked_run(params, "quantize", {"stage": "quantize", "champion": name, "chosen": str(chosen), "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+        for variant, row in rows.items():
+            for key, value in row.items():
+                client.log_metric(run_id, f"{variant}_{key}", value)
+        client.log_artifact(run_id, str(out / "variants.md"))
+    summary["mlflow_run_id"] = run_id
+    write_params(out, params.quantize)
+    write_summary(out, summary)
+    return summary
+
+
+def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    from models.generation import load
+    from models.quantization import prune
+
+    say = report or (lambda _msg: None)
+    name, source, parent = champion(params)
+    scores, blocks = _scorer(params, source)
+    out = params.stage_dir("prune")
+    fresh_dir(out / "models")
+    reference, tokenizer, _ = load(source, device="cpu")
+    rows = {"dense": measure(params, reference, scores, blocks, source)}
+    for method in params.prune.methods:
+        model, _, _ = load(source, device="cpu")
+        sparsity = prune(model, params.prune.sparsity, structured=method == "structured")
+        model.save_pretrained(str(out / "models" / method))
+        tokenizer.save_pretrained(str(out / "models" / method))
+        rows[method] = {**measure(params, model, scores, blocks, out / "models" / method), "sparsity": sparsity}
+        say(f"prune {method} at {sparsity:.0%}: perplexity {rows[method]['perplexity']:.2f} (dense {rows['dense']['perplexity']:.2f})")
+    _relative(rows, "dense", params)
+    (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes))
+    summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows,
+               **{f"{m}_perplexity_increase": rows[m]["perplexity_increase"] for m in params.prune.methods}}
+    with tracked_run(params, "prune", {"stage": "prune", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+        for variant, row in rows.items():
+            for key, value in row.items():
+                client.log_metric(run_id, f"{variant}_{key}", value)
+        client.log_artifact(run_id, str(out / "variants.md"))
+    summary["mlflow_run_id"] = run_id
+    write_params(out, params.prune)
+    write_summary(out, summary)
+    return summary
+
+
+def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    import torch
+
+    from models.architectures import ArchConfigError, build_model, from_name, parameter_count
+    from models.data import PackedBlocks
+    from models.distillation import DistilSettings, train_student
+    from models.generation import load
+    from models.training import special_ids
+
+    say = report or (lambda _msg: None)
+    p = params.distil
+    name, source, parent = champion(params)
+    scores, _ = _scorer(params, source)
+    teacher, tokenizer, _ = load(source)
+    train = PackedBlocks(params.stage_dir("packed"), "train")
+    try:
+        arch = from_name(p.student_preset, **{"max_context": train.block_size, **p.student_overrides, "vocab_size": len(tokenizer)})
+    except (ArchConfigError, TypeError) as exc:
+        raise LmforgeError(f"distil.student_preset/student_overrides: {exc}") from None
+    if arch.objective != "causal":
+        raise LmforgeError("distil: the student must be a decoder (arch: decoder)")
+    settings = DistilSettings(**{f.name: getattr(p, f.name) for f in dataclasses.fields(DistilSettings)})
+    out = params.stage_dir("distil")
+    fresh_dir(out / "models")
+    results = {}
+    for kind, teacher_model in (("distilled", teacher), ("from_scratch", None)):
+        torch.manual_seed(settings.seed)  # the same initial student for both
+        student = build_model(arch, special_ids(tokenizer)).to(teacher.device)
+        started = time.perf_counter()
+        losses = train_student(student, train, tokenizer.pad_token_id, dataclasses.replace(settings, alpha=settings.alpha if teacher_model else 0.0),
+                               teacher=teacher_model, desc=f"distil {kind}")
+        s = scores(student)
+        results[kind] = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "final_train_loss": losses[-1],
+                         "seconds": time.perf_counter() - started}
+        student.save_pretrained(str(out / "models" / kind))
+        tokenizer.save_pretrained(str(out / "models" / kind))
+        say(f"distil {kind}: test perplexity {s.perplexity:.2f}")
+    teacher_scores = scores(teacher)
+    summary = {"champion": name, "student_preset": p.student_preset, "student_parameters": parameter_count(arch),
+               "teacher_parameters": sum(t.numel() for t in teacher.parameters()), "teacher_perplexity": teacher_scores.perplexity,
+               **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
+               "beats_from_scratch": results["distilled"]["perplexity"] < results["from_scratch"]["perplexity"]}
+    with tracked_run(params, "distil", {"stage": "distil", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                client.log_metric(run_id, key, value)
+        for key, value in dataclasses.asdict(p).items():
+            client.log_param(run_id, key, value)
+    summary["mlflow_run_id"] = run_id
+    write_params(out, p)
+    write_summary(out, summary)
+    return summary
+

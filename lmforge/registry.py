@@ -1,0 +1,173 @@
+"""Stage ``register``: the champion (and its quantized variant) in the MLflow model registry.
+
+A registered model (``registry.name``) gets one immutable version per registration, each an MLflow
+pyfunc model that carries the Hugging Face directory as an artifact and generates text when served
+(``mlflow models serve -m models:/NAME@champion``).  Every version is tagged with the git commit, the
+DVC data hash, the Dagster run id, its parameters and key metrics.  Aliases move only when the
+model's blocking checks passed:
+
+- ``candidate``: the newest model the pipeline produced;
+- ``champion``: the candidate, when it is at least as good (test bits per byte) as the current
+  champion on the same data, or when the data changed (scores on other data do not compare);
+- ``quantized``: the chosen quantized variant of the champion, when its perplexity stayed within
+  ``quantize.max_perplexity_increase`` (stage ``register_quantized``, behind quantize's blocking check).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from lmforge.artifacts import read_summary, write_summary
+from lmforge.params import REPO_ROOT, LmforgeError, Params
+from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
+
+ALIASES = ("candidate", "champion", "quantized")
+
+
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    """A pyfunc model: prompts in, completions out; sampling options (``SamplingParams``) as params."""
+
+    def load_context(self, context) -> None:
+        from models.generation import load
+
+        self.model, self.tokenizer, _ = load(Path(context.artifacts["model"]))
+
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+        from lmforge.params import SamplingParams
+        from models.generation import generate
+
+        sampling = SamplingParams(**{k: v for k, v in (params or {}).items() if v is not None})
+        return generate(self.model, self.tokenizer, [str(p) for p in model_input], sampling)
+
+
+def _input_example() -> tuple[list[str], dict[str, Any]]:
+    """Prompts and the sampling params: MLflow infers the signature (with its params) from them and
+    the type hints of ``TextGenerator.predict``."""
+    from lmforge.params import SamplingParams
+
+    return ["The model"], dict(SamplingParams().__dict__)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow", "pyyaml")]
+
+
+def log_and_register(client, params: Params, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
+    """Log ``model_dir`` as a pyfunc model in ``run_id`` and register it; return the new version."""
+    import mlflow
+
+    from models.generation import use_mlflow_store
+
+    use_mlflow_store(tracking_uri(params))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TextGenerator(),
+            artifacts={"model": str(model_dir)},
+            code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "lmforge")],
+            input_example=_input_example(),
+            pip_requirements=_requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags).version
+    return str(version)
+
+
+def current(client, name: str, alias: str):
+    """The version behind ``name@alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    say = report or (lambda _msg: None)
+    chosen = read_summary(params.stage_dir("select"))
+    name = chosen["champion"]
+    evaluation = read_summary(params.stage_dir("evaluate") / name)
+    failed = [c for c, ok in evaluation.get("checks", {}).items() if not ok]
+    if failed:
+        raise LmforgeError(f"register: champion '{name}' failed check(s) {', '.join(failed)}: nothing registered")
+    registry = params.registry.name
+    lineage = {**lineage_tags(), "dagster_run_id": dagster_run_id}
+    metrics = {k: evaluation[k] for k in ("perplexity", "bits_per_byte", "token_accuracy") if evaluation.get(k) is not None}
+    arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
+    summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
+    with tracked_run(params, f"register {name}", {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
+                     parent_run_id=chosen.get("champion_pretrain_run_id")) as (client, run_id):
+        tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
+                **{k: str(v) for k, v in metrics.items()}}
+        version = log_and_register(client, params, run_id, params.path(chosen["champion_dir"]), tags)
+        client.set_registered_model_alias(registry, "candidate", version)
+        summary["candidate_version"] = version
+        reigning = current(client, registry, "champion")
+        promote = (reigning is None or reigning.tags.get("dvc_data_md5") != lineage["dvc_data_md5"]
+                   or float(metrics["bits_per_byte"]) <= float(reigning.tags.get("bits_per_byte", "inf")))
+        if promote:
+            client.set_registered_model_alias(registry, "champion", version)
+            say(f"register: {registry} version {version} ({name}) is the champion")
+        else:
+            say(f"register: {registry} version {version} ({name}) stays a candidate: champion version {reigning.version} "
+                f"has {reigning.tags['bits_per_byte']} bits/byte on the same data")
+        summary["champion_version"] = version if promote else str(reigning.version)
+        summary["promoted"] = promote
+    summary["mlflow_run_id"] = run_id
+    params.stage_dir("register").mkdir(parents=True, exist_ok=True)
+    write_summary(params.stage_dir("register"), summary)
+    return summary
+
+
+def run_register_quantized(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    """Register the chosen quantized variant of the registered champion and point ``quantized`` at it."""
+    from mlflow import MlflowClient
+
+    say = report or (lambda _msg: None)
+    registered = read_summary(params.stage_dir("register"))
+    quantized = read_summary(params.stage_dir("quantize"))
+    if not quantized.get("chosen"):
+        raise LmforgeError(f"register_quantized: no variant stayed within quantize.max_perplexity_increase ({quantized['max_perplexity_increase']:.0%})")
+    registry = params.registry.name
+    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
+    champion = current(client, registry, "champion")
+    if champion is None or champion.tags.get("candidate") != quantized["champion"]:
+        raise LmforgeError(f"register_quantized: the quantized model is of '{quantized['champion']}', but {registry}@champion is "
+                           f"{champion.tags.get('candidate') if champion else 'not set'}: re-run quantize on the champion")
+    with tracked_run(params, f"register quantized {quantized['champion']}", {"stage": "register_quantized", "dagster_run_id": dagster_run_id},
+                     parent_run_id=registered.get("mlflow_run_id")) as (client, run_id):
+        tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "candidate": quantized["champion"], "kind": "quantized",
+                "variant": quantized["chosen"], "base_version": str(champion.version),
+                **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
+        version = log_and_register(client, params, run_id, params.path(quantized["chosen_dir"]), tags)
+        client.set_registered_model_alias(registry, "quantized", version)
+    say(f"register_quantized: {registry} version {version} ({quantized['chosen']} of version {champion.version}) is `quantized`")
+    summary = {"registered_model": registry, "quantized_version": version, "variant": quantized["chosen"], "base_version": str(champion.version),
+               "mlflow_run_id": run_id}
+    params.stage_dir("register_quantized").mkdir(parents=True, exist_ok=True)
+    write_summary(params.stage_dir("register_quantized"), summary)
+    return summary
+
+
+def describe_versions(params: Params, name: str | None = None) -> list[dict[str, Any]]:
+    """Registered versions (newest first) with their aliases and key tags, for ``lmforge registry``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
+    names = [name] if name else [m.name for m in client.search_registered_models()]
+    rows = []
+    for model_name in names:
+        model = client.get_registered_model(model_name)
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in sorted(client.search_model_versions(f"name='{model_name}'"), key=lambda v: -int(v.version)):
+            rows.append({"name": model_name, "version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                         "created": v.creation_timestamp, "tags": dict(v.tags), "source": v.source})
+    return rows

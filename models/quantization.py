@@ -1,0 +1,172 @@
+"""Smaller, faster variants of a trained model: dtype casts and int8/int4 quantization, and magnitude
+pruning.  Every variant is saved in a directory that ``models.generation.load`` opens like any other.
+
+- ``bf16`` / ``fp16``: every weight cast to 16 bits (half the size; fast where the hardware has
+  16-bit matmuls, which laptop CPUs mostly lack);
+- ``int8_dynamic``: PyTorch's dynamic quantization of ``nn.Linear`` (int8 weights per output channel,
+  activations quantized on the fly, fbgemm/onednn int8 kernels): the CPU recipe.  Saved as the
+  quantized state dict plus ``lmforge_quantization.json`` (the recipe to rebuild the modules);
+- ``int8_weight_only`` / ``int4_weight_only``: torchao weight-only quantization through
+  ``transformers``' ``TorchAoConfig`` (saved and reloaded by ``from_pretrained``); int4 needs kernels
+  some devices lack, and is then reported as unsupported rather than faked.
+
+Embeddings and the output head stay in full precision (quantizing them costs the most accuracy), so
+the whole-model size shrinks less than the linear layers do: both are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECIPE = "lmforge_quantization.json"
+VARIANTS = ("bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+
+
+class UnsupportedVariant(RuntimeError):
+    """The variant cannot be built here (missing kernel or library); the message says why."""
+
+
+def _model_class(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    from models.generation import objective_of
+
+    return {"causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}[
+        objective_of(AutoConfig.from_pretrained(path))]
+
+
+def _torchao_config(variant: str):
+    from transformers import TorchAoConfig
+
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    except ImportError as exc:
+        raise UnsupportedVariant(f"{variant}: torchao is not installed ({exc})") from None
+    return TorchAoConfig(Int8WeightOnlyConfig() if variant == "int8_weight_only" else Int4WeightOnlyConfig(group_size=32))
+
+
+def _dynamic_int8(model):
+    with warnings.catch_warnings():  # torch marks eager quantization deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _tied_head(model) -> set[str]:
+    """Names of linear modules whose weight is the input embedding (a tied output head)."""
+    embedding = model.get_input_embeddings().weight
+    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight is embedding}
+
+
+def quantize(source: Path, variant: str, out: Path):
+    """Build ``variant`` of the model in ``source``, save it in ``out`` (with the tokenizer) and return it."""
+    from transformers import AutoTokenizer
+
+    cls = _model_class(source)
+    out.mkdir(parents=True, exist_ok=True)
+    if variant in ("bf16", "fp16"):
+        model = cls.from_pretrained(source, dtype=torch.bfloat16 if variant == "bf16" else torch.float16)
+        model.save_pretrained(str(out))
+    elif variant == "int8_dynamic":
+        model = cls.from_pretrained(source).eval()
+        tied = _tied_head(model)
+        for name in tied:  # keep a tied head in full precision: quantizing it would untie the embedding
+            model.get_submodule(name).__class__ = _KeepLinear
+        model = _dynamic_int8(model)
+        for name in tied:
+            model.get_submodule(name).__class__ = torch.nn.Linear
+        model.config.save_pretrained(str(out))
+        torch.save(model.state_dict(), out / "quantized_state_dict.pt")
+        (out / RECIPE).write_text(json.dumps({"variant": variant, "keep_full_precision": sorted(tied)}, indent=2) + "\n")
+    elif variant in ("int8_weight_only", "int4_weight_only"):
+        try:
+            model = cls.from_pretrained(source, quantization_config=_torchao_config(variant))
+            model.eval()
+            with torch.no_grad():  # fail here, not at generation time, if the device lacks the kernel
+                model(input_ids=torch.tensor([[1, 2, 3]], device=model.device))
+        except UnsupportedVariant:
+            raise
+        except Exception as exc:  # torchao raises several types for a kernel this device lacks
+            raise UnsupportedVariant(f"{variant}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        model.save_pretrained(str(out), safe_serialization=False)  # torchao tensors are not safetensors
+    else:
+        raise ValueError(f"unknown variant '{variant}' (variants: {', '.join(VARIANTS)})")
+    AutoTokenizer.from_pretrained(source).save_pretrained(str(out))
+    return model.eval()
+
+
+class _KeepLinear(torch.nn.Linear):
+    """A stand-in class so that ``quantize_dynamic`` (which matches exact types) skips a module."""
+
+
+def load_quantized(path: Path):
+    """Rebuild an ``int8_dynamic`` model: the architecture from its config, the quantized modules from
+    the recipe, then the saved int8 weights."""
+    from transformers import AutoConfig
+
+    recipe = json.loads((path / RECIPE).read_text())
+    config = AutoConfig.from_pretrained(path)
+    model = _model_class(path).from_config(config)
+    keep = set(recipe["keep_full_precision"])
+    for name in keep:
+        model.get_submodule(name).__class__ = _KeepLinear
+    model = _dynamic_int8(model.eval())
+    for name in keep:
+        model.get_submodule(name).__class__ = torch.nn.Linear
+    state = torch.load(path / "quantized_state_dict.pt", weights_only=False)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def tensor_bytes(t: Any) -> int:
+    """Bytes a weight really occupies: int8/int4 data plus scales for quantized tensors."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__"):  # torchao tensor subclasses: sum their inner tensors
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    if t.is_quantized:
+        scales = t.q_per_channel_scales() if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) else torch.empty(1)
+        return t.numel() * t.element_size() + 2 * scales.numel() * 4  # scales and zero points
+    return t.numel() * t.element_size()
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of the weights of every linear layer (quantized or not), tied output heads excluded."""
+    total = 0
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            total += tensor_bytes(module.weight())
+        elif isinstance(module, torch.nn.Linear) and module.weight is not embedding:
+            total += tensor_bytes(module.weight)
+    return total
+
+
+def disk_bytes(path: Path) -> int:
+    """Size of the saved weights (every file but the tokenizer's and the configs)."""
+    skip = ("tokenizer", "config", "generation_config", "special_tokens", RECIPE)
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.name.startswith(skip))
+
+
+def prune(model, sparsity: float, structured: bool) -> float:
+    """Magnitude pruning of every linear layer but a tied head, made permanent; returns the share of
+    linear weights that are now zero.  Unstructured: the smallest |w| individually; structured: whole
+    output rows with the smallest L2 norm (what removes matmul work on dense hardware)."""
+    from torch.nn.utils import prune as torch_prune
+
+    embedding = model.get_input_embeddings().weight
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not embedding]
+    for m in linears:
+        if structured:
+            torch_prune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)
+        else:
+            torch_prune.l1_unstructured(m, "weight", amount=sparsity)
+        torch_prune.remove(m, "weight")
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    return zeros / max(sum(m.weight.numel() for m in linears), 1)

@@ -1,0 +1,187 @@
+"""Quantization, pruning, distillation and the MLflow registry on a tiny champion."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, write_params
+from lmforge.params import LmforgeError, load_params
+from models.distillation import distillation_loss
+from test_finetune import sentence, tiny_champion
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
+    """A tiny champion, its packed test/train tokens, its evaluation and a params file, all in tmp_path."""
+    import random
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    from models.data import pack_split, write_meta
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model_dir = tiny_champion(tmp_path)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    packed = tmp_path / "artifacts/packed"
+    packed.mkdir(parents=True)
+    rng = random.Random(5)
+    splits = {}
+    for split, n in (("train", 40), ("test", 12)):
+        ds = datasets.Dataset.from_dict({"text": [sentence(rng, __import__("conftest").WORDS, 60) for _ in range(n)]})
+        splits[split] = pack_split(ds, model_dir / "tokenizer.json", tok.eos_token_id, tok.pad_token_id, 32, np.dtype(np.uint16), packed / f"{split}.bin")
+    write_meta(packed, {"block_size": 32, "dtype": "uint16", "pad_id": tok.pad_token_id, "separator_id": tok.eos_token_id, "vocab_size": len(tok), "splits": splits})
+    evaluation = {"checks": {"weights_finite": True, "beats_unigram_baseline": True, "metrics_finite": True},
+                  "perplexity": 100.0, "bits_per_byte": 3.0, "token_accuracy": 0.1}
+    (tmp_path / "artifacts/evaluate/tiny").mkdir(parents=True)
+    (tmp_path / "artifacts/evaluate/tiny/summary.json").write_text(json.dumps(evaluation))
+    write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                 evaluate={"speed_new_tokens": 4, "speed_batch_sizes": [1, 2]},
+                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2})
+    monkeypatch.setenv("LMFORGE_PARAMS", str(tmp_path / "params.yaml"))
+    return tmp_path
+
+
+def test_quantized_variants_are_smaller_measured_and_loadable(project: Path):
+    from lmforge.compress import run_quantize
+    from models.generation import load
+
+    summary = run_quantize(load_params())
+    rows = summary["variants"]
+    assert rows["fp32"]["linear_size_ratio"] == 1.0
+    assert rows["int8_dynamic"]["linear_size_ratio"] > 3.5 and rows["int8_weight_only"]["linear_size_ratio"] > 3.5  # int8 vs fp32
+    assert math.isclose(rows["bf16"]["linear_size_ratio"], 2.0, rel_tol=1e-6)
+    for variant in ("bf16", "fp16", "int8_dynamic", "int8_weight_only"):
+        assert abs(rows[variant]["perplexity_increase"]) < 0.02, (variant, rows[variant])
+        assert rows[variant]["tokens_per_second_b2"] > 0 and rows[variant]["disk_bytes"] < rows["fp32"]["disk_bytes"]
+        model, tok, _ = load(project / "artifacts/quantize/models" / variant)
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(tok)
+    assert "int4_weight_only" in rows or summary["unsupported"]["int4_weight_only"]  # measured, or said why not
+    assert summary["chosen"] in ("int8_dynamic", "int8_weight_only")  # the smallest within 2%
+    table = (project / "artifacts/quantize/variants.md").read_text()
+    assert "| int8_dynamic |" in table
+
+
+def test_no_variant_within_the_threshold_fails_the_check(project: Path, monkeypatch):
+    from lmforge.compress import run_quantize
+
+    params = load_params()
+    params.quantize.max_perplexity_increase = -1.0  # nothing can be better than the original by 100%
+    params.quantize.variants = ["bf16"]
+    assert run_quantize(params)["chosen"] is None
+
+
+def test_pruning_reaches_the_sparsity(project: Path):
+    from lmforge.compress import run_prune
+
+    summary = run_prune(load_params())
+    assert math.isclose(summary["variants"]["unstructured"]["sparsity"], 0.3, abs_tol=0.01)
+    assert math.isclose(summary["variants"]["structured"]["sparsity"], 0.3, abs_tol=0.02)
+    assert summary["variants"]["dense"]["perplexity_increase"] == 0.0
+
+
+def test_distillation_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    assert torch.isclose(distillation_loss(logits, None, labels, 2.0, 0.5), ce)
+    assert torch.isclose(distillation_loss(logits, logits, labels, 2.0, 0.5), 0.5 * ce, atol=1e-6)  # KL(p‖p) = 0
+    assert distillation_loss(logits, torch.randn(2, 5, 11), labels, 2.0, 0.5) > 0.5 * ce
+
+
+def test_distil_compares_with_the_same_student_from_scratch(project: Path):
+    from lmforge.compress import run_distil
+
+    summary = run_distil(load_params())
+    assert summary["student_parameters"] > 0 and summary["teacher_parameters"] > 0
+    assert {"distilled_perplexity", "from_scratch_perplexity", "beats_from_scratch"} <= set(summary)
+    assert (project / "artifacts/distil/models/distilled/config.json").exists()
+
+
+def test_registry_versions_aliases_and_lookups(project: Path):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from dagster_project.cli import app
+    from lmforge.registry import describe_versions, run_register
+
+    params = load_params()
+    first = run_register(params, dagster_run_id="run-1")
+    assert first["promoted"] and first["candidate_version"] == "1"
+    # a worse model on the same data becomes a candidate, not the champion
+    evaluation = project / "artifacts/evaluate/tiny/summary.json"
+    worse = {**json.loads(evaluation.read_text()), "bits_per_byte": 3.5}
+    evaluation.write_text(json.dumps(worse))
+    second = run_register(params)
+    assert not second["promoted"] and second["champion_version"] == "1"
+    rows = {r["version"]: r for r in describe_versions(params)}
+    assert rows["2"]["aliases"] == ["candidate"] and rows["1"]["aliases"] == ["champion"]
+    assert {"git_sha", "dvc_data_md5", "dagster_run_id", "params", "bits_per_byte", "candidate"} <= set(rows["1"]["tags"])
+    assert rows["1"]["tags"]["dagster_run_id"] == "run-1"
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert client.get_model_version("lmforge", "1").tags["kind"] == "pretrained"
+    # a champion that failed a check is never registered
+    evaluation.write_text(json.dumps({**worse, "checks": {"weights_finite": False}}))
+    with pytest.raises(LmforgeError, match="failed check.*weights_finite: nothing registered"):
+        run_register(params)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["registry", "list"])
+    assert listed.exit_code == 0 and "models:/lmforge/1 @champion" in listed.output and "models:/lmforge/2 @candidate" in listed.output
+    shown = runner.invoke(app, ["registry", "show", "lmforge@champion"])
+    assert shown.exit_code == 0 and "models:/lmforge/1  aliases: champion" in shown.output and "bits_per_byte: 3.0" in shown.output
+    assert runner.invoke(app, ["registry", "show", "lmforge@nothing"]).exit_code == 1
+    generated = runner.invoke(app, ["generate", "-m", "models:/lmforge@champion", "the model", "--temperature", "0", "--max-new-tokens", "3", "--json"])
+    assert generated.exit_code == 0 and json.loads(generated.output.strip().splitlines()[-1])["prompt"] == "the model"
+
+
+def test_the_quantized_alias_points_at_the_quantized_champion(project: Path):
+    from lmforge.compress import run_quantize
+    from lmforge.registry import describe_versions, run_register, run_register_quantized
+
+    params = load_params()
+    params.quantize.variants = ["int8_dynamic"]
+    run_quantize(params)
+    run_register(params)
+    summary = run_register_quantized(params)
+    rows = {r["version"]: r for r in describe_versions(params)}
+    assert rows[summary["quantized_version"]]["aliases"] == ["quantized"]
+    assert rows[summary["quantized_version"]]["tags"]["variant"] == "int8_dynamic" and summary["base_version"] == "1"
+
+
+@pytest.mark.slow
+def test_mlflow_serves_the_champion_over_http(project: Path):
+    from lmforge.registry import run_register
+
+    run_register(load_params())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    server = subprocess.Popen([str(REPO / ".venv/bin/mlflow"), "models", "serve", "-m", "models:/lmforge@champion", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        body = json.dumps({"inputs": ["the model", "python"], "params": {"temperature": 0.0, "max_new_tokens": 4}}).encode()
+        deadline = time.time() + 120
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    predictions = json.loads(response.read())["predictions"]
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:] if server.poll() is not None else "timeout"
+                time.sleep(1)
+        assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
