@@ -100,6 +100,20 @@ def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: 
     return "\n".join(lines) + "\n"
 
 
+def _finish(params: Params, stage: str, summary: dict[str, Any], parent: str | None, tags: dict[str, str]) -> dict[str, Any]:
+    """Log every variant's numbers and the table to an MLflow run; write params and summary."""
+    out = params.stage_dir(stage)
+    with tracked_run(params, stage, {"stage": stage, "champion": summary["champion"], **tags}, parent_run_id=parent) as (client, run_id):
+        for variant, row in summary["variants"].items():
+            for key, value in row.items():
+                client.log_metric(run_id, f"{variant}_{key}", value)
+        client.log_artifact(run_id, str(out / "variants.md"))
+    summary["mlflow_run_id"] = run_id
+    write_params(out, getattr(params, stage))
+    write_summary(out, summary)
+    return summary
+
+
 def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     from models.generation import load
     from models.quantization import UnsupportedVariant, quantize
@@ -135,15 +149,7 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
     if chosen:
         summary.update({k: rows[chosen][k] for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in rows[chosen]})
         summary.update({k: rows[chosen][k] for k in rows[chosen] if k.startswith("speedup_b")})
-    with tracked_run(params, "quantize", {"stage": "quantize", "champion": name, "chosen": str(chosen), "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
-        for variant, row in rows.items():
-            for key, value in row.items():
-                client.log_metric(run_id, f"{variant}_{key}", value)
-        client.log_artifact(run_id, str(out / "variants.md"))
-    summary["mlflow_run_id"] = run_id
-    write_params(out, params.quantize)
-    write_summary(out, summary)
-    return summary
+    return _finish(params, "quantize", summary, parent, {"chosen": str(chosen), "dagster_run_id": dagster_run_id})
 
 
 def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
@@ -168,15 +174,7 @@ def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes))
     summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows,
                **{f"{m}_perplexity_increase": rows[m]["perplexity_increase"] for m in params.prune.methods}}
-    with tracked_run(params, "prune", {"stage": "prune", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
-        for variant, row in rows.items():
-            for key, value in row.items():
-                client.log_metric(run_id, f"{variant}_{key}", value)
-        client.log_artifact(run_id, str(out / "variants.md"))
-    summary["mlflow_run_id"] = run_id
-    write_params(out, params.prune)
-    write_summary(out, summary)
-    return summary
+    return _finish(params, "prune", summary, parent, {"dagster_run_id": dagster_run_id})
 
 
 def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:

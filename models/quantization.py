@@ -43,10 +43,14 @@ def _model_class(path: Path):
 def _torchao_config(variant: str):
     from transformers import TorchAoConfig
 
+    import importlib.util
+
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError as exc:
         raise UnsupportedVariant(f"{variant}: torchao is not installed ({exc})") from None
+    if variant == "int4_weight_only" and importlib.util.find_spec("mslk") is None:
+        raise UnsupportedVariant(f"{variant}: torchao's int4 weight packing needs the mslk kernel package, not installed here")
     return TorchAoConfig(Int8WeightOnlyConfig() if variant == "int8_weight_only" else Int4WeightOnlyConfig(group_size=32))
 
 
