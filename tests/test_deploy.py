@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -168,7 +169,8 @@ def test_mlflow_serves_the_champion_over_http(project: Path):
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
     server = subprocess.Popen([str(REPO / ".venv/bin/mlflow"), "models", "serve", "-m", "models:/lmforge@champion", "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)  # its own process group: the server runs uvicorn as a child
     try:
         body = json.dumps({"inputs": ["the model", "python"], "params": {"temperature": 0.0, "max_new_tokens": 4}}).encode()
         deadline = time.time() + 120
@@ -183,5 +185,9 @@ def test_mlflow_serves_the_champion_over_http(project: Path):
                 time.sleep(1)
         assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

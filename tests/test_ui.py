@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_params
+from test_finetune import classification_rows, sft_rows
 
 QUERY = "{ assetNodes { assetKey { path } groupName hasAssetChecks } }"
 
@@ -75,7 +76,14 @@ def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, corpus: 
             "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
             "candidates": [{"name": "tiny", "preset": "tiny", "overrides": {}}],
         },
+        evaluate={"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
+        finetune={"min_examples": 20, "classification": {"labels": ["first", "second"]},
+                  "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
+        distil={"steps": 10, "batch_size": 4, "warmup_steps": 2},
     )
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(40)))
+    (tmp_path / "finetune/summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(30)))
     env = {**os.environ, "DAGSTER_HOME": str(home), "LMFORGE_PARAMS": str(params)}
     env.pop("MLFLOW_TRACKING_URI", None)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -105,6 +113,11 @@ def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, corpus: 
         assert summary["vocab_size"] > 0 and (tmp_path / "artifacts" / "packed" / "train.bin").exists()
         assert run_job(port, "pretrain_job", partition="tiny") == "SUCCESS"
         assert json.loads((tmp_path / "artifacts/pretrain/tiny/summary.json").read_text())["steps"] == 60
+        # then evaluation and the champion's fine-tuning, as a user launches them (deploy: tests/test_deploy.py, test_cli.py)
+        assert run_job(port, "evaluation_job", partition="tiny") == "SUCCESS"
+        assert run_job(port, "finetune_job") == "SUCCESS"
+        assert json.loads((tmp_path / "artifacts/select/summary.json").read_text())["champion"] == "tiny"
+        assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
