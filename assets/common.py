@@ -108,6 +108,14 @@ def sample_rows(ds, n: int = 5, columns: tuple[str, ...] = ("id", "path", "forma
     return md_table(head)
 
 
+def inline_png(path, caption: str) -> dg.MetadataValue:
+    """A PNG shown in the Dagster UI (inline data URL), with the file's path under it."""
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{data})\n\n`{path}`")
+
+
 def summary_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     """Numbers of a summary as Dagster metadata (plotted over time in the UI)."""
     return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

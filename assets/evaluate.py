@@ -1,8 +1,5 @@
 """Assets ``evaluate`` (one partition per candidate) and ``select`` (the champion)."""
 
-import base64
-from pathlib import Path
-
 import dagster as dg
 
 import lmforge.evaluate
@@ -10,7 +7,7 @@ import lmforge.select
 import models.evaluation
 import models.generation
 import models.metrics
-from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, inline_png, md_table, overrides_config, stage_params, summary_metadata
 from assets.pretrain import candidates
 from dagster_project.resources import ParamsResource
 from lmforge.params import EvaluateParams, SelectParams
@@ -19,12 +16,6 @@ EvaluateConfig = overrides_config(EvaluateParams, "EvaluateConfig")
 EvaluateConfig.__doc__ = "Overrides of params.yaml `evaluate` for one run. Used by: evaluate."
 SelectConfig = overrides_config(SelectParams, "SelectConfig")
 SelectConfig.__doc__ = "Overrides of params.yaml `select` for one run (weights: edit params.yaml). Used by: select."
-
-
-def inline_png(path: Path, caption: str) -> dg.MetadataValue:
-    """A PNG shown in the Dagster UI (inline data URL), with the file's path under it."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{data})\n\n`{path}`")
 
 
 @dg.asset(

@@ -1,6 +1,5 @@
 """Asset ``pretrain``: one Dagster partition per candidate architecture in ``params.yaml``."""
 
-import base64
 import json
 
 import dagster as dg
@@ -8,7 +7,7 @@ import dagster as dg
 import lmforge.pretrain
 import models.lightning_module
 import models.training
-from assets.common import code_version, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, inline_png, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import ParamsError, PretrainParams, load_params
 
@@ -54,7 +53,6 @@ def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_
     beats = summary["final_val_loss"] < summary["unigram_baseline"]
     context.log.info(f"pretrain {candidate}: val loss {summary['final_val_loss']:.4f} (unigram {summary['unigram_baseline']:.4f})")
     history = json.loads((out / "history.json").read_text())
-    png = base64.b64encode((out / "loss_curve.png").read_bytes()).decode()  # inline: the UI shows it
     table = "| step | val loss |\n|---|---|\n" + "\n".join(f"| {s} | {v:.4f} |" for s, v in history["val_losses"])
     yield dg.MaterializeResult(
         metadata={
@@ -62,7 +60,7 @@ def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_
             "path": dg.MetadataValue.path(str(out / "hf")),
             "mlflow_run_id": summary["mlflow_run_id"],
             "val_losses": dg.MetadataValue.md(table),
-            "loss_curve": dg.MetadataValue.md(f"![loss curve](data:image/png;base64,{png})\n\n`{out / 'loss_curve.png'}`"),
+            "loss_curve": inline_png(out / "loss_curve.png", "loss curve"),
         },
         check_results=[
             dg.AssetCheckResult(check_name="weights_finite", passed=finite, description="all finite" if finite else "NaN or inf in the weights"),

@@ -25,9 +25,6 @@ from lmforge.artifacts import read_summary, write_summary
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
 
-ALIASES = ("candidate", "champion", "quantized")
-
-
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A pyfunc model: prompts in, completions out; sampling options (``SamplingParams``) as params."""
 
@@ -58,7 +55,7 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow", "pyyaml")]
 
 
-def log_and_register(client, params: Params, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
+def log_and_register(params: Params, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
     """Log ``model_dir`` as a pyfunc model in ``run_id`` and register it; return the new version."""
     import mlflow
 
@@ -105,7 +102,7 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
                      parent_run_id=chosen.get("champion_pretrain_run_id")) as (client, run_id):
         tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
                 **{k: str(v) for k, v in metrics.items()}}
-        version = log_and_register(client, params, run_id, params.path(chosen["champion_dir"]), tags)
+        version = log_and_register(params, run_id, params.path(chosen["champion_dir"]), tags)
         client.set_registered_model_alias(registry, "candidate", version)
         summary["candidate_version"] = version
         reigning = current(client, registry, "champion")
@@ -145,7 +142,7 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
         tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "candidate": quantized["champion"], "kind": "quantized",
                 "variant": quantized["chosen"], "base_version": str(champion.version),
                 **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
-        version = log_and_register(client, params, run_id, params.path(quantized["chosen_dir"]), tags)
+        version = log_and_register(params, run_id, params.path(quantized["chosen_dir"]), tags)
         client.set_registered_model_alias(registry, "quantized", version)
     say(f"register_quantized: {registry} version {version} ({quantized['chosen']} of version {champion.version}) is `quantized`")
     summary = {"registered_model": registry, "quantized_version": version, "variant": quantized["chosen"], "base_version": str(champion.version),

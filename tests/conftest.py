@@ -32,6 +32,19 @@ def prose(seed: int, n_words: int = 60) -> str:
     return " ".join(words).capitalize() + "."
 
 
+def stop_process_group(proc) -> None:
+    """Stop a server started with ``start_new_session=True`` and every process it spawned."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def write_params(tmp_path: Path, raw: Path | None = None, **sections) -> Path:
     """A params file pointing at ``raw`` with artifacts under ``tmp_path``; ``sections`` override."""
     data = {

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, write_params
-from test_finetune import classification_rows, sft_rows
+from test_finetune import TINY_DOWNSTREAM, write_task_sets
 from dagster_project.cli import app
 
 runner = CliRunner()
@@ -123,14 +123,9 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
             "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
             "candidates": [{"name": "a", "preset": "tiny", "overrides": {}}, {"name": "b", "preset": "tiny", "overrides": {"position": "alibi"}}],
         },
-        evaluate={"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
-        finetune={"min_examples": 20, "classification": {"labels": ["first", "second"]},
-                  "train": {"epochs": 2, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
-        distil={"steps": 10, "batch_size": 4, "warmup_steps": 2},
+        **TINY_DOWNSTREAM,
     )
-    (tmp_path / "finetune").mkdir()
-    (tmp_path / "finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(60)))
-    (tmp_path / "finetune/summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(40)))
+    write_task_sets(tmp_path / "finetune", classification=60, sft=40)
     # a process of its own, as a user runs it: partitions come from the params file at load time
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "LMFORGE_PARAMS": str(params)}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, write_params
+from conftest import REPO, stop_process_group, write_params
 from lmforge.params import LmforgeError, load_params
 from models.distillation import distillation_loss
 from test_finetune import sentence, tiny_champion
@@ -185,9 +184,4 @@ def test_mlflow_serves_the_champion_over_http(project: Path):
                 time.sleep(1)
         assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)

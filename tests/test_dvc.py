@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, prose
-from test_finetune import classification_rows, sft_rows
+from test_finetune import write_task_sets
 
 BIN = REPO / ".venv" / "bin"
 STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft",
@@ -41,9 +41,7 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     raw.mkdir(parents=True)
     for i in range(20):
         (raw / f"doc{i}.txt").write_text(prose(i, 80))
-    (project / "data/finetune").mkdir()
-    (project / "data/finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(40)))
-    (project / "data/finetune/summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(30)))
+    write_task_sets(project / "data/finetune")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DAGSTER_HOME": str(tmp_path / "dagster"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("LMFORGE_PARAMS", None)

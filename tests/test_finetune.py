@@ -66,6 +66,22 @@ def sft_rows(n: int, seed: int = 1) -> list[dict]:
     return [{"document": sentence(rng, WORDS, 30), "summary": "a python package for language data", "package": f"p{i}"} for i in range(n)]
 
 
+#: params sections that keep evaluation, fine-tuning and distillation tiny in whole-graph tests.
+TINY_DOWNSTREAM = {
+    "evaluate": {"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
+    "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
+                 "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
+    "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
+}
+
+
+def write_task_sets(directory: Path, classification: int = 40, sft: int = 30) -> None:
+    """Task sets of the given sizes as ``classification.jsonl`` and ``summarisation.jsonl`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(classification)))
+    (directory / "summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(sft)))
+
+
 def task_params(tmp_path: Path, classification_set: list[dict], sft_set: list[dict], **finetune):
     finetune_dir = tmp_path / "finetune"
     finetune_dir.mkdir(exist_ok=True)

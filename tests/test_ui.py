@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_params
-from test_finetune import classification_rows, sft_rows
+from conftest import REPO, stop_process_group, write_params
+from test_finetune import TINY_DOWNSTREAM, write_task_sets
 
 QUERY = "{ assetNodes { assetKey { path } groupName hasAssetChecks } }"
 
@@ -76,14 +75,9 @@ def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, corpus: 
             "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
             "candidates": [{"name": "tiny", "preset": "tiny", "overrides": {}}],
         },
-        evaluate={"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
-        finetune={"min_examples": 20, "classification": {"labels": ["first", "second"]},
-                  "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
-        distil={"steps": 10, "batch_size": 4, "warmup_steps": 2},
+        **TINY_DOWNSTREAM,
     )
-    (tmp_path / "finetune").mkdir()
-    (tmp_path / "finetune/classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(40)))
-    (tmp_path / "finetune/summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(30)))
+    write_task_sets(tmp_path / "finetune")
     env = {**os.environ, "DAGSTER_HOME": str(home), "LMFORGE_PARAMS": str(params)}
     env.pop("MLFLOW_TRACKING_URI", None)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -119,8 +113,4 @@ def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, corpus: 
         assert json.loads((tmp_path / "artifacts/select/summary.json").read_text())["champion"] == "tiny"
         assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
