@@ -2,9 +2,7 @@
 
 import dagster as dg
 
-import lmforge.cleaning
 import lmforge.clean
-import lmforge.dedup
 from assets.common import code_version, md_table, overrides_config, sample_rows, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.artifacts import load_dataset_dir
@@ -18,7 +16,7 @@ CleanConfig.__doc__ = "Overrides of params.yaml `clean` for one run. Used by: cl
     group_name="data",
     kinds={"python", "arrow"},
     deps=["ingest"],
-    code_version=code_version(lmforge.cleaning, lmforge.dedup, lmforge.clean),
+    code_version=code_version("clean"),
     description="Ordered cleaning steps, Gopher-style quality filters, exact and MinHash near "
     "deduplication. Gated by the great-expectations suite (blocking checks).",
 )

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import inspect
+import json
 import types
 import typing
 from typing import Any, Literal, Optional
 
 import dagster as dg
 import pydantic
+import yaml
 
-from lmforge.params import Params, with_overrides
+from lmforge.params import REPO_ROOT, LmforgeError, Params, load_params, to_dict, with_overrides
 
 
 def overrides_config(cls: type, name: str) -> type[dg.Config]:
@@ -74,11 +76,35 @@ def _drop_empty(d: dict) -> dict:
     return out
 
 
-def code_version(*modules: types.ModuleType) -> str:
-    """Hash of the source of the modules that compute an asset: Dagster marks it stale when they change."""
+@functools.cache
+def _dvc_stages() -> dict[str, Any]:
+    return (yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+
+
+def code_version(stage: str) -> str:
+    """A hash of everything but data that DVC's stage ``stage`` depends on: its code files (the
+    ``deps`` outside ``data/`` and ``artifacts/``) and the values of its ``params`` keys, with the size
+    tier in force (``$LMFORGE_TIER``) applied, plus ``paths``.
+
+    Dagster marks an asset stale when its code version changes, so an edit of the code or of
+    params.yaml shows up in the UI (after "Reload definitions") and ``lmforge run`` recomputes exactly
+    the stale assets.  Reading dvc.yaml keeps the two front doors' notions of "changed" the same.
+    """
+    spec = _dvc_stages()[stage]
+    spec = spec.get("do", spec)  # foreach stages (one per candidate) share one template
     h = hashlib.sha256()
-    for module in modules:
-        h.update(inspect.getsource(module).encode())
+    for dep in spec.get("deps", []):
+        if not dep.startswith(("artifacts/", "data/")) and (REPO_ROOT / dep).is_file():
+            h.update(dep.encode() + b"\0" + (REPO_ROOT / dep).read_bytes())
+    try:
+        values = to_dict(load_params())
+    except LmforgeError as exc:  # the run reports it; the version just has to differ from a valid one
+        return "invalid-params-" + hashlib.sha256(str(exc).encode()).hexdigest()[:8]
+    for key in ["paths", *spec.get("params", [])]:
+        value: Any = values
+        for part in key.split("."):
+            value = value[part]
+        h.update(key.encode() + b"\0" + json.dumps(value, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 

@@ -4,8 +4,6 @@ import dagster as dg
 
 import lmforge.compress
 import lmforge.registry
-import models.distillation
-import models.quantization
 from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import DistilParams, PruneParams, QuantizeParams
@@ -28,7 +26,7 @@ def _variants_metadata(summary: dict, out) -> dict:
     kinds={"python", "pytorch", "mlflow"},
     deps=["select", "packed"],
     pool="training",
-    code_version=code_version(models.quantization, lmforge.compress),
+    code_version=code_version("quantize"),
     check_specs=[dg.AssetCheckSpec("perplexity_within_threshold", asset="quantize", blocking=True,
                                    description="A quantized variant's test perplexity rose by at most quantize.max_perplexity_increase.")],
     description="bf16/fp16 casts, int8 dynamic (CPU), int8/int4 weight-only (torchao) variants of the champion: size, "
@@ -51,7 +49,7 @@ def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_
     kinds={"python", "pytorch", "mlflow"},
     deps=["select", "packed"],
     pool="training",
-    code_version=code_version(models.quantization, lmforge.compress),
+    code_version=code_version("prune"),
     description="Magnitude pruning of the champion's linear layers (unstructured and structured), scored like quantize.",
 )
 def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
@@ -65,7 +63,7 @@ def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params
     kinds={"python", "pytorch", "mlflow"},
     deps=["select", "packed"],
     pool="training",
-    code_version=code_version(models.distillation, lmforge.compress),
+    code_version=code_version("distil"),
     check_specs=[dg.AssetCheckSpec("beats_from_scratch", asset="distil", description="The distilled student beats the same student trained from scratch.")],
     description="A smaller student trained on the champion's logits (KL + CE), against the same student trained from scratch.",
 )
@@ -84,7 +82,7 @@ def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_para
     group_name="deploy",
     kinds={"python", "mlflow"},
     deps=["select", "evaluate"],
-    code_version=code_version(lmforge.registry),
+    code_version=code_version("register"),
     description="The champion as a new version of the MLflow registered model (registry.name), tagged with its lineage; "
     "aliases `candidate`, and `champion` when at least as good as the reigning one on the same data.",
 )
@@ -100,7 +98,7 @@ def register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) 
     group_name="deploy",
     kinds={"python", "mlflow"},
     deps=["register", "quantize"],
-    code_version=code_version(lmforge.registry),
+    code_version=code_version("register_quantized"),
     description="The chosen quantized variant of the registered champion as a new version; alias `quantized`.",
 )
 def register_quantized(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:

@@ -4,9 +4,6 @@ import dagster as dg
 
 import lmforge.evaluate
 import lmforge.select
-import models.evaluation
-import models.generation
-import models.metrics
 from assets.common import code_version, inline_png, md_table, overrides_config, stage_params, summary_metadata
 from assets.pretrain import candidates
 from dagster_project.resources import ParamsResource
@@ -24,7 +21,7 @@ SelectConfig.__doc__ = "Overrides of params.yaml `select` for one run (weights: 
     deps=["pretrain", "packed"],
     partitions_def=candidates,
     pool="training",
-    code_version=code_version(models.evaluation, models.generation, models.metrics, lmforge.evaluate),
+    code_version=code_version("evaluate"),
     check_specs=[
         dg.AssetCheckSpec("metrics_finite", asset="evaluate", blocking=True, description="Perplexity is finite on every evaluated split."),
     ],
@@ -60,7 +57,7 @@ def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_
     group_name="evaluation",
     kinds={"python", "mlflow"},
     deps=["evaluate"],
-    code_version=code_version(lmforge.select),
+    code_version=code_version("select"),
     description="Weighted factor matrix over the evaluated candidates (quality, speed, size, training cost, "
     "context extrapolation; weights in params.yaml); names the champion.",
 )

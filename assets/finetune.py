@@ -5,7 +5,6 @@ import json
 import dagster as dg
 
 import lmforge.finetune
-import models.finetune
 from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import FinetuneParams
@@ -17,7 +16,7 @@ FinetuneConfig.__doc__ = "Overrides of params.yaml `finetune` for one run. Used 
 @dg.asset(
     group_name="finetune",
     kinds={"python", "great_expectations"},
-    code_version=code_version(lmforge.finetune),
+    code_version=code_version("task_data"),
     check_specs=[dg.AssetCheckSpec(name, asset="task_data", blocking=True, description=d) for name, d in lmforge.finetune.CHECK_NAMES.items()],
     description="The fine-tuning task sets under paths.finetune (JSONL/CSV), validated with great-expectations "
     "(blocking: enough examples, no empty field, known labels) and split train/val/test by group.",
@@ -46,7 +45,7 @@ def _results_table(summary: dict, metrics: tuple[str, ...], methods: list[str]) 
     kinds={"python", "pytorch", "peft", "mlflow"},
     deps=["task_data", "select"],
     pool="training",
-    code_version=code_version(models.finetune, lmforge.finetune),
+    code_version=code_version("finetune_classifier"),
     check_specs=[dg.AssetCheckSpec("beats_majority_baseline", asset="finetune_classifier", description="Test accuracy and macro-F1 above the majority class's.")],
     description="The champion with a classification head, fine-tuned (full and LoRA); accuracy and macro-F1 "
     "on the test part against the majority-class baseline.",
@@ -70,7 +69,7 @@ def finetune_classifier(context: dg.AssetExecutionContext, config: FinetuneConfi
     kinds={"python", "pytorch", "peft", "mlflow"},
     deps=["task_data", "select"],
     pool="training",
-    code_version=code_version(models.finetune, lmforge.finetune),
+    code_version=code_version("finetune_sft"),
     check_specs=[dg.AssetCheckSpec("beats_zero_shot", asset="finetune_sft", description="Test ROUGE-1/2/L above the pretrained model's zero-shot answers.")],
     description="Supervised fine-tuning of the (causal) champion on prompt/response pairs (full and LoRA); "
     "ROUGE-1/2/L on the test part against the pretrained model's zero-shot answers.",

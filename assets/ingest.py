@@ -1,8 +1,9 @@
 """Asset ``ingest``: raw sources → ``<artifacts>/ingest`` (Arrow dataset + quarantine)."""
 
+import warnings
+
 import dagster as dg
 
-import lmforge.formats
 import lmforge.ingest
 import lmforge.params
 from assets.common import code_version, md_table, overrides_config, sample_rows, stage_params, summary_metadata
@@ -13,10 +14,26 @@ IngestConfig = overrides_config(lmforge.params.IngestParams, "IngestConfig")
 IngestConfig.__doc__ = "Overrides of params.yaml `ingest` for one run. Used by: ingest."
 
 
+def _observe_raw(lmforge_params: ParamsResource) -> dg.DataVersion:
+    return dg.DataVersion(lmforge.ingest.source_fingerprint(lmforge_params.load())[0])
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)  # "beta" upstream for years; the API we use is stable
+    raw_documents = dg.observable_source_asset(
+        name="raw_documents",
+        group_name="data",
+        description="The raw documents of every ingest source (params.yaml ingest.sources).  Its data version is a "
+        "fingerprint of the files (path, size, modification time): observing it (\"Observe sources\", the "
+        "raw_data_changed sensor, `lmforge run`) marks ingest and everything downstream stale when files change.",
+    )(_observe_raw)
+
+
 @dg.asset(
     group_name="data",
+    deps=[raw_documents],
     kinds={"python", "arrow"},
-    code_version=code_version(lmforge.formats, lmforge.ingest),
+    code_version=code_version("ingest"),
     description="Every configured source (files of many formats, Hugging Face datasets) converted to "
     "plain-text documents with provenance; unreadable inputs go to quarantine.jsonl.",
 )

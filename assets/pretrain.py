@@ -5,7 +5,6 @@ import json
 import dagster as dg
 
 import lmforge.pretrain
-import models.lightning_module
 import models.training
 from assets.common import code_version, inline_png, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
@@ -32,7 +31,7 @@ candidates = dg.StaticPartitionsDefinition(_candidates())
     deps=["packed"],
     partitions_def=candidates,
     pool="training",  # dagster.yaml limits the pool to one run at a time on this machine
-    code_version=code_version(models.lightning_module, models.training, lmforge.pretrain),
+    code_version=code_version("pretrain"),
     check_specs=[
         dg.AssetCheckSpec("weights_finite", asset="pretrain", blocking=True, description="Every exported weight is finite."),
         dg.AssetCheckSpec(

@@ -15,7 +15,7 @@ SplitConfig.__doc__ = "Overrides of params.yaml `split` for one run. Used by: sp
     group_name="data",
     kinds={"python", "arrow"},
     deps=["clean"],
-    code_version=code_version(lmforge.split),
+    code_version=code_version("split"),
     description="Hash-based train/val/test split; near-duplicate clusters stay in one split.",
 )
 def split(context: dg.AssetExecutionContext, config: SplitConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:

@@ -3,8 +3,6 @@
 import dagster as dg
 
 import lmforge.vocabulary
-import models.data
-import models.tokenizer
 from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import TokenizerParams
@@ -17,7 +15,7 @@ TokenizerConfig.__doc__ = "Overrides of params.yaml `tokenizer` for one run. Use
     group_name="tokenizer",
     kinds={"python", "huggingface"},
     deps=["split"],
-    code_version=code_version(models.tokenizer, lmforge.vocabulary),
+    code_version=code_version("tokenizer"),
     description="Tokenizer trained on the train split only (byte-level BPE, WordPiece, Unigram or "
     "characters), saved as a PreTrainedTokenizerFast directory; measured on val.",
 )
@@ -43,7 +41,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, lmforg
     group_name="tokenizer",
     kinds={"python", "numpy"},
     deps=["tokenizer", "split"],
-    code_version=code_version(models.data, lmforge.vocabulary),
+    code_version=code_version("packed"),
     description="Every split tokenized in parallel, documents separated by EOS/SEP, packed into "
     "fixed-length blocks in memory-mappable token files.",
 )

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from dagster_project.errors import root_cause
 from lmforge.params import REPO_ROOT, LmforgeError, load_params
 
 app = typer.Typer(
@@ -41,23 +42,31 @@ def _use_params(params: Optional[Path]) -> None:
 
 @app.command()
 def run(
-    select: str = typer.Option("*", "--select", "-s", help="Dagster asset selection, e.g. 'ingest', 'key:clean+', 'group:data'."),
+    select: Optional[str] = typer.Option(
+        None, "--select", "-s", help="Dagster asset selection, e.g. 'ingest', 'key:clean+', 'group:data' (runs them even if up to date)."
+    ),
     params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml (same as $LMFORGE_PARAMS)."),
+    tier: Optional[str] = typer.Option(None, "--tier", "-t", help="Size tier from params.yaml `tiers:` (tiny, gpu; default: demo, params.yaml as is)."),
     config: Optional[Path] = typer.Option(None, help="YAML run config: per-stage overrides, as in the UI launchpad."),
     partition: Optional[list[str]] = typer.Option(
         None, "--partition", "-p", help="Candidate(s) to pretrain (partitioned assets); default: every candidate."
     ),
+    force: bool = typer.Option(False, "--force", help="Recompute every selected asset, even those that are up to date."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Dagster's debug events too and tracebacks."),
 ) -> None:
-    """Materialize the selected assets (with their checks) and print each stage's summary.
+    """Materialize assets (with their checks) and print each stage's summary.
 
-    The unpartitioned assets the partitioned ones need run first, in one run; then each partition
-    (pretraining candidate: pretrain, evaluate), one run per partition; then the other unpartitioned
-    assets (select, fine-tuning).  A failed partition does not stop the others.
+    Without --select, only what is stale or missing is recomputed (Dagster's code and data versions:
+    a change of code, params.yaml or raw documents), and the run ends with the pipeline's summary
+    table.  The unpartitioned assets the partitioned ones need run first, in one run; then each
+    partition (pretraining candidate: pretrain, evaluate), one run per partition; then the other
+    unpartitioned assets (select, fine-tuning, ...).  A failed partition does not stop the others.
     """
     import yaml
 
     _use_params(params)
+    if tier is not None:
+        os.environ["LMFORGE_TIER"] = tier  # before the code location loads: code versions include the tier's params
     try:
         load_params()  # a config mistake is reported before Dagster starts
         run_config = yaml.safe_load(config.read_text()) if config else {}
@@ -65,13 +74,18 @@ def run(
         _fail(str(exc))
     except (OSError, yaml.YAMLError) as exc:
         _fail(f"cannot read run config {config}: {exc}")
-    _materialize(select, run_config or {}, verbose, partition)
+    ok = _materialize(select or "*", run_config or {}, verbose, partition, stale_only=select is None and not force)
+    if select is None:
+        _print_table(load_params())
+    if not ok:
+        raise typer.Exit(1)
 
 
-def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None) -> None:
+def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool) -> bool:
     import dagster as dg
 
     from dagster_project.definitions import defs
+    from dagster_project.resources import TIER_TAG
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster")))
     home.mkdir(parents=True, exist_ok=True)
@@ -87,42 +101,72 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
         _fail(f"selection '{select}' matches no asset (assets: {', '.join(sorted(k.to_user_string() for k in graph.get_all_asset_keys()))})")
     partitioned = sorted(k for k in keys if graph.get(k).partitions_def is not None)
     plain = sorted(k for k in keys if graph.get(k).partitions_def is None)
-    # what the partitions need (data, tokenizer) runs first; the rest (select, task sets, fine-tuning)
-    # after every partition, so that a failure there cannot keep the candidates from training
-    needed = dg.AssetSelection.assets(*partitioned).upstream().resolve(graph) if partitioned else set(plain)
-    before = [k for k in plain if k in needed]
-    after = [k for k in plain if k not in needed]
     known = sorted({p for k in partitioned for p in graph.get(k).partitions_def.get_partition_keys()})
     for p in partitions or []:
         if p not in known:
             _fail(f"no partition '{p}' (partitions: {', '.join(known) or 'none selected'})")
     logger = {"log_level": "DEBUG" if verbose else "INFO", "tracebacks": verbose}
     run_config = {**run_config, "loggers": {"console": {"config": logger}}}
+    tier = os.environ.get("LMFORGE_TIER")
     job = defs.resolve_implicit_global_asset_job_def()
-    runs = ([(before, None)] if before else []) + [(partitioned, p) for p in (partitions or known) if partitioned] + ([(after, None)] if after else [])
     failed = False
     with dg.DagsterInstance.get() as instance:
-        for selection, partition_key in runs:
+        todo = _out_of_date(instance, graph, keys, known) if stale_only else {(k, p) for k in partitioned for p in known} | {(k, None) for k in plain}
+        if stale_only:
+            typer.echo(f"up to date: {len(keys) - len({k for k, _ in todo})} of {len(keys)} assets; to compute: "
+                       + (", ".join(sorted({k.to_user_string() for k, _ in todo})) or "nothing"))
+        plain = [k for k in plain if (k, None) in todo]
+        # what the partitions need (data, tokenizer) runs first; the rest (select, task sets, fine-tuning)
+        # after every partition, so that a failure there cannot keep the candidates from training
+        needed = dg.AssetSelection.assets(*partitioned).upstream().resolve(graph) if partitioned else set(plain)
+        runs = [([k for k in plain if k in needed], None)]
+        runs += [([k for k in partitioned if (k, p) in todo], p) for p in (partitions or known)]
+        runs += [([k for k in plain if k not in needed], None)]
+        for selection, partition_key in [(s, p) for s, p in runs if s]:
             result = job.execute_in_process(
-                run_config=run_config, instance=instance, asset_selection=selection, partition_key=partition_key, raise_on_error=False
+                run_config=run_config, instance=instance, asset_selection=selection, partition_key=partition_key,
+                raise_on_error=False, tags={TIER_TAG: tier} if tier else None,
             )
             ok = _report(result, partition_key)
             failed |= not ok
             if not ok and partition_key is None:  # a failed partition does not stop the others; the rest does
                 break
-    if failed:
-        raise typer.Exit(1)
+    return not failed
 
 
-def _root_cause(error) -> tuple[str, str]:
-    """The innermost error of a step failure, as (class name, message without the class prefix)."""
-    while error.cause is not None:
-        error = error.cause
-    message = error.message.strip()
-    prefix = message.split(":", 1)[0]
-    if prefix.rsplit(".", 1)[-1] == error.cls_name:
-        message = message.split(":", 1)[1].strip()
-    return error.cls_name or "Error", message
+def _out_of_date(instance, graph, keys, partitions: list[str]) -> set:
+    """(asset key, partition) pairs that are stale or missing in Dagster's eyes (code version, params,
+    upstream data versions, raw documents) or whose summary.json is gone from this tier's artifacts."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.temporal_context import TemporalContext
+    from dagster._time import get_current_datetime
+
+    from dagster_project.sensors import RAW_DOCUMENTS, report_raw_version
+    from lmforge.ingest import source_fingerprint
+
+    params = load_params()
+
+    def resolver():
+        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                              instance=instance, asset_graph=graph)
+        return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+
+    try:
+        fingerprint = source_fingerprint(params)[0]
+    except LmforgeError:
+        fingerprint = None  # ingest reports the missing source
+    if fingerprint and resolver().get_current_data_version(RAW_DOCUMENTS).value != fingerprint:
+        report_raw_version(instance, fingerprint)
+    status = resolver()
+    todo = set()
+    for key in keys:
+        stage = key.to_user_string()
+        for partition in (partitions if graph.get(key).partitions_def is not None else [None]):
+            summary = params.stage_dir(stage) / (partition or "") / "summary.json"
+            if status.get_status(key, partition) != StaleStatus.FRESH or not summary.exists():
+                todo.add((key, partition))
+    return todo
 
 
 def _report(result, partition: str | None) -> bool:
@@ -138,7 +182,7 @@ def _report(result, partition: str | None) -> bool:
         typer.secho(f"check {'warning' if warning else 'failed'}: {key.asset_key.to_user_string()}/{key.name}: {evaluation.description}",
                     fg=typer.colors.YELLOW if warning else typer.colors.RED, err=True)
     for event in result.get_step_failure_events():
-        cls_name, message = _root_cause(event.step_failure_data.error)
+        cls_name, message = root_cause(event.step_failure_data.error)
         if cls_name == "DagsterAssetCheckFailedError":
             continue  # already reported above, check by check
         if cls_name in ("LmforgeError", "ParamsError"):
@@ -178,12 +222,28 @@ def _print_summary(label: str, path: Path) -> None:
             typer.echo(f"{'':>9}  quarantined by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()))
 
 
+def _print_table(params) -> None:
+    from lmforge.report import render, rows
+
+    typer.echo(f"\nlmforge: {params.artifacts}")
+    typer.echo(render(rows(params)))
+
+
 @app.command()
-def summary(params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml.")) -> None:
-    """Print the summary.json of every stage materialized so far."""
+def summary(
+    params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml."),
+    tier: Optional[str] = typer.Option(None, "--tier", "-t", help="Size tier (params.yaml `tiers:`)."),
+    stages: bool = typer.Option(False, "--stages", help="Every number of every stage's summary.json instead of the table."),
+) -> None:
+    """The pipeline at a glance: documents, vocabulary, candidates, champion, fine-tuning, compression, registry."""
     _use_params(params)
+    if tier is not None:
+        os.environ["LMFORGE_TIER"] = tier
     try:
-        _print_summaries(list(STAGES))
+        if stages:
+            _print_summaries(list(STAGES))
+        else:
+            _print_table(load_params())
     except LmforgeError as exc:
         _fail(str(exc))
 
@@ -227,7 +287,8 @@ def generate(
             _fail(str(exc))
         ref = model or _champion_dir(p)
         from lmforge.tracking import tracking_uri
-        from models.generation import ModelNotFound, generate as run_generate, load
+        from models.generation import ModelNotFound, load
+        from models.generation import generate as run_generate
 
         try:
             lm, tokenizer, objective = load(ref, tracking_uri=tracking_uri(p))

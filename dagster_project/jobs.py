@@ -1,8 +1,20 @@
-"""Jobs: named selections of assets that users launch, schedule or trigger from sensors."""
+"""Jobs: named selections of assets that users launch, schedule or trigger from sensors.
+
+A job that holds the partitioned assets (one partition per pretraining candidate) is launched for all
+candidates with "Materialize all" in the UI (a backfill: the unpartitioned assets once, each candidate's
+pretrain/evaluate in a run of its own) or for one candidate from its Launchpad.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
+
+from dagster_project.resources import TIER_TAG
+
+#: Every asset (the raw-data source is observed, not materialized).
+EVERYTHING = dg.AssetSelection.all()
+#: From the vocabulary onward: what a retrain recomputes when the validated splits stand.
+FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer").downstream()
 
 #: Raw documents → validated splits.  The checks of the selected assets run with them.
 data_job = dg.define_asset_job(
@@ -46,4 +58,33 @@ deploy_job = dg.define_asset_job(
     description="Quantize, prune and distil the champion; register it and its quantized variant with aliases.",
 )
 
-JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job]
+#: The whole graph with params.yaml as it is (the demo tier).
+full_job = dg.define_asset_job(
+    "full_job",
+    selection=EVERYTHING,
+    description="The whole pipeline, raw documents to registered model, with params.yaml as it is (the demo tier).",
+)
+
+#: Everything from the vocabulary onward, on the current splits.
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=FROM_VOCABULARY,
+    description="Retrain from the tokenizer onward (pretraining, evaluation, fine-tuning, compression, registry) on the current splits.",
+)
+
+#: The size tiers (params.yaml `tiers:`): the same graph with the tier's overrides, writing its own artifacts.
+tiny_job = dg.define_asset_job(
+    "tiny_job",
+    selection=EVERYTHING,
+    tags={TIER_TAG: "tiny"},
+    executor_def=dg.in_process_executor,  # one process, one import of torch: minutes on a laptop CPU
+    description="The whole pipeline at the tiny tier (~5 minutes on 2 CPU cores; artifacts/tiny, registry lmforge-tiny).",
+)
+gpu_job = dg.define_asset_job(
+    "gpu_job",
+    selection=EVERYTHING,
+    tags={TIER_TAG: "gpu"},
+    description="The whole pipeline at the GPU tier (125M-parameter candidates, bf16, FSDP2 over every visible GPU).",
+)
+
+JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, full_job, retrain_job, tiny_job, gpu_job]

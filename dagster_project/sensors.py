@@ -1,48 +1,114 @@
-"""Sensors: react to new or changed raw documents."""
+"""Sensors: new or changed raw documents start the pipeline; failures are recorded where users look;
+registry versions made outside Dagster show up on the `register` asset."""
 
 from __future__ import annotations
 
-import hashlib
-import os
+import json
+import time
+from datetime import datetime, timezone
 
 import dagster as dg
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
+from dagster_project.errors import root_cause
 from dagster_project.jobs import data_job
-from dagster_project.resources import ParamsResource
-from lmforge.ingest import resolve_source_path
+from dagster_project.resources import TIER_TAG, ParamsResource
+from dagster_project.schedules import AUTOMATION, THEN_DOWNSTREAM, THEN_TAG
+from lmforge.ingest import source_fingerprint
+from lmforge.params import REPO_ROOT, LmforgeError, load_params
+
+#: The source asset whose data version is the fingerprint of the raw documents.
+RAW_DOCUMENTS = dg.AssetKey("raw_documents")
+#: Where failed runs are recorded, under the tier's artifacts directory.
+FAILURES = "run_failures.jsonl"
 
 
-def source_fingerprint(params) -> str:
-    """A hash of (path, size, mtime) of every file under the directory sources: cheap, no reading."""
-    h = hashlib.sha256()
-    for source in params.ingest.sources:
-        if source.type != "directory":
-            continue
-        root = resolve_source_path(params, source)
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.lstat(full)
-                except OSError:
-                    continue
-                h.update(f"{os.path.relpath(full, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+def report_raw_version(instance: dg.DagsterInstance, fingerprint: str) -> None:
+    """Record the raw documents' current version, so that the UI marks `ingest` and everything
+    downstream stale (the same event the UI's "Observe sources" button records)."""
+    instance.report_runless_asset_event(
+        dg.AssetObservation(asset_key=RAW_DOCUMENTS, tags={"dagster/data_version": fingerprint})
+    )
 
 
 @dg.sensor(
     job=data_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Runs the data job when files under the ingest source directories are added, removed or changed.",
+    description="New, changed or removed files under the ingest source directories start the data job, then "
+    "everything downstream.  Waits until no file changed for automation.settle_seconds (a file still being "
+    "copied is not ingested half-written); one change, one run (the cursor is the files' fingerprint).",
 )
 def raw_data_changed(context: dg.SensorEvaluationContext, lmforge_params: ParamsResource):
-    fingerprint = source_fingerprint(lmforge_params.load())
+    params = lmforge_params.load()
+    fingerprint, newest = source_fingerprint(params)
     if fingerprint == context.cursor:
         return dg.SkipReason("no change under the source directories")
+    quiet_for = time.time() - newest
+    if quiet_for < params.automation.settle_seconds:
+        return dg.SkipReason(f"files are changing (last change {quiet_for:.0f} s ago): waiting until they settle")
+    report_raw_version(context.instance, fingerprint)
     context.update_cursor(fingerprint)
-    return dg.RunRequest(run_key=fingerprint)
+    return dg.RunRequest(
+        run_key=fingerprint,
+        tags={TIER_TAG: params.automation.retrain_tier, THEN_TAG: THEN_DOWNSTREAM, "lmforge/trigger": "raw_data_changed"},
+    )
 
 
-SENSORS = [raw_data_changed]
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After a successful run tagged lmforge/then=downstream (started by weekly_retrain or raw_data_changed), "
+    "launches one backfill of everything downstream of it: each pretraining candidate, then selection, "
+    "fine-tuning, compression and the registry.  Untagged runs (yours from the UI) are left alone.",
+)
+def continue_downstream(context: dg.SensorEvaluationContext):
+    since = float(context.cursor or 0.0)
+    runs = context.instance.get_runs(
+        filters=dg.RunsFilter(tags={THEN_TAG: THEN_DOWNSTREAM}, statuses=[dg.DagsterRunStatus.SUCCESS], updated_after=datetime.fromtimestamp(since, timezone.utc))
+    )
+    runs = [r for r in runs if not r.tags.get("dagster/backfill")]
+    if not runs:
+        return dg.SkipReason("no finished run asks for its downstream assets")
+    graph = context.repository_def.asset_graph
+    requests = []
+    for run in sorted(runs, key=lambda r: context.instance.get_run_record_by_id(r.run_id).update_timestamp.timestamp()):
+        done = set(run.asset_selection or ())
+        downstream = dg.AssetSelection.assets(*done).downstream().resolve(graph) - done
+        if downstream:
+            tags = {TIER_TAG: run.tags.get(TIER_TAG, AUTOMATION.retrain_tier), "lmforge/after_run": run.run_id}
+            requests.append(dg.RunRequest.for_asset_graph_subset(AssetGraphSubset.from_asset_keys(downstream, graph), tags=tags))
+        since = max(since, context.instance.get_run_record_by_id(run.run_id).update_timestamp.timestamp())
+    context.update_cursor(str(since))
+    return requests
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records every failed run in <artifacts>/run_failures.jsonl (shown by `lmforge summary` and `make demo`).",
+)
+def record_run_failure(context: dg.RunFailureSensorContext):
+    run = context.dagster_run
+    steps = [e.step_key for e in context.get_step_failure_events()]
+    errors = [": ".join(root_cause(e.event_specific_data.error)) for e in context.get_step_failure_events()
+              if e.event_specific_data and e.event_specific_data.error]
+    record = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run.run_id,
+        "job": run.job_name,
+        "tier": run.tags.get(TIER_TAG),
+        "partition": run.tags.get("dagster/partition"),
+        "steps": steps,
+        "error": errors[0] if errors else context.failure_event.message,
+    }
+    try:
+        path = load_params(tier=run.tags.get(TIER_TAG)).artifacts / FAILURES
+    except LmforgeError:  # the failure may be the params file itself
+        path = REPO_ROOT / "artifacts" / FAILURES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    context.log.info(f"run {run.run_id[:8]} of {run.job_name} failed: recorded in {path}")
+
+
+SENSORS = [raw_data_changed, continue_downstream, record_run_failure]

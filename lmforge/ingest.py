@@ -11,8 +11,10 @@ or of a Hugging Face dataset is one document or one quarantine record.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -101,6 +103,31 @@ def list_items(params: Params) -> tuple[list[Item], int]:
         items += found
         filtered += skipped
     return items, filtered
+
+
+def source_fingerprint(params: Params) -> tuple[str, float]:
+    """(hash, newest modification time) of what ingest would read, without reading any file.
+
+    Directory sources contribute each file's relative path, size and modification time (the same
+    include/exclude globs as ingest); other sources their settings.  The raw-data sensor and the
+    ``raw_documents`` source asset use the hash as the data's version, and the newest time to wait
+    until files being copied in have settled.
+    """
+    h = hashlib.sha256()
+    newest = 0.0
+    for source in params.ingest.sources:
+        h.update(json.dumps(dataclasses.asdict(source), sort_keys=True).encode())
+        root = resolve_source_path(params, source)
+        if source.type != "directory" or not root.is_dir():
+            continue
+        for item in _walk(source, root)[0]:
+            try:
+                st = os.lstat(item.abs_path)
+            except OSError:
+                continue
+            newest = max(newest, st.st_mtime)
+            h.update(f"{item.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16], newest
 
 
 def _walk(source: SourceParams, root: Path) -> tuple[list[Item], int]:

@@ -353,6 +353,15 @@ class RegistryParams:
     name: str = "lmforge"  # the registered model in MLflow: models:/lmforge@champion
 
 @dataclass
+class AutomationParams:
+    """Schedules and sensors (dagster_project/schedules.py, sensors.py); read when the code location loads."""
+
+    retrain_cron: str = "0 4 * * 1"  # weekly: retraining follows slow-moving sources
+    retrain_tier: str = "demo"  # the size tier that scheduled and sensor-started runs use
+    settle_seconds: int = 30  # a file still being copied changes size/mtime: wait until the sources are quiet
+
+
+@dataclass
 class Params:
     paths: PathsParams = field(default_factory=PathsParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
@@ -368,6 +377,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     distil: DistilParams = field(default_factory=DistilParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    automation: AutomationParams = field(default_factory=AutomationParams)
 
     def path(self, value: str | os.PathLike) -> Path:
         """Resolve a path from a params file: absolute as is, relative against the repo root."""
@@ -455,15 +465,65 @@ def params_file() -> Path:
     return REPO_ROOT / "params.yaml"
 
 
-def load_params(path: str | os.PathLike | None = None) -> Params:
+#: The tier whose overlay ``load_params`` applies when none is named (``params.yaml`` itself is the demo tier).
+BASE_TIER = "demo"
+
+
+def current_tier() -> str:
+    """The size tier in force: ``$LMFORGE_TIER`` (set by ``lmforge run --tier``) or the base tier."""
+    return os.environ.get("LMFORGE_TIER") or BASE_TIER
+
+
+def load_params(path: str | os.PathLike | None = None, tier: str | None = None) -> Params:
+    """The params file as typed dataclasses, with the overlay of a size ``tier`` applied.
+
+    ``tiers:`` in the file maps a tier name (tiny, gpu, ...) to overrides of any section, merged key
+    by key (lists replace).  Every tier is validated on every load, so a typo in a tier nobody runs
+    today is still reported at once, with its path.
+    """
     path = Path(path) if path is not None else params_file()
+    tier = tier or current_tier()
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return build(Params, data or {}, "")
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {_describe(data)}")
+    tiers = data.pop("tiers", None) or {}
+    if not isinstance(tiers, dict):
+        raise ParamsError(f"tiers: expected a mapping of tier name to overrides, got {_describe(tiers)}")
+    built = {BASE_TIER: build(Params, data, "")}
+    for name, overlay in tiers.items():
+        if not isinstance(overlay, dict):
+            raise ParamsError(f"tiers.{name}: expected a mapping of overrides, got {_describe(overlay)}")
+        try:
+            built[name] = build(Params, deep_merge(data, overlay), "")
+        except ParamsError as exc:
+            raise ParamsError(f"tiers.{name}: {exc}") from None
+    for name in {tier, built[BASE_TIER].automation.retrain_tier}:
+        if name not in built:
+            raise ParamsError(f"unknown tier '{name}' (tiers in {path.name}: {', '.join(built)})")
+    return built[tier]
+
+
+def tier_names(path: str | os.PathLike | None = None) -> list[str]:
+    """The base tier and every tier the params file defines."""
+    path = Path(path) if path is not None else params_file()
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return [BASE_TIER, *((data.get("tiers") or {}) if isinstance(data, dict) else {})]
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay`` merged in: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def with_overrides(obj: Any, overrides: dict[str, Any]) -> Any:

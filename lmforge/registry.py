@@ -15,6 +15,7 @@ model's blocking checks passed:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import mlflow.pyfunc
 from lmforge.artifacts import read_summary, write_summary
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
+
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A pyfunc model: prompts in, completions out; sampling options (``SamplingParams``) as params."""
@@ -58,7 +60,6 @@ def _requirements() -> list[str]:
 def log_and_register(params: Params, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
     """Log ``model_dir`` as a pyfunc model in ``run_id`` and register it; return the new version."""
     import mlflow
-
     from models.generation import use_mlflow_store
 
     use_mlflow_store(tracking_uri(params))
@@ -75,6 +76,42 @@ def log_and_register(params: Params, run_id: str, model_dir: Path, tags: dict[st
     return str(version)
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """A hash of every file of a model directory (names and bytes): the same model, the same hash."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model_dir)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def register_once(params: Params, model_dir: Path, tags: dict[str, str], run_name: str, run_tags: dict[str, str],
+                  parent_run_id: str | None) -> tuple[str, str, bool]:
+    """Register ``model_dir`` unless a version with the same weights exists: (version, MLflow run id, new?).
+
+    Re-running the pipeline on unchanged inputs reproduces the same weights; registering them again
+    would pile up identical versions, so the existing one is reused (its aliases are still updated).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
+
+    sha = weights_sha256(model_dir)
+    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
+    try:
+        same = client.search_model_versions(f"name='{params.registry.name}' and tags.weights_sha256='{sha}'")
+    except MlflowException:  # no such registered model yet
+        same = []
+    if same:
+        existing = max(same, key=lambda v: int(v.version))
+        return str(existing.version), existing.run_id, False
+    with tracked_run(params, run_name, run_tags, parent_run_id=parent_run_id) as (_client, run_id):
+        version = log_and_register(params, run_id, model_dir, {**tags, "weights_sha256": sha})
+    return version, run_id, True
+
+
 def current(client, name: str, alias: str):
     """The version behind ``name@alias``, or None."""
     from mlflow.exceptions import MlflowException
@@ -86,6 +123,10 @@ def current(client, name: str, alias: str):
 
 
 def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    """Register the champion of ``select`` (once per distinct weights), point ``candidate`` at it, and
+    ``champion`` too unless the reigning champion scores better on the same data."""
+    from mlflow import MlflowClient
+
     say = report or (lambda _msg: None)
     chosen = read_summary(params.stage_dir("select"))
     name = chosen["champion"]
@@ -98,24 +139,27 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     metrics = {k: evaluation[k] for k in ("perplexity", "bits_per_byte", "token_accuracy") if evaluation.get(k) is not None}
     arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
     summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
-    with tracked_run(params, f"register {name}", {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
-                     parent_run_id=chosen.get("champion_pretrain_run_id")) as (client, run_id):
-        tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
-                **{k: str(v) for k, v in metrics.items()}}
-        version = log_and_register(params, run_id, params.path(chosen["champion_dir"]), tags)
-        client.set_registered_model_alias(registry, "candidate", version)
-        summary["candidate_version"] = version
-        reigning = current(client, registry, "champion")
-        promote = (reigning is None or reigning.tags.get("dvc_data_md5") != lineage["dvc_data_md5"]
-                   or float(metrics["bits_per_byte"]) <= float(reigning.tags.get("bits_per_byte", "inf")))
-        if promote:
-            client.set_registered_model_alias(registry, "champion", version)
-            say(f"register: {registry} version {version} ({name}) is the champion")
-        else:
-            say(f"register: {registry} version {version} ({name}) stays a candidate: champion version {reigning.version} "
-                f"has {reigning.tags['bits_per_byte']} bits/byte on the same data")
-        summary["champion_version"] = version if promote else str(reigning.version)
-        summary["promoted"] = promote
+    tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
+            **{k: str(v) for k, v in metrics.items()}}
+    version, run_id, new = register_once(params, params.path(chosen["champion_dir"]), tags, f"register {name}",
+                                         {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
+                                         chosen.get("champion_pretrain_run_id"))
+    if not new:
+        say(f"register: {registry} version {version} already holds these weights ({name}): not registered again")
+    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
+    client.set_registered_model_alias(registry, "candidate", version)
+    summary["candidate_version"] = version
+    reigning = current(client, registry, "champion")
+    promote = (reigning is None or str(reigning.version) == version or reigning.tags.get("dvc_data_md5") != lineage["dvc_data_md5"]
+               or float(metrics["bits_per_byte"]) <= float(reigning.tags.get("bits_per_byte", "inf")))
+    if promote:
+        client.set_registered_model_alias(registry, "champion", version)
+        say(f"register: {registry} version {version} ({name}) is the champion")
+    else:
+        say(f"register: {registry} version {version} ({name}) stays a candidate: champion version {reigning.version} "
+            f"has {reigning.tags['bits_per_byte']} bits/byte on the same data")
+    summary["champion_version"] = version if promote else str(reigning.version)
+    summary["promoted"] = promote
     summary["mlflow_run_id"] = run_id
     params.stage_dir("register").mkdir(parents=True, exist_ok=True)
     write_summary(params.stage_dir("register"), summary)
@@ -137,13 +181,12 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
     if champion is None or champion.tags.get("candidate") != quantized["champion"]:
         raise LmforgeError(f"register_quantized: the quantized model is of '{quantized['champion']}', but {registry}@champion is "
                            f"{champion.tags.get('candidate') if champion else 'not set'}: re-run quantize on the champion")
-    with tracked_run(params, f"register quantized {quantized['champion']}", {"stage": "register_quantized", "dagster_run_id": dagster_run_id},
-                     parent_run_id=registered.get("mlflow_run_id")) as (client, run_id):
-        tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "candidate": quantized["champion"], "kind": "quantized",
-                "variant": quantized["chosen"], "base_version": str(champion.version),
-                **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
-        version = log_and_register(params, run_id, params.path(quantized["chosen_dir"]), tags)
-        client.set_registered_model_alias(registry, "quantized", version)
+    tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "candidate": quantized["champion"], "kind": "quantized",
+            "variant": quantized["chosen"], "base_version": str(champion.version),
+            **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
+    version, run_id, _new = register_once(params, params.path(quantized["chosen_dir"]), tags, f"register quantized {quantized['champion']}",
+                                          {"stage": "register_quantized", "dagster_run_id": dagster_run_id}, registered.get("mlflow_run_id"))
+    client.set_registered_model_alias(registry, "quantized", version)
     say(f"register_quantized: {registry} version {version} ({quantized['chosen']} of version {champion.version}) is `quantized`")
     summary = {"registered_model": registry, "quantized_version": version, "variant": quantized["chosen"], "base_version": str(champion.version),
                "mlflow_run_id": run_id}

@@ -3,13 +3,12 @@
 import dagster as dg
 
 from dagster_project.definitions import defs
-from dagster_project.sensors import raw_data_changed
 
 
 def test_asset_graph_snapshot():
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
-        "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
+        "raw_documents": "data", "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
         "evaluate": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
         **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized"), "deploy"),
     }
@@ -23,8 +22,9 @@ def test_asset_graph_snapshot():
         assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey(name)).parent_keys) == ["select", "task_data"]
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("packed")).parent_keys) == ["split", "tokenizer"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("clean")).parent_keys] == ["ingest"]
+    assert [p.to_user_string() for p in graph.get(dg.AssetKey("ingest")).parent_keys] == ["raw_documents"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("split")).parent_keys] == ["clean"]
-    for key in graph.get_all_asset_keys():
+    for key in graph.materializable_asset_keys:
         node = graph.get(key)
         assert node.code_version and "python" in node.kinds
 
@@ -43,21 +43,3 @@ def test_checks_are_blocking():
     # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
     warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch")}
     assert all(spec.blocking != (key in warnings) for key, spec in specs.items())
-
-
-def test_jobs_schedules_sensors():
-    for job in ("data_job", "tokenizer_job", "pretrain_job", "evaluation_job", "finetune_job", "deploy_job"):
-        assert defs.resolve_job_def(job) is not None
-    assert defs.resolve_schedule_def("nightly_data").cron_schedule == "0 3 * * *"
-    assert defs.resolve_sensor_def("raw_data_changed") is not None
-
-
-def test_sensor_requests_a_run_only_when_raw_files_change(params_file, corpus):
-    from dagster_project.resources import ParamsResource
-
-    with dg.build_sensor_context(cursor=None, resources={"lmforge_params": ParamsResource()}) as ctx:
-        first = raw_data_changed(ctx)
-        assert isinstance(first, dg.RunRequest)
-        assert isinstance(raw_data_changed(ctx), dg.SkipReason)  # cursor moved: nothing new
-        (corpus / "new.txt").write_text("a new document arrives")
-        assert isinstance(raw_data_changed(ctx), dg.RunRequest)

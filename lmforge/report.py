@@ -1,0 +1,78 @@
+"""The pipeline at a glance: one table built from every stage's summary.json (``lmforge summary``,
+the end of ``lmforge run`` and ``make demo``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.params import Params
+
+UI_COMMANDS = "make ui  →  Dagster http://127.0.0.1:3000 · MLflow http://127.0.0.1:5000"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _reasons(by_reason: dict[str, int]) -> str:
+    top = sorted(by_reason.items(), key=lambda kv: -kv[1])[:3]
+    return f" ({', '.join(f'{k} {v}' for k, v in top)})" if top else ""
+
+
+def rows(params: Params) -> list[tuple[str, str, str]]:
+    """(stage, item, value) rows; a stage not materialized yet says so."""
+    s = {stage: _load(params.stage_dir(stage) / "summary.json") for stage in (
+        "ingest", "clean", "split", "tokenizer", "packed", "select", "finetune_classifier", "finetune_sft",
+        "quantize", "distil", "register", "register_quantized")}
+    out: list[tuple[str, str, str]] = []
+
+    def add(stage: str, item: str, render) -> None:
+        summary = s.get(stage)
+        out.append((stage, item, render(summary) if summary else "not materialized"))
+
+    add("ingest", "documents", lambda d: f"{d['documents']} read, {d['quarantined']} quarantined{_reasons(d['by_reason'])}")
+    add("clean", "documents", lambda d: f"{d['kept']} kept, {d['quarantined']} quarantined{_reasons(d['by_reason'])}")
+    add("split", "documents", lambda d: f"train {d['train']} · val {d['val']} · test {d['test']}")
+    add("tokenizer", "vocabulary", lambda d: f"{d['algorithm']} {d['vocab_size']:,} · {d['bytes_per_token']:.2f} bytes/token · unk {d['unk_rate']:.2%}")
+    add("packed", "tokens", lambda d: f"{d['train_tokens']:,} train tokens in {d['train_blocks']:,} blocks of {d['block_size']}")
+    champion = (s["select"] or {}).get("champion")
+    scores = (s["select"] or {}).get("scores", {})
+    for c in params.pretrain.candidates:
+        pre = _load(params.stage_dir("pretrain") / c.name / "summary.json")
+        ev = _load(params.stage_dir("evaluate") / c.name / "summary.json")
+        if not pre:
+            out.append(("pretrain", c.name, "not materialized"))
+            continue
+        text = f"{pre['parameters'] / 1e6:.2f} M params · {pre['tokens_per_second']:,.0f} tokens/s"
+        if ev:
+            text += f" · test ppl {ev['perplexity']:.1f} · {ev['bits_per_byte']:.3f} bits/byte"
+        if c.name in scores:
+            text += f" · score {scores[c.name]:.3f}" + ("  ★ champion" if c.name == champion else "")
+        out.append(("candidate", c.name, text))
+    add("select", "champion", lambda d: f"{d['champion']} (score {d['champion_score']:.3f})")
+    add("finetune_classifier", "macro-F1", lambda d: f"{d['macro_f1']:.3f} ({d['best_method']}) vs majority baseline {d['baseline_macro_f1']:.3f} · accuracy {d['accuracy']:.3f}")
+    add("finetune_sft", "ROUGE-L", lambda d: f"{d['rougeL']:.3f} ({d['best_method']}) vs zero-shot {d['baseline_rougeL']:.3f} · ROUGE-1 {d['rouge1']:.3f}")
+    add("quantize", "chosen variant", lambda d: (
+        f"{d['chosen']}: {d['linear_size_ratio']:.2f}× smaller linear weights ({d['disk_size_ratio']:.2f}× on disk) · "
+        f"speedup {d['speedup_b1']:.2f}× b1 / {d['speedup_b8']:.2f}× b8 · perplexity {d['perplexity_increase']:+.2%}"
+    ) if d.get("chosen") else "no variant within the perplexity threshold")
+    add("distil", "student", lambda d: f"{d['student_parameters'] / 1e6:.2f} M params · ppl {d['distilled_perplexity']:.0f} distilled vs {d['from_scratch_perplexity']:.0f} from scratch")
+    add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
+        + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
+    add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
+    failures = params.artifacts / "run_failures.jsonl"
+    if failures.exists() and failures.read_text().strip():
+        last = json.loads(failures.read_text().strip().splitlines()[-1])
+        out.append(("failures", "last failed run", f"{last['time']} {last['job']} {last['run_id'][:8]}: {last['error'][:80]} ({failures})"))
+    out.append(("UIs", "open", UI_COMMANDS))
+    return out
+
+
+def render(table: list[tuple[str, str, str]]) -> str:
+    """A plain-text table (no terminal codes: it reads the same in a CI log)."""
+    widths = [max(len(r[i]) for r in table) for i in range(2)]
+    line = "─" * (widths[0] + widths[1] + 4 + max(len(r[2]) for r in table))
+    body = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in table]
+    return "\n".join([line, *body, line])
