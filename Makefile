@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: install demo test ui clean-artifacts
 
 $(STAMP): requirements.lock requirements-dvc.lock pyproject.toml
@@ -26,15 +28,18 @@ $(STAMP): requirements.lock requirements-dvc.lock pyproject.toml
 
 install: $(STAMP)
 
+# The browser test drives the web UIs in headless Chromium (Debian's package; playwright is in the lock file).
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "the UI test needs Chromium at $(CHROMIUM): install your system's chromium package"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
 demo: install
 	@if [ -z "$$(ls -A data/raw 2>/dev/null)" ]; then $(BIN)/lmforge demo-corpus; fi
 	$(BIN)/lmforge run
-	@echo
-	@echo "Next: 'make ui' for the Dagster UI (http://127.0.0.1:3000), 'dvc repro' with the venv active"
-	@echo "      (source $(VENV)/bin/activate), artifacts/<stage>/summary.json and quarantine.jsonl,"
-	@echo "      Data Docs in artifacts/clean/data_docs/index.html."
+	@echo "More: 'dvc repro' with the venv active (source $(VENV)/bin/activate); per-stage numbers: lmforge summary --stages;"
+	@echo "      rejected inputs: artifacts/<stage>/quarantine.jsonl; Data Docs: artifacts/clean/data_docs/index.html."
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 ui: install

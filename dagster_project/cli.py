@@ -160,11 +160,15 @@ def _out_of_date(instance, graph, keys, partitions: list[str]) -> set:
         report_raw_version(instance, fingerprint)
     status = resolver()
     todo = set()
-    for key in keys:
+    for key in graph.toposorted_asset_keys:  # parents first: a recomputed parent makes its children out of date
+        if key not in keys:
+            continue
         stage = key.to_user_string()
         for partition in (partitions if graph.get(key).partitions_def is not None else [None]):
             summary = params.stage_dir(stage) / (partition or "") / "summary.json"
-            if status.get_status(key, partition) != StaleStatus.FRESH or not summary.exists():
+            parent_redone = any((parent, p) in todo for parent in graph.get(key).parent_keys
+                                for p in ([partition] if partition and graph.get(parent).partitions_def else partitions + [None]))
+            if parent_redone or status.get_status(key, partition) != StaleStatus.FRESH or not summary.exists():
                 todo.add((key, partition))
     return todo
 

@@ -56,7 +56,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("finetune_sft", "ROUGE-L", lambda d: f"{d['rougeL']:.3f} ({d['best_method']}) vs zero-shot {d['baseline_rougeL']:.3f} · ROUGE-1 {d['rouge1']:.3f}")
     add("quantize", "chosen variant", lambda d: (
         f"{d['chosen']}: {d['linear_size_ratio']:.2f}× smaller linear weights ({d['disk_size_ratio']:.2f}× on disk) · "
-        f"speedup {d['speedup_b1']:.2f}× b1 / {d['speedup_b8']:.2f}× b8 · perplexity {d['perplexity_increase']:+.2%}"
+        "speedup " + " / ".join(f"{v:.2f}× {k.split('_')[1]}" for k, v in sorted(d.items()) if k.startswith("speedup_b"))
+        + f" · perplexity {d['perplexity_increase']:+.2%}"
     ) if d.get("chosen") else "no variant within the perplexity threshold")
     add("distil", "student", lambda d: f"{d['student_parameters'] / 1e6:.2f} M params · ppl {d['distilled_perplexity']:.0f} distilled vs {d['from_scratch_perplexity']:.0f} from scratch")
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"

@@ -134,6 +134,20 @@ class LMModule(pl.LightningModule):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a sharded DTensor
             self.log("train/grad_norm", norm)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm here rather than through Lightning, which refuses two of our GPU setups:
+        a fused optimizer under bf16-mixed (its AMP plugin assumes a fused step unscales gradients, but
+        bf16 has no scaler) and FSDP (its plugin has no reference to the root module)."""
+        if not gradient_clip_val:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel):  # FSDP1: flat shards, the root computes the global norm
+            root.clip_grad_norm_(gradient_clip_val)
+        else:  # one device, DDP (gradients already reduced) and FSDP2 (DTensor gradients)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], gradient_clip_val)
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for p in self.model.parameters():

@@ -89,7 +89,7 @@ def validation_scores(module: LMModule, data: PackedDataModule, tokenizer, arch:
 def export(module: LMModule, trainer: pl.Trainer, tokenizer, hf_dir: Path) -> None:
     """Save the model in Hugging Face format (safetensors), gathering shards first if sharded."""
     state = None
-    if trainer.world_size > 1 and trainer.strategy.__class__.__name__ in ("ModelParallelStrategy", "FSDPStrategy"):
+    if trainer.strategy.__class__.__name__ in ("ModelParallelStrategy", "FSDPStrategy"):  # also on one device: DTensors
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # a collective: every rank takes part, rank 0 receives the full tensors on CPU
@@ -225,7 +225,8 @@ def pretrain(
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     final_val = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     export(module, trainer, tokenizer, out_dir / "hf")
-    val = validation_scores(module, data, tokenizer, arch)
+    with trainer.precision_plugin.forward_context():  # FSDP bf16-mixed: bf16 compute weights, autocast inputs
+        val = validation_scores(module, data, tokenizer, arch)
     return {
         "family": arch.family,
         "objective": arch.objective,

@@ -1,7 +1,11 @@
-"""`dagster dev -w workspace.yaml` serves the code location: the UI's GraphQL API lists our assets."""
+"""The web UIs as a person uses them, in headless Chromium: `dagster dev` serves the project's workspace,
+the asset graph shows every stage, "Materialize all" on the tiny tier's job runs the whole pipeline,
+and the MLflow UI shows the model it registered.  Screenshots land in the test's directory (or in
+$LMFORGE_SCREENSHOTS, which is how docs/ui/ was made)."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -9,11 +13,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, stop_process_group, write_params
 from test_finetune import TINY_DOWNSTREAM, write_task_sets
 
-QUERY = "{ assetNodes { assetKey { path } groupName hasAssetChecks } }"
+STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain", "evaluate", "select", "task_data", "finetune_classifier",
+          "finetune_sft", "quantize", "prune", "distil", "register", "register_quantized")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
 
 def free_port() -> int:
@@ -32,85 +40,142 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-LAUNCH = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
-STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
-
-
-def run_job(port: int, job: str, partition: str | None = None) -> str:
-    """Launch a job the way the UI's Launchpad does, and wait for its end status."""
-    params = {"selector": {"repositoryLocationName": "lmforge", "repositoryName": "__repository__", "jobName": job}, "runConfigData": {}}
-    if partition:
-        params["executionMetadata"] = {"tags": [{"key": "dagster/partition", "value": partition}]}
-    launched = graphql(port, LAUNCH, {"params": params})["data"]["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 300
+def wait_for(url: str, seconds: int = 120) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        status = graphql(port, STATUS, {"id": run_id})["data"]["runOrError"]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            return status
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+RUNS = "{ runsOrError { ... on Runs { results { runId status jobName tags { key value } } } } }"
+
+
+def wait_for_runs(port: int, seconds: int = 420) -> list[dict]:
+    """The runs the UI launched, once none is queued or running any more."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        runs = graphql(port, RUNS)["data"]["runsOrError"]["results"]
+        if runs and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"runs still going after {seconds} s: {runs}")
+
+
+def names_on_graph(page) -> set[str]:
+    """Every asset name drawn on the graph.  Dagster shortens long names in the middle
+    ("finetu…_classifier") and breaks them after underscores with zero-width spaces."""
+    texts = {t.replace("\u200b", "").strip() for t in page.inner_text("body").splitlines()}
+    shown = set()
+    for stage in STAGES:
+        for t in texts:
+            head, _, tail = t.partition("…")
+            if t == stage or (_ and len(head) >= 3 and stage.startswith(head) and stage.endswith(tail)):
+                shown.add(stage)
+    return shown
+
+
+def wait_for_stages(page, seconds: int = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while names_on_graph(page) != set(STAGES):
+        assert time.monotonic() < deadline, f"the asset graph lacks {set(STAGES) - names_on_graph(page)}"
         time.sleep(1)
-    raise AssertionError(f"{job} did not finish in 300 s")
+
+
+def dismiss_welcome(page) -> None:
+    """Dagster asks new installations to join its community once; a user clicks Skip."""
+    skip = page.get_by_role("button", name="Skip")
+    try:
+        skip.wait_for(timeout=5000)
+        skip.click()
+    except Exception:  # playwright's TimeoutError: no dialog this time
+        pass
 
 
 @pytest.mark.slow
-def test_dagster_dev_serves_the_workspace_and_runs_jobs(tmp_path: Path, corpus: Path):
-    port = free_port()
-    home = tmp_path / "dagster_home"
-    home.mkdir()
+def test_dagster_and_mlflow_uis_in_a_real_browser(tmp_path: Path, corpus: Path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    assert Path(CHROMIUM).exists(), "Chromium is missing: `make test` installs it (Debian package chromium)"
+    shots = Path(os.environ.get("LMFORGE_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    port, mlflow_port = free_port(), free_port()
+    mlflow_db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = write_params(
         tmp_path, corpus,
         split={"train": 0.6, "val": 0.2, "test": 0.2},
         tokenizer={"vocab_size": 400, "block_size": 64},
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ui"},
+        mlflow={"tracking_uri": mlflow_db, "experiment": "ui"},
         pretrain={
             "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
             "candidates": [{"name": "tiny", "preset": "tiny", "overrides": {}}],
         },
         **TINY_DOWNSTREAM,
     )
+    # the tiny tier of this project: its own artifacts and registered model, as in params.yaml
+    data = yaml.safe_load(params.read_text())
+    data["tiers"] = {"tiny": {"paths": {"artifacts": str(tmp_path / "artifacts_tiny")}, "registry": {"name": "ui-tiny"}}}
+    params.write_text(yaml.safe_dump(data))
     write_task_sets(tmp_path / "finetune")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "LMFORGE_PARAMS": str(params)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    proc = subprocess.Popen(
+    env.pop("LMFORGE_TIER", None)
+    dagster = subprocess.Popen(
         [str(REPO / ".venv/bin/dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=REPO, env=env, stdout=open(tmp_path / "dagster.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    mlflow = subprocess.Popen(
+        [str(REPO / ".venv/bin/mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port), "--backend-store-uri", mlflow_db],
+        cwd=tmp_path, env=env, stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        nodes = None
-        while time.monotonic() < deadline and nodes is None:
-            try:
-                nodes = graphql(port, QUERY)["data"]["assetNodes"]
-            except (OSError, KeyError, TypeError):
-                time.sleep(1)
-        assert nodes is not None, "the Dagster UI did not answer within 120 s"
-        by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
-        assert {"ingest", "clean", "split", "tokenizer", "packed"} <= set(by_key)
-        assert by_key["clean"]["groupName"] == "data" and by_key["clean"]["hasAssetChecks"]
-        assert by_key["tokenizer"]["groupName"] == "tokenizer"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
-            assert page.status == 200 and b"Dagster" in page.read()
-        # materialize from the UI's API: the data job, then the vocabulary job
-        assert run_job(port, "data_job") == "SUCCESS"
-        assert run_job(port, "tokenizer_job") == "SUCCESS"
-        summary = json.loads((tmp_path / "artifacts" / "tokenizer" / "summary.json").read_text())
-        assert summary["vocab_size"] > 0 and (tmp_path / "artifacts" / "packed" / "train.bin").exists()
-        assert run_job(port, "pretrain_job", partition="tiny") == "SUCCESS"
-        assert json.loads((tmp_path / "artifacts/pretrain/tiny/summary.json").read_text())["steps"] == 60
-        # then evaluation and the champion's fine-tuning, as a user launches them (deploy: tests/test_deploy.py, test_cli.py)
-        assert run_job(port, "evaluation_job", partition="tiny") == "SUCCESS"
-        assert run_job(port, "finetune_job") == "SUCCESS"
-        assert json.loads((tmp_path / "artifacts/select/summary.json").read_text())["champion"] == "tiny"
-        assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
+        wait_for(f"http://127.0.0.1:{port}/server_info")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1800, "height": 1000})
+            page.set_default_timeout(60_000)
+
+            # the tiny tier's job: its graph holds every stage, once the groups are expanded
+            page.goto(f"http://127.0.0.1:{port}/locations/lmforge/jobs/tiny_job")
+            dismiss_welcome(page)
+            page.get_by_text("lmforge/tier: tiny").wait_for()
+            page.mouse.click(600, 800, button="right")
+            page.locator("text=Expand all groups >> visible=true").first.click()
+            wait_for_stages(page)
+            page.screenshot(path=str(shots / "dagster_tiny_job.png"))
+
+            # materialize it all: the partition dialog (one candidate here), then the backfill
+            page.get_by_text("Materialize all…").click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("All", exact=True).click()
+            dialog.get_by_role("button", name=re.compile("^Launch (backfill|1 run)$")).click()  # one candidate here: one run
+            runs = wait_for_runs(port)
+            assert [r["status"] for r in runs] == ["SUCCESS"], runs
+            assert {t["key"]: t["value"] for t in runs[0]["tags"]}["lmforge/tier"] == "tiny"
+            register = json.loads((tmp_path / "artifacts_tiny" / "register" / "summary.json").read_text())
+            assert register["registered_model"] == "ui-tiny" and register["champion_version"] == "1"
+
+            page.goto(f"http://127.0.0.1:{port}/asset-groups")
+            page.get_by_text("Global asset lineage").wait_for()
+            time.sleep(3)  # the graph lays itself out
+            page.mouse.click(900, 900, button="right")
+            page.locator("text=Expand all groups >> visible=true").first.click()
+            wait_for_stages(page)
+            time.sleep(2)
+            page.screenshot(path=str(shots / "dagster_asset_graph.png"))
+
+            # the MLflow UI lists the registered model and its version with the champion alias
+            wait_for(f"http://127.0.0.1:{mlflow_port}/")
+            page.goto(f"http://127.0.0.1:{mlflow_port}/#/models/ui-tiny")
+            page.get_by_text("Version 1").first.wait_for()
+            page.get_by_text(re.compile(r"^@\W?champion$")).first.wait_for()  # MLflow writes "@\xa0champion"
+            page.screenshot(path=str(shots / "mlflow_registered_model.png"))
+            browser.close()
     finally:
-        stop_process_group(proc)
+        stop_process_group(dagster)
+        stop_process_group(mlflow)
