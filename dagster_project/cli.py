@@ -52,6 +52,7 @@ def run(
         None, "--partition", "-p", help="Candidate(s) to pretrain (partitioned assets); default: every candidate."
     ),
     force: bool = typer.Option(False, "--force", help="Recompute every selected asset, even those that are up to date."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print what is out of date and would be computed."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Dagster's debug events too and tracebacks."),
 ) -> None:
     """Materialize assets (with their checks) and print each stage's summary.
@@ -74,14 +75,14 @@ def run(
         _fail(str(exc))
     except (OSError, yaml.YAMLError) as exc:
         _fail(f"cannot read run config {config}: {exc}")
-    ok = _materialize(select or "*", run_config or {}, verbose, partition, stale_only=select is None and not force)
-    if select is None:
+    ok = _materialize(select or "*", run_config or {}, verbose, partition, stale_only=select is None and not force, dry_run=dry_run)
+    if select is None and not dry_run:
         _print_table(load_params())
     if not ok:
         raise typer.Exit(1)
 
 
-def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool) -> bool:
+def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool, dry_run: bool = False) -> bool:
     import dagster as dg
 
     from dagster_project.definitions import defs
@@ -112,9 +113,11 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     failed = False
     with dg.DagsterInstance.get() as instance:
         todo = _out_of_date(instance, graph, keys, known) if stale_only else {(k, p) for k in partitioned for p in known} | {(k, None) for k in plain}
-        if stale_only:
+        if stale_only or dry_run:
             typer.echo(f"up to date: {len(keys) - len({k for k, _ in todo})} of {len(keys)} assets; to compute: "
-                       + (", ".join(sorted({k.to_user_string() for k, _ in todo})) or "nothing"))
+                       + (", ".join(sorted({k.to_user_string() + (f"[{p}]" if p else "") for k, p in todo})) or "nothing"))
+        if dry_run:
+            return True
         plain = [k for k in plain if (k, None) in todo]
         # what the partitions need (data, tokenizer) runs first; the rest (select, task sets, fine-tuning)
         # after every partition, so that a failure there cannot keep the candidates from training

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO, write_params
@@ -168,6 +169,25 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     assert run.info.status == "FINISHED"
     result = lmforge("run", "--select", "key:pretrain", "--partition", "zzz")
     assert result.returncode == 1 and "no partition 'zzz' (partitions: a, b)" in result.stderr
+    # nothing changed: nothing is recomputed, and the summary table ends the run
+    assert "to compute: nothing" in result_of(lmforge("run")) and registered == json.loads((tmp_path / "artifacts/register/summary.json").read_text())
+    assert "★ champion" in result_of(lmforge("summary")) and len(client.search_model_versions("name='lmforge'")) == 2
+    # a changed parameter recomputes its stage and what depends on it, nothing else
+    data = yaml.safe_load(params.read_text())
+    data["distil"]["steps"] = 12
+    params.write_text(yaml.safe_dump(data))
+    out = result_of(lmforge("run"))
+    assert "to compute: distil\n" in out and "succeeded: distil" in out
+    # a new raw document makes everything from ingest on out of date (--dry-run only tells)
+    (corpus / "arrived.txt").write_text("A new document about models and packages arrives in the raw folder today.")
+    out = result_of(lmforge("run", "--dry-run"))
+    assert "up to date: 1 of 16 assets" in out and "pretrain[a]" in out and "register_quantized" in out
+    assert "task_data" not in out  # the task sets do not come from the raw documents
+
+
+def result_of(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def champion_name(root: Path) -> str:

@@ -118,7 +118,10 @@ def test_registry_versions_aliases_and_lookups(project: Path):
     params = load_params()
     first = run_register(params, dagster_run_id="run-1")
     assert first["promoted"] and first["candidate_version"] == "1"
+    assert run_register(params)["candidate_version"] == "1"  # the same weights are not registered twice
     # a worse model on the same data becomes a candidate, not the champion
+    config = project / "artifacts/pretrain/tiny/hf/config.json"
+    config.write_text(config.read_text() + "\n")  # other bytes: stands in for a retrained model
     evaluation = project / "artifacts/evaluate/tiny/summary.json"
     worse = {**json.loads(evaluation.read_text()), "bits_per_byte": 3.5}
     evaluation.write_text(json.dumps(worse))
