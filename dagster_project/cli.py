@@ -26,7 +26,8 @@ app = typer.Typer(
 #: The instance settings lmforge ships (this checkout's .dagster/dagster.yaml), copied into new homes.
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / ".dagster" / "dagster.yaml"
 STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain", "evaluate", "select", "task_data", "finetune_classifier", "finetune_sft",
-          "quantize", "prune", "distil", "register", "register_quantized")
+          "quantize", "prune", "distil", "register", "register_quantized",
+          "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")
 PARTITIONED_STAGES = ("pretrain", "evaluate")  # one summary per candidate
 
 
@@ -260,7 +261,7 @@ def generate(
     prompts: Optional[list[str]] = typer.Argument(None, help="Prompt(s) to complete."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
-        help="Model directory, or MLflow URI (runs:/ID[/path], models:/NAME@ALIAS, models:/NAME/VERSION); default: the champion of `select`.",
+        help="Model directory, or MLflow URI (runs:/ID or runs:/ID/PATH, models:/NAME@ALIAS, models:/NAME/VERSION); default: the champion of `select`.",
     ),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Prompts from a file, one per line ('-': standard input)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default: params.yaml evaluate.sampling)."),
@@ -271,10 +272,13 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed (sampled text is reproducible)."),
     batch_size: int = typer.Option(8, help="Prompts generated together (without streaming)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is generated (default: on for one prompt)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt: {prompt, completion}."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt: {prompt, completion} (and sources with --rag)."),
+    rag: bool = typer.Option(False, "--rag", help="Retrieve chunks of the corpus (the retrieval_index asset) into the prompt and cite them."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Chunks retrieved with --rag (default: params.yaml rag.top_k)."),
     params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml."),
 ) -> None:
-    """Complete prompts with a trained model: batched, KV cache, greedy or sampled, streamed."""
+    """Complete prompts with a trained model: batched, KV cache, greedy or sampled, streamed;
+    with --rag, grounded in retrieved chunks of your corpus, which it cites."""
     import dataclasses
 
     _use_params(params)
@@ -303,6 +307,14 @@ def generate(
             _fail(str(exc))
         if objective == "mlm":
             _fail(f"{ref} is a masked language model: it fills in blanks and cannot generate text")
+        sources: list[list[dict]] = [[] for _ in texts]
+        questions = texts
+        if rag:
+            texts, sources = _with_retrieval(p, texts, chunks or p.rag.top_k)
+        if rag and tokenizer.model_max_length < 1_000_000:  # retrieved chunks can outgrow the trained context
+            from models.retrieval import truncate_left
+
+            texts = [truncate_left(tokenizer, t, tokenizer.model_max_length - sampling.max_new_tokens) for t in texts]
         streaming = (len(texts) == 1 and not as_json) if stream is None else stream
         if streaming:
             current = [-1]
@@ -310,22 +322,44 @@ def generate(
             def show(i: int, piece: str) -> None:
                 if i != current[0]:
                     current[0] = i
-                    typer.secho(("" if i == 0 else "\n") + texts[i], bold=True, nl=False)
+                    typer.secho(("" if i == 0 else "\n") + questions[i], bold=True, nl=False)
                 typer.echo(piece, nl=False)
 
             outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, on_text=show)
             typer.echo()
+            _cite(sources[0] if len(texts) == 1 else [])
         else:
             outputs = run_generate(lm, tokenizer, texts, sampling, batch_size)
         if as_json:
-            for prompt, completion in zip(texts, outputs):
-                typer.echo(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+            for prompt, completion, used in zip(questions, outputs, sources):
+                record = {"prompt": prompt, "completion": completion}
+                if rag:
+                    record["sources"] = [{"id": c["id"], "path": c["path"]} for c in used]
+                typer.echo(json.dumps(record, ensure_ascii=False))
         elif not streaming:
-            for prompt, completion in zip(texts, outputs):
+            for prompt, completion, used in zip(questions, outputs, sources):
                 typer.secho(prompt, bold=True, nl=False)
-                typer.echo(completion + "\n")
+                typer.echo(completion)
+                _cite(used)
+                typer.echo()
     except LmforgeError as exc:
         _fail(str(exc))
+
+
+def _with_retrieval(params, prompts: list[str], k: int) -> tuple[list[str], list[list[dict]]]:
+    """Each prompt inside the RAG template with its top-k chunks, and those chunks (to cite)."""
+    from lmforge.rag import Retriever, load_templates, rag_context
+
+    retriever = Retriever(params.stage_dir("retrieval_index"))
+    template = load_templates(params)["rag"]
+    hits = retriever.search(prompts, k, params.rag.retrieval)
+    filled = [template.format(context=rag_context(h, numbered=True), prompt=q) for q, h in zip(prompts, hits)]
+    return filled, hits
+
+
+def _cite(chunks: list[dict]) -> None:
+    if chunks:
+        typer.secho("sources: " + "; ".join(f"[{n}] {c['id']} ({c['path']})" for n, c in enumerate(chunks, 1)), dim=True)
 
 
 def _champion_dir(params) -> str:

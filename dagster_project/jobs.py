@@ -58,6 +58,14 @@ deploy_job = dg.define_asset_job(
     description="Quantize, prune and distil the champion; register it and its quantized variant with aliases.",
 )
 
+#: Retrieval, RAG and prompt workflows over the cleaned corpus and the current champion.
+rag_job = dg.define_asset_job(
+    "rag_job",
+    selection=dg.AssetSelection.groups("rag"),
+    description="Build the retrieval index, compare answers with and without retrieval, evaluate prompt templates "
+    "and few-shot examples, sweep sampling settings (the best is tagged on the champion's registry version).",
+)
+
 #: The whole graph with params.yaml as it is (the demo tier).
 full_job = dg.define_asset_job(
     "full_job",
@@ -87,4 +95,4 @@ gpu_job = dg.define_asset_job(
     description="The whole pipeline at the GPU tier (125M-parameter candidates, bf16, FSDP2 over every visible GPU).",
 )
 
-JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, full_job, retrain_job, tiny_job, gpu_job]
+JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, rag_job, full_job, retrain_job, tiny_job, gpu_job]

@@ -353,6 +353,49 @@ class RegistryParams:
     name: str = "lmforge"  # the registered model in MLflow: models:/lmforge@champion
 
 @dataclass
+class FewShotParams:
+    k: int = 2  # examples shown before the question
+    selection: list[Literal["fixed", "retrieved"]] = field(default_factory=lambda: ["fixed", "retrieved"])  # each is evaluated
+    example_words: int = 40  # an example's text is cut to this many words: several must fit the context
+
+
+@dataclass
+class SweepParams:
+    temperature: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0: greedy (top_k/top_p unused)
+    top_k: list[int] = field(default_factory=lambda: [0, 40])
+    top_p: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    examples: int = 24  # per task set (val part), per setting
+    max_new_tokens: int = 24
+
+
+@dataclass
+class RagParams:
+    """Retrieval over the cleaned corpus, RAG, prompt templates and the sampling sweep (README "RAG")."""
+
+    chunk_words: int = 120  # words per chunk
+    overlap_words: int = 30  # words shared by neighbouring chunks
+    encoder: Literal["champion", "none"] = "champion"  # dense index from the champion's hidden states; none: BM25 only
+    encoder_max_tokens: int = 128
+    retrieval: Literal["best", "hybrid", "bm25", "dense"] = "best"  # what RAG uses; best: the highest MRR on the known items
+    top_k: int = 3  # chunks put into the prompt
+    queries: int = 200  # known-item queries, from held-out (val/test) chunks
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    continuations: int = 60  # held-out continuations scored with and without retrieval
+    continuation_words: int = 30  # words scored after a lead-in of as many words
+    templates: str = "prompts"  # template files (rag.txt, summarise.txt, classify.txt), under version control
+    few_shot: FewShotParams = field(default_factory=FewShotParams)
+    eval_examples: int = 60  # test examples per task set for rag_eval and prompt_eval
+    sweep: SweepParams = field(default_factory=SweepParams)
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap_words < self.chunk_words:
+            raise ValueError("rag: need 0 ≤ overlap_words < chunk_words")
+        if 2 * self.continuation_words > self.chunk_words:
+            raise ValueError("rag: a lead-in and a continuation (2 × continuation_words) must fit in chunk_words")
+
+
+@dataclass
 class AutomationParams:
     """Schedules and sensors (dagster_project/schedules.py, sensors.py); read when the code location loads."""
 
@@ -377,6 +420,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     distil: DistilParams = field(default_factory=DistilParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    rag: RagParams = field(default_factory=RagParams)
     automation: AutomationParams = field(default_factory=AutomationParams)
 
     def path(self, value: str | os.PathLike) -> Path:

@@ -25,7 +25,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     """(stage, item, value) rows; a stage not materialized yet says so."""
     s = {stage: _load(params.stage_dir(stage) / "summary.json") for stage in (
         "ingest", "clean", "split", "tokenizer", "packed", "select", "finetune_classifier", "finetune_sft",
-        "quantize", "distil", "register", "register_quantized")}
+        "quantize", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")}
     out: list[tuple[str, str, str]] = []
 
     def add(stage: str, item: str, render) -> None:
@@ -63,12 +63,29 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
+    add("retrieval_index", "known items", _retrieval)
+    add("rag_eval", "with retrieval", lambda d: f"continuation ppl {d['perplexity_without']:.1f} → {d['perplexity_with']:.1f} · "
+        f"summaries ROUGE-L {d['rougeL_without']:.3f} → {d['rougeL_with']:.3f}")
+    add("prompt_eval", "best prompts", _prompts)
+    add("sampling_sweep", "best sampling", lambda d: f"{d['best']} (score {d['best_score']:.3f}) on {d['registered_model']} v{d['tagged_version']}")
     failures = params.artifacts / "run_failures.jsonl"
     if failures.exists() and failures.read_text().strip():
         last = json.loads(failures.read_text().strip().splitlines()[-1])
         out.append(("failures", "last failed run", f"{last['time']} {last['job']} {last['run_id'][:8]}: {last['error'][:80]} ({failures})"))
     out.append(("UIs", "open", UI_COMMANDS))
     return out
+
+
+def _retrieval(d: dict[str, Any]) -> str:
+    k = max(int(key.rsplit("_", 1)[1]) for key in d if key.startswith("bm25_recall_at_"))
+    methods = [m for m in ("bm25", "dense", "hybrid") if f"{m}_mrr" in d]
+    return f"{d['chunks']:,} chunks · " + " · ".join(f"{m} recall@{k} {d[f'{m}_recall_at_{k}']:.2f} MRR {d[f'{m}_mrr']:.2f}" for m in methods)
+
+
+def _prompts(d: dict[str, Any]) -> str:
+    cls, sft = d["classification_best_mode"], d["sft_best_mode"]
+    return (f"classification {cls} (F1 {d[f'classification_{cls}_macro_f1']:.3f}) · "
+            f"summaries {sft} (ROUGE-L {d[f'sft_{sft}_rougeL']:.3f})")
 
 
 def render(table: list[tuple[str, str, str]]) -> str:

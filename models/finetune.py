@@ -33,13 +33,16 @@ from tqdm.auto import tqdm
 
 def classification_metrics(predictions: list[int], targets: list[int], num_classes: int) -> dict[str, float]:
     """Accuracy (share of correct predictions) and macro-F1 (the mean of per-class F1, so that rare
-    classes count as much as frequent ones)."""
+    classes count as much as frequent ones).  A prediction of -1 (a generated answer that is no
+    label) is wrong for every class."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
     p, t = torch.tensor(predictions), torch.tensor(targets)
+    p = torch.where(p < 0, num_classes, p)  # an extra class that no target has
+    per_class = multiclass_f1_score(p, t, num_classes=num_classes + 1, average=None)[:num_classes]
     return {
-        "accuracy": float(multiclass_accuracy(p, t, num_classes=num_classes, average="micro")),
-        "macro_f1": float(multiclass_f1_score(p, t, num_classes=num_classes, average="macro")),
+        "accuracy": float(multiclass_accuracy(p, t, num_classes=num_classes + 1, average="micro")),
+        "macro_f1": float(per_class.mean()),
     }
 
 

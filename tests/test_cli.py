@@ -149,6 +149,9 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     registered = json.loads((tmp_path / "artifacts/register/summary.json").read_text())
     assert registered["champion_version"] == "1" and registered["candidate"] == champion_name(tmp_path)
     assert json.loads((tmp_path / "artifacts/register_quantized/summary.json").read_text())["base_version"] == "1"
+    # and the rag group: index, with/without retrieval, prompts, the sweep tagged on the champion's version
+    assert all(name in last for name in ("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"))
+    assert json.loads((tmp_path / "artifacts/sampling_sweep/summary.json").read_text())["tagged_version"] == "1"
     for name in ("a", "b"):
         evaluation = json.loads((tmp_path / "artifacts/evaluate" / name / "summary.json").read_text())
         assert {"perplexity", "bits_per_byte", "token_accuracy", "context_x4_perplexity", "tokens_per_second_b8"} <= set(evaluation)
@@ -181,7 +184,7 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     # a new raw document makes everything from ingest on out of date (--dry-run only tells)
     (corpus / "arrived.txt").write_text("A new document about models and packages arrives in the raw folder today.")
     out = result_of(lmforge("run", "--dry-run"))
-    assert "up to date: 1 of 16 assets" in out and "pretrain[a]" in out and "register_quantized" in out
+    assert "up to date: 1 of 20 assets" in out and "pretrain[a]" in out and "register_quantized" in out
     assert "task_data" not in out  # the task sets do not come from the raw documents
 
 

@@ -11,6 +11,7 @@ def test_asset_graph_snapshot():
         "raw_documents": "data", "ingest": "data", "clean": "data", "split": "data", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
         "evaluate": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
         **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized"), "deploy"),
+        **dict.fromkeys(("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"), "rag"),
     }
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     for name in ("pretrain", "evaluate"):
@@ -38,7 +39,7 @@ def test_checks_are_blocking():
         ("pretrain", "weights_finite"), ("pretrain", "beats_unigram_baseline"), ("evaluate", "metrics_finite")
     } | {("task_data", f"{task}_{n}") for task in ("classification", "sft") for n in ("min_examples", "no_empty_fields")} | {
         ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot"),
-        ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"),
+        ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"), ("retrieval_index", "finds_known_items"),
     }
     # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
     warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch")}

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from conftest import REPO, prose
-from test_finetune import write_task_sets
+from test_finetune import TINY_DOWNSTREAM, write_task_sets
 
 BIN = REPO / ".venv" / "bin"
 STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft",
-          "quantize", "prune", "distil", "register", "register_quantized")
+          "quantize", "prune", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "eval
 def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "lmforge", "assets", "dagster_project", "models"):
+    for name in ("dvc.yaml", "lmforge", "assets", "dagster_project", "models", "prompts"):
         src = REPO / name
         (shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, project / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -36,6 +36,7 @@ def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
     params["finetune"]["classification"]["labels"] = ["first", "second"]
     params["finetune"]["train"].update(epochs=1, max_length=64)
     params["distil"].update(steps=10, batch_size=4, warmup_steps=2)
+    params["rag"] = {**params["rag"], **TINY_DOWNSTREAM["rag"]}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     raw = project / "data" / "raw"
     raw.mkdir(parents=True)

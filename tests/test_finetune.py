@@ -72,6 +72,8 @@ TINY_DOWNSTREAM = {
     "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
                  "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
     "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
+    "rag": {"chunk_words": 40, "overlap_words": 10, "queries": 20, "continuations": 6, "continuation_words": 10, "eval_examples": 8,
+            "sweep": {"temperature": [0.0, 0.9], "top_k": [0], "top_p": [1.0], "examples": 6, "max_new_tokens": 6}},
 }
 
 

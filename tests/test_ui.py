@@ -19,7 +19,8 @@ from conftest import REPO, stop_process_group, write_params
 from test_finetune import TINY_DOWNSTREAM, write_task_sets
 
 STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain", "evaluate", "select", "task_data", "finetune_classifier",
-          "finetune_sft", "quantize", "prune", "distil", "register", "register_quantized")
+          "finetune_sft", "quantize", "prune", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval",
+          "sampling_sweep")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
