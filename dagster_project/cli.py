@@ -113,6 +113,7 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     job = defs.resolve_implicit_global_asset_job_def()
     failed = False
     with dg.DagsterInstance.get() as instance:
+        _observe_raw_documents(instance, graph)  # ingest records the raw files' version it read
         todo = _out_of_date(instance, graph, keys, known) if stale_only else {(k, p) for k in partitioned for p in known} | {(k, None) for k in plain}
         if stale_only or dry_run:
             typer.echo(f"up to date: {len(keys) - len({k for k, _ in todo})} of {len(keys)} assets; to compute: "
@@ -138,31 +139,38 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     return not failed
 
 
-def _out_of_date(instance, graph, keys, partitions: list[str]) -> set:
-    """(asset key, partition) pairs that are stale or missing in Dagster's eyes (code version, params,
-    upstream data versions, raw documents) or whose summary.json is gone from this tier's artifacts."""
+def _stale_resolver(instance, graph):
+    """Dagster's own staleness logic (what the UI shows), over this process's definitions."""
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.definitions.temporal_context import TemporalContext
     from dagster._time import get_current_datetime
 
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=graph)
+    return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+
+
+def _observe_raw_documents(instance, graph) -> None:
+    """Record the raw files' fingerprint as `raw_documents`' version when it changed (as the sensor does)."""
     from dagster_project.sensors import RAW_DOCUMENTS, report_raw_version
     from lmforge.ingest import source_fingerprint
 
-    params = load_params()
-
-    def resolver():
-        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                              instance=instance, asset_graph=graph)
-        return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
-
     try:
-        fingerprint = source_fingerprint(params)[0]
+        fingerprint = source_fingerprint(load_params())[0]
     except LmforgeError:
-        fingerprint = None  # ingest reports the missing source
-    if fingerprint and resolver().get_current_data_version(RAW_DOCUMENTS).value != fingerprint:
+        return  # ingest reports the missing source
+    if _stale_resolver(instance, graph).get_current_data_version(RAW_DOCUMENTS).value != fingerprint:
         report_raw_version(instance, fingerprint)
-    status = resolver()
+
+
+def _out_of_date(instance, graph, keys, partitions: list[str]) -> set:
+    """(asset key, partition) pairs that are stale or missing in Dagster's eyes (code version, params,
+    upstream data versions, raw documents) or whose summary.json is gone from this tier's artifacts."""
+    from dagster._core.definitions.data_version import StaleStatus
+
+    params = load_params()
+    status = _stale_resolver(instance, graph)
     todo = set()
     for key in graph.toposorted_asset_keys:  # parents first: a recomputed parent makes its children out of date
         if key not in keys:

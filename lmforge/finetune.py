@@ -217,7 +217,16 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from models.finetune import classification_metrics, encode_classification, export, fit, majority_baseline, predict_classes, trainable_parameters, with_lora
+    from models.finetune import (
+        classification_metrics,
+        encode_classification,
+        export,
+        fit,
+        majority_baseline,
+        predict_classes,
+        trainable_parameters,
+        with_lora,
+    )
 
     say = report or (lambda _msg: None)
     p, settings = params.finetune, params.finetune.train

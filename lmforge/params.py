@@ -22,7 +22,6 @@ import yaml
 from models.train_config import Scale, TrainConfig
 
 
-
 def _find_root() -> Path:
     """The project root: ``$LMFORGE_ROOT``, else the nearest directory from the working directory up
     that holds ``params.yaml`` and ``dvc.yaml`` (so ``dvc repro`` in a copy of the project uses that

@@ -321,25 +321,35 @@ class Prompter:
         turns = itertools.chain.from_iterable(itertools.zip_longest(*by_answer.values()))
         return [p for p in turns if p is not None][: self.shot.k]
 
-    def prompts(self, questions: list[str], mode: str) -> list[str]:
-        questions = [_words(q, self.shot.example_words) for q in questions]
+    def examples(self, questions: list[str], mode: str) -> list[list[tuple[str, str]]]:
+        """The examples shown before each question (none for zero-shot; the most similar last)."""
         if mode == "zero_shot":
-            return [self.template.format(**{self.field: q}) for q in questions]
+            return [[] for _ in questions]
         if mode == "fixed":
-            return [few_shot_prompt(self.template, self.field, self.fixed, q) for q in questions]
-        ranked = self.index.search(questions, self.shot.k)
-        return [few_shot_prompt(self.template, self.field, [self.pairs[i] for i in reversed(r)], q) for r, q in zip(ranked, questions)]
+            return [self.fixed for _ in questions]
+        ranked = self.index.search([_words(q, self.shot.example_words) for q in questions], self.shot.k)
+        return [[self.pairs[i] for i in reversed(r)] for r in ranked]
+
+    def render(self, examples: list[tuple[str, str]], question: str) -> str:
+        return few_shot_prompt(self.template, self.field, examples, _words(question, self.shot.example_words))
+
+    def prompts(self, questions: list[str], mode: str) -> list[str]:
+        return [self.render(ex, q) for ex, q in zip(self.examples(questions, mode), questions)]
 
 
-def classify_by_likelihood(model, tokenizer, prompts: list[str], labels: list[str], max_tokens: int) -> list[int]:
-    """The label whose tokens are most likely after each prompt (mean log-probability per token)."""
+def classify_by_likelihood(model, tokenizer, prompts: list[str], content_free: list[str], labels: list[str], max_tokens: int) -> list[int]:
+    """The label most likely after each prompt, calibrated (Zhao et al., 2021, "Calibrate before use"):
+    each label's mean log-probability per token minus the same after a content-free prompt (the same
+    examples, the text "N/A"), so that a label the model favours whatever the text does not win always."""
+    def scores(prompt: str) -> np.ndarray:
+        return np.array([-loss / n for loss, n in (continuation_loss(model, tokenizer, prompt, label, max_tokens) for label in labels)])
+
+    prior: dict[str, np.ndarray] = {}
     predictions = []
-    for prompt in prompts:
-        scores = []
-        for label in labels:
-            loss, n = continuation_loss(model, tokenizer, prompt, label, max_tokens)
-            scores.append(-loss / n)
-        predictions.append(int(np.argmax(scores)))
+    for prompt, empty in zip(prompts, content_free):
+        if empty not in prior:
+            prior[empty] = scores(empty)
+        predictions.append(int(np.argmax(scores(prompt) - prior[empty])))
     return predictions
 
 
@@ -363,8 +373,9 @@ def run_prompt_eval(params: Params, dagster_run_id: str = "", report=None) -> di
     prompter = Prompter(params, templates, "classification", data["train"])
     targets = [labels.index(r["label"]) for r in rows]
     for mode in modes:
-        prompts = prompter.prompts([r["text"] for r in rows], mode)
-        predicted = classify_by_likelihood(model, tokenizer, prompts, labels, max_tokens)
+        shown = prompter.examples([r["text"] for r in rows], mode)
+        prompts = [prompter.render(ex, r["text"]) for ex, r in zip(shown, rows)]
+        predicted = classify_by_likelihood(model, tokenizer, prompts, [prompter.render(ex, "N/A") for ex in shown], labels, max_tokens)
         for key, value in classification_metrics(predicted, targets, len(labels)).items():
             summary[f"classification_{mode}_{key}"] = value
         say(f"prompt_eval classification {mode}: macro-F1 {summary[f'classification_{mode}_macro_f1']:.3f}")
@@ -417,7 +428,6 @@ def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) ->
     """Each setting generates summaries (ROUGE-L, distinct-2, repetition) and labels (macro-F1) for the
     val parts of the task sets with the registered champion; the best mean of ROUGE-L and F1 wins."""
     from mlflow import MlflowClient
-
     from models.finetune import classification_metrics, first_line, rouge
     from models.generation import generate
 

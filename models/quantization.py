@@ -41,9 +41,9 @@ def _model_class(path: Path):
 
 
 def _torchao_config(variant: str):
-    from transformers import TorchAoConfig
-
     import importlib.util
+
+    from transformers import TorchAoConfig
 
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig

@@ -5,7 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.architectures import PRESETS, ArchConfig, ArchConfigError, SpecialIds, build_model, flops_per_token, from_name, model_class, parameter_count
+from models.architectures import (
+    PRESETS,
+    ArchConfig,
+    ArchConfigError,
+    SpecialIds,
+    build_model,
+    flops_per_token,
+    from_name,
+    model_class,
+    parameter_count,
+)
 
 IDS = SpecialIds(pad=0, bos=1, eos=2)
 VARIANTS = {

@@ -8,8 +8,8 @@ import uuid
 import dagster as dg
 import pytest
 import yaml
-
 from conftest import write_params
+
 from dagster_project.definitions import defs
 from dagster_project.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import THEN_DOWNSTREAM, THEN_TAG, weekly_retrain

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-
 from conftest import prose, write_params
-from lmforge.clean import run_clean
-from lmforge.clean import EXACT_DUPLICATE, KEEP, NEAR_DUPLICATE, REJECTED, plan_dedup
+
+from lmforge.clean import EXACT_DUPLICATE, KEEP, NEAR_DUPLICATE, REJECTED, plan_dedup, run_clean
 from lmforge.dedup import cluster_representatives, shingle_hashes, signature, text_sha256
 from lmforge.ingest import run_ingest
 from lmforge.params import DedupParams, load_params

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from conftest import REPO, write_params
 from test_finetune import TINY_DOWNSTREAM, write_task_sets
+from typer.testing import CliRunner
+
 from dagster_project.cli import app
 
 runner = CliRunner()

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, stop_process_group, write_params
+from test_finetune import sentence, tiny_champion
+
 from lmforge.params import LmforgeError, load_params
 from models.distillation import distillation_loss
-from test_finetune import sentence, tiny_champion
 
 
 @pytest.fixture
@@ -109,9 +109,9 @@ def test_distil_compares_with_the_same_student_from_scratch(project: Path):
 
 
 def test_registry_versions_aliases_and_lookups(project: Path):
-    import mlflow
     from typer.testing import CliRunner
 
+    import mlflow
     from dagster_project.cli import app
     from lmforge.registry import describe_versions, run_register
 

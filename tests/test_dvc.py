@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, prose
 from test_finetune import TINY_DOWNSTREAM, write_task_sets
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import prose
 from typer.testing import CliRunner
 
-from conftest import prose
 from lmforge.params import SamplingParams
 from models.architectures import build_model, from_name
 from models.data import PackedBlocks, pack_split, write_meta

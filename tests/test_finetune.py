@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import WORDS, write_params
+
 from lmforge.finetune import load_task, read_task_file, run_finetune_classifier, run_finetune_sft, run_task_data, split_of
 from lmforge.params import LmforgeError, load_params
 from models.finetune import classification_metrics, encode_sft, majority_baseline, rouge

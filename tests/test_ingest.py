@@ -9,8 +9,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-
 from conftest import prose, write_params
+
 from lmforge.ingest import document_id, run_ingest
 from lmforge.params import LmforgeError, load_params
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import prose
+
 from models.metrics import LMScores, score, token_byte_lengths
 from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
 

@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import prose
 from transformers import AutoTokenizer
 
-from conftest import prose
 from models.objectives import CausalCollator, MlmNspCollator, SpanCorruptionCollator, random_spans_noise_mask
 from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-
 from conftest import prose
+
 from models.data import PackedBlocks, pack_split, token_dtype, write_meta
 from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
 

@@ -7,14 +7,14 @@ import random
 from pathlib import Path
 
 import datasets
-import mlflow
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
-
 from conftest import WORDS, prose, write_params
 from test_finetune import TINY_DOWNSTREAM, tiny_champion, write_task_sets
+from typer.testing import CliRunner
+
+import mlflow
 from dagster_project.cli import app
 from lmforge.artifacts import save_dataset
 from lmforge.params import LmforgeError, ParamsError, load_params, params_file

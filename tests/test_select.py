@@ -5,8 +5,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import write_params
+
 from lmforge.params import LmforgeError, load_params
 from lmforge.select import factors, normalise, run_select, score_matrix
 

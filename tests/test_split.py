@@ -4,8 +4,8 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-
 from conftest import write_params
+
 from lmforge.clean import run_clean
 from lmforge.ingest import run_ingest
 from lmforge.params import SplitParams, load_params

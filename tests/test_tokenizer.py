@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import prose
 from transformers import AutoTokenizer
 
-from conftest import prose
 from models.tokenizer import TokenizerSpec, measure, to_transformers, train_tokenizer
 
 CORPUS = [prose(i, 80) + "\nLine two: naïve café, 42 items!" for i in range(60)]

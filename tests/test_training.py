@@ -10,8 +10,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-
 from conftest import REPO, prose
+
 from models.architectures import from_name
 from models.data import pack_split, write_meta
 from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer

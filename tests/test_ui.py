@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, stop_process_group, write_params
 from test_finetune import TINY_DOWNSTREAM, write_task_sets
 

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import datasets
-
 from conftest import write_params
+
 from lmforge.clean import run_clean
 from lmforge.ingest import run_ingest
 from lmforge.params import load_params
