@@ -111,4 +111,36 @@ def record_run_failure(context: dg.RunFailureSensorContext):
     context.log.info(f"run {run.run_id[:8]} of {run.job_name} failed: recorded in {path}")
 
 
-SENSORS = [raw_data_changed, continue_downstream, record_run_failure]
+@dg.sensor(
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Polls the MLflow registry (params.yaml registry.name) and records each new version on the `register` "
+    "asset's timeline as an observation (version, aliases, run, tags), including versions registered outside Dagster.",
+)
+def registry_versions(context: dg.SensorEvaluationContext, lmforge_params: ParamsResource):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from lmforge.tracking import tracking_uri
+
+    params = lmforge_params.load()
+    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
+    try:
+        versions = client.search_model_versions(f"name='{params.registry.name}'")
+    except MlflowException as exc:
+        return dg.SkipReason(f"registry not reachable: {str(exc).splitlines()[0]}")
+    seen = int(context.cursor or 0)
+    new = sorted((v for v in versions if int(v.version) > seen), key=lambda v: int(v.version))
+    if not new:
+        return dg.SkipReason(f"no version of {params.registry.name} after {seen}")
+    for v in new:
+        context.instance.report_runless_asset_event(dg.AssetObservation(
+            asset_key="register",
+            metadata={"registered_model": params.registry.name, "version": int(v.version), "aliases": ", ".join(v.aliases) or "none",
+                      "mlflow_run_id": v.run_id or "", "kind": v.tags.get("kind", ""), "candidate": v.tags.get("candidate", "")},
+        ))
+    context.update_cursor(str(int(new[-1].version)))
+    return dg.SkipReason(f"recorded version(s) {', '.join(str(v.version) for v in new)} of {params.registry.name}")
+
+
+SENSORS = [raw_data_changed, continue_downstream, record_run_failure, registry_versions]

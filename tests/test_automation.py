@@ -13,7 +13,7 @@ from conftest import write_params
 from dagster_project.definitions import defs
 from dagster_project.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import THEN_DOWNSTREAM, THEN_TAG, weekly_retrain
-from dagster_project.sensors import RAW_DOCUMENTS, continue_downstream, raw_data_changed, record_run_failure
+from dagster_project.sensors import RAW_DOCUMENTS, continue_downstream, raw_data_changed, record_run_failure, registry_versions
 from lmforge.params import ParamsError, load_params
 
 
@@ -129,3 +129,24 @@ def test_failed_runs_are_recorded_where_users_look(params_file, tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "artifacts" / "run_failures.jsonl").read_text().splitlines()]
     assert record["job"] == "data_job" and record["run_id"] == result.run_id and record["steps"] == ["ingest"]
     assert "directory not found" in record["error"]
+
+
+def test_registry_sensor_records_new_versions_once(params_file, tmp_path):
+    import mlflow
+
+    from models.generation import use_mlflow_store
+
+    data = yaml.safe_load(params_file.read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params_file.write_text(yaml.safe_dump({**data, "mlflow": {"tracking_uri": uri}, "registry": {"name": "watched"}}))
+    with dg.instance_for_test() as instance, dg.build_sensor_context(instance=instance, cursor=None, resources={"lmforge_params": ParamsResource()}) as ctx:
+        assert "watched" in registry_versions(ctx).skip_message  # no such model yet: a reason, not an error
+        use_mlflow_store(uri)
+        client = mlflow.MlflowClient(uri, registry_uri=uri)
+        client.create_registered_model("watched")
+        with mlflow.start_run() as run:  # registered by hand, outside Dagster
+            client.create_model_version("watched", f"runs:/{run.info.run_id}/model", run.info.run_id, tags={"kind": "pretrained"})
+        assert "recorded version(s) 1" in registry_versions(ctx).skip_message
+        assert "no version of watched after 1" in registry_versions(ctx).skip_message
+        records = instance.fetch_observations(dg.AssetKey("register"), limit=5).records
+        assert len(records) == 1 and records[0].asset_observation.metadata["version"].value == 1
