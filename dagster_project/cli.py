@@ -140,7 +140,8 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
 
 
 def _stale_resolver(instance, graph):
-    """Dagster's own staleness logic (what the UI shows), over this process's definitions."""
+    """Dagster's own staleness logic (what the UI shows), over this process's definitions.  Dagster 1.13
+    has no public API for it; this is the construction its own tests use (dagster._utils.test.data_versions)."""
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.definitions.temporal_context import TemporalContext

@@ -167,7 +167,7 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
 
 
 def run_register_quantized(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
-    """Register the chosen quantized variant of the registered champion and point ``quantized`` at it."""
+    """Register the chosen quantized variant of the model `register` registered and point ``quantized`` at it."""
     from mlflow import MlflowClient
 
     say = report or (lambda _msg: None)
@@ -177,10 +177,12 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
         raise LmforgeError(f"register_quantized: no variant stayed within quantize.max_perplexity_increase ({quantized['max_perplexity_increase']:.0%})")
     registry = params.registry.name
     client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
-    champion = current(client, registry, "champion")
-    if champion is None or champion.tags.get("candidate") != quantized["champion"]:
-        raise LmforgeError(f"register_quantized: the quantized model is of '{quantized['champion']}', but {registry}@champion is "
-                           f"{champion.tags.get('candidate') if champion else 'not set'}: re-run quantize on the champion")
+    # the base is the version `register` made of select's champion (it may stay a candidate when the
+    # reigning champion has better bits/byte on the same data): the quantized model is of that one
+    champion = client.get_model_version(registry, registered["candidate_version"])
+    if champion.tags.get("candidate") != quantized["champion"]:
+        raise LmforgeError(f"register_quantized: the quantized model is of '{quantized['champion']}', but the last registered "
+                           f"version ({champion.version}) is of '{champion.tags.get('candidate')}': re-run quantize and register")
     tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "candidate": quantized["champion"], "kind": "quantized",
             "variant": quantized["chosen"], "base_version": str(champion.version),
             **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
