@@ -134,18 +134,15 @@ def test_failed_runs_are_recorded_where_users_look(params_file, tmp_path):
 def test_registry_sensor_records_new_versions_once(params_file, tmp_path):
     import mlflow
 
-    from models.generation import use_mlflow_store
-
     data = yaml.safe_load(params_file.read_text())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params_file.write_text(yaml.safe_dump({**data, "mlflow": {"tracking_uri": uri}, "registry": {"name": "watched"}}))
     with dg.instance_for_test() as instance, dg.build_sensor_context(instance=instance, cursor=None, resources={"lmforge_params": ParamsResource()}) as ctx:
         assert "watched" in registry_versions(ctx).skip_message  # no such model yet: a reason, not an error
-        use_mlflow_store(uri)
-        client = mlflow.MlflowClient(uri, registry_uri=uri)
+        client = mlflow.MlflowClient(uri, registry_uri=uri)  # no process-wide MLflow state: other tests share it
         client.create_registered_model("watched")
-        with mlflow.start_run() as run:  # registered by hand, outside Dagster
-            client.create_model_version("watched", f"runs:/{run.info.run_id}/model", run.info.run_id, tags={"kind": "pretrained"})
+        run = client.create_run(client.create_experiment("by-hand"))  # registered by hand, outside Dagster
+        client.create_model_version("watched", f"runs:/{run.info.run_id}/model", run.info.run_id, tags={"kind": "pretrained"})
         assert "recorded version(s) 1" in registry_versions(ctx).skip_message
         assert "no version of watched after 1" in registry_versions(ctx).skip_message
         records = instance.fetch_observations(dg.AssetKey("register"), limit=5).records

@@ -159,7 +159,7 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     champion = json.loads((tmp_path / "artifacts/select/summary.json").read_text())["champion"]
     assert json.loads((tmp_path / "artifacts/finetune_sft/summary.json").read_text())["champion"] == champion
     assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    client = mlflow.MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     all_runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     runs = [r for r in all_runs if "stage" not in r.data.tags and "candidate" in r.data.tags]  # pretraining runs
     assert sorted(r.data.tags["candidate"] for r in runs) == ["a", "b"]
