@@ -8,6 +8,7 @@ import time
 from datetime import datetime, timezone
 
 import dagster as dg
+
 # Sensors launch backfills with RunRequest.for_asset_graph_subset; its argument has no public constructor in 1.13
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
