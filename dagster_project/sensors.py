@@ -66,21 +66,22 @@ def raw_data_changed(context: dg.SensorEvaluationContext, lmforge_params: Params
 )
 def continue_downstream(context: dg.SensorEvaluationContext):
     since = float(context.cursor or 0.0)
-    runs = context.instance.get_runs(
+    records = context.instance.get_run_records(
         filters=dg.RunsFilter(tags={THEN_TAG: THEN_DOWNSTREAM}, statuses=[dg.DagsterRunStatus.SUCCESS], updated_after=datetime.fromtimestamp(since, timezone.utc))
     )
-    runs = [r for r in runs if not r.tags.get("dagster/backfill")]
-    if not runs:
+    records = [r for r in records if not r.dagster_run.tags.get("dagster/backfill")]
+    if not records:
         return dg.SkipReason("no finished run asks for its downstream assets")
     graph = context.repository_def.asset_graph
     requests = []
-    for run in sorted(runs, key=lambda r: context.instance.get_run_record_by_id(r.run_id).update_timestamp.timestamp()):
+    for record in sorted(records, key=lambda r: r.update_timestamp):
+        run = record.dagster_run
         done = set(run.asset_selection or ())
         downstream = dg.AssetSelection.assets(*done).downstream().resolve(graph) - done
         if downstream:
             tags = {TIER_TAG: run.tags.get(TIER_TAG, AUTOMATION.retrain_tier), "lmforge/after_run": run.run_id}
             requests.append(dg.RunRequest.for_asset_graph_subset(AssetGraphSubset.from_asset_keys(downstream, graph), tags=tags))
-        since = max(since, context.instance.get_run_record_by_id(run.run_id).update_timestamp.timestamp())
+        since = max(since, record.update_timestamp.timestamp())
     context.update_cursor(str(since))
     return requests
 

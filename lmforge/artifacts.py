@@ -72,6 +72,15 @@ def concat_files(parts: list[Path], target: Path) -> None:
                 part.unlink()
 
 
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object a line (retrieval chunks, known items)."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def write_summary(stage_dir: Path, summary: dict[str, Any]) -> Path:
     path = stage_dir / SUMMARY
     path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ from typing import Any
 from lmforge.artifacts import fresh_dir, write_params, write_summary
 from lmforge.finetune import champion
 from lmforge.params import LmforgeError, Params
-from lmforge.tracking import tracked_run
+from lmforge.tracking import log_numbers, tracked_run
 
 
 def _scorer(params: Params, source: Path):
@@ -220,9 +220,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
                "beats_from_scratch": results["distilled"]["perplexity"] < results["from_scratch"]["perplexity"]}
     with tracked_run(params, "distil", {"stage": "distil", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
-        for key, value in summary.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                client.log_metric(run_id, key, value)
+        log_numbers(client, run_id, summary)
         for key, value in dataclasses.asdict(p).items():
             client.log_param(run_id, key, value)
     summary["mlflow_run_id"] = run_id

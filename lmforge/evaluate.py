@@ -17,7 +17,7 @@ from typing import Any
 
 from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.params import LmforgeError, Params
-from lmforge.tracking import tracked_run
+from lmforge.tracking import log_numbers, tracked_run
 from lmforge.vocabulary import candidate_configs
 
 
@@ -130,9 +130,7 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
     result = {k: (_finite(v) if isinstance(v, float) else v) for k, v in result.items()}
     with tracked_run(params, f"evaluate {candidate}", {"candidate": candidate, "stage": "evaluate", "dagster_run_id": dagster_run_id},
                      parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):
-        for key, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                client.log_metric(run_id, key, value)
+        log_numbers(client, run_id, result)
         for name in ("context_curve.png", "samples.md"):
             client.log_artifact(run_id, str(out / name))
         client.log_dict(run_id, result["checks"], "checks.json")

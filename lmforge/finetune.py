@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.artifacts import fresh_dir, read_summary, write_params, write_summary
+from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_params, write_summary
 from lmforge.params import LmforgeError, Params
 from lmforge.tracking import tracked_run
 from lmforge.validation import CheckOutcome, validate_frame
@@ -171,7 +171,7 @@ def load_task(params: Params, task: str) -> dict[str, list[dict[str, str]]]:
     if not validation["passed"]:
         failed = [line for line in validation["checks"].values() if "FAILED" in line]
         raise LmforgeError(f"the {task} task set failed validation: " + "; ".join(failed))
-    return {s: [json.loads(line) for line in (task_dir / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()] for s in SPLITS}
+    return {s: read_jsonl(task_dir / f"{s}.jsonl") for s in SPLITS}
 
 
 def champion(params: Params) -> tuple[str, Path, str]:

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.artifacts import fresh_dir, load_dataset_dir, read_summary, write_params, write_summary
+from lmforge.artifacts import fresh_dir, load_dataset_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
 from lmforge.finetune import champion, load_task
 from lmforge.params import LmforgeError, Params
-from lmforge.tracking import tracked_run, tracking_uri
+from lmforge.tracking import log_numbers, tracked_run, tracking_uri
 from models.retrieval import (
     LexicalIndex,
     chunk_words,
@@ -35,12 +35,10 @@ from models.retrieval import (
     distinct_n,
     embed,
     known_item_metrics,
-    read_jsonl,
     reciprocal_rank_fusion,
     repetition_rate,
     sentences,
     truncate_left,
-    write_jsonl,
 )
 
 #: The placeholders each template must hold (and may only hold).
@@ -188,9 +186,7 @@ def run_retrieval_index(params: Params, dagster_run_id: str = "", report=None) -
         say(f"retrieval_index {method}: recall@{max(rag.recall_at)} {summary[f'{method}_recall_at_{max(rag.recall_at)}']:.3f}, MRR {summary[f'{method}_mrr']:.3f}")
     summary["best_method"] = max(methods, key=lambda m: summary[f"{m}_mrr"])
     with tracked_run(params, "retrieval index", {"stage": "retrieval_index", "dagster_run_id": dagster_run_id}) as (client, run_id):
-        for key, value in summary.items():
-            if isinstance(value, (int, float)):
-                client.log_metric(run_id, key, value)
+        log_numbers(client, run_id, summary)
         for key, value in meta.items():
             client.log_param(run_id, key, str(value))
     summary["mlflow_run_id"] = run_id
@@ -221,8 +217,6 @@ def rag_context(hits: list[dict[str, Any]], numbered: bool = False) -> str:
 
 def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Champion perplexity on held-out continuations and SFT ROUGE, each with and without retrieval."""
-    import dataclasses as dc
-
     from models.finetune import first_line, rouge, sft_prompt
     from models.generation import generate
 
@@ -263,7 +257,7 @@ def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[
                             exclude=lambda qi, chunk: bool(own[qi]) and Path(chunk["path"]).stem.lower() == own[qi].lower())
     room = max_tokens - task.max_new_tokens
     augmented = [truncate_left(sft_tokenizer, templates["rag"].format(context=rag_context(h), prompt=p), room) for h, p in zip(hits, prompts)]
-    greedy = dc.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
+    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
     references = [r["response"] for r in rows]
     answers = {label: [first_line(t) for t in generate(sft_model, sft_tokenizer, p, greedy)] for label, p in (("without", prompts), ("with", augmented))}
     for label in ("without", "with"):
@@ -277,9 +271,7 @@ def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[
     (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
     (out / "comparison.md").write_text(comparison_table(summary))
     with tracked_run(params, "rag eval", {"stage": "rag_eval", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
-        for key, value in summary.items():
-            if isinstance(value, float):
-                client.log_metric(run_id, key, value)
+        log_numbers(client, run_id, summary)
         client.log_artifact(run_id, str(out / "comparison.md"))
     summary["mlflow_run_id"] = run_id
     write_params(out, rag)
@@ -399,9 +391,7 @@ def run_prompt_eval(params: Params, dagster_run_id: str = "", report=None) -> di
     out.mkdir(parents=True, exist_ok=True)
     (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
     with tracked_run(params, "prompt eval", {"stage": "prompt_eval", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
-        for key, value in summary.items():
-            if isinstance(value, float):
-                client.log_metric(run_id, key, value)
+        log_numbers(client, run_id, summary)
     summary["mlflow_run_id"] = run_id
     write_params(out, rag)
     write_summary(out, summary)

@@ -51,6 +51,13 @@ def experiment_id(client, params: Params) -> str:
     return client.create_experiment(params.mlflow.experiment, artifact_location=(REPO_ROOT / "mlflow" / "artifacts").as_uri())
 
 
+def log_numbers(client, run_id: str, values: dict) -> None:
+    """Every number of ``values`` (a stage summary) as an MLflow metric; flags and text are skipped."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, key, value)
+
+
 @contextlib.contextmanager
 def tracked_run(params: Params, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[tuple[object, str]]:
     """An MLflow run (client, run id) that ends FINISHED, or FAILED if the block raises."""

@@ -4,11 +4,9 @@ that say how well each finds what it should.  Plain Python and torch: no Dagster
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -163,11 +161,3 @@ def repetition_rate(texts: Sequence[str], n: int = 3) -> float:
         if grams:
             rates.append(1 - len(set(grams)) / len(grams))
     return float(np.mean(rates)) if rates else 0.0
-
-
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
