@@ -6,7 +6,7 @@ import dagster as dg
 
 import lmforge.pretrain
 import models.training
-from assets.common import code_version, inline_png, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, inline_png, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import ParamsError, PretrainParams, load_params
 
@@ -26,9 +26,24 @@ candidates = dg.StaticPartitionsDefinition(_candidates())
 
 
 @dg.asset(
+    group_name="tokenizer",  # a base model brings its own tokenizer: packed needs it
+    kinds={"python", "huggingface"},
+    code_version=code_version("base_models"),
+    description="The existing models that candidates name as their source (GGUF file, local Hugging Face "
+    "directory or hub id), checked (safetensors or GGUF only; no remote code) and cached as safetensors "
+    "directories with their tokenizer, sha256 and licence.",
+)
+def base_models(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = lmforge_params.load()
+    summary = lmforge.pretrain.run_base_models(params, report=context.log.info)
+    rows = [{"name": slug, **info} for slug, info in summary["sources"].items()]
+    return dg.MaterializeResult(metadata={"models": summary["models"], "sources": dg.MetadataValue.md(md_table(rows))})
+
+
+@dg.asset(
     group_name="pretrain",
     kinds={"python", "pytorch", "mlflow"},
-    deps=["packed"],
+    deps=["packed", "base_models"],
     partitions_def=candidates,
     pool="training",  # dagster.yaml limits the pool to one run at a time on this machine
     code_version=code_version("pretrain"),
@@ -39,8 +54,9 @@ candidates = dg.StaticPartitionsDefinition(_candidates())
             description="Final val loss below the unigram (context-free) baseline.",
         ),
     ],
-    description="Pretrain one candidate with PyTorch Lightning (resumes from its newest checkpoint), "
-    "export it in Hugging Face format, track it in MLflow.",
+    description="One candidate: trained from scratch or adapted from a base model with PyTorch Lightning "
+    "(resumes from its newest checkpoint), or a base model taken as is; exported in Hugging Face format, "
+    "tracked in MLflow.",
 )
 def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_params: ParamsResource):
     params = stage_params(lmforge_params.load(), "pretrain", config)

@@ -40,16 +40,18 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, lmforg
 @dg.asset(
     group_name="tokenizer",
     kinds={"python", "numpy"},
-    deps=["tokenizer", "split"],
+    deps=["tokenizer", "split", "base_models"],
     code_version=code_version("packed"),
-    description="Every split tokenized in parallel, documents separated by EOS/SEP, packed into "
-    "fixed-length blocks in memory-mappable token files.",
+    description="Every split tokenized in parallel with each tokenizer a candidate reads (the trained one, "
+    "each base model's own), documents separated by EOS/SEP, packed into fixed-length blocks in "
+    "memory-mappable token files under packed/<tokenizer>.",
 )
 def packed(context: dg.AssetExecutionContext, config: TokenizerConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "tokenizer", config)
     summary = lmforge.vocabulary.run_pack(params)
     context.log.info(f"packed: {summary['train_tokens']} train tokens in {summary['train_blocks']} blocks of {summary['block_size']}")
-    table = [{"split": s, **{k: summary[f"{s}_{k}"] for k in ("documents", "tokens", "blocks", "padding")}} for s in ("train", "val", "test")]
+    table = [{"tokenizer": name, "split": s, **{k: counts[f"{s}_{k}"] for k in ("documents", "tokens", "blocks", "padding")}}
+             for name, counts in summary["by_tokenizer"].items() for s in ("train", "val", "test")]
     return dg.MaterializeResult(
         metadata={
             **summary_metadata(summary),

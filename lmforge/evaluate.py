@@ -17,8 +17,9 @@ from typing import Any
 
 from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.params import LmforgeError, Params
+from lmforge.candidates import get, packed_dir
+from lmforge.sources import source_tags
 from lmforge.tracking import log_numbers, tracked_run
-from lmforge.vocabulary import candidate_configs
 
 
 def _finite(x: float | None) -> float | None:
@@ -63,29 +64,28 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
     from models.training import collator_for, weights_finite
 
     say = report or (lambda _msg: None)
-    configs = candidate_configs(params)
-    if candidate not in configs:
-        raise LmforgeError(f"evaluate: no candidate '{candidate}' (candidates: {', '.join(configs)})")
-    arch, p = configs[candidate], params.evaluate
+    cand, p = get(params, candidate, "evaluate"), params.evaluate
     source = params.stage_dir("pretrain") / candidate
     if not (source / "summary.json").exists() or not (source / "hf").exists():
         raise LmforgeError(f"{source} has no trained model: materialize 'pretrain' for {candidate} first")
     pretrained = read_summary(source)
-    packed = params.stage_dir("packed")
+    packed = packed_dir(params, cand.tokenizer)
     out = params.stage_dir("evaluate") / candidate
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)  # masking (MLM, T5) draws random positions: the same ones every time
     model, tokenizer, objective = load(source / "hf")
     byte_lengths = token_byte_lengths(tokenizer)
-    result: dict[str, Any] = {"candidate": candidate, "objective": objective, "parameters": pretrained["parameters"],
-                              "pretrain_fingerprint": pretrained["fingerprint"], "weights_mb": weights_mb(model),
-                              "training_flops": float(pretrained["flops_per_token"]) * pretrained["tokens_seen"]}
+    result: dict[str, Any] = {"candidate": candidate, "kind": cand.kind, "tokenizer": cand.tokenizer, "objective": objective,
+                              "parameters": pretrained["parameters"], "pretrain_fingerprint": pretrained["fingerprint"],
+                              "weights_mb": weights_mb(model), "training_flops": float(pretrained["flops_per_token"]) * pretrained["tokens_seen"],
+                              "licence": (pretrained.get("source") or {}).get("licence") or ("own" if cand.kind == "scratch" else "unknown")}
+    pad_id = PackedBlocks(packed, "val").pad_id
     for split in p.splits:
         blocks = PackedBlocks(packed, split)
         if len(blocks) == 0:
             raise LmforgeError(f"evaluate: the {split} split has no tokens: raise split.{split} or drop it from evaluate.splits")
-        s = lm_scores(model, blocks, collator_for(arch, tokenizer, seed=0), byte_lengths, objective, p.batch_size, p.max_blocks)
+        s = lm_scores(model, blocks, collator_for(objective, tokenizer, 0, pad_id), byte_lengths, objective, p.batch_size, p.max_blocks)
         say(f"evaluate {candidate} [{split}]: perplexity {s.perplexity:.2f}, {s.bits_per_byte:.3f} bits/byte, accuracy {s.token_accuracy:.3f}")
         result.update({f"{split}_perplexity": s.perplexity, f"{split}_bits_per_byte": s.bits_per_byte,
                        f"{split}_token_accuracy": s.token_accuracy, f"{split}_top5_accuracy": s.top5_accuracy, f"{split}_tokens": s.tokens})
@@ -96,6 +96,8 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
 
     val = PackedBlocks(packed, "val")
     stream = np.asarray(val.data[: val.tokens])
+    if p.max_blocks:  # the same cap as the scores, but at least one sequence of the longest context
+        stream = stream[: max(p.max_blocks, max(p.context_multiples)) * val.block_size]
     curve: dict[int, float | None] = {m: None for m in p.context_multiples}
     if objective == "causal":
         scores = context_curve(model, stream, val.block_size, p.context_multiples, byte_lengths, p.batch_size, val.pad_id)
@@ -105,6 +107,10 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
     base, longest = curve.get(1), curve.get(max(p.context_multiples))
     # how much worse the model gets at the longest context, relative to the training length
     result["context_extrapolation"] = longest / base if base and longest else None
+    # what the model declares it can attend to; a model without a hard limit (ALiBi) is credited
+    # with the longest context the curve measured
+    declared = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    result["context_window"] = declared or (max(p.context_multiples) * val.block_size if longest else None)
     say(f"evaluate {candidate}: context curve " + ", ".join(f"{m}×: {v:.1f}" if v else f"{m}×: n/a" for m, v in curve.items()))
     plot_context_curve(curve, val.block_size, out / "context_curve.png", f"{candidate}: perplexity by context length")
 
@@ -128,7 +134,8 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
         "metrics_finite": all(math.isfinite(result[f"{s}_perplexity"]) for s in p.splits),
     }
     result = {k: (_finite(v) if isinstance(v, float) else v) for k, v in result.items()}
-    with tracked_run(params, f"evaluate {candidate}", {"candidate": candidate, "stage": "evaluate", "dagster_run_id": dagster_run_id},
+    tags = {"candidate": candidate, "stage": "evaluate", "dagster_run_id": dagster_run_id, **(source_tags(pretrained["source"]) if pretrained.get("source") else {})}
+    with tracked_run(params, f"evaluate {candidate}", tags,
                      parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):
         log_numbers(client, run_id, result)
         for name in ("context_curve.png", "samples.md"):

@@ -182,25 +182,59 @@ class TokenizerParams:
     num_proc: int = 2
 
 
+CandidateUse = Literal["as_is", "adapt"]
+
+
 @dataclass
 class CandidateParams:
-    """One candidate architecture: a preset plus overrides of its fields (see models/architectures.py)."""
+    """One candidate: trained from scratch (``preset`` plus ``overrides``, see models/architectures.py),
+    or an existing model (``source``) evaluated ``as_is`` or adapted to the corpus (``adapt``:
+    continued pretraining with its own tokenizer).  ``lmforge.candidates`` resolves an entry."""
 
     name: str = "gpt"
-    preset: str = "cpu-small"
-    overrides: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # from scratch: a preset of models/architectures.py
+    overrides: dict[str, Any] = field(default_factory=dict)  # preset fields (position, n_layer, ...)
+    # An existing model: a local Hugging Face directory, a .gguf file (dequantized once, cached as
+    # safetensors) or a hub id "org/name" (needs network, or a hub cache with HF_HUB_OFFLINE=1).
+    source: str | None = None
+    use: CandidateUse = "as_is"  # what to do with a source: evaluate it as is, or adapt it
+    revision: str | None = None  # hub sources: a branch, tag or commit (None: the default branch)
+    sha256: str | None = None  # a file source's pinned hash: another file is refused
+    licence: str | None = None  # declared licence (None: read from the model's card or config, else unknown)
+    train: dict[str, Any] = field(default_factory=dict)  # this candidate's overrides of pretrain.train
+    # Safety of loading: pickled weights (.bin, .pt) can run code when loaded, and so can a model's own
+    # Python code.  Both are refused unless switched on here, for this one candidate.
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.source is None):
+            raise ValueError(f"candidate '{self.name}': give either a preset (train from scratch) or a source (an existing model)")
+        if self.source is None and self.use != "as_is":
+            raise ValueError(f"candidate '{self.name}': use applies to a source; a preset is always trained from scratch")
 
 
 @dataclass
 class PretrainParams:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: Scale = field(default_factory=Scale)
+    # Overrides of ``train`` for candidates with ``use: adapt``: a pretrained model is already near a
+    # good minimum, and the learning rate of a from-scratch run would wreck it ("catastrophic
+    # forgetting"); a short warm-up lets Adam's moment estimates settle before full steps.
+    adapt: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-4, "warmup_steps": 10, "min_lr_ratio": 0.1})
     candidates: list[CandidateParams] = field(
-        default_factory=lambda: [
-            CandidateParams("llama-rope", "cpu-small", {}),
-            CandidateParams("bloom-alibi", "cpu-small", {"position": "alibi"}),
-        ]
+        default_factory=lambda: [CandidateParams("llama-rope", "cpu-small"), CandidateParams("bloom-alibi", "cpu-small", {"position": "alibi"})]
     )
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidates: names must be unique, got {', '.join(names)}")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for where, overrides in [("adapt", self.adapt), *((f"candidates '{c.name}'.train", c.train) for c in self.candidates)]:
+            unknown = sorted(set(overrides) - fields)
+            if unknown:
+                raise ValueError(f"{where}: unknown training setting(s) {', '.join(unknown)} (settings: {', '.join(sorted(fields))})")
 
 
 @dataclass
@@ -234,7 +268,7 @@ class EvaluateParams:
 
 
 #: The factors of model selection, each normalised to [0, 1] (1: the best candidate).
-SELECT_FACTORS = ("quality", "speed", "size", "training_cost", "context")
+SELECT_FACTORS = ("quality", "speed", "memory", "size", "training_cost", "context", "context_window", "licence")
 
 
 @dataclass
@@ -242,8 +276,14 @@ class SelectParams:
     """Weights of the factor matrix (normalised: only their ratios matter; 0 drops a factor)."""
 
     weights: dict[str, float] = field(
-        default_factory=lambda: {"quality": 0.5, "speed": 0.15, "size": 0.1, "training_cost": 0.1, "context": 0.15}
+        default_factory=lambda: {
+            "quality": 0.5, "speed": 0.1, "memory": 0.05, "size": 0.05, "training_cost": 0.1,
+            "context": 0.1, "context_window": 0.05, "licence": 0.05,
+        }
     )
+    # Licences a user may deploy without asking a lawyer: a candidate under one of them (or trained
+    # here from scratch: "own") scores 1 on the licence factor, any other or an unknown one scores 0.
+    open_licences: list[str] = field(default_factory=lambda: ["own", "apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0"])
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.weights) - set(SELECT_FACTORS))
@@ -251,6 +291,7 @@ class SelectParams:
             raise ValueError(f"weights: unknown factor(s) {', '.join(unknown)} (factors: {', '.join(SELECT_FACTORS)})")
         if any(not isinstance(w, (int, float)) or w < 0 for w in self.weights.values()) or not sum(self.weights.values()) > 0:
             raise ValueError("weights: need non-negative numbers with a positive sum")
+        self.open_licences = [x.lower() for x in self.open_licences]
 
 
 @dataclass
@@ -298,8 +339,15 @@ class SftTaskParams:
     max_new_tokens: int = 32  # generated for scoring (greedy)
 
 
+#: The kinds of fine-tuning task (``finetune.tasks``), each with its section of ``finetune``.
+FinetuneTask = Literal["classification", "sft"]
+
+
 @dataclass
 class FinetuneParams:
+    # The tasks to read, validate and fine-tune on; the others are skipped (their files are not read),
+    # so a user who brings only a classification set lists only it.
+    tasks: list[FinetuneTask] = field(default_factory=lambda: ["classification", "sft"])
     methods: list[Literal["full", "lora"]] = field(default_factory=lambda: ["full", "lora"])
     min_examples: int = 50  # blocking check: a smaller task set cannot be evaluated meaningfully
     val_fraction: float = 0.2  # by a hash of the example: adding examples does not reshuffle the rest
@@ -310,6 +358,13 @@ class FinetuneParams:
     sft: SftTaskParams = field(default_factory=SftTaskParams)
 
     def __post_init__(self) -> None:
+        known = typing.get_args(FinetuneTask)
+        unknown = [t for t in self.tasks if t not in known]  # run config bypasses the Literal check of params files
+        if unknown:
+            raise ValueError(f"tasks: unknown task {unknown[0]!r} (tasks: {', '.join(known)})")
+        twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if twice:
+            raise ValueError(f"tasks: {', '.join(twice)} listed more than once")
         if not self.methods:
             raise ValueError("methods: name at least one of full, lora")
         if not (0 < self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1):

@@ -18,19 +18,51 @@ from typing import Any
 import numpy as np
 
 from lmforge.artifacts import write_params, write_summary
+from lmforge.candidates import Candidate, base_model_dir, get, packed_dir, sources_in_use, tokenizer_dir
 from lmforge.params import REPO_ROOT, LmforgeError, Params
+from lmforge.sources import source_tags
 from lmforge.tracking import lineage_tags, tracking_uri
-from lmforge.vocabulary import candidate_configs
 
 
-def fingerprint(arch, params: Params) -> str:
+def fingerprint(candidate: Candidate, params: Params) -> str:
+    """What makes a run of this candidate the same run: the architecture or the exact base model, the
+    training settings and the exact data and tokenizer."""
     h = hashlib.sha256()
-    h.update(json.dumps(dataclasses.asdict(arch), sort_keys=True).encode())
-    h.update(json.dumps(dataclasses.asdict(params.pretrain.train), sort_keys=True).encode())
+    h.update(candidate.kind.encode())
+    if candidate.arch is not None:
+        h.update(json.dumps(dataclasses.asdict(candidate.arch), sort_keys=True).encode())
+    else:
+        h.update(base_record(params, candidate)["sha256"].encode())
+    h.update(json.dumps(dataclasses.asdict(candidate.train), sort_keys=True).encode())
     h.update(json.dumps(dataclasses.asdict(params.pretrain.scale), sort_keys=True).encode())
-    for path in (params.stage_dir("packed") / "meta.json", params.stage_dir("tokenizer") / "hf" / "tokenizer.json"):
+    for path in (packed_dir(params, candidate.tokenizer) / "meta.json", tokenizer_dir(params, candidate.tokenizer) / "tokenizer.json"):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def base_record(params: Params, candidate: Candidate) -> dict[str, Any]:
+    """``source.json`` of a pretrained candidate's base model (where it came from, its hash, licence)."""
+    record = base_model_dir(params, candidate.tokenizer) / "source.json"
+    if not record.is_file():
+        raise LmforgeError(f"{record.parent} not found: materialize the 'base_models' stage first")
+    return json.loads(record.read_text())
+
+
+def run_base_models(params: Params, report=None) -> dict[str, Any]:
+    """Materialize ``<artifacts>/base_models/<name>/`` for every distinct source of the candidates."""
+    from lmforge.sources import materialize
+
+    out = params.stage_dir("base_models")
+    out.mkdir(parents=True, exist_ok=True)
+    sources = sources_in_use(params)
+    records = {slug: materialize(source, base_model_dir(params, slug), report) for slug, source in sources.items()}
+    for stale in out.iterdir():  # models no candidate names any more
+        if stale.is_dir() and stale.name not in records:
+            shutil.rmtree(stale)
+    summary = {"models": len(records), "sources": {slug: {k: r[k] for k in ("source", "kind", "sha256", "licence", "model_type", "context_window")}
+                                                     for slug, r in records.items()}}
+    write_summary(out, summary)
+    return summary
 
 
 def unigram_baseline(packed_dir: Path) -> float:
@@ -69,29 +101,39 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of the model directory ``src`` made of hard links (no extra disk)."""
+    import os
+
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        try:
+            os.link(path, dst / path.name)
+        except OSError:
+            shutil.copy2(path, dst / path.name)
+
+
 def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progress: bool = True, report=None) -> dict[str, Any]:
-    """Train (or resume) one candidate; log it to MLflow; return its summary."""
+    """Train (or resume) one candidate, or take an existing model as is; log it to MLflow; return its summary."""
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from models.training import launch, needs_launcher, pretrain
+    from models.training import launch, needs_launcher, pretrain, score_as_is
 
-    configs = candidate_configs(params)
-    if candidate not in configs:
-        raise LmforgeError(f"pretrain: no candidate '{candidate}' (candidates: {', '.join(configs)})")
-    arch = configs[candidate]
-    packed, tokenizer = params.stage_dir("packed"), params.stage_dir("tokenizer") / "hf"
+    cand = get(params, candidate, "pretrain")
+    packed, tokenizer = packed_dir(params, cand.tokenizer), tokenizer_dir(params, cand.tokenizer)
     if not (packed / "meta.json").exists():
         raise LmforgeError(f"{packed} not found: materialize the 'packed' stage first")
     meta = json.loads((packed / "meta.json").read_text())
     if meta["splits"]["val"]["tokens"] == 0:
         raise LmforgeError("pretrain: the val split is empty (validation and the baseline check need it): raise split.val or add documents")
-    if meta["block_size"] > arch.max_context:
+    if cand.arch is not None and meta["block_size"] > cand.arch.max_context:
         raise LmforgeError(
             f"tokenizer.block_size: blocks of {meta['block_size']} tokens are longer than candidate '{candidate}' "
-            f"can attend to (max_context {arch.max_context})"
+            f"can attend to (max_context {cand.arch.max_context})"
         )
+    record = base_record(params, cand) if cand.source is not None else None
     out = params.stage_dir("pretrain") / candidate
-    run_key = fingerprint(arch, params)
+    run_key = fingerprint(cand, params)
     runs = out / "runs"
     if runs.exists():  # checkpoints of another configuration cannot be resumed: drop them
         for stale in runs.iterdir():
@@ -103,7 +145,9 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     work.mkdir(parents=True, exist_ok=True)
     if (out / "hf").exists():
         shutil.rmtree(out / "hf")
-    tags = {**lineage_tags(), "candidate": candidate, "dagster_run_id": dagster_run_id, "fingerprint": run_key, "family": arch.family}
+    family = cand.arch.family if cand.arch is not None else record["model_type"]
+    tags = {**lineage_tags(), "candidate": candidate, "dagster_run_id": dagster_run_id, "fingerprint": run_key, "family": family,
+            "candidate_kind": cand.kind, "tokenizer": cand.tokenizer, **(source_tags(record) if record else {})}
     logger = MLFlowLogger(
         experiment_name=params.mlflow.experiment,
         run_name=candidate,
@@ -111,20 +155,29 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
         tags=tags,
         artifact_location=(REPO_ROOT / "mlflow" / "artifacts").as_uri(),
     )
-    logger.log_hyperparams({"candidate": candidate, **{f"arch.{k}": v for k, v in dataclasses.asdict(arch).items()},
-                            **{f"train.{k}": v for k, v in dataclasses.asdict(params.pretrain.train).items()},
+    arch_params = {f"arch.{k}": v for k, v in dataclasses.asdict(cand.arch).items()} if cand.arch is not None else {"source": record["source"]}
+    logger.log_hyperparams({"candidate": candidate, "kind": cand.kind, **arch_params,
+                            **{f"train.{k}": v for k, v in dataclasses.asdict(cand.train).items()},
                             **{f"scale.{k}": v for k, v in dataclasses.asdict(params.pretrain.scale).items()}})
-    train, scale = params.pretrain.train, params.pretrain.scale
-    if needs_launcher(scale):  # torchrun processes log into the MLflow run created here
-        result = launch(arch, train, packed, tokenizer, work, scale, tracking_uri(params), logger.run_id)
+    train, scale = cand.train, params.pretrain.scale
+    init_from = tokenizer if cand.kind == "adapt" else None  # a base model's directory holds weights and tokenizer
+    if cand.kind == "as_is":
+        say = report or (lambda _msg: None)
+        say(f"pretrain {candidate}: {record['source']} as is (no training); scoring its validation batches")
+        _link_tree(tokenizer, work / "hf")
+        result = score_as_is(work / "hf", train, packed)
+    elif needs_launcher(scale):  # torchrun processes log into the MLflow run created here
+        result = launch(cand.arch, train, packed, tokenizer, work, scale, tracking_uri(params), logger.run_id, init_from=init_from)
     else:
-        result = pretrain(arch, train, packed, tokenizer, work, scale, logger=logger, progress=progress, report=report)
+        result = pretrain(cand.arch, train, packed, tokenizer, work, scale, logger=logger, progress=progress, report=report, init_from=init_from)
     shutil.move(str(work / "hf"), str(out / "hf"))
+    if record is not None:
+        (out / "hf" / "source.json").unlink(missing_ok=True)  # the run's tags and summary carry it
     result["unigram_baseline"] = unigram_baseline(packed)
     history = {k: result.pop(k) for k in ("train_losses", "val_losses")}
     history["unigram_baseline"] = result["unigram_baseline"]
     (out / "history.json").write_text(json.dumps(history) + "\n")
-    plot_losses(history, out / "loss_curve.png", f"{candidate} ({arch.family}, {result['parameters']:,} parameters)")
+    plot_losses(history, out / "loss_curve.png", f"{candidate} ({family}, {result['parameters']:,} parameters)")
     client, run_id = logger.experiment, logger.run_id
     client.log_artifact(run_id, str(out / "loss_curve.png"))
     for key in ("final_val_loss", "val_perplexity", "val_bits_per_byte", "val_token_accuracy", "val_top5_accuracy"):
@@ -134,8 +187,9 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     client.set_tag(run_id, "model_dir", str(out / "hf"))
     client.set_tag(run_id, "checkpoint_dir", str(work / "checkpoints"))
     client.set_terminated(run_id, "FINISHED")
-    result.update(candidate=candidate, mlflow_run_id=run_id, fingerprint=run_key)
+    result.update(candidate=candidate, kind=cand.kind, tokenizer=cand.tokenizer, mlflow_run_id=run_id, fingerprint=run_key,
+                  source=record and {k: record[k] for k in ("source", "kind", "sha256", "licence")})
     (work / "COMPLETE").touch()
-    write_params(out, params.pretrain.train)
+    write_params(out, train)
     write_summary(out, result)
     return result

@@ -24,6 +24,7 @@ import mlflow.pyfunc
 
 from lmforge.artifacts import read_summary, write_summary
 from lmforge.params import REPO_ROOT, LmforgeError, Params
+from lmforge.sources import source_tags
 from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
 
 
@@ -122,6 +123,12 @@ def current(client, name: str, alias: str):
         return None
 
 
+def candidate_source_tags(params: Params, candidate: str) -> dict[str, str]:
+    """Source, sha256 and licence of the base model a candidate descends from (none for scratch models)."""
+    source = read_summary(params.stage_dir("pretrain") / candidate).get("source")
+    return source_tags(source) if source else {}
+
+
 def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Register the champion of ``select`` (once per distinct weights), point ``candidate`` at it, and
     ``champion`` too unless the reigning champion scores better on the same data."""
@@ -140,7 +147,7 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
     summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
     tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
-            **{k: str(v) for k, v in metrics.items()}}
+            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name)}
     version, run_id, new = register_once(params, params.path(chosen["champion_dir"]), tags, f"register {name}",
                                          {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
                                          chosen.get("champion_pretrain_run_id"))
@@ -183,7 +190,8 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
     if champion.tags.get("candidate") != quantized["champion"]:
         raise LmforgeError(f"register_quantized: the quantized model is of '{quantized['champion']}', but the last registered "
                            f"version ({champion.version}) is of '{champion.tags.get('candidate')}': re-run quantize and register")
-    tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "candidate": quantized["champion"], "kind": "quantized",
+    tags = {**lineage_tags(), **candidate_source_tags(params, quantized["champion"]), "dagster_run_id": dagster_run_id,
+            "candidate": quantized["champion"], "kind": "quantized",
             "variant": quantized["chosen"], "base_version": str(champion.version),
             **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
     version, run_id, _new = register_once(params, params.path(quantized["chosen_dir"]), tags, f"register quantized {quantized['champion']}",

@@ -24,19 +24,22 @@ def _reasons(by_reason: dict[str, int]) -> str:
 def rows(params: Params) -> list[tuple[str, str, str]]:
     """(stage, item, value) rows; a stage not materialized yet says so."""
     s = {stage: _load(params.stage_dir(stage) / "summary.json") for stage in (
-        "ingest", "clean", "split", "tokenizer", "packed", "select", "finetune_classifier", "finetune_sft",
+        "ingest", "clean", "split", "base_models", "tokenizer", "packed", "select", "finetune_classifier", "finetune_sft",
         "quantize", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")}
     out: list[tuple[str, str, str]] = []
 
     def add(stage: str, item: str, render) -> None:
         summary = s.get(stage)
-        out.append((stage, item, render(summary) if summary else "not materialized"))
+        text = "not materialized" if not summary else f"skipped: {summary['skipped']}" if "skipped" in summary else render(summary)
+        out.append((stage, item, text))
 
     add("ingest", "documents", lambda d: f"{d['documents']} read, {d['quarantined']} quarantined{_reasons(d['by_reason'])}")
     add("clean", "documents", lambda d: f"{d['kept']} kept, {d['quarantined']} quarantined{_reasons(d['by_reason'])}")
     add("split", "documents", lambda d: f"train {d['train']} · val {d['val']} · test {d['test']}")
+    add("base_models", "sources", lambda d: " · ".join(f"{n} ({i['kind']}, {i['licence']})" for n, i in d["sources"].items()) or "none")
     add("tokenizer", "vocabulary", lambda d: f"{d['algorithm']} {d['vocab_size']:,} · {d['bytes_per_token']:.2f} bytes/token · unk {d['unk_rate']:.2%}")
-    add("packed", "tokens", lambda d: f"{d['train_tokens']:,} train tokens in {d['train_blocks']:,} blocks of {d['block_size']}")
+    add("packed", "tokens", lambda d: " · ".join(f"{name}: {t['train_tokens']:,} train tokens" for name, t in d.get("by_tokenizer", {}).items())
+        + f" (blocks of {d['block_size']})")
     champion = (s["select"] or {}).get("champion")
     scores = (s["select"] or {}).get("scores", {})
     for c in params.pretrain.candidates:
@@ -45,14 +48,16 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
         if not pre:
             out.append(("pretrain", c.name, "not materialized"))
             continue
-        text = f"{pre['parameters'] / 1e6:.2f} M params · {pre['tokens_per_second']:,.0f} tokens/s"
-        if ev:
-            text += f" · test ppl {ev['perplexity']:.1f} · {ev['bits_per_byte']:.3f} bits/byte"
+        trained = f"{pre['tokens_per_second']:,.0f} tokens/s" if pre.get("tokens_per_second") else "not trained"
+        text = f"{pre.get('kind', 'scratch')} · {pre['parameters'] / 1e6:.2f} M params · {trained}"
+        if ev:  # bits per byte first: the one number comparable across tokenizers
+            text += f" · test {ev['bits_per_byte']:.3f} bits/byte · ppl {ev['perplexity']:.1f} ({ev.get('tokenizer', 'trained')} tokens)"
         if c.name in scores:
             text += f" · score {scores[c.name]:.3f}" + ("  ★ champion" if c.name == champion else "")
         out.append(("candidate", c.name, text))
     add("select", "champion", lambda d: f"{d['champion']} (score {d['champion_score']:.3f})")
-    add("finetune_classifier", "macro-F1", lambda d: f"{d['macro_f1']:.3f} ({d['best_method']}) vs majority baseline {d['baseline_macro_f1']:.3f} · accuracy {d['accuracy']:.3f}")
+    add("finetune_classifier", "macro-F1", lambda d: f"{d['macro_f1']:.3f} ({d['best_method']}) vs majority baseline {d['baseline_macro_f1']:.3f} "
+        f"· TF-IDF+LR {d['classical_macro_f1']:.3f} · accuracy {d['accuracy']:.3f}")
     add("finetune_sft", "ROUGE-L", lambda d: f"{d['rougeL']:.3f} ({d['best_method']}) vs zero-shot {d['baseline_rougeL']:.3f} · ROUGE-1 {d['rouge1']:.3f}")
     add("quantize", "chosen variant", lambda d: (
         f"{d['chosen']}: {d['linear_size_ratio']:.2f}× smaller linear weights ({d['disk_size_ratio']:.2f}× on disk) · "
@@ -65,7 +70,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
     add("retrieval_index", "known items", _retrieval)
     add("rag_eval", "with retrieval", lambda d: f"continuation ppl {d['perplexity_without']:.1f} → {d['perplexity_with']:.1f} · "
-        f"summaries ROUGE-L {d['rougeL_without']:.3f} → {d['rougeL_with']:.3f}")
+        + (f"summaries ROUGE-L {d['rougeL_without']:.3f} → {d['rougeL_with']:.3f}" if "rougeL_without" in d else d["summaries_skipped"]))
     add("prompt_eval", "best prompts", _prompts)
     add("sampling_sweep", "best sampling", lambda d: f"{d['best']} (score {d['best_score']:.3f}) on {d['registered_model']} v{d['tagged_version']}")
     failures = params.artifacts / "run_failures.jsonl"
@@ -83,9 +88,10 @@ def _retrieval(d: dict[str, Any]) -> str:
 
 
 def _prompts(d: dict[str, Any]) -> str:
-    cls, sft = d["classification_best_mode"], d["sft_best_mode"]
-    return (f"classification {cls} (F1 {d[f'classification_{cls}_macro_f1']:.3f}) · "
-            f"summaries {sft} (ROUGE-L {d[f'sft_{sft}_rougeL']:.3f})")
+    """The best prompt of each task set; a task left out of finetune.tasks says so."""
+    cls, sft = d.get("classification_best_mode"), d.get("sft_best_mode")
+    return (f"classification {cls} (F1 {d[f'classification_{cls}_macro_f1']:.3f})" if cls else d["classification_skipped"]) + " · " + (
+        f"summaries {sft} (ROUGE-L {d[f'sft_{sft}_rougeL']:.3f})" if sft else d["sft_skipped"])
 
 
 def render(table: list[tuple[str, str, str]]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import write_params, write_summary
+from lmforge.candidates import TRAINED
 from lmforge.params import SELECT_FACTORS, LmforgeError, Params
 from lmforge.tracking import tracked_run
 
@@ -29,27 +30,41 @@ class Factor:
     metric: str  # key of the evaluation summary
     higher_is_better: bool
     meaning: str
+    origin: str  # where the number comes from: measured here, or declared by the model or params.yaml
+    floor: float = 0.0  # lower-is-better ratios are (best + floor) / (value + floor): a zero cost is not infinitely better
 
 
 def factors(params: Params) -> dict[str, Factor]:
     fastest = max(params.evaluate.speed_batch_sizes)
     longest = max(params.evaluate.context_multiples)
     table = [
-        Factor("quality", "val_perplexity", False, "val perplexity (the candidates share one tokenizer)"),
-        Factor("speed", f"tokens_per_second_b{fastest}", True, f"generated tokens/s at batch {fastest}"),
-        Factor("size", "parameters", False, "parameter count"),
-        Factor("training_cost", "training_flops", False, "training FLOPs (6 × parameters × tokens, plus attention)"),
-        Factor("context", "context_extrapolation", False, f"val perplexity at {longest}× the training context ÷ at 1×"),
+        # bits per byte, not perplexity: candidates may use different tokenizers, and bytes are the same text
+        Factor("quality", "val_bits_per_byte", False, "val bits per byte (comparable across tokenizers)", "measured: evaluate, val split"),
+        Factor("speed", f"tokens_per_second_b{fastest}", True, f"generated tokens/s at batch {fastest}", "measured: evaluate, this machine"),
+        Factor("memory", f"peak_memory_mb_b{fastest}", False, f"peak memory generating at batch {fastest}", "measured: evaluate, this machine"),
+        Factor("size", "parameters", False, "parameter count", "counted: the model's weights"),
+        # FLOPs spent here: 0 for a model used as is; 1 TFLOP (a second of a laptop) keeps ratios finite
+        Factor("training_cost", "training_flops", False, "training FLOPs spent here (6 × parameters × tokens, plus attention)",
+               "computed: pretrain's tokens × FLOPs per token", floor=1e12),
+        Factor("context", "context_extrapolation", False, f"val perplexity at {longest}× the training context ÷ at 1×",
+               "measured: evaluate's context curve"),
+        Factor("context_window", "context_window", True, "longest context the model declares (or attended to, without a limit)",
+               "declared: the model's config"),
+        Factor("licence", "licence_open", True, f"1 if the licence is one of select.open_licences, else 0",
+               "declared: params.yaml (licence), the model card or GGUF metadata; 'own' for scratch models"),
     ]
     assert tuple(f.name for f in table) == SELECT_FACTORS
     return {f.name: f for f in table}
 
 
-def normalise(values: list[float | None], higher_is_better: bool) -> list[float]:
+def normalise(values: list[float | None], higher_is_better: bool, floor: float = 0.0) -> list[float]:
     """Scores in (0, 1], 1 for the best: ``value / best`` when higher is better, ``best / value`` when
     lower is better.  Ratios keep the size of a difference (10% slower scores 0.9), which min-max
     scaling loses: with two candidates it turns every factor into a 0-or-1 vote.  Missing (None) or
-    non-positive values score 0."""
+    non-positive values score 0, except with a ``floor`` (lower is better), which is added to every
+    value so that zero is allowed and scores best."""
+    if floor:
+        values = [None if v is None or v < 0 else v + floor for v in values]
     present = [v for v in values if v is not None and v > 0]
     if not present:
         return [0.0 for _ in values]
@@ -79,7 +94,7 @@ def score_matrix(summaries: dict[str, dict[str, Any]], weights: dict[str, float]
     rows: dict[str, dict[str, Any]] = {n: {"values": {}, "scores": {}, "total": 0.0} for n in names}
     for name, factor in table.items():
         values = [summaries[n].get(factor.metric) for n in names]
-        for n, v, s in zip(names, values, normalise(values, factor.higher_is_better)):
+        for n, v, s in zip(names, values, normalise(values, factor.higher_is_better, factor.floor)):
             rows[n]["values"][name] = v
             rows[n]["scores"][name] = s
             rows[n]["total"] += weights.get(name, 0.0) * s / total_weight
@@ -94,7 +109,8 @@ def _fmt(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def matrix_markdown(rows: dict[str, dict[str, Any]], reasons: dict[str, str], weights: dict[str, float], champion: str) -> str:
+def matrix_markdown(rows: dict[str, dict[str, Any]], reasons: dict[str, str], weights: dict[str, float], champion: str,
+                    table: dict[str, Factor]) -> str:
     header = "| candidate | " + " | ".join(f"{f} (w {weights.get(f, 0):g})" for f in SELECT_FACTORS) + " | score |"
     lines = [header, "|" + "---|" * (len(SELECT_FACTORS) + 2)]
     for name, row in rows.items():
@@ -103,7 +119,9 @@ def matrix_markdown(rows: dict[str, dict[str, Any]], reasons: dict[str, str], we
         lines.append(f"| {name}{mark} | " + " | ".join(cells) + f" | **{row['total']:.3f}** |")
     for name, reason in reasons.items():
         lines.append(f"| {name} | " + " | ".join("—" for _ in SELECT_FACTORS) + f" | not eligible: {reason} |")
-    return "\n".join(lines) + "\n\nEach cell: measured value → score relative to the best eligible candidate (1 = best).\n"
+    notes = "\n".join(f"- **{f.name}**: {f.meaning}; {f.origin}" for f in table.values())
+    return ("\n".join(lines) + "\n\nEach cell: value → score relative to the best eligible candidate (1 = best).\n\n"
+            "Where each number comes from:\n\n" + notes + "\n")
 
 
 def plot_scores(rows: dict[str, dict[str, Any]], weights: dict[str, float], path: Path) -> None:
@@ -137,19 +155,21 @@ def run_select(params: Params, dagster_run_id: str = "") -> dict[str, Any]:
         if reason:
             reasons[c.name] = reason
         else:
-            summaries[c.name] = summary
+            summaries[c.name] = {**summary, "licence_open": float(str(summary.get("licence", "unknown")).lower() in params.select.open_licences)}
     if not summaries:
         raise LmforgeError("select: no eligible candidate (" + "; ".join(f"{n}: {r}" for n, r in reasons.items()) + ")")
     rows = score_matrix(summaries, weights, table)
     champion = max(rows, key=lambda n: rows[n]["total"])  # ties: the first in params.yaml
     out = params.stage_dir("select")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "factors.md").write_text(matrix_markdown(rows, reasons, weights, champion))
+    (out / "factors.md").write_text(matrix_markdown(rows, reasons, weights, champion, table))
     plot_scores(rows, weights, out / "scores.png")
     result = {
         "champion": champion,
         "champion_dir": str(Path(params.paths.artifacts) / "pretrain" / champion / "hf"),  # as params.yaml says it
         "champion_score": rows[champion]["total"],
+        "champion_kind": summaries[champion].get("kind", "scratch"),
+        "champion_tokenizer": summaries[champion].get("tokenizer", TRAINED),  # its packed data: packed/<tokenizer>
         "scores": {n: r["total"] for n, r in rows.items()},
         "factors": {n: {"values": r["values"], "scores": r["scores"]} for n, r in rows.items()},
         "not_eligible": reasons,

@@ -15,6 +15,10 @@ from collections.abc import Iterator
 from lmforge.params import REPO_ROOT, Params
 
 
+#: Tags a nested run copies from its parent run (``lmforge.sources.source_tags``).
+INHERITED_PREFIX = "source"
+
+
 def tracking_uri(params: Params) -> str:
     """``$MLFLOW_TRACKING_URI``, else params.yaml's, with a relative SQLite path made absolute."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
@@ -68,6 +72,9 @@ def tracked_run(params: Params, name: str, tags: dict[str, str], parent_run_id: 
     all_tags = {**lineage_tags(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+        # a run descending from a pretrained model carries where that model came from (source, sha256, licence)
+        inherited = {k: v for k, v in client.get_run(parent_run_id).data.tags.items() if k.startswith(INHERITED_PREFIX)}
+        all_tags = {**inherited, **all_tags}
     run = client.create_run(experiment_id(client, params), run_name=name, tags=all_tags)
     try:
         yield client, run.info.run_id

@@ -8,23 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, worker_friendly_signals, write_params, write_summary
+from lmforge.candidates import TRAINED, packed_dir, scratch_archs, tokenizer_dir, tokenizers_in_use
 from lmforge.params import LmforgeError, Params
 from lmforge.split import SPLITS
-
-
-def candidate_configs(params: Params) -> dict[str, Any]:
-    """The architecture config of every candidate, or a one-line error naming the bad one."""
-    from models.architectures import ArchConfigError, from_name
-
-    configs = {}
-    for c in params.pretrain.candidates:
-        try:
-            configs[c.name] = from_name(c.preset, **c.overrides)
-        except (ArchConfigError, TypeError) as exc:
-            raise LmforgeError(f"pretrain.candidates '{c.name}': {exc}") from None
-    if len(configs) != len(params.pretrain.candidates):
-        raise LmforgeError("pretrain.candidates: names must be unique")
-    return configs
 
 
 def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:
@@ -38,7 +24,7 @@ def run_tokenizer(params: Params) -> dict[str, Any]:
     from models.tokenizer import TokenizerSpec, measure, to_transformers, train_tokenizer
 
     p = params.tokenizer
-    configs = candidate_configs(params)
+    configs = scratch_archs(params)
     objectives = tuple(dict.fromkeys(cfg.objective for cfg in configs.values())) or ("causal",)
     spec = TokenizerSpec(p.algorithm, p.vocab_size, p.min_frequency, p.normalizer, objectives, p.extra_ids)
     split_dir = params.stage_dir("split")
@@ -79,33 +65,40 @@ def run_tokenizer(params: Params) -> dict[str, Any]:
 
 
 def run_pack(params: Params) -> dict[str, Any]:
-    """Materialize ``<artifacts>/packed``: ``<split>.bin`` token arrays, ``meta.json``, ``summary.json``."""
-    from models.data import pack_split, token_dtype, write_meta
-    from models.tokenizer import load
-
-    p = params.tokenizer
-    tok_dir = params.stage_dir("tokenizer") / "hf"
-    if not (tok_dir / "tokenizer.json").exists():
-        raise LmforgeError(f"{tok_dir} not found: materialize the 'tokenizer' stage first")
+    """Materialize ``<artifacts>/packed/<tokenizer>/`` for every tokenizer a candidate reads (the trained
+    one for scratch candidates, each pretrained model's own): ``<split>.bin`` token arrays and
+    ``meta.json``; one ``summary.json`` (the first tokenizer's counts flat, every tokenizer's nested)."""
     from transformers import AutoTokenizer
 
-    tok = load(tok_dir)
-    hf = AutoTokenizer.from_pretrained(str(tok_dir))
-    separator = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id  # between documents
-    pad = hf.pad_token_id
-    try:
-        dtype = token_dtype(tok.get_vocab_size(), p.dtype)
-    except ValueError as exc:
-        raise LmforgeError(str(exc)) from None
+    from models.data import pack_split, token_dtype, write_meta
+
+    p = params.tokenizer
     out = fresh_dir(params.stage_dir("packed"))
-    splits = {}
-    for name in SPLITS:
-        ds = load_dataset_dir(params.stage_dir("split") / name, "split")
-        with worker_friendly_signals():
-            splits[name] = pack_split(ds, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, out / f"{name}.bin", p.num_proc)
-    meta = {"block_size": p.block_size, "dtype": dtype.name, "pad_id": pad, "separator_id": separator, "vocab_size": tok.get_vocab_size(), "splits": splits}
-    write_meta(out, meta)
-    summary = {"block_size": p.block_size, "dtype": dtype.name, **{f"{n}_{k}": v for n, s in splits.items() for k, v in s.items()}}
+    per_tokenizer = {}
+    for name in tokenizers_in_use(params):
+        tok_dir = tokenizer_dir(params, name)
+        if not (tok_dir / "tokenizer.json").exists():
+            stage = "tokenizer" if name == TRAINED else "base_models"
+            raise LmforgeError(f"{tok_dir} has no tokenizer.json: materialize the '{stage}' stage first")
+        hf = AutoTokenizer.from_pretrained(str(tok_dir))
+        separator = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id  # between documents
+        pad = hf.pad_token_id if hf.pad_token_id is not None else separator  # only fills the last block
+        try:
+            dtype = token_dtype(len(hf), p.dtype)
+        except ValueError as exc:
+            raise LmforgeError(str(exc)) from None
+        target = packed_dir(params, name)
+        target.mkdir(parents=True)
+        splits = {}
+        for split in SPLITS:
+            ds = load_dataset_dir(params.stage_dir("split") / split, "split")
+            with worker_friendly_signals():
+                splits[split] = pack_split(ds, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, target / f"{split}.bin", p.num_proc)
+        write_meta(target, {"block_size": p.block_size, "dtype": dtype.name, "pad_id": pad, "separator_id": separator,
+                            "vocab_size": len(hf), "tokenizer": name, "splits": splits})
+        per_tokenizer[name] = {"dtype": dtype.name, **{f"{n}_{k}": v for n, s in splits.items() for k, v in s.items()}}
+    first = next(iter(per_tokenizer.values()))
+    summary = {"block_size": p.block_size, "tokenizers": list(per_tokenizer), **first, "by_tokenizer": per_tokenizer}
     write_params(out, p)
     write_summary(out, summary)
     return summary

@@ -253,3 +253,13 @@ def flops_per_token(cfg: ArchConfig, n_params: int | None = None) -> int:
     attended = min(cfg.max_context, cfg.window) if cfg.window else cfg.max_context
     layers = cfg.n_layer * (2 if cfg.arch == "encoder-decoder" else 1)
     return 6 * n + 12 * layers * cfg.d_model * attended
+
+
+def flops_per_token_of(config, n_params: int, context: int) -> int:
+    """``flops_per_token`` for a model that lmforge did not build (a pretrained checkpoint), read from
+    its Hugging Face config: 6·N_non-embedding + 12·L·d·T at the attended ``context``."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    tied = getattr(config, "tie_word_embeddings", True)
+    n = n_params - config.vocab_size * width * (1 if tied else 2)
+    return 6 * n + 12 * layers * width * context

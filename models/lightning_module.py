@@ -12,6 +12,7 @@ restored from step N sees exactly the batches an uninterrupted run would have se
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -79,16 +80,53 @@ class PackedDataModule(pl.LightningDataModule):
 
 
 class LMModule(pl.LightningModule):
-    """Any lmforge architecture, trained with its own loss (causal, MLM+NSP or span corruption)."""
+    """Any lmforge architecture, trained with its own loss (causal, MLM+NSP or span corruption), or
+    an existing causal model (``init_from``: a Hugging Face directory) trained further on its own loss.
 
-    def __init__(self, arch: dict, ids: dict, train: dict, tokens_per_sample: int):
+    ``train.max_minutes`` is a time budget that shapes the learning-rate schedule: the cosine follows
+    whichever is further along, the steps or the clock, and training stops when the budget is spent,
+    so a run cut short by its budget still ends annealed instead of mid-cosine.
+    """
+
+    def __init__(self, arch: dict | None, ids: dict, train: dict, tokens_per_sample: int, init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.arch, self.ids, self.cfg = ArchConfig(**arch), SpecialIds(**ids), TrainConfig(**train)
+        self.ids, self.cfg = SpecialIds(**ids), TrainConfig(**train)
+        self.arch = ArchConfig(**arch) if arch is not None else None
         self.tokens_per_sample = tokens_per_sample
-        self.model = build_model(self.arch, self.ids)
+        if init_from is not None:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32, attn_implementation="sdpa").train()
+        else:
+            self.model = build_model(self.arch, self.ids)
         if self.cfg.compile:
             self.model = torch.compile(self.model)
+        self.budget_fraction = 0.0  # share of train.max_minutes spent (rank 0's clock, all ranks agree)
+        self._elapsed_before = 0.0  # seconds spent by the runs this one resumes
+        self._clock = time.perf_counter()
+
+    def on_train_start(self) -> None:
+        self._clock = time.perf_counter()
+
+    def elapsed_seconds(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._clock
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if not self.cfg.max_minutes:
+            return
+        fraction = self.elapsed_seconds() / (60 * self.cfg.max_minutes)
+        if self.trainer.world_size > 1:  # one clock for all ranks: the schedule must be the same everywhere
+            fraction = self.trainer.strategy.broadcast(fraction, src=0)
+        self.budget_fraction = fraction
+        if fraction >= 1.0:
+            self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["elapsed_seconds"] = self.elapsed_seconds()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._elapsed_before = checkpoint.get("elapsed_seconds", 0.0)
 
     def configure_model(self) -> None:
         """FSDP2: shard every transformer block, then the rest, over the data-parallel mesh.
@@ -156,17 +194,19 @@ class LMModule(pl.LightningModule):
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"  # the fused CUDA kernel: one launch for all parameters
         optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=fused)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.cfg))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.cfg, self.budget_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+def lr_factor(step: int, cfg: TrainConfig, budget_fraction: float = 0.0) -> float:
+    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` at ``max_steps``, or at the
+    end of the time budget (``budget_fraction`` reaching 1) if that comes first."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, max(budget_fraction, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def module_args(arch: ArchConfig, ids: SpecialIds, train: TrainConfig, block_size: int) -> dict:
-    return {"arch": asdict(arch), "ids": asdict(ids), "train": asdict(train), "tokens_per_sample": block_size}
+def module_args(arch: ArchConfig | None, ids: SpecialIds, train: TrainConfig, block_size: int, init_from: str | None = None) -> dict:
+    return {"arch": asdict(arch) if arch is not None else None, "ids": asdict(ids), "train": asdict(train),
+            "tokens_per_sample": block_size, "init_from": init_from}

@@ -11,7 +11,6 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from models.architectures import ArchConfig, SpecialIds, flops_per_token, parameter_count
+from models.architectures import ArchConfig, SpecialIds, flops_per_token, flops_per_token_of, parameter_count
 from models.lightning_module import LMModule, PackedDataModule, module_args
 from models.metrics import LMScores, score, token_byte_lengths
 from models.objectives import CausalCollator, MlmNspCollator, SpanCorruptionCollator
@@ -73,7 +72,7 @@ def make_strategy(scale: Scale, module: LMModule):
 
 
 @torch.no_grad()
-def validation_scores(module: LMModule, data: PackedDataModule, tokenizer, arch: ArchConfig) -> LMScores:
+def validation_scores(module: LMModule, data: PackedDataModule, tokenizer, objective: str) -> LMScores:
     """Perplexity, bits per byte and accuracies of the trained model on the validation batches."""
     byte_lengths = token_byte_lengths(tokenizer)
     total = LMScores()
@@ -81,8 +80,8 @@ def validation_scores(module: LMModule, data: PackedDataModule, tokenizer, arch:
     for batch in data.val_dataloader():
         batch = {k: v.to(module.device) for k, v in batch.items()}
         out = module.model(**batch)
-        logits = out.prediction_logits if arch.objective == "mlm" else out.logits  # BERT: MLM head's logits
-        total += score(logits, batch["labels"], byte_lengths, shift=arch.objective == "causal")
+        logits = out.prediction_logits if objective == "mlm" else out.logits  # BERT: MLM head's logits
+        total += score(logits, batch["labels"], byte_lengths, shift=objective == "causal")
     return total
 
 
@@ -156,16 +155,17 @@ def sentinel_ids(tokenizer) -> list[int]:
     return [i for _, i in found]
 
 
-def collator_for(arch: ArchConfig, tokenizer, seed: int):
-    if arch.objective == "mlm":
+def collator_for(objective: str, tokenizer, seed: int, pad_id: int | None = None):
+    """The collator of an objective; ``pad_id``: the packed data's padding (default: the tokenizer's)."""
+    if objective == "mlm":
         return MlmNspCollator(tokenizer, seed=seed)
-    if arch.objective == "seq2seq":
+    if objective == "seq2seq":
         return SpanCorruptionCollator(sentinel_ids(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, seed=seed)
-    return CausalCollator(tokenizer.pad_token_id)
+    return CausalCollator(tokenizer.pad_token_id if pad_id is None else pad_id)
 
 
 def pretrain(
-    arch: ArchConfig,
+    arch: ArchConfig | None,
     cfg: TrainConfig,
     packed_dir: Path,
     tokenizer_dir: Path,
@@ -174,9 +174,11 @@ def pretrain(
     logger: Any = None,
     progress: bool = True,
     report: Any = None,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) ``arch`` on ``packed_dir``; export to ``out_dir/hf``; return the summary.
-    ``report`` (e.g. a Dagster logger's ``info``) receives a progress line at each validation."""
+    """Train (or resume) ``arch`` from scratch, or the causal model in ``init_from`` further, on
+    ``packed_dir``; export to ``out_dir/hf``; return the summary.  ``report`` (e.g. a Dagster
+    logger's ``info``) receives a progress line at each validation."""
     import json
 
     from transformers import AutoTokenizer
@@ -184,14 +186,24 @@ def pretrain(
     scale = scale or Scale()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    block_size = json.loads((Path(packed_dir) / "meta.json").read_text())["block_size"]
-    arch = arch.replace(vocab_size=len(tokenizer))
-    if block_size > arch.max_context:
-        raise ValueError(f"tokenizer.block_size: {block_size} is longer than the model's max_context {arch.max_context}")
-    module = LMModule(**module_args(arch, special_ids(tokenizer), cfg, block_size))
-    data = PackedDataModule(packed_dir, collator_for(arch, tokenizer, cfg.seed), cfg)
-    n_params = parameter_count(arch)
-    history = History(cfg.batch_size * cfg.accumulate * block_size, flops_per_token(arch, n_params), scale.peak_tflops * 1e12, report)
+    meta = json.loads((Path(packed_dir) / "meta.json").read_text())
+    block_size = meta["block_size"]
+    if arch is not None:
+        arch = arch.replace(vocab_size=len(tokenizer))
+    module = LMModule(**module_args(arch, special_ids(tokenizer), cfg, block_size, str(init_from) if init_from else None))
+    config = module.model.config
+    objective = arch.objective if arch is not None else "causal"
+    context = arch.max_context if arch is not None else getattr(config, "max_position_embeddings", None)
+    if context is not None and block_size > context:
+        raise ValueError(f"tokenizer.block_size: {block_size} is longer than the model's context {context}")
+    data = PackedDataModule(packed_dir, collator_for(objective, tokenizer, cfg.seed, meta["pad_id"]), cfg)
+    if arch is not None:
+        n_params = parameter_count(arch)
+        flops = flops_per_token(arch, n_params)
+    else:
+        n_params = sum(p.numel() for p in module.model.parameters())
+        flops = flops_per_token_of(config, n_params, block_size)
+    history = History(cfg.batch_size * cfg.accumulate * block_size, flops, scale.peak_tflops * 1e12, report)
     ckpt_dir = out_dir / "checkpoints"
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
@@ -201,8 +213,7 @@ def pretrain(
     if cfg.early_stopping_patience:
         callbacks.append(pl.callbacks.EarlyStopping("val/loss", patience=cfg.early_stopping_patience, mode="min"))
     trainer = pl.Trainer(
-        max_steps=cfg.max_steps,
-        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+        max_steps=cfg.max_steps,  # and train.max_minutes: LMModule stops at its time budget
         accelerator=scale.accelerator,
         devices=scale.devices,
         num_nodes=scale.num_nodes,
@@ -226,10 +237,10 @@ def pretrain(
     final_val = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     export(module, trainer, tokenizer, out_dir / "hf")
     with trainer.precision_plugin.forward_context():  # FSDP bf16-mixed: bf16 compute weights, autocast inputs
-        val = validation_scores(module, data, tokenizer, arch)
+        val = validation_scores(module, data, tokenizer, objective)
     return {
-        "family": arch.family,
-        "objective": arch.objective,
+        "family": arch.family if arch is not None else config.model_type,
+        "objective": objective,
         "parameters": n_params,
         "flops_per_token": history.flops_per_token,
         "steps": trainer.global_step,
@@ -242,8 +253,38 @@ def pretrain(
         "val_token_accuracy": val.token_accuracy,
         "val_top5_accuracy": val.top5_accuracy,
         "resumed_from_step": int(CHECKPOINT.match(resume.name).group(1)) if resume else None,
+        "final_lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+        "stopped_by_budget": module.budget_fraction >= 1.0,
         "train_losses": history.train,
         "val_losses": history.val + [(trainer.global_step, float(final_val))],
+    }
+
+
+@torch.no_grad()
+def score_as_is(model_dir: Path, cfg: TrainConfig, packed_dir: Path) -> dict[str, Any]:
+    """The summary ``pretrain`` gives, for an existing causal model used without training: its
+    scores on the same validation batches a training run validates on."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    meta = json.loads((Path(packed_dir) / "meta.json").read_text())
+    data = PackedDataModule(packed_dir, collator_for("causal", tokenizer, cfg.seed, meta["pad_id"]), cfg)
+    data.setup()
+    byte_lengths = token_byte_lengths(tokenizer)
+    val = LMScores()
+    for batch in data.val_dataloader():
+        val += score(model(**batch).logits, batch["labels"], byte_lengths, shift=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "family": model.config.model_type, "objective": "causal", "parameters": n_params,
+        "flops_per_token": flops_per_token_of(model.config, n_params, meta["block_size"]),
+        "steps": 0, "tokens_seen": 0, "tokens_per_second": None, "final_train_loss": None,
+        "final_val_loss": val.loss, "val_perplexity": val.perplexity, "val_bits_per_byte": val.bits_per_byte,
+        "val_token_accuracy": val.token_accuracy, "val_top5_accuracy": val.top5_accuracy, "resumed_from_step": None,
+        "train_losses": [], "val_losses": [(0, val.loss)],
     }
 
 
@@ -254,8 +295,8 @@ def weights_finite(model_dir: Path) -> bool:
     return all(bool(torch.isfinite(t).all()) for f in sorted(Path(model_dir).glob("*.safetensors")) for t in load_file(f).values())
 
 
-def launch(arch: ArchConfig, cfg: TrainConfig, packed_dir: Path, tokenizer_dir: Path, out_dir: Path, scale: Scale,
-           mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+def launch(arch: ArchConfig | None, cfg: TrainConfig, packed_dir: Path, tokenizer_dir: Path, out_dir: Path, scale: Scale,
+           mlflow_uri: str | None = None, mlflow_run_id: str | None = None, init_from: Path | None = None) -> dict[str, Any]:
     """Run ``pretrain`` in ``scale.devices`` processes on this node with torchrun, wait, return rank 0's
     result.  (Several nodes: run the same torchrun command on each node, README "Scaling".)"""
     import json
@@ -266,11 +307,13 @@ def launch(arch: ArchConfig, cfg: TrainConfig, packed_dir: Path, tokenizer_dir: 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={scale.devices}",
         "-m", "models.training",
-        "--arch", json.dumps(asdict(arch)), "--train", json.dumps(asdict(cfg)), "--scale", json.dumps(asdict(scale)),
+        "--arch", json.dumps(asdict(arch) if arch is not None else None), "--train", json.dumps(asdict(cfg)), "--scale", json.dumps(asdict(scale)),
         "--packed", str(packed_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out_dir),
     ]
     if mlflow_uri and mlflow_run_id:
         command += ["--mlflow-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id]
+    if init_from is not None:
+        command += ["--init-from", str(init_from)]
     (out_dir / "result.json").unlink(missing_ok=True)
     proc = subprocess.run(command, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
@@ -292,7 +335,7 @@ def main() -> None:
     from models.architectures import ArchConfig
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--arch", required=True, help="ArchConfig as JSON")
+    parser.add_argument("--arch", required=True, help="ArchConfig as JSON (null with --init-from)")
     parser.add_argument("--train", required=True, help="TrainConfig as JSON")
     parser.add_argument("--scale", required=True, help="Scale as JSON")
     parser.add_argument("--packed", type=Path, required=True)
@@ -300,15 +343,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--mlflow-uri", help="log to this MLflow tracking URI ...")
     parser.add_argument("--mlflow-run-id", help="... into this existing run (created by the caller)")
+    parser.add_argument("--init-from", type=Path, help="a Hugging Face causal model directory to train further")
     args = parser.parse_args()
     logger = None
     if args.mlflow_uri and args.mlflow_run_id:
         from pytorch_lightning.loggers import MLFlowLogger
 
         logger = MLFlowLogger(tracking_uri=args.mlflow_uri, run_id=args.mlflow_run_id)
+    arch = json.loads(args.arch)
     result = pretrain(
-        ArchConfig(**json.loads(args.arch)), TrainConfig(**json.loads(args.train)), args.packed, args.tokenizer,
-        args.out, Scale(**json.loads(args.scale)), logger=logger, progress=False,
+        ArchConfig(**arch) if arch is not None else None, TrainConfig(**json.loads(args.train)), args.packed, args.tokenizer,
+        args.out, Scale(**json.loads(args.scale)), logger=logger, progress=False, init_from=args.init_from,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         (args.out / "result.json").write_text(json.dumps(result))

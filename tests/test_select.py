@@ -18,9 +18,9 @@ def test_normalise_scores_relative_to_the_best():
     assert normalise([None, None], higher_is_better=True) == [0.0, 0.0]
 
 
-def evaluation(ppl: float, speed: float, params: int, flops: float, extrapolation: float | None, **extra) -> dict:
-    return {"val_perplexity": ppl, "tokens_per_second_b8": speed, "parameters": params, "training_flops": flops,
-            "context_extrapolation": extrapolation, **extra}
+def evaluation(bpb: float, speed: float, params: int, flops: float, extrapolation: float | None, **extra) -> dict:
+    return {"val_bits_per_byte": bpb, "tokens_per_second_b8": speed, "parameters": params, "training_flops": flops,
+            "context_extrapolation": extrapolation, "peak_memory_mb_b8": 100.0, "context_window": 256, "licence": "own", **extra}
 
 
 def test_the_weighted_total_by_hand(tmp_path: Path):
@@ -28,7 +28,7 @@ def test_the_weighted_total_by_hand(tmp_path: Path):
     summaries = {"a": evaluation(100.0, 1000.0, 2_000_000, 4e12, 1.10), "b": evaluation(200.0, 2000.0, 1_000_000, 2e12, None)}
     weights = {"quality": 2.0, "speed": 1.0, "size": 1.0, "training_cost": 0.0, "context": 1.0}
     rows = score_matrix(summaries, weights, table)
-    # a: quality 1, speed 0.5, size 0.5, cost 0.5 (weight 0), context 1  → (2 + 0.5 + 0.5 + 1) / 5
+    # a: quality 1, speed 0.5, size 0.5, cost 0.6 (weight 0), context 1  → (2 + 0.5 + 0.5 + 1) / 5
     # b: quality 0.5, speed 1, size 1, cost 1, context missing → 0     → (1 + 1 + 1 + 0) / 5
     assert math.isclose(rows["a"]["total"], 4.0 / 5) and math.isclose(rows["b"]["total"], 3.0 / 5)
     assert rows["b"]["scores"]["context"] == 0.0 and rows["a"]["values"]["quality"] == 100.0
@@ -47,8 +47,8 @@ def test_a_candidate_that_failed_a_check_or_is_stale_cannot_win(tmp_path: Path, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "artifacts"
     ok = {"weights_finite": True, "beats_unigram_baseline": True, "metrics_finite": True}
-    better = dict(ppl=50.0, speed=9000.0, params=10, flops=1.0, extrapolation=1.0)
-    write_candidate(root, "good", "f1", ok, ppl=300.0, speed=1000.0, params=2_000_000, flops=4e12, extrapolation=1.2)
+    better = dict(bpb=0.5, speed=9000.0, params=10, flops=1.0, extrapolation=1.0)
+    write_candidate(root, "good", "f1", ok, bpb=3.0, speed=1000.0, params=2_000_000, flops=4e12, extrapolation=1.2)
     write_candidate(root, "failed", "f2", {**ok, "beats_unigram_baseline": False}, **better)
     write_candidate(root, "stale", "f3", ok, **better)
     (root / "pretrain/stale/summary.json").write_text(json.dumps({"fingerprint": "retrained", "mlflow_run_id": "x"}))
@@ -66,6 +66,23 @@ def test_a_candidate_that_failed_a_check_or_is_stale_cannot_win(tmp_path: Path, 
     (root / "evaluate/good/summary.json").unlink()
     with pytest.raises(LmforgeError, match="no eligible candidate .*good: not evaluated"):
         run_select(params)
+
+
+def test_a_model_used_as_is_costs_nothing_and_licences_count(tmp_path: Path):
+    """Training cost scores by ratio with a floor of 1 TFLOP, so zero FLOPs (as is) is the best, not
+    undefined; a licence outside select.open_licences scores 0; quality is bits per byte."""
+    params = load_params(write_params(tmp_path))
+    table = factors(params)
+    assert table["quality"].metric == "val_bits_per_byte"
+    assert normalise([0.0, 1e12, 3e12], higher_is_better=False, floor=1e12) == [1.0, 0.5, 0.25]
+    summaries = {
+        "as-is": evaluation(1.0, 10.0, 100_000_000, 0.0, 1.0, licence_open=1.0),
+        "adapted": evaluation(0.9, 10.0, 100_000_000, 3e12, 1.0, licence_open=0.0),
+    }
+    rows = score_matrix(summaries, {"training_cost": 1.0, "licence": 1.0, "quality": 1.0}, table)
+    assert rows["as-is"]["scores"]["training_cost"] == 1.0 and rows["adapted"]["scores"]["training_cost"] == 0.25
+    assert rows["adapted"]["scores"]["licence"] == 0.0 and math.isclose(rows["as-is"]["scores"]["quality"], 0.9)
+    assert math.isclose(rows["as-is"]["total"], (1.0 + 1.0 + 0.9) / 3)
 
 
 def test_unknown_weight_is_a_params_error(tmp_path: Path):
