@@ -63,8 +63,11 @@ def rag_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_param
 def prompt_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_prompt_eval(params, dagster_run_id=context.run_id, report=context.log.info)
-    table = md_table([{"mode": m, "classification macro-F1": f"{summary[f'classification_{m}_macro_f1']:.3f}",
-                       "summaries ROUGE-L": f"{summary[f'sft_{m}_rougeL']:.3f}"} for m in summary["modes"]])
+    def cell(key: str) -> str:  # absent: the task is left out of finetune.tasks
+        return f"{summary[key]:.3f}" if key in summary else "not configured"
+
+    table = md_table([{"mode": m, "classification macro-F1": cell(f"classification_{m}_macro_f1"),
+                       "summaries ROUGE-L": cell(f"sft_{m}_rougeL")} for m in summary["modes"]])
     return dg.MaterializeResult(metadata={**summary_metadata(summary), "modes": dg.MetadataValue.md(table)})
 
 
@@ -79,5 +82,7 @@ def prompt_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_pa
 def sampling_sweep(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_sampling_sweep(params, dagster_run_id=context.run_id, report=context.log.info)
+    if "skipped" in summary:
+        return dg.MaterializeResult(metadata={"skipped": summary["skipped"]})
     grid = md_table([{k: f"{v:.3g}" for k, v in row.items()} for row in summary["grid"]])
     return dg.MaterializeResult(metadata={**summary_metadata(summary), "best": str(summary["best"]), "grid": dg.MetadataValue.md(grid)})

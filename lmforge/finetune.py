@@ -1,6 +1,10 @@
 """Stages ``task_data``, ``finetune_classifier`` and ``finetune_sft``: adapt the champion to the
 user's tasks.
 
+``finetune.tasks`` lists the tasks in use: a task left out is not read, its checks pass as "not
+configured" and its fine-tuning stage writes ``{"skipped": reason}`` instead of models, so a user
+with only a classification set needs no summarisation file.
+
 ``task_data`` reads the task sets under ``paths.finetune`` (JSONL or CSV), validates them with
 great-expectations (enough examples, no empty fields, only known labels) and splits them into
 train/val/test by a hash of each example's group (the package, in the demo: all paragraphs of one
@@ -10,10 +14,11 @@ Its output ``<artifacts>/task_data/<task>/{train,val,test}.jsonl`` and ``validat
 fine-tuning stages, which refuse a task set that failed validation.
 
 The fine-tuning stages train every method of ``finetune.methods`` (full, LoRA) from the champion of
-``select`` and score it on the test part against a baseline: the majority class (classification) or
-the pretrained model's zero-shot answers (SFT).  Output ``<artifacts>/finetune_<task>/models/<method>/hf``
-(Hugging Face format; LoRA also as ``adapter/``) and ``summary.json``; MLflow: one run per stage,
-nested under the champion's pretraining run, with one child run per method.
+``select`` and score it on the test part against baselines: the majority class and TF-IDF + logistic
+regression (classification), or the pretrained model's zero-shot answers (SFT).  Output
+``<artifacts>/finetune_<task>/models/<method>/hf`` (Hugging Face format; LoRA also as ``adapter/``)
+and ``summary.json``; MLflow: one run per stage, nested under the champion's pretraining run, with
+one child run per method.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ SPLITS = ("train", "val", "test")
 
 def task_params(params: Params, task: str):
     return getattr(params.finetune, task)
+
+
+def not_configured(params: Params, task: str) -> str | None:
+    """Why ``task`` is left out (one sentence), or None when ``finetune.tasks`` lists it."""
+    tasks = params.finetune.tasks
+    return None if task in tasks else f"{task} is not configured (finetune.tasks: {', '.join(tasks) or 'none'})"
 
 
 def read_task_file(path: Path):
@@ -118,12 +129,12 @@ def expectations(params: Params, task: str) -> list[tuple[str, str, Any]]:
     return checks
 
 
-def describe(outcome: CheckOutcome, frame_rows: int) -> str:
+def describe(outcome: CheckOutcome) -> str:
     """One line a user can act on, e.g. 'classification_min_examples FAILED: 10 examples, at least 50 needed'."""
     if outcome.passed:
         return f"{outcome.name}: {outcome.description}"
-    if outcome.name.endswith("min_examples"):
-        return f"{outcome.name} FAILED: {frame_rows} examples, {outcome.description} needed"
+    if outcome.name.endswith("min_examples"):  # the row-count expectation observes the number of examples
+        return f"{outcome.name} FAILED: {outcome.observed} examples, {outcome.description} needed"
     example = f", e.g. {outcome.examples[0][:80]!r}" if outcome.examples else ""
     return f"{outcome.name} FAILED: {outcome.unexpected} example(s) break '{outcome.description}'{example}"
 
@@ -135,18 +146,24 @@ def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def run_task_data(params: Params) -> tuple[dict[str, Any], list[str], list[CheckOutcome]]:
-    """Validate and split every task set; return (summary, failure lines, outcomes)."""
+    """Validate and split the task sets of ``finetune.tasks``; return (summary, failure lines, an
+    outcome for every check of ``CHECK_NAMES``: those of a task left out pass as not configured)."""
     out = params.stage_dir("task_data")
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"tasks": params.finetune.tasks}
     outcomes: list[CheckOutcome] = []
     failures: list[str] = []
-    for task, columns in TASKS.items():
+    for task in TASKS:
+        task_dir = fresh_dir(out / task)  # no split of an earlier run survives
+        reason = not_configured(params, task)
+        if reason:
+            # the directory stays, saying why: DVC expects every output, and load_task explains
+            (task_dir / "validation.json").write_text(json.dumps({"not_configured": reason}, indent=2) + "\n")
+            outcomes += [CheckOutcome(name, reason) for name in CHECK_NAMES if name.startswith(f"{task}_")]
+            continue
         frame = task_frame(params, task)
         results = validate_frame(task, frame, expectations(params, task))
         outcomes += results
-        failures += [describe(o, len(frame)) for o in results if not o.passed]
-        task_dir = out / task
-        task_dir.mkdir(parents=True, exist_ok=True)
+        failures += [describe(o) for o in results if not o.passed]
         parts = {s: [] for s in SPLITS}
         for row in frame.to_dict("records"):
             parts[split_of(row["group"] or "", params.finetune.val_fraction, params.finetune.test_fraction)].append(row)
@@ -155,7 +172,7 @@ def run_task_data(params: Params) -> tuple[dict[str, Any], list[str], list[Check
             summary[f"{task}_{split}"] = len(rows)
         summary[f"{task}_examples"] = len(frame)
         (task_dir / "validation.json").write_text(json.dumps({"passed": all(o.passed for o in results),
-                                                             "checks": {o.name: describe(o, len(frame)) for o in results}}, indent=2) + "\n")
+                                                             "checks": {o.name: describe(o) for o in results}}, indent=2) + "\n")
     summary["valid"] = not failures
     write_params(out, params.finetune)
     write_summary(out, summary)
@@ -168,6 +185,9 @@ def load_task(params: Params, task: str) -> dict[str, list[dict[str, str]]]:
     if not (task_dir / "validation.json").exists():
         raise LmforgeError(f"{task_dir} not found: materialize 'task_data' first")
     validation = json.loads((task_dir / "validation.json").read_text())
+    if "not_configured" in validation:
+        raise LmforgeError(f"the {task} task set was not prepared ({validation['not_configured']} when task_data ran): "
+                           "list it in finetune.tasks and materialize 'task_data'")
     if not validation["passed"]:
         failed = [line for line in validation["checks"].values() if "FAILED" in line]
         raise LmforgeError(f"the {task} task set failed validation: " + "; ".join(failed))
@@ -213,11 +233,24 @@ def _methods_summary(summary: dict[str, Any], results: dict[str, dict[str, Any]]
     summary["beats_baseline"] = all(results[best][k] > baseline[k] for k in metrics)
 
 
+def skip(params: Params, stage: str, reason: str, say) -> dict[str, Any]:
+    """The outcome of a fine-tuning stage whose task is not configured: ``summary.json`` says why, and
+    ``models/`` is empty (DVC tracks it like any output; no model of an earlier run survives)."""
+    say(f"{stage}: skipped: {reason}")
+    out = params.stage_dir(stage)
+    fresh_dir(out / "models")
+    summary = {"skipped": reason}
+    write_params(out, params.finetune)
+    write_summary(out, summary)
+    return summary
+
+
 def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from models.finetune import (
+        classical_baseline,
         classification_metrics,
         encode_classification,
         export,
@@ -229,18 +262,27 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
     )
 
     say = report or (lambda _msg: None)
+    reason = not_configured(params, "classification")
+    if reason:
+        return skip(params, "finetune_classifier", reason, say)
     p, settings = params.finetune, params.finetune.train
     data = load_task(params, "classification")
     name, source, parent = champion(params)
     labels = p.classification.labels
     label_id = {label: i for i, label in enumerate(labels)}
+    texts = {s: [r["text"] for r in rows] for s, rows in data.items()}
+    targets = {s: [label_id[r["label"]] for r in rows] for s, rows in data.items()}
+    if len(set(targets["train"])) < 2:
+        raise LmforgeError(f"finetune_classifier: every train example has the label '{data['train'][0]['label']}' "
+                           "(a classifier needs examples of at least two labels)")
     tokenizer = AutoTokenizer.from_pretrained(source)
     pad = tokenizer.pad_token_id
-    encoded = {s: encode_classification(tokenizer, [r["text"] for r in rows], [label_id[r["label"]] for r in rows], settings.max_length) for s, rows in data.items()}
-    targets = {s: [e["labels"] for e in encoded[s]] for s in SPLITS}
+    encoded = {s: encode_classification(tokenizer, texts[s], targets[s], settings.max_length) for s in SPLITS}
     baseline = majority_baseline(targets["train"], targets["test"], len(labels))
+    classical = classical_baseline(texts, targets, len(labels))
     say(f"finetune_classifier: champion {name}; {len(labels)} labels; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
-        f"majority baseline accuracy {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}")
+        f"majority baseline accuracy {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}; "
+        f"TF-IDF + logistic regression (C={classical['c']:g}) accuracy {classical['accuracy']:.3f}, macro-F1 {classical['macro_f1']:.3f}")
     out = params.stage_dir("finetune_classifier")
     fresh_dir(out / "models")  # no model of an earlier run (or a method since dropped) survives
     results: dict[str, dict[str, Any]] = {}
@@ -269,8 +311,11 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
             _log_method(client, run_id, params, "classification", method, results[method], fitted.history)
         summary: dict[str, Any] = {"champion": name, "labels": labels, "test_examples": len(encoded["test"])}
         _methods_summary(summary, results, ("accuracy", "macro_f1"), baseline, "val_macro_f1")
-        for key in ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1"):
+        summary.update({f"classical_{k}": v for k, v in classical.items()})
+        summary["beats_classical"] = all(summary[k] > classical[k] for k in ("accuracy", "macro_f1"))
+        for key in ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1", "classical_accuracy", "classical_macro_f1"):
             client.log_metric(run_id, key, summary[key])
+        client.log_param(run_id, "classical_c", classical["c"])
     summary["mlflow_run_id"] = run_id
     write_params(out, p)
     write_summary(out, summary)
@@ -282,9 +327,14 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from models.finetune import encode_sft, export, first_line, fit, mean_loss, rouge, sft_prompt, trainable_parameters, with_lora
-    from models.generation import generate, objective_of
+    from models.generation import generate, has_chat_template, objective_of
 
     say = report or (lambda _msg: None)
+    reason = not_configured(params, "sft")
+    if reason:
+        summary = skip(params, "finetune_sft", reason, say)
+        (params.stage_dir("finetune_sft") / "examples.json").write_text("[]\n")  # a DVC output like the models
+        return summary
     p, settings, task = params.finetune, params.finetune.train, params.finetune.sft
     data = load_task(params, "sft")
     name, source, parent = champion(params)
@@ -296,14 +346,15 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
     references = [r["response"] for r in data["test"]]
     encoded = {s: encode_sft(tokenizer, prompts[s], [r["response"] for r in data[s]], settings.max_length) for s in SPLITS}
     greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
+    chat = has_chat_template(tokenizer)  # an instruct champion: trained (encode_sft) and asked in its chat format
 
     def answers(model) -> list[str]:
-        return [first_line(t) for t in generate(model, tokenizer, prompts["test"], greedy, batch_size=settings.batch_size)]
+        return [first_line(t) for t in generate(model, tokenizer, prompts["test"], greedy, batch_size=settings.batch_size, chat=chat)]
 
     torch.manual_seed(settings.seed)
     zero_shot_answers = answers(AutoModelForCausalLM.from_pretrained(source).eval())
     baseline = rouge(zero_shot_answers, references)
-    say(f"finetune_sft: champion {name}; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
+    say(f"finetune_sft: champion {name}{' (chat template)' if chat else ''}; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
         f"zero-shot ROUGE-1 {baseline['rouge1']:.3f}, ROUGE-L {baseline['rougeL']:.3f}")
     out = params.stage_dir("finetune_sft")
     fresh_dir(out / "models")
@@ -331,7 +382,7 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
             say(f"finetune_sft {method}: test ROUGE-1 {results[method]['rouge1']:.3f}, ROUGE-2 {results[method]['rouge2']:.3f}, ROUGE-L {results[method]['rougeL']:.3f}")
             export(model, tokenizer, out / "models" / method, lora=method == "lora")
             _log_method(client, run_id, params, "sft", method, results[method], fitted.history)
-        summary: dict[str, Any] = {"champion": name, "test_examples": len(references)}
+        summary: dict[str, Any] = {"champion": name, "chat_template": chat, "test_examples": len(references)}
         _methods_summary(summary, results, ("rouge1", "rouge2", "rougeL"), baseline, "val_loss", higher_is_better=False)
         (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
         client.log_artifact(run_id, str(out / "examples.json"))

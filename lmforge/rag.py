@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
-from lmforge.finetune import champion, load_task
+from lmforge.finetune import TASKS, champion, load_task, not_configured
 from lmforge.params import LmforgeError, Params
 from lmforge.tracking import log_numbers, tracked_run, tracking_uri
 from models.retrieval import (
@@ -216,10 +216,8 @@ def rag_context(hits: list[dict[str, Any]], numbered: bool = False) -> str:
 
 
 def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
-    """Champion perplexity on held-out continuations and SFT ROUGE, each with and without retrieval."""
-    from models.finetune import first_line, rouge, sft_prompt
-    from models.generation import generate
-
+    """Champion perplexity on held-out continuations and SFT ROUGE (when the SFT task is configured),
+    each with and without retrieval."""
     say = report or (lambda _msg: None)
     rag, templates = params.rag, load_templates(params)
     retriever = Retriever(params.stage_dir("retrieval_index"))
@@ -246,28 +244,12 @@ def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[
                                "perplexity_with": continuation_perplexity(model, tokenizer, with_context, targets, max_tokens)}
     say(f"rag_eval continuations: perplexity {summary['perplexity_without']:.1f} without, {summary['perplexity_with']:.1f} with retrieval")
 
-    # 2. summarisation with the fine-tuned SFT model: the retrieved chunks come from other documents
-    sft = read_summary(params.stage_dir("finetune_sft"))
-    sft_model, sft_tokenizer = _causal(params.stage_dir("finetune_sft") / "models" / sft["best_method"] / "hf", "rag_eval")
-    task = params.finetune.sft
-    rows = sample(load_task(params, "sft")["test"], rag.eval_examples, rag.seed)
-    prompts = [sft_prompt(sft_tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows]
-    own = [r.get("group") or "" for r in rows]
-    hits = retriever.search([_words(r["prompt"], 60) for r in rows], rag.top_k, rag.retrieval,
-                            exclude=lambda qi, chunk: bool(own[qi]) and Path(chunk["path"]).stem.lower() == own[qi].lower())
-    room = max_tokens - task.max_new_tokens
-    augmented = [truncate_left(sft_tokenizer, templates["rag"].format(context=rag_context(h), prompt=p), room) for h, p in zip(hits, prompts)]
-    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
-    references = [r["response"] for r in rows]
-    answers = {label: [first_line(t) for t in generate(sft_model, sft_tokenizer, p, greedy)] for label, p in (("without", prompts), ("with", augmented))}
-    for label in ("without", "with"):
-        for key, value in rouge(answers[label], references).items():
-            summary[f"{key}_{label}"] = value
-    summary["summaries"] = len(rows)
-    summary["sft_method"] = sft["best_method"]
-    say(f"rag_eval summaries: ROUGE-L {summary['rougeL_without']:.3f} without, {summary['rougeL_with']:.3f} with retrieval")
-    examples = [{"prompt": p[:300], "retrieved": [x["id"] for x in h], "reference": ref, "without": a, "with": b}
-                for p, h, ref, a, b in list(zip(prompts, hits, references, answers["without"], answers["with"]))[:5]]
+    # 2. summarisation with the fine-tuned SFT model, when there is one
+    skipped = not_configured(params, "sft")
+    if skipped:
+        summary["summaries_skipped"] = skipped
+        say(f"rag_eval summaries: {skipped}")
+    examples = [] if skipped else _summaries_with_and_without(params, retriever, templates, summary, say)
     (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
     (out / "comparison.md").write_text(comparison_table(summary))
     with tracked_run(params, "rag eval", {"stage": "rag_eval", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
@@ -279,12 +261,50 @@ def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[
     return summary
 
 
+def _summaries_with_and_without(params: Params, retriever: Retriever, templates: dict[str, str], summary: dict[str, Any],
+                                say) -> list[dict[str, Any]]:
+    """ROUGE of the fine-tuned summariser on the summarisation test set, with and without retrieved
+    chunks (of other documents), into ``summary``; a few examples side by side."""
+    from models.finetune import first_line, rouge, sft_prompt
+    from models.generation import generate, has_chat_template
+
+    rag = params.rag
+    sft = read_summary(params.stage_dir("finetune_sft"))
+    if "skipped" in sft:
+        raise LmforgeError(f"rag_eval: finetune_sft was skipped ({sft['skipped']}): materialize 'finetune_sft' again")
+    sft_model, sft_tokenizer = _causal(params.stage_dir("finetune_sft") / "models" / sft["best_method"] / "hf", "rag_eval")
+    task = params.finetune.sft
+    rows = sample(load_task(params, "sft")["test"], rag.eval_examples, rag.seed)
+    prompts = [sft_prompt(sft_tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows]
+    own = [r.get("group") or "" for r in rows]
+    hits = retriever.search([_words(r["prompt"], 60) for r in rows], rag.top_k, rag.retrieval,
+                            exclude=lambda qi, chunk: bool(own[qi]) and Path(chunk["path"]).stem.lower() == own[qi].lower())
+    room = params.tokenizer.block_size - task.max_new_tokens
+    augmented = [truncate_left(sft_tokenizer, templates["rag"].format(context=rag_context(h), prompt=p), room) for h, p in zip(hits, prompts)]
+    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
+    chat = has_chat_template(sft_tokenizer)  # asked as it was fine-tuned: the prompt (with its chunks) as the user's message
+    references = [r["response"] for r in rows]
+    answers = {label: [first_line(t) for t in generate(sft_model, sft_tokenizer, p, greedy, chat=chat)]
+               for label, p in (("without", prompts), ("with", augmented))}
+    for label in ("without", "with"):
+        for key, value in rouge(answers[label], references).items():
+            summary[f"{key}_{label}"] = value
+    summary["summaries"] = len(rows)
+    summary["sft_method"] = sft["best_method"]
+    say(f"rag_eval summaries: ROUGE-L {summary['rougeL_without']:.3f} without, {summary['rougeL_with']:.3f} with retrieval")
+    return [{"prompt": p[:300], "retrieved": [x["id"] for x in h], "reference": ref, "without": a, "with": b}
+            for p, h, ref, a, b in list(zip(prompts, hits, references, answers["without"], answers["with"]))[:5]]
+
+
 def comparison_table(summary: dict[str, Any]) -> str:
-    """The with/without-retrieval table (README, Dagster metadata)."""
+    """The with/without-retrieval table (README, Dagster metadata); summaries only when the SFT task is configured."""
     rows = [("continuation perplexity (lower is better)", "perplexity")] + [(f"summaries {k}", k) for k in ("rouge1", "rouge2", "rougeL")]
     lines = ["| measure | without retrieval | with retrieval |", "|---|---|---|"]
     for label, key in rows:
-        lines.append(f"| {label} | {summary[f'{key}_without']:.3f} | {summary[f'{key}_with']:.3f} |")
+        if f"{key}_without" in summary:
+            lines.append(f"| {label} | {summary[f'{key}_without']:.3f} | {summary[f'{key}_with']:.3f} |")
+    if "summaries_skipped" in summary:
+        lines.append(f"| summaries | {summary['summaries_skipped']} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,6 +349,14 @@ class Prompter:
         return [self.render(ex, q) for ex, q in zip(self.examples(questions, mode), questions)]
 
 
+def _skipped_tasks(params: Params, say, stage: str) -> dict[str, str]:
+    """``<task>_skipped``: the reason, for each task set left out of ``finetune.tasks`` (said as well)."""
+    skipped = {f"{task}_skipped": reason for task in TASKS if (reason := not_configured(params, task))}
+    for reason in skipped.values():
+        say(f"{stage}: {reason}")
+    return skipped
+
+
 def classify_by_likelihood(model, tokenizer, prompts: list[str], content_free: list[str], labels: list[str], max_tokens: int) -> list[int]:
     """The label most likely after each prompt, calibrated (Zhao et al., 2021, "Calibrate before use"):
     each label's mean log-probability per token minus the same after a content-free prompt (the same
@@ -346,7 +374,7 @@ def classify_by_likelihood(model, tokenizer, prompts: list[str], content_free: l
 
 
 def run_prompt_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
-    """Zero-shot vs few-shot prompting of the champion on both task sets (test parts)."""
+    """Zero-shot vs few-shot prompting of the champion on the task sets of ``finetune.tasks`` (test parts)."""
     from models.finetune import classification_metrics, first_line, rouge
     from models.generation import generate
 
@@ -356,37 +384,39 @@ def run_prompt_eval(params: Params, dagster_run_id: str = "", report=None) -> di
     model, tokenizer = _causal(model_dir, "prompt_eval")
     max_tokens = params.tokenizer.block_size
     modes = ["zero_shot", *rag.few_shot.selection]
-    summary: dict[str, Any] = {"champion": name, "k": rag.few_shot.k, "modes": modes}
+    summary: dict[str, Any] = {"champion": name, "k": rag.few_shot.k, "modes": modes, **_skipped_tasks(params, say, "prompt_eval")}
     examples = []
 
-    data = load_task(params, "classification")
-    labels = params.finetune.classification.labels
-    rows = sample(data["test"], rag.eval_examples, rag.seed)
-    prompter = Prompter(params, templates, "classification", data["train"])
-    targets = [labels.index(r["label"]) for r in rows]
-    for mode in modes:
-        shown = prompter.examples([r["text"] for r in rows], mode)
-        prompts = [prompter.render(ex, r["text"]) for ex, r in zip(shown, rows)]
-        predicted = classify_by_likelihood(model, tokenizer, prompts, [prompter.render(ex, "N/A") for ex in shown], labels, max_tokens)
-        for key, value in classification_metrics(predicted, targets, len(labels)).items():
-            summary[f"classification_{mode}_{key}"] = value
-        say(f"prompt_eval classification {mode}: macro-F1 {summary[f'classification_{mode}_macro_f1']:.3f}")
-        examples.append({"task": "classification", "mode": mode, "prompt": prompts[0][-600:], "predicted": labels[predicted[0]], "label": rows[0]["label"]})
+    if "classification_skipped" not in summary:
+        data = load_task(params, "classification")
+        labels = params.finetune.classification.labels
+        rows = sample(data["test"], rag.eval_examples, rag.seed)
+        prompter = Prompter(params, templates, "classification", data["train"])
+        targets = [labels.index(r["label"]) for r in rows]
+        for mode in modes:
+            shown = prompter.examples([r["text"] for r in rows], mode)
+            prompts = [prompter.render(ex, r["text"]) for ex, r in zip(shown, rows)]
+            predicted = classify_by_likelihood(model, tokenizer, prompts, [prompter.render(ex, "N/A") for ex in shown], labels, max_tokens)
+            for key, value in classification_metrics(predicted, targets, len(labels)).items():
+                summary[f"classification_{mode}_{key}"] = value
+            say(f"prompt_eval classification {mode}: macro-F1 {summary[f'classification_{mode}_macro_f1']:.3f}")
+            examples.append({"task": "classification", "mode": mode, "prompt": prompts[0][-600:], "predicted": labels[predicted[0]], "label": rows[0]["label"]})
+        summary["classification_best_mode"] = max(modes, key=lambda m: summary[f"classification_{m}_macro_f1"])
 
-    data = load_task(params, "sft")
-    rows = sample(data["test"], rag.eval_examples, rag.seed)
-    prompter = Prompter(params, templates, "sft", data["train"])
-    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=params.finetune.sft.max_new_tokens)
-    room = max_tokens - greedy.max_new_tokens
-    for mode in modes:
-        prompts = [truncate_left(tokenizer, p, room) for p in prompter.prompts([r["prompt"] for r in rows], mode)]
-        answers = [first_line(t) for t in generate(model, tokenizer, prompts, greedy)]
-        for key, value in rouge(answers, [r["response"] for r in rows]).items():
-            summary[f"sft_{mode}_{key}"] = value
-        say(f"prompt_eval summaries {mode}: ROUGE-L {summary[f'sft_{mode}_rougeL']:.3f}")
-        examples.append({"task": "sft", "mode": mode, "prompt": prompts[0][-600:], "answer": answers[0], "reference": rows[0]["response"]})
-    summary["classification_best_mode"] = max(modes, key=lambda m: summary[f"classification_{m}_macro_f1"])
-    summary["sft_best_mode"] = max(modes, key=lambda m: summary[f"sft_{m}_rougeL"])
+    if "sft_skipped" not in summary:
+        data = load_task(params, "sft")
+        rows = sample(data["test"], rag.eval_examples, rag.seed)
+        prompter = Prompter(params, templates, "sft", data["train"])
+        greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=params.finetune.sft.max_new_tokens)
+        room = max_tokens - greedy.max_new_tokens
+        for mode in modes:
+            prompts = [truncate_left(tokenizer, p, room) for p in prompter.prompts([r["prompt"] for r in rows], mode)]
+            answers = [first_line(t) for t in generate(model, tokenizer, prompts, greedy)]
+            for key, value in rouge(answers, [r["response"] for r in rows]).items():
+                summary[f"sft_{mode}_{key}"] = value
+            say(f"prompt_eval summaries {mode}: ROUGE-L {summary[f'sft_{mode}_rougeL']:.3f}")
+            examples.append({"task": "sft", "mode": mode, "prompt": prompts[0][-600:], "answer": answers[0], "reference": rows[0]["response"]})
+        summary["sft_best_mode"] = max(modes, key=lambda m: summary[f"sft_{m}_rougeL"])
     out = params.stage_dir("prompt_eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
@@ -416,7 +446,9 @@ def sweep_settings(params: Params) -> list[dict[str, float]]:
 
 def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Each setting generates summaries (ROUGE-L, distinct-2, repetition) and labels (macro-F1) for the
-    val parts of the task sets with the registered champion; the best mean of ROUGE-L and F1 wins."""
+    val parts of the task sets of ``finetune.tasks`` with the registered champion; the best mean of
+    ROUGE-L and F1 (of the tasks configured) wins.  Without any task set there is nothing to score:
+    the summary says so."""
     from mlflow import MlflowClient
     from models.finetune import classification_metrics, first_line, rouge
     from models.generation import generate
@@ -424,33 +456,45 @@ def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) ->
     say = report or (lambda _msg: None)
     rag, templates = params.rag, load_templates(params)
     sweep = rag.sweep
+    out = params.stage_dir("sampling_sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = _skipped_tasks(params, say, "sampling_sweep")
+    if len(skipped) == len(TASKS):
+        summary = {"skipped": "no task set to score samples on: " + "; ".join(skipped.values())}
+        write_params(out, sweep)
+        write_summary(out, summary)
+        return summary
     registered = read_summary(params.stage_dir("register"))
     name, model_dir, parent = champion(params)
     model, tokenizer = _causal(model_dir, "sampling_sweep")
     room = params.tokenizer.block_size - sweep.max_new_tokens
-    sft = load_task(params, "sft")
-    sft_rows = sample(sft["val"], sweep.examples, rag.seed)
-    sft_prompts = [truncate_left(tokenizer, p, room) for p in Prompter(params, templates, "sft", sft["train"]).prompts([r["prompt"] for r in sft_rows], "zero_shot")]
-    cls = load_task(params, "classification")
-    labels = params.finetune.classification.labels
-    cls_rows = sample(cls["val"], sweep.examples, rag.seed)
-    cls_prompts = Prompter(params, templates, "classification", cls["train"]).prompts([r["text"] for r in cls_rows], "fixed")
+    if "sft_skipped" not in skipped:
+        sft = load_task(params, "sft")
+        sft_rows = sample(sft["val"], sweep.examples, rag.seed)
+        sft_prompts = [truncate_left(tokenizer, p, room) for p in Prompter(params, templates, "sft", sft["train"]).prompts([r["prompt"] for r in sft_rows], "zero_shot")]
+    if "classification_skipped" not in skipped:
+        cls = load_task(params, "classification")
+        labels = params.finetune.classification.labels
+        cls_rows = sample(cls["val"], sweep.examples, rag.seed)
+        cls_prompts = Prompter(params, templates, "classification", cls["train"]).prompts([r["text"] for r in cls_rows], "fixed")
     rows = []
     for setting in sweep_settings(params):
         sampling = dataclasses.replace(params.evaluate.sampling, max_new_tokens=sweep.max_new_tokens, **setting)
-        summaries = [first_line(t) for t in generate(model, tokenizer, sft_prompts, sampling)]
-        guesses = [(t.split() or [""])[0].strip(string.punctuation).lower() for t in generate(model, tokenizer, cls_prompts, dataclasses.replace(sampling, max_new_tokens=4))]
-        predicted = [labels.index(g) if g in labels else -1 for g in guesses]
-        f1 = classification_metrics(predicted, [labels.index(r["label"]) for r in cls_rows], len(labels))["macro_f1"]
-        row = {**setting, "rougeL": rouge(summaries, [r["response"] for r in sft_rows])["rougeL"], "macro_f1": f1,
-               "label_rate": sum(p >= 0 for p in predicted) / len(predicted), "distinct_2": distinct_n(summaries), "repetition": repetition_rate(summaries)}
-        row["score"] = (row["rougeL"] + row["macro_f1"]) / 2
+        row = dict(setting)
+        if "sft_skipped" not in skipped:
+            summaries = [first_line(t) for t in generate(model, tokenizer, sft_prompts, sampling)]
+            row.update(rougeL=rouge(summaries, [r["response"] for r in sft_rows])["rougeL"], distinct_2=distinct_n(summaries),
+                       repetition=repetition_rate(summaries))
+        if "classification_skipped" not in skipped:
+            guesses = [(t.split() or [""])[0].strip(string.punctuation).lower() for t in generate(model, tokenizer, cls_prompts, dataclasses.replace(sampling, max_new_tokens=4))]
+            predicted = [labels.index(g) if g in labels else -1 for g in guesses]
+            row.update(macro_f1=classification_metrics(predicted, [labels.index(r["label"]) for r in cls_rows], len(labels))["macro_f1"],
+                       label_rate=sum(p >= 0 for p in predicted) / len(predicted))
+        row["score"] = float(np.mean([row[k] for k in ("rougeL", "macro_f1") if k in row]))
         rows.append(row)
         say("sampling_sweep " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()))
-    best = max(rows, key=lambda r: (r["score"], r["distinct_2"]))
+    best = max(rows, key=lambda r: (r["score"], r.get("distinct_2", 0.0)))
     setting = {k: best[k] for k in ("temperature", "top_k", "top_p")}
-    out = params.stage_dir("sampling_sweep")
-    out.mkdir(parents=True, exist_ok=True)
     cols = list(rows[0])
     (out / "sweep.md").write_text("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
                                   + "".join("| " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |\n" for r in rows))
@@ -464,8 +508,8 @@ def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) ->
             for key, value in row.items():
                 client.log_metric(run_id, key, value, step=i)
         client.log_artifact(run_id, str(out / "sweep.md"))
-    summary = {"champion": name, "settings": len(rows), "best": setting, "best_score": best["score"], "best_rougeL": best["rougeL"],
-               "best_macro_f1": best["macro_f1"], "best_distinct_2": best["distinct_2"], "best_repetition": best["repetition"],
+    summary = {"champion": name, "settings": len(rows), "best": setting, "best_score": best["score"],
+               **{f"best_{k}": best[k] for k in ("rougeL", "macro_f1", "distinct_2", "repetition") if k in best}, **skipped,
                "registered_model": params.registry.name, "tagged_version": version, "mlflow_run_id": run_id, "grid": rows}
     write_params(out, sweep)
     write_summary(out, summary)

@@ -7,8 +7,13 @@ score, and the best epoch's weights restored at the end.  LoRA freezes the pretr
 learns a low-rank update ``B·A`` beside every linear layer (``peft``); for export the update is merged
 into the weights, so the saved model is a plain Hugging Face model like the full fine-tune's.
 
-Metrics: accuracy and macro-F1 (``torchmetrics``) against a majority-class baseline; ROUGE-1/2/L
-F-measure (``torchmetrics``) against the pretrained model's zero-shot output.
+Metrics: accuracy and macro-F1 (``torchmetrics``) against a majority-class baseline and a classical
+TF-IDF + logistic-regression classifier; ROUGE-1/2/L F-measure (``torchmetrics``) against the
+pretrained model's zero-shot output.
+
+SFT examples of a model whose tokenizer has a chat template (an instruct model) are conversations: the
+prompt is the user's turn, the response the assistant's, formatted by ``models.generation.chat_prompt``
+exactly as generation formats them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,35 @@ def majority_baseline(train_labels: list[int], test_labels: list[int], num_class
     return classification_metrics([majority] * len(test_labels), test_labels, num_classes)
 
 
+#: Inverse regularisation strengths of the classical baseline, tried on the val part.
+CLASSICAL_C_GRID = (0.1, 1.0, 10.0, 100.0)
+
+
+def classical_baseline(texts: dict[str, list[str]], targets: dict[str, list[int]], num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 on the test part of TF-IDF (word unigrams and bigrams, sublinear term
+    frequency) + logistic regression (scikit-learn), trained on the train part, and its ``c``.
+
+    A fine-tuned language model has to beat this, not only the majority class: on small labelled
+    sets a bag of words often wins (a 2 M-parameter model fine-tuned on a 4-class news task reached
+    macro-F1 0.68 where this reached 0.83).  The inverse regularisation strength C is chosen from
+    ``CLASSICAL_C_GRID`` by val macro-F1 (ties: the smaller, more regularised C) — the part and
+    score the fine-tuning picks its epoch and method on, so neither side sees the test part.  The
+    vectorizer reads whole texts (the fine-tuned model only its first ``max_length`` tokens).
+    ``texts``/``targets``: train, val and test parts."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts["train"])
+    features = {split: vectorizer.transform(part) for split, part in texts.items()}
+    fitted = {c: LogisticRegression(C=c, max_iter=1000).fit(features["train"], targets["train"]) for c in CLASSICAL_C_GRID}
+
+    def scores(c: float, split: str) -> dict[str, float]:
+        return classification_metrics(fitted[c].predict(features[split]).tolist(), targets[split], num_classes)
+
+    best = max(CLASSICAL_C_GRID, key=lambda c: scores(c, "val")["macro_f1"])
+    return {**scores(best, "test"), "c": best}
+
+
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measure (unigram, bigram and longest-common-subsequence
     overlap with the reference), in [0, 1]."""
@@ -72,18 +106,26 @@ def encode_classification(tokenizer, texts: list[str], labels: list[int], max_le
 
 
 def sft_prompt(tokenizer, prompt: str, template: str, max_prompt_tokens: int) -> str:
-    """The model's input for a prompt: the template around the prompt's first tokens."""
+    """The task's prompt as the model is asked it: the template around the prompt's first tokens.
+    With a chat template this is the user's message (``encode_sft`` and ``generate(chat=True)``
+    put it into the conversation)."""
     ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=max_prompt_tokens)["input_ids"]
     return template.format(prompt=tokenizer.decode(ids))
 
 
 def encode_sft(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[dict[str, Any]]:
-    """``prompt + " " + response + <eos>``; the loss is on the response only (prompt labels -100),
-    so the model learns to answer, not to reproduce prompts."""
+    """The prompt, then the response and <eos>; the loss is on the response only (prompt labels
+    -100), so the model learns to answer, not to reproduce prompts.  Without a chat template the text
+    is ``prompt + " " + response``; with one, the prompt is the user's turn up to the opening of the
+    assistant's (``chat_prompt``, what generation feeds the model) and the response the assistant's
+    answer.  Either way the response ends with <eos>, the token generation stops at."""
+    from models.generation import chat_prompt, has_chat_template
+
+    chat = has_chat_template(tokenizer)
     examples = []
     for prompt, response in zip(prompts, responses):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        p = tokenizer(chat_prompt(tokenizer, prompt) if chat else prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(("" if chat else " ") + response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (p + r)[:max_length]
         labels = ([-100] * len(p) + r)[:max_length]
         examples.append({"input_ids": ids, "labels": labels})

@@ -94,6 +94,19 @@ def context_limit(config) -> int | None:
     return None
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (``tokenizer.chat_template``): instruct models do,
+    and expect their input as a conversation; lmforge's own pretrained tokenizers do not."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    """``message`` as the user's turn of the tokenizer's chat template, followed by the opening of the
+    assistant's turn (``add_generation_prompt=True``): where the model's answer starts.  The text
+    holds the template's special tokens, so encode it with ``add_special_tokens=False``."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+
+
 def generate_kwargs(sampling, tokenizer, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Arguments of ``model.generate`` for the sampling settings; temperature 0 means greedy."""
     sample = sampling.temperature > 0
@@ -152,14 +165,19 @@ def generate(
     sampling,
     batch_size: int = 8,
     on_text: Callable[[int, str], None] | None = None,
+    chat: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` (text after the prompt, special tokens removed).
 
     ``on_text(i, piece)`` streams prompt ``i``'s text as it is generated; streaming runs one prompt at
     a time (``transformers`` streams batches of one), otherwise prompts go in batches of ``batch_size``.
+    ``chat``: each prompt is a user message, sent through the tokenizer's chat template
+    (``chat_prompt``), and the completion is the assistant's answer.
     """
     import torch
 
+    if chat and not has_chat_template(tokenizer):
+        raise ValueError("chat: the tokenizer has no chat template (tokenizer.chat_template)")
     decoder_only = not model.config.is_encoder_decoder
     limit = context_limit(model.config)
     tokenizer.padding_side = "left" if decoder_only else "right"
@@ -170,7 +188,8 @@ def generate(
     outputs: list[str] = []
     for batch in _batches(prompts, size):
         encoded = tokenizer(
-            batch, return_tensors="pt", padding=True,
+            [chat_prompt(tokenizer, p) for p in batch] if chat else batch, return_tensors="pt", padding=True,
+            add_special_tokens=not chat,  # a chat template writes the special tokens it wants itself
             truncation=limit is not None, max_length=(limit - kwargs["max_new_tokens"]) if limit else None,
         ).to(model.device)
         encoded.pop("token_type_ids", None)

@@ -172,7 +172,7 @@ def tiny_champion(tmp_path: Path) -> Path:
         tok.save_pretrained(str(model_dir))
         (tmp_path / "artifacts/select").mkdir(parents=True)
         (tmp_path / "artifacts/select/summary.json").write_text(json.dumps(
-            {"champion": "tiny", "champion_dir": str(model_dir), "champion_pretrain_run_id": None}))
+            {"champion": "tiny", "champion_dir": str(model_dir), "champion_pretrain_run_id": None, "champion_score": 1.0}))
     return model_dir
 
 
@@ -204,3 +204,155 @@ def test_fine_tuning_beats_the_baselines_on_a_tiny_task(tmp_path: Path, monkeypa
     children = sorted((parents[r.data.tags["mlflow.parentRunId"]], r.info.run_name) for r in runs if "mlflow.parentRunId" in r.data.tags)
     assert children == [("finetune classification", "classification full"), ("finetune classification", "classification lora"),
                         ("finetune sft", "sft full"), ("finetune sft", "sft lora")]
+
+
+# --------------------------------------------------------------------------------------------------
+# The classical baseline, a user's own classification-only task set, chat templates
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_classical_baseline_separates_separable_words():
+    from models.finetune import CLASSICAL_C_GRID, classical_baseline
+
+    rng = random.Random(0)
+    part = {s: [i % 2 for i in range(n)] for s, n in (("train", 40), ("val", 10), ("test", 12))}
+    texts = {s: [sentence(rng, WORDS[:HALF] if y == 0 else WORDS[HALF:], 8) for y in ys] for s, ys in part.items()}
+    got = classical_baseline(texts, part, num_classes=2)
+    assert got["accuracy"] == 1.0 and got["macro_f1"] == 1.0 and got["c"] == CLASSICAL_C_GRID[0]  # every C is perfect: the smallest wins
+    # words that say nothing about the label leave it at chance: 'first'/'second' texts drawn from one vocabulary
+    noise = {s: [sentence(rng, WORDS, 8) for _ in ys] for s, ys in part.items()}
+    assert classical_baseline(noise, part, num_classes=2)["macro_f1"] < 0.9
+
+
+def test_finetune_tasks_are_validated(tmp_path: Path):
+    from lmforge.params import ParamsError
+
+    for tasks, message in ((["sft", "sft"], "finetune: tasks: sft listed more than once"),
+                           (["summarisation"], r"finetune.tasks\[0\]: 'summarisation' is not one of 'classification', 'sft'")):
+        with pytest.raises(ParamsError, match=message):
+            load_params(write_params(tmp_path, finetune={"tasks": tasks}))
+    assert load_params(write_params(tmp_path)).finetune.tasks == ["classification", "sft"]  # the default
+
+
+def test_a_classification_only_task_set_with_its_own_fields_and_labels(tmp_path: Path, monkeypatch):
+    """A user's reviews (sentence → sentiment pos/neg), no summarisation file: task_data and the
+    classifier run, SFT is skipped, and every check of the sft task passes as not configured."""
+    import dagster as dg
+
+    from assets.finetune import finetune_classifier, finetune_sft, task_data
+    from dagster_project.resources import ParamsResource
+    from lmforge.report import rows as report_rows
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = [{"sentence": r["text"], "sentiment": "pos" if r["label"] == "first" else "neg"} for r in classification_rows(60)]
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune/reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reviews = {"file": "reviews.jsonl", "text_field": "sentence", "label_field": "sentiment", "group_field": None, "labels": ["pos", "neg"]}
+    params_path = write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, finetune={
+        "tasks": ["classification"], "methods": ["lora"], "min_examples": 20, "train": {"epochs": 1, "max_length": 64}, "classification": reviews})
+    monkeypatch.setenv("LMFORGE_PARAMS", str(params_path))
+    tiny_champion(tmp_path)
+    result = dg.materialize([task_data, finetune_classifier, finetune_sft], resources={"lmforge_params": ParamsResource()})
+    assert result.success
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    assert all(e.passed for name, e in checks.items() if name.startswith(("classification_", "sft_")))
+    assert not checks["beats_classical_baseline"].passed  # a warning: separable words, TF-IDF is perfect
+    assert checks["sft_min_examples"].description == "sft_min_examples: sft is not configured (finetune.tasks: classification)"
+    assert checks["beats_zero_shot"].description == "sft is not configured (finetune.tasks: classification)"
+    assert set(checks) >= {"classification_known_labels", "beats_majority_baseline", "beats_classical_baseline"}
+
+    params = load_params()
+    prepared = json.loads((tmp_path / "artifacts/task_data/summary.json").read_text())
+    assert prepared["valid"] and prepared["classification_examples"] == 60 and not any(k.startswith("sft_") for k in prepared)
+    with pytest.raises(LmforgeError, match=r"the sft task set was not prepared \(sft is not configured .*\): list it in finetune.tasks"):
+        load_task(params, "sft")
+    classifier = json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
+    assert classifier["labels"] == ["pos", "neg"] and classifier["best_method"] == "lora"
+    assert classifier["classical_macro_f1"] == 1.0 and classifier["beats_classical"] is False  # separable words: TF-IDF is perfect
+    sft = json.loads((tmp_path / "artifacts/finetune_sft/summary.json").read_text())
+    assert sft == {"skipped": "sft is not configured (finetune.tasks: classification)"}
+    assert list((tmp_path / "artifacts/finetune_sft/models").iterdir()) == []
+    table = {stage: text for stage, _item, text in report_rows(params)}
+    assert table["finetune_sft"] == "skipped: sft is not configured (finetune.tasks: classification)"
+    assert "TF-IDF+LR 1.000" in table["finetune_classifier"]
+
+
+#: A simple chat template (roles as markers), for tokenizers trained here that have none.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_champion(tmp_path: Path) -> Path:
+    """The tiny champion's model with a chat template on its tokenizer (an 'instruct' model)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(tiny_champion(tmp_path), chat_dir)
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(chat_dir)
+    return chat_dir
+
+
+def test_sft_with_a_chat_template_learns_the_assistant_turn_only(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from models.finetune import sft_prompt
+    from models.generation import chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(chat_champion(tmp_path))
+    question = sft_prompt(tok, "the model reads documents", "{prompt}\nSummary:", max_prompt_tokens=40)
+    assert chat_prompt(tok, question) == "<|user|>the model reads documents\nSummary:\n<|assistant|>"
+    (example,) = encode_sft(tok, [question], ["the answer"], max_length=128)
+    text = tok.decode(example["input_ids"])
+    assert "<|user|>" in text and "<|assistant|>" in text
+    n_prompt = len(tok(chat_prompt(tok, question), add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    response = tok("the answer", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # the assistant's words (no leading space) + eos
+    assert example["labels"][n_prompt:] == response == example["input_ids"][n_prompt:]
+
+
+def test_sft_of_an_instruct_champion_trains_and_scores_in_its_chat_format(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = task_params(tmp_path, classification_rows(30), sft_rows(40), tasks=["sft"], methods=["lora"],
+                         train={"epochs": 1, "max_length": 128}, sft={"max_prompt_tokens": 20, "max_new_tokens": 4})
+    run_task_data(params)
+    chat_dir = chat_champion(tmp_path)
+    select = tmp_path / "artifacts/select/summary.json"
+    select.write_text(json.dumps({**json.loads(select.read_text()), "champion_dir": str(chat_dir)}))
+    sft = run_finetune_sft(params)
+    assert sft["chat_template"] is True and sft["best_method"] == "lora" and 0 <= sft["rougeL"] <= 1
+    assert run_finetune_classifier(params) == {"skipped": "classification is not configured (finetune.tasks: sft)"}
+
+
+def test_generate_chat_uses_the_template_and_batches(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dagster_project.cli import app
+    from lmforge.params import SamplingParams
+    from models.generation import chat_prompt, generate, load
+
+    monkeypatch.setenv("LMFORGE_PARAMS", str(write_params(tmp_path)))
+    chat_dir = chat_champion(tmp_path)
+    model, tok, _ = load(chat_dir)
+    prompts = ["the model reads", "engineers want lineage from each weight back to the file"]
+    greedy = SamplingParams(max_new_tokens=5, temperature=0.0)
+    batched = generate(model, tok, prompts, greedy, batch_size=2, chat=True)  # left-padded conversations
+    assert batched == [generate(model, tok, [p], greedy, chat=True)[0] for p in prompts]
+    assert batched == generate(model, tok, [chat_prompt(tok, p) for p in prompts], greedy)  # the same tokens as the template's text
+
+    def cli(*args: str):
+        return CliRunner().invoke(app, ["generate", "--json", "--temperature", "0", "--max-new-tokens", "5", *args, *prompts])
+
+    def completions(result) -> list[str]:
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["completion"] for line in result.output.strip().splitlines()]
+
+    assert completions(cli("-m", str(chat_dir))) == completions(cli("-m", str(chat_dir), "--chat")) == batched  # on by default
+    assert completions(cli("-m", str(chat_dir), "--no-chat")) == generate(model, tok, prompts, greedy)
+    plain = tiny_champion(tmp_path)
+    refused = cli("-m", str(plain), "--chat")
+    assert refused.exit_code == 1 and "--chat:" in refused.output and "has no chat template" in refused.output
+    assert "--no-chat" in CliRunner().invoke(app, ["generate", "--help"]).output

@@ -168,3 +168,40 @@ def test_template_and_params_mistakes_are_clear(rag_project: Path, tmp_path: Pat
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ParamsError, match="2 × continuation_words"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_the_rag_group_without_the_sft_task(rag_project: Path):
+    """Classification only: rag_eval scores continuations and says the summaries are not configured,
+    prompt_eval and the sweep score labels only; with no task at all the sweep says there is nothing to score."""
+    from lmforge.finetune import run_task_data
+    from lmforge.rag import comparison_table, run_prompt_eval, run_rag_eval, run_retrieval_index, run_sampling_sweep
+    from lmforge.report import rows as report_rows
+
+    data = yaml.safe_load(params_file().read_text())
+    data["finetune"]["tasks"] = ["classification"]
+    params_file().write_text(yaml.safe_dump(data))
+    params = load_params()
+    run_task_data(params)
+    run_retrieval_index(params)
+    reason = "sft is not configured (finetune.tasks: classification)"
+    rag = run_rag_eval(params)
+    assert rag["summaries_skipped"] == reason and "rougeL_with" not in rag and rag["perplexity_with"] > 0
+    assert comparison_table(rag).splitlines()[-1] == f"| summaries | {reason} | |"
+    prompts = run_prompt_eval(params)
+    assert prompts["sft_skipped"] == reason and "sft_best_mode" not in prompts and prompts["classification_best_mode"] in prompts["modes"]
+
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri, registry_uri=params.mlflow.tracking_uri)
+    client.create_registered_model("lmforge")
+    version = client.create_model_version("lmforge", source=str(rag_project / "artifacts/pretrain/tiny/hf")).version
+    (rag_project / "artifacts/register").mkdir(parents=True)
+    registered = {"registered_model": "lmforge", "candidate_version": version, "champion_version": version}
+    (rag_project / "artifacts/register/summary.json").write_text(json.dumps(registered))
+    sweep = run_sampling_sweep(params)
+    assert sweep["sft_skipped"] == reason and "best_rougeL" not in sweep and sweep["best_score"] == sweep["best_macro_f1"]
+    table = {stage: text for stage, _item, text in report_rows(params)}
+    assert table["rag_eval"].endswith(reason) and table["prompt_eval"].endswith(reason)
+
+    data["finetune"]["tasks"] = []
+    params_file().write_text(yaml.safe_dump(data))
+    assert run_sampling_sweep(load_params()) == {"skipped": "no task set to score samples on: classification is not configured "
+                                                 "(finetune.tasks: none); sft is not configured (finetune.tasks: none)"}
