@@ -130,7 +130,7 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
     for variant in params.quantize.variants:
         started = time.perf_counter()
         try:
-            quantize(source, variant, out / "models" / variant)
+            quantize(source, variant, out / "models" / variant, tuple(params.quantize.keep_full_precision))
         except UnsupportedVariant as exc:
             unsupported[variant] = str(exc).split(": ", 1)[-1]
             say(f"quantize {variant}: unsupported here ({unsupported[variant]})")

@@ -118,6 +118,7 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
     for row in speed(model, prompt, p.speed_batch_sizes, p.speed_new_tokens, objective):
         b = row.pop("batch_size")
         result.update({f"{k}_b{b}": v for k, v in row.items()})
+        result[f"memory_mb_b{b}"] = result["weights_mb"] + row["peak_memory_mb"]  # what serving at this batch needs
     say(f"evaluate {candidate}: " + ", ".join(f"{result[f'tokens_per_second_b{b}']:.0f} tokens/s at batch {b}" for b in p.speed_batch_sizes))
 
     samples = []

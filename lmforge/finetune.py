@@ -191,7 +191,18 @@ def load_task(params: Params, task: str) -> dict[str, list[dict[str, str]]]:
     if not validation["passed"]:
         failed = [line for line in validation["checks"].values() if "FAILED" in line]
         raise LmforgeError(f"the {task} task set failed validation: " + "; ".join(failed))
-    return {s: read_jsonl(task_dir / f"{s}.jsonl") for s in SPLITS}
+    p = params.finetune
+    caps = {"train": p.max_train_examples, "val": p.max_eval_examples, "test": p.max_eval_examples}
+    return {s: capped(read_jsonl(task_dir / f"{s}.jsonl"), caps[s], f"{p.train.seed}-{task}-{s}") for s in SPLITS}
+
+
+def capped(rows: list[dict[str, str]], n: int, seed: str) -> list[dict[str, str]]:
+    """At most ``n`` rows (0: all), a seeded sample kept in file order: the same rows every run."""
+    import random
+
+    if not n or len(rows) <= n:
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
 
 
 def champion(params: Params) -> tuple[str, Path, str]:

@@ -41,7 +41,8 @@ def factors(params: Params) -> dict[str, Factor]:
         # bits per byte, not perplexity: candidates may use different tokenizers, and bytes are the same text
         Factor("quality", "val_bits_per_byte", False, "val bits per byte (comparable across tokenizers)", "measured: evaluate, val split"),
         Factor("speed", f"tokens_per_second_b{fastest}", True, f"generated tokens/s at batch {fastest}", "measured: evaluate, this machine"),
-        Factor("memory", f"peak_memory_mb_b{fastest}", False, f"peak memory generating at batch {fastest}", "measured: evaluate, this machine"),
+        Factor("memory", f"memory_mb_b{fastest}", False, f"weights + peak extra memory generating at batch {fastest} (MB)",
+               "measured: evaluate, this machine"),
         Factor("size", "parameters", False, "parameter count", "counted: the model's weights"),
         # FLOPs spent here: 0 for a model used as is; 1 TFLOP (a second of a laptop) keeps ratios finite
         Factor("training_cost", "training_flops", False, "training FLOPs spent here (6 × parameters × tokens, plus attention)",

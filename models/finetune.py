@@ -126,6 +126,8 @@ def encode_sft(tokenizer, prompts: list[str], responses: list[str], max_length: 
     for prompt, response in zip(prompts, responses):
         p = tokenizer(chat_prompt(tokenizer, prompt) if chat else prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(("" if chat else " ") + response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        keep = max_length - min(len(r), max_length // 2)  # room for the prompt: at least half the response fits
+        p = p[-keep:] if len(p) > keep else p  # a long prompt loses its beginning, never the assistant's opening
         ids = (p + r)[:max_length]
         labels = ([-100] * len(p) + r)[:max_length]
         examples.append({"input_ids": ids, "labels": labels})
@@ -206,6 +208,9 @@ def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, 
         losses = []
         for batch in batches(train, settings.batch_size, pad_id, seed=settings.seed + epoch):
             loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+            if not torch.isfinite(loss):  # NaN weights would follow: stop with the cause instead
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} in epoch {epoch}: lower the learning rate, "
+                                         "or raise finetune.train.max_length if examples have no target tokens left")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

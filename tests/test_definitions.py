@@ -16,7 +16,7 @@ def test_asset_graph_snapshot():
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     for name in ("pretrain", "evaluate"):
         node = graph.get(dg.AssetKey(name))
-        assert node.partitions_def.get_partition_keys() == ["llama-rope", "bloom-alibi"]  # params.yaml candidates
+        assert node.partitions_def.get_partition_keys() == ["llama-rope", "smollm2"]  # params.yaml candidates
         assert node.pools == {"training"}
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("select")).parent_keys] == ["evaluate"]
     for name in ("finetune_classifier", "finetune_sft"):
