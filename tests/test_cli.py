@@ -48,7 +48,7 @@ def test_run_materializes_the_data_stages_with_checks(params_file: Path, tmp_pat
     tokenizer = json.loads((art / "tokenizer/summary.json").read_text())
     assert {"vocab_size", "fertility", "unk_rate"} <= set(tokenizer) and tokenizer["round_trip_rate"] == 1.0
     packed = json.loads((art / "packed/summary.json").read_text())
-    assert packed["train_tokens"] > 0 and (art / "packed/train.bin").exists()
+    assert packed["train_tokens"] > 0 and (art / "packed/trained/train.bin").exists()
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(art / "tokenizer/hf")).eos_token == "<eos>"

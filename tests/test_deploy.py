@@ -32,7 +32,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model_dir = tiny_champion(tmp_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    packed = tmp_path / "artifacts/packed"
+    packed = tmp_path / "artifacts/packed/trained"
     packed.mkdir(parents=True)
     rng = random.Random(5)
     splits = {}
@@ -46,7 +46,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "artifacts/evaluate/tiny/summary.json").write_text(json.dumps(evaluation))
     write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                  evaluate={"speed_new_tokens": 4, "speed_batch_sizes": [1, 2]},
-                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2})
+                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2}, quantize={"keep_full_precision": []})
     monkeypatch.setenv("LMFORGE_PARAMS", str(tmp_path / "params.yaml"))
     return tmp_path
 
@@ -69,6 +69,21 @@ def test_quantized_variants_are_smaller_measured_and_loadable(project: Path):
     assert summary["chosen"] in ("int8_dynamic", "int8_weight_only")  # the smallest within 2%
     table = (project / "artifacts/quantize/variants.md").read_text()
     assert "| int8_dynamic |" in table
+
+
+def test_int8_dynamic_keeps_the_layers_the_patterns_name_in_full_precision(project: Path, tmp_path: Path):
+    from models.generation import load
+    from models.quantization import RECIPE, quantize
+
+    source = project / "artifacts/pretrain/tiny/hf"
+    quantize(source, "int8_dynamic", tmp_path / "q", ("*down_proj",))
+    kept = json.loads((tmp_path / "q" / RECIPE).read_text())["keep_full_precision"]
+    assert kept and all(name.endswith("down_proj") or name == "lm_head" for name in kept)
+    model, _, _ = load(tmp_path / "q")
+    for name in kept:
+        assert type(model.get_submodule(name)) is torch.nn.Linear  # fp32, rebuilt from the recipe
+    quantized = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert quantized and all(m.weight().qscheme() == torch.per_channel_affine for m in quantized)
 
 
 def test_no_variant_within_the_threshold_fails_the_check(project: Path, monkeypatch):

@@ -12,7 +12,7 @@ from conftest import REPO, prose
 from test_finetune import TINY_DOWNSTREAM, write_task_sets
 
 BIN = REPO / ".venv" / "bin"
-STAGES = ("ingest", "clean", "split", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft",
+STAGES = ("ingest", "clean", "split", "base_models", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft",
           "quantize", "prune", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")
 
 
