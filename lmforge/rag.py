@@ -102,7 +102,8 @@ class Retriever:
         self.meta = json.loads((directory / "meta.json").read_text())
         self.chunks = read_jsonl(directory / "chunks.jsonl")
         self.lexical = LexicalIndex.load(directory / "bm25")
-        self.embeddings = np.load(directory / "embeddings.npy") if (directory / "embeddings.npy").exists() else None
+        embeddings = np.load(directory / "embeddings.npy") if (directory / "embeddings.npy").exists() else None
+        self.embeddings = embeddings if embeddings is not None and embeddings.size else None  # empty: BM25 only
         summary = directory / "summary.json"
         self.best_method = json.loads(summary.read_text())["best_method"] if summary.exists() else "bm25"
         self._encoder = None
@@ -169,6 +170,8 @@ def run_retrieval_index(params: Params, dagster_run_id: str = "", report=None) -
         model, tokenizer, _ = load(model_dir)
         np.save(out / "embeddings.npy", embed(model, tokenizer, texts, rag.encoder_max_tokens))
         meta.update(encoder_dir=str(model_dir), encoder_champion=name)
+    else:  # an empty array: the file exists either way, so DVC's outputs do not depend on the setting
+        np.save(out / "embeddings.npy", np.zeros((0, 0), dtype=np.float32))
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     say(f"retrieval_index: {len(chunks)} chunks of {len({c['doc_id'] for c in chunks})} documents "
         f"({'BM25 + dense' if rag.encoder == 'champion' else 'BM25'})")

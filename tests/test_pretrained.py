@@ -172,6 +172,15 @@ def test_compression_and_registry_from_a_pretrained_champion(pipeline, monkeypat
     for version in (registered["candidate_version"], client.get_model_version_by_alias(params.registry.name, "quantized").version):
         tags = client.get_model_version(params.registry.name, version).tags
         assert tags["source_sha256"] == pipeline["base"]["sources"]["tiny-llama"]["sha256"] and tags["source_licence"] == "mit"
+    # the dense retriever: the pretrained champion's mean-pooled hidden states
+    import numpy as np
+
+    from lmforge.rag import run_retrieval_index
+
+    rag = dataclasses.replace(params.rag, encoder="champion", chunk_words=40, overlap_words=10, queries=10, recall_at=[1, 5])
+    index = run_retrieval_index(dataclasses.replace(params, rag=rag))
+    assert {"dense_mrr", "hybrid_mrr", "bm25_mrr"} <= set(index)
+    assert np.load(root / "artifacts/retrieval_index/embeddings.npy").shape == (index["chunks"], 32)  # the tiny Llama's width
 
 
 def test_a_time_budget_ends_the_schedule_annealed():
@@ -317,3 +326,34 @@ def test_the_real_smollm2_gguf_answers_a_chat(tmp_path: Path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_adapting_with_fsdp2_on_two_cpu_processes(tmp_path: Path):
+    """The GPU path of adaptation (FSDP2 through torchrun, gloo on CPU): the base weights are loaded in
+    every process, sharded, trained, and gathered into a Hugging Face export."""
+    import datasets
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.data import pack_split, write_meta
+    from models.train_config import Scale, TrainConfig
+    from models.training import launch
+
+    model_dir = save_tiny_llama(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    splits = {}
+    for split, offset in (("train", 0), ("val", 500)):
+        ds = datasets.Dataset.from_dict({"text": [prose(offset + i, 80) for i in range(30)]})
+        splits[split] = pack_split(ds, model_dir / "tokenizer.json", tok.eos_token_id, tok.pad_token_id, 32, np.dtype(np.uint16), packed / f"{split}.bin")
+    write_meta(packed, {"block_size": 32, "dtype": "uint16", "pad_id": tok.pad_token_id, "separator_id": tok.eos_token_id,
+                        "vocab_size": len(tok), "splits": splits})
+    cfg = TrainConfig(max_steps=6, batch_size=2, val_every=3, val_batches=1, checkpoint_every=3, warmup_steps=1, lr=0.001)
+    result = launch(None, cfg, packed, model_dir, tmp_path / "out", Scale(strategy="fsdp2", devices=2, accelerator="cpu"), init_from=model_dir)
+    assert result["steps"] == 6 and result["family"] == "llama" and result["tokens_seen"] == 6 * 2 * 2 * 32
+    adapted = AutoModelForCausalLM.from_pretrained(tmp_path / "out/hf")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert sum(p.numel() for p in adapted.parameters()) == result["parameters"] == sum(p.numel() for p in base.parameters())
+    assert not torch.equal(adapted.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)  # trained from the base
