@@ -37,7 +37,7 @@ def tokens_per_second(model, ids: torch.Tensor, new_tokens: int) -> float:
     return ids.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
-def compare(source: Path, variants: list[str], rounds: int, new_tokens: int, score) -> None:
+def compare(source: Path, variants: list[str], rounds: int, new_tokens: int, score, keep: tuple[str, ...] = ()) -> None:
     from models.generation import load
     from models.quantization import UnsupportedVariant, linear_weight_bytes, quantize
 
@@ -49,7 +49,7 @@ def compare(source: Path, variants: list[str], rounds: int, new_tokens: int, sco
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             try:
-                quantize(source, variant, Path(tmp) / variant)
+                quantize(source, variant, Path(tmp) / variant, keep)
             except UnsupportedVariant as exc:
                 print(f"{variant:>18} | unsupported here: {exc}")
                 continue
@@ -85,7 +85,8 @@ def main() -> None:
         sys.exit("no champion yet: run `make demo` (or lmforge run) first")
     champion = params.path(json.loads(select.read_text())["champion_dir"])
     score, _ = _scorer(params, champion)
-    compare(champion, args.variants, args.rounds, args.new_tokens, lambda m: score(m).perplexity)
+    keep = tuple(params.quantize.keep_full_precision)  # as the quantize asset builds int8_dynamic
+    compare(champion, args.variants, args.rounds, args.new_tokens, lambda m: score(m).perplexity, keep)
     if args.preset:
         from transformers import AutoTokenizer
 
@@ -97,7 +98,7 @@ def main() -> None:
             torch.manual_seed(0)
             build_model(from_name(args.preset, vocab_size=len(tokenizer)), special_ids(tokenizer)).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            compare(Path(tmp), args.variants, args.rounds, args.new_tokens, None)
+            compare(Path(tmp), args.variants, args.rounds, args.new_tokens, None, keep)
 
 
 if __name__ == "__main__":

@@ -341,7 +341,8 @@ def generate(
             def show(i: int, piece: str) -> None:
                 if i != current[0]:
                     current[0] = i
-                    typer.secho(("" if i == 0 else "\n") + questions[i], bold=True, nl=False)
+                    # a chat answer starts a line of its own; a completion continues the prompt's text
+                    typer.secho(("" if i == 0 else "\n") + questions[i], bold=True, nl=bool(chat))
                 typer.echo(piece, nl=False)
 
             outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, on_text=show, chat=chat)
@@ -357,7 +358,7 @@ def generate(
                 typer.echo(json.dumps(record, ensure_ascii=False))
         elif not streaming:
             for prompt, completion, used in zip(questions, outputs, sources):
-                typer.secho(prompt, bold=True, nl=False)
+                typer.secho(prompt, bold=True, nl=bool(chat))
                 typer.echo(completion)
                 _cite(used)
                 typer.echo()

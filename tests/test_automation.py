@@ -38,7 +38,7 @@ def test_tiers_overlay_params_and_are_validated(tmp_path):
     assert tiny.clean == load_params().clean  # what a tier leaves alone stays as params.yaml has it
     gpu = load_params(tier="gpu")
     assert gpu.pretrain.scale.strategy == "fsdp2" and gpu.pretrain.train.precision == "bf16-mixed"
-    with pytest.raises(ParamsError, match=r"unknown tier 'huge' \(tiers in params.yaml: demo, tiny, gpu\)"):
+    with pytest.raises(ParamsError, match=r"unknown tier 'huge' \(tiers in params.yaml: demo, tiny, gpu, compare\)"):
         load_params(tier="huge")
     bad = write_params(tmp_path)
     data = yaml.safe_load(bad.read_text())
@@ -111,7 +111,7 @@ def test_continue_downstream_backfills_every_candidate_after_a_tagged_run():
             assert request.tags[TIER_TAG] == "tiny"
             assert {k.to_user_string() for k in subset.non_partitioned_asset_keys} >= {"tokenizer", "packed", "select", "register"}
             assert "ingest" not in {k.to_user_string() for k in subset.non_partitioned_asset_keys}
-            assert set(subset.get_partitions_subset(dg.AssetKey("pretrain")).get_partition_keys()) == {"llama-rope", "bloom-alibi"}
+            assert set(subset.get_partitions_subset(dg.AssetKey("pretrain")).get_partition_keys()) == {"llama-rope", "smollm2"}
             assert isinstance(continue_downstream(ctx), dg.SkipReason)  # handled once
 
 

@@ -184,8 +184,8 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     # a new raw document makes everything from ingest on out of date (--dry-run only tells)
     (corpus / "arrived.txt").write_text("A new document about models and packages arrives in the raw folder today.")
     out = result_of(lmforge("run", "--dry-run"))
-    assert "up to date: 1 of 20 assets" in out and "pretrain[a]" in out and "register_quantized" in out
-    assert "task_data" not in out  # the task sets do not come from the raw documents
+    assert "up to date: 2 of 21 assets" in out and "pretrain[a]" in out and "register_quantized" in out
+    assert "task_data" not in out and "base_models" not in out  # neither the task sets nor the base models come from the raw documents
 
 
 def result_of(result: subprocess.CompletedProcess) -> str:

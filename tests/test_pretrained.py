@@ -177,7 +177,7 @@ def test_compression_and_registry_from_a_pretrained_champion(pipeline, monkeypat
 
     from lmforge.rag import run_retrieval_index
 
-    rag = dataclasses.replace(params.rag, encoder="champion", chunk_words=40, overlap_words=10, queries=10, recall_at=[1, 5])
+    rag = dataclasses.replace(params.rag, encoder="champion", chunk_words=40, overlap_words=10, continuation_words=10, queries=10, recall_at=[1, 5])
     index = run_retrieval_index(dataclasses.replace(params, rag=rag))
     assert {"dense_mrr", "hybrid_mrr", "bm25_mrr"} <= set(index)
     assert np.load(root / "artifacts/retrieval_index/embeddings.npy").shape == (index["chunks"], 32)  # the tiny Llama's width
