@@ -82,3 +82,14 @@ def params_file(tmp_path: Path, corpus: Path, monkeypatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_stray_mlflow_store():
+    """MLflow's default store (``./mlflow.db``, ``./mlruns`` in the working directory) must never appear:
+    every MLflow client lmforge makes names the configured tracking and registry URI."""
+    stray = [Path.cwd() / "mlflow.db", Path.cwd() / "mlruns", REPO / "mlflow.db", REPO / "mlruns"]
+    before = {p for p in stray if p.exists()}
+    yield
+    appeared = sorted(str(p) for p in stray if p.exists() and p not in before)
+    assert not appeared, f"an MLflow store appeared outside the configured URI: {', '.join(appeared)}"
