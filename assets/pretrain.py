@@ -61,7 +61,7 @@ def base_models(context: dg.AssetExecutionContext, lmforge_params: ParamsResourc
 def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_params: ParamsResource):
     params = stage_params(lmforge_params.load(), "pretrain", config)
     candidate = context.partition_key
-    context.log.info(f"pretrain {candidate}: training (progress bar on the console; metrics in MLflow)")
+    context.log.info(f"pretrain {candidate}: started (a progress bar on the console while it trains; metrics in MLflow)")
     summary = lmforge.pretrain.run_pretrain(params, candidate, dagster_run_id=context.run_id, report=context.log.info)
     out = params.stage_dir("pretrain") / candidate
     finite = models.training.weights_finite(out / "hf")

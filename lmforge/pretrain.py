@@ -20,7 +20,7 @@ import numpy as np
 from lmforge.artifacts import write_params, write_summary
 from lmforge.candidates import Candidate, base_model_dir, get, packed_dir, sources_in_use, tokenizer_dir
 from lmforge.params import REPO_ROOT, LmforgeError, Params
-from lmforge.sources import source_tags
+from lmforge.sources import link_or_copy, source_tags
 from lmforge.tracking import lineage_tags, tracking_uri
 
 
@@ -101,18 +101,6 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """``dst`` as a copy of the model directory ``src`` made of hard links (no extra disk)."""
-    import os
-
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        try:
-            os.link(path, dst / path.name)
-        except OSError:
-            shutil.copy2(path, dst / path.name)
-
-
 def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progress: bool = True, report=None) -> dict[str, Any]:
     """Train (or resume) one candidate, or take an existing model as is; log it to MLflow; return its summary."""
     from pytorch_lightning.loggers import MLFlowLogger
@@ -164,7 +152,9 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     if cand.kind == "as_is":
         say = report or (lambda _msg: None)
         say(f"pretrain {candidate}: {record['source']} as is (no training); scoring its validation batches")
-        _link_tree(tokenizer, work / "hf")
+        (work / "hf").mkdir()
+        for path in tokenizer.iterdir():  # the base model's files, hard-linked: no second copy of the weights
+            link_or_copy(path, work / "hf" / path.name)
         result = score_as_is(work / "hf", train, packed)
     elif needs_launcher(scale):  # torchrun processes log into the MLflow run created here
         result = launch(cand.arch, train, packed, tokenizer, work, scale, tracking_uri(params), logger.run_id, init_from=init_from)

@@ -128,7 +128,7 @@ def _licence_of(directory: Path | None, gguf: Path | None) -> str | None:
     return None
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link (no extra disk for big weights) where the file system allows, else copy."""
     try:
         os.link(src, dst)
@@ -180,7 +180,7 @@ def materialize(source: Source, out: Path, report=None) -> dict[str, Any]:
     elif _check_weights(directory, source):
         for path in directory.iterdir():
             if path.is_file() and _MODEL_FILES.match(path.name):
-                _link_or_copy(path.resolve(), work / path.name)
+                link_or_copy(path.resolve(), work / path.name)
         from transformers import AutoConfig
 
         try:
