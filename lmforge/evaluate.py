@@ -80,12 +80,12 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
                               "parameters": pretrained["parameters"], "pretrain_fingerprint": pretrained["fingerprint"],
                               "weights_mb": weights_mb(model), "training_flops": float(pretrained["flops_per_token"]) * pretrained["tokens_seen"],
                               "licence": (pretrained.get("source") or {}).get("licence") or ("own" if cand.kind == "scratch" else "unknown")}
-    pad_id = PackedBlocks(packed, "val").pad_id
+    val = PackedBlocks(packed, "val")  # its pad id is the packing's; the context curve reads its stream
     for split in p.splits:
         blocks = PackedBlocks(packed, split)
         if len(blocks) == 0:
             raise LmforgeError(f"evaluate: the {split} split has no tokens: raise split.{split} or drop it from evaluate.splits")
-        s = lm_scores(model, blocks, collator_for(objective, tokenizer, 0, pad_id), byte_lengths, objective, p.batch_size, p.max_blocks)
+        s = lm_scores(model, blocks, collator_for(objective, tokenizer, 0, val.pad_id), byte_lengths, objective, p.batch_size, p.max_blocks)
         say(f"evaluate {candidate} [{split}]: perplexity {s.perplexity:.2f}, {s.bits_per_byte:.3f} bits/byte, accuracy {s.token_accuracy:.3f}")
         result.update({f"{split}_perplexity": s.perplexity, f"{split}_bits_per_byte": s.bits_per_byte,
                        f"{split}_token_accuracy": s.token_accuracy, f"{split}_top5_accuracy": s.top5_accuracy, f"{split}_tokens": s.tokens})
@@ -94,7 +94,6 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
         result[key] = result[f"{primary}_{key}"]
     result["primary_split"] = primary
 
-    val = PackedBlocks(packed, "val")
     stream = np.asarray(val.data[: val.tokens])
     if p.max_blocks:  # the same cap as the scores, but at least one sequence of the longest context
         stream = stream[: max(p.max_blocks, max(p.context_multiples)) * val.block_size]
