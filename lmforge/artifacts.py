@@ -1,7 +1,8 @@
 """Writing and reading stage artifacts: Arrow datasets, ``quarantine.jsonl`` and ``summary.json``.
 
-Every stage goes through these helpers so that the artifact contract in DESIGN.md (one directory per
-stage, a ``summary.json`` for DVC metrics, one quarantine record per rejected input) holds everywhere.
+Every stage goes through these helpers so that the same artifact contract holds everywhere: each
+stage writes one directory of its own (``<artifacts>/<stage>/``), with a ``summary.json`` that DVC
+reads as the stage's metrics and one quarantine record per rejected input.
 """
 
 from __future__ import annotations

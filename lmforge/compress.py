@@ -183,7 +183,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
 
     from models.architectures import ArchConfigError, build_model, from_name, parameter_count
     from models.data import PackedBlocks
-    from models.distillation import DistilSettings, train_student
+    from models.distillation import train_student
     from models.generation import load
     from models.training import special_ids
 
@@ -199,15 +199,14 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
         raise LmforgeError(f"distil.student_preset/student_overrides: {exc}") from None
     if arch.objective != "causal":
         raise LmforgeError("distil: the student must be a decoder (arch: decoder)")
-    settings = DistilSettings(**{f.name: getattr(p, f.name) for f in dataclasses.fields(DistilSettings)})
     out = params.stage_dir("distil")
     fresh_dir(out / "models")
     results = {}
     for kind, teacher_model in (("distilled", teacher), ("from_scratch", None)):
-        torch.manual_seed(settings.seed)  # the same initial student for both
+        torch.manual_seed(p.seed)  # the same initial student for both
         student = build_model(arch, special_ids(tokenizer)).to(teacher.device)
         started = time.perf_counter()
-        losses = train_student(student, train, train.pad_id, dataclasses.replace(settings, alpha=settings.alpha if teacher_model else 0.0),
+        losses = train_student(student, train, train.pad_id, dataclasses.replace(p, alpha=p.alpha if teacher_model else 0.0),
                                teacher=teacher_model, desc=f"distil {kind}")
         s = scores(student)
         results[kind] = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "final_train_loss": losses[-1],

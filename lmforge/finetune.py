@@ -335,10 +335,11 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
 
 def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from models.finetune import encode_sft, export, first_line, fit, mean_loss, rouge, sft_prompt, trainable_parameters, with_lora
-    from models.generation import generate, has_chat_template, objective_of
+    from models.generation import generate, has_chat_template
+    from models.loading import load_model, objective_of
 
     say = report or (lambda _msg: None)
     reason = not_configured(params, "sft")
@@ -363,7 +364,7 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
         return [first_line(t) for t in generate(model, tokenizer, prompts["test"], greedy, batch_size=settings.batch_size, chat=chat)]
 
     torch.manual_seed(settings.seed)
-    zero_shot_answers = answers(AutoModelForCausalLM.from_pretrained(source).eval())
+    zero_shot_answers = answers(load_model(source, "causal").eval())
     baseline = rouge(zero_shot_answers, references)
     say(f"finetune_sft: champion {name}{' (chat template)' if chat else ''}; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
         f"zero-shot ROUGE-1 {baseline['rouge1']:.3f}, ROUGE-L {baseline['rougeL']:.3f}")
@@ -373,7 +374,7 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
     examples = []
     with tracked_run(params, "finetune sft", {"stage": "finetune_sft", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
         for method in p.methods:
-            model = AutoModelForCausalLM.from_pretrained(source)
+            model = load_model(source, "causal")
             if method == "lora":
                 model = with_lora(model, p.lora, "CAUSAL_LM")
 

@@ -1,9 +1,12 @@
 """Typed, strict loading of ``params.yaml``.
 
-``params.yaml`` is the single source of defaults for every stage (DESIGN.md, "Config").  It is parsed
-into the dataclasses below so that the rest of the code reads attributes, not dictionary keys, and so
-that a typo in a key is reported as an error with a suggestion instead of silently falling back to a
-default.  Nothing here imports Dagster: notebooks and benchmarks load parameters the same way.
+``params.yaml`` is the single source of every stage's settings: a stage reads them only from the
+``Params`` parsed here (a run's config may override single values for that run), never from
+defaults of its own.  The file is parsed into the dataclasses below (and those of
+``models.train_config``, which the ``models`` code takes as is) so that the rest of the code reads
+attributes, not dictionary keys; a key the file leaves out takes its dataclass's default, and a typo
+in a key is reported as an error with a suggestion instead of silently falling back to a default.
+Nothing here imports Dagster: notebooks and benchmarks load parameters the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from models.train_config import Scale, TrainConfig
+from models.train_config import VARIANTS, DistilSettings, Scale, TrainConfig, Variant
 
 
 def _find_root() -> Path:
@@ -377,9 +380,7 @@ class FinetuneParams:
 
 @dataclass
 class QuantizeParams:
-    variants: list[Literal["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]] = field(
-        default_factory=lambda: ["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]
-    )
+    variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))  # every variant models.quantization builds
     max_perplexity_increase: float = 0.02  # blocking check: the chosen variant loses at most this (relative)
     # int8_dynamic leaves these linear layers (fnmatch on module names) in fp32: in gated-MLP models
     # (Llama, Mistral, Qwen) the input of the MLP's output projection carries activation outliers that
@@ -398,16 +399,11 @@ class PruneParams:
 
 
 @dataclass
-class DistilParams:
+class DistilParams(DistilSettings):
+    """The student's architecture; how it is trained is ``models.train_config.DistilSettings``."""
+
     student_preset: str = "tiny"  # a smaller preset than the champion's
     student_overrides: dict[str, Any] = field(default_factory=dict)
-    steps: int = 150  # the same for the distilled student and the from-scratch baseline
-    batch_size: int = 8
-    lr: float = 0.003
-    warmup_steps: int = 30
-    temperature: float = 2.0  # softens the teacher's distribution: its near-misses carry information
-    alpha: float = 0.5  # weight of the teacher's (KL) term against the data's cross-entropy
-    seed: int = 1337
 
 
 @dataclass

@@ -137,12 +137,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _load_causal(location: str, source: Source, gguf_file: str | None = None, **model_kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoTokenizer, GgufConfig
+
+    from models.loading import load_model
 
     if gguf_file is not None:  # dequantized weights and no GGUF quantizer left attached: save_pretrained refuses one
         model_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=source.trust_remote_code, **model_kwargs)
+        model = load_model(location, "causal", trust_remote_code=source.trust_remote_code, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=source.trust_remote_code, gguf_file=gguf_file)
     except (ValueError, OSError, KeyError) as exc:  # unsupported architecture, missing files, remote code refused
         raise LmforgeError(f"{source.location}: cannot be loaded as a causal language model: {str(exc).splitlines()[0]}") from None

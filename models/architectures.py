@@ -24,6 +24,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from models.loading import auto_class
+
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Position = Literal["learned", "rope", "alibi", "relative"]
 OBJECTIVES = {"decoder": "causal", "encoder": "mlm", "encoder-decoder": "seq2seq"}
@@ -211,12 +213,14 @@ def hf_config(cfg: ArchConfig, ids: SpecialIds | None = None):
 
 
 def model_class(cfg: ArchConfig):
-    """The ``Auto`` class whose ``from_pretrained`` loads a model of this architecture."""
-    import transformers as tf
-
+    """The class a model of this architecture is built and trained as: its objective's Auto class
+    (``models.loading``), except for encoders, which pretrain with BERT's MLM and next-sentence heads
+    (``models.loading`` later opens the saved model's MLM part with ``AutoModelForMaskedLM``)."""
     if cfg.arch == "encoder":
-        return tf.BertForPreTraining  # MLM + NSP heads; AutoModelForMaskedLM loads its MLM part
-    return tf.AutoModelForSeq2SeqLM if cfg.arch == "encoder-decoder" else tf.AutoModelForCausalLM
+        from transformers import BertForPreTraining
+
+        return BertForPreTraining
+    return auto_class(cfg.objective)
 
 
 def build_model(cfg: ArchConfig, ids: SpecialIds | None = None):

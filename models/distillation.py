@@ -13,7 +13,6 @@ same blocks in the same order for the same number of steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +20,7 @@ from tqdm.auto import tqdm
 
 from models.lightning_module import StreamSampler
 from models.objectives import CausalCollator
-
-
-@dataclass
-class DistilSettings:
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    temperature: float = 2.0
-    alpha: float = 0.5
-    seed: int = 1337
+from models.train_config import DistilSettings
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,

@@ -14,20 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from models.loading import load_dir
+
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 class ModelNotFound(ValueError):
     """The model reference names no loadable model (the message says what was tried)."""
-
-
-def objective_of(config) -> str:
-    """``causal``, ``mlm`` or ``seq2seq``: how a model predicts tokens, from its Hugging Face config."""
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if config.model_type in ("bert", "roberta", "distilbert"):
-        return "mlm"
-    return "causal"
 
 
 def resolve(ref: str | Path, tracking_uri: str | None = None) -> Path:
@@ -70,21 +63,9 @@ def use_mlflow_store(uri: str | None) -> None:
 
 
 def load(ref: str | Path, device: str | None = None, tracking_uri: str | None = None) -> tuple[Any, Any, str]:
-    """(model in eval mode, tokenizer, objective) for a model reference (see ``resolve``)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    path = resolve(ref, tracking_uri)
-    objective = objective_of(AutoConfig.from_pretrained(path))
-    from models.quantization import RECIPE, load_quantized
-
-    if (path / RECIPE).exists():  # int8 dynamic quantization: CPU kernels, rebuilt from its recipe
-        model = load_quantized(path)
-    else:
-        cls = {"causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}[objective]
-        model = cls.from_pretrained(path)
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return model, AutoTokenizer.from_pretrained(path), objective
+    """(model in eval mode, tokenizer, objective) for a model reference (see ``resolve``; the
+    directory is read by ``models.loading.load_dir``)."""
+    return load_dir(resolve(ref, tracking_uri), device)
 
 
 def context_limit(config) -> int | None:

@@ -1,11 +1,12 @@
 """Smaller, faster variants of a trained model: dtype casts and int8/int4 quantization, and magnitude
-pruning.  Every variant is saved in a directory that ``models.generation.load`` opens like any other.
+pruning.  Every variant is saved in a directory that ``models.loading.load_dir`` opens like any other.
 
 - ``bf16`` / ``fp16``: every weight cast to 16 bits (half the size; fast where the hardware has
   16-bit matmuls, which laptop CPUs mostly lack);
 - ``int8_dynamic``: PyTorch's dynamic quantization of ``nn.Linear`` (int8 weights per output channel,
   activations quantized on the fly, fbgemm/onednn int8 kernels): the CPU recipe.  Saved as the
-  quantized state dict plus ``lmforge_quantization.json`` (the recipe to rebuild the modules);
+  quantized state dict plus ``lmforge_quantization.json`` (the recipe to rebuild the modules), the
+  one format ``from_pretrained`` cannot read: ``models.loading`` reads it;
 - ``int8_weight_only`` / ``int4_weight_only``: torchao weight-only quantization through
   ``transformers``' ``TorchAoConfig`` (saved and reloaded by ``from_pretrained``); int4 needs kernels
   some devices lack, and is then reported as unsupported rather than faked.
@@ -17,27 +18,17 @@ the whole-model size shrinks less than the linear layers do: both are reported.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RECIPE = "lmforge_quantization.json"
-VARIANTS = ("bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+from models.loading import QUANTIZED_STATE, RECIPE, dynamic_int8, load_model, objective_of
+from models.train_config import VARIANTS
 
 
 class UnsupportedVariant(RuntimeError):
     """The variant cannot be built here (missing kernel or library); the message says why."""
-
-
-def _model_class(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
-
-    from models.generation import objective_of
-
-    return {"causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}[
-        objective_of(AutoConfig.from_pretrained(path))]
 
 
 def _torchao_config(variant: str):
@@ -54,16 +45,6 @@ def _torchao_config(variant: str):
     return TorchAoConfig(Int8WeightOnlyConfig() if variant == "int8_weight_only" else Int4WeightOnlyConfig(group_size=32))
 
 
-def _dynamic_int8(model):
-    """int8 weights with one scale per output channel (a per-tensor scale lets one large row crush
-    the others' precision: SmolLM2-135M's test perplexity rose 4.6× with it, 3.7× per channel alone)."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
-    with warnings.catch_warnings():  # torch marks eager quantization deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
-
 def _tied_head(model) -> set[str]:
     """Names of linear modules whose weight is the input embedding (a tied output head)."""
     embedding = model.get_input_embeddings().weight
@@ -75,30 +56,26 @@ def quantize(source: Path, variant: str, out: Path, keep_full_precision: tuple[s
     ``keep_full_precision``: module-name patterns (``fnmatch``) that ``int8_dynamic`` leaves in fp32."""
     from fnmatch import fnmatch
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    cls = _model_class(source)
+    objective = objective_of(AutoConfig.from_pretrained(source))
     out.mkdir(parents=True, exist_ok=True)
     if variant in ("bf16", "fp16"):
-        model = cls.from_pretrained(source, dtype=torch.bfloat16 if variant == "bf16" else torch.float16)
+        model = load_model(source, objective, dtype=torch.bfloat16 if variant == "bf16" else torch.float16)
         model.save_pretrained(str(out))
     elif variant == "int8_dynamic":
-        model = cls.from_pretrained(source).eval()
+        model = load_model(source, objective).eval()
         # a tied head stays in full precision (quantizing it would untie the embedding), and so do the
         # layers the patterns name: their inputs carry outliers that int8 activations cannot hold
         keep = _tied_head(model) | {name for name, m in model.named_modules()
                                     if isinstance(m, torch.nn.Linear) and any(fnmatch(name, p) for p in keep_full_precision)}
-        for name in keep:
-            model.get_submodule(name).__class__ = _KeepLinear
-        model = _dynamic_int8(model)
-        for name in keep:
-            model.get_submodule(name).__class__ = torch.nn.Linear
+        model = dynamic_int8(model, keep)
         model.config.save_pretrained(str(out))
-        torch.save(model.state_dict(), out / "quantized_state_dict.pt")
+        torch.save(model.state_dict(), out / QUANTIZED_STATE)
         (out / RECIPE).write_text(json.dumps({"variant": variant, "keep_full_precision": sorted(keep)}, indent=2) + "\n")
     elif variant in ("int8_weight_only", "int4_weight_only"):
         try:
-            model = cls.from_pretrained(source, quantization_config=_torchao_config(variant))
+            model = load_model(source, objective, quantization_config=_torchao_config(variant))
             model.eval()
             with torch.no_grad():  # fail here, not at generation time, if the device lacks the kernel
                 model(input_ids=torch.tensor([[1, 2, 3]], device=model.device))
@@ -110,30 +87,6 @@ def quantize(source: Path, variant: str, out: Path, keep_full_precision: tuple[s
     else:
         raise ValueError(f"unknown variant '{variant}' (variants: {', '.join(VARIANTS)})")
     AutoTokenizer.from_pretrained(source).save_pretrained(str(out))
-    return model.eval()
-
-
-class _KeepLinear(torch.nn.Linear):
-    """A stand-in class so that ``quantize_dynamic`` (which matches exact types) skips a module."""
-
-
-def load_quantized(path: Path):
-    """Rebuild an ``int8_dynamic`` model: the architecture from its config, the quantized modules from
-    the recipe, then the saved int8 weights."""
-    from transformers import AutoConfig
-
-    recipe = json.loads((path / RECIPE).read_text())
-    config = AutoConfig.from_pretrained(path)
-    model = _model_class(path).from_config(config)
-    keep = set(recipe["keep_full_precision"])
-    for name in keep:
-        model.get_submodule(name).__class__ = _KeepLinear
-    model = _dynamic_int8(model.eval())
-    for name in keep:
-        model.get_submodule(name).__class__ = torch.nn.Linear
-    state = torch.load(path / "quantized_state_dict.pt", weights_only=False)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
     return model.eval()
 
 

@@ -1,8 +1,13 @@
-"""Training settings as plain dataclasses (no torch import), so that ``params.yaml`` can be parsed
-into them without loading PyTorch."""
+"""Settings of the ``models`` code that ``params.yaml`` is parsed into, as plain dataclasses and
+literals (no torch import), so that ``params.yaml`` can be parsed without loading PyTorch.
+
+``lmforge.params`` takes them as its schema, so each default and each allowed value is written once,
+here: a default is what a params file that leaves the key out gets.
+"""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,3 +50,21 @@ class Scale:
     activation_checkpointing: bool = False  # fsdp: recompute block activations in backward (memory ↓, time ↑)
     state_dict: Literal["sharded", "full"] = "sharded"  # fsdp checkpoints: one file per rank, or gathered
     peak_tflops: float = 0.0  # per device, for MFU (H100 bf16 dense: 989); 0: MFU not reported
+
+
+@dataclass
+class DistilSettings:
+    """How ``models.distillation.train_student`` trains a student (``params.yaml`` → ``distil``)."""
+
+    steps: int = 150  # the same for the distilled student and the from-scratch baseline
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    temperature: float = 2.0  # softens the teacher's distribution: its near-misses carry information
+    alpha: float = 0.5  # weight of the teacher's (KL) term against the data's cross-entropy
+    seed: int = 1337
+
+
+#: A variant that ``models.quantization.quantize`` builds (its module docstring says what each is).
+Variant = Literal["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]
+VARIANTS: tuple[str, ...] = typing.get_args(Variant)

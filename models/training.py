@@ -20,6 +20,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from models.architectures import ArchConfig, SpecialIds, flops_per_token, flops_per_token_of, parameter_count
 from models.lightning_module import LMModule, PackedDataModule, module_args
+from models.loading import load_model
 from models.metrics import LMScores, score, token_byte_lengths
 from models.objectives import CausalCollator, MlmNspCollator, SpanCorruptionCollator
 from models.train_config import Scale, TrainConfig
@@ -266,10 +267,10 @@ def score_as_is(model_dir: Path, cfg: TrainConfig, packed_dir: Path) -> dict[str
     scores on the same validation batches a training run validates on."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = load_model(str(model_dir), "causal", dtype=torch.float32).eval()
     meta = json.loads((Path(packed_dir) / "meta.json").read_text())
     data = PackedDataModule(packed_dir, collator_for("causal", tokenizer, cfg.seed, meta["pad_id"]), cfg)
     data.setup()

@@ -64,13 +64,14 @@ def test_each_family_runs_forward_backward_and_reloads_identically(tmp_path: Pat
     assert flops_per_token(cfg) > 6 * 0  # computed for every config
 
 
-def test_mlm_and_seq2seq_load_with_the_auto_classes(tmp_path: Path):
-    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+def test_every_objective_loads_with_its_auto_class(tmp_path: Path):
+    """models.loading reads the objective from the saved config and opens it with its head (an
+    encoder trained as BertForPreTraining loads its MLM part)."""
+    from models.loading import load_model
 
-    build_model(micro(arch="encoder"), IDS).save_pretrained(tmp_path / "bert")
-    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "bert")).__name__ == "BertForMaskedLM"
-    build_model(micro(arch="encoder-decoder"), IDS).save_pretrained(tmp_path / "t5")
-    assert type(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5")).__name__ == "T5ForConditionalGeneration"
+    for arch, loaded in (("decoder", "LlamaForCausalLM"), ("encoder", "BertForMaskedLM"), ("encoder-decoder", "T5ForConditionalGeneration")):
+        build_model(micro(arch=arch), IDS).save_pretrained(tmp_path / arch)
+        assert type(load_model(tmp_path / arch)).__name__ == loaded
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -36,6 +36,7 @@ def test_typo_in_top_level_key(tmp_path: Path):
         ("clean:\n  num_proc: two\n", "expected int"),
         ("ingest:\n  sources: {}\n", "expected a list"),
         ("clean: [1, 2\n", "not valid YAML"),
+        ("quantize:\n  variants: [int3]\n", "'int3' is not one of 'bf16', 'fp16', 'int8_dynamic'"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path: Path, text: str, message: str):
@@ -43,6 +44,17 @@ def test_bad_values_are_clear_errors(tmp_path: Path, text: str, message: str):
     path.write_text(text)
     with pytest.raises(ParamsError, match=message):
         load_params(path)
+
+
+def test_distil_and_quantize_take_their_schema_from_models(tmp_path: Path):
+    """The distillation settings and the quantization variants are written once, in models.train_config."""
+    from models.train_config import VARIANTS, DistilSettings
+
+    path = tmp_path / "p.yaml"
+    path.write_text("distil: {student_preset: tiny}\n")
+    params = load_params(path)
+    assert isinstance(params.distil, DistilSettings) and params.distil.steps == 150  # the default a params file gets
+    assert params.quantize.variants == list(VARIANTS)
 
 
 def test_env_var_names_the_params_file_and_relative_paths_resolve_against_repo(tmp_path: Path, monkeypatch):

@@ -1,0 +1,128 @@
+"""The layering of the code, read from its imports: ``assets/`` → ``lmforge/`` → ``models/``.
+
+``models/`` is plain torch / transformers code usable from a notebook: it imports neither ``lmforge``
+nor Dagster.  ``lmforge/`` holds the stage logic, callable without Dagster.  Imports inside functions
+count as much as those at the top of a module: a lazy import is still a dependency, and a cycle that
+a lazy import hides breaks the day someone moves it to the top.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGES = ("models", "lmforge", "assets", "dagster_project")
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the project's packages, by dotted name (a package by its ``__init__``)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_names(name: str, path: Path) -> set[str]:
+    """The dotted names ``name`` imports anywhere in its file (functions included), relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # ``from pkg import module``
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module → the project modules it imports (``from a.b import c`` counts as ``a.b``, or as
+    ``a.b.c`` when that is a module)."""
+    modules = module_files()
+    return {name: {n for n in imported_names(name, path) if n in modules and n != name} for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each holds an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for succ in sorted(graph[node]):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_graph_sees_function_level_and_relative_imports(tmp_path: Path):
+    source = tmp_path / "pkg" / "mod.py"
+    source.parent.mkdir()
+    source.write_text("import os\n\ndef f():\n    from models.loading import load_dir\n    from . import sibling\n    from .sub import x\n")
+    assert imported_names("pkg.mod", source) == {
+        "os", "models.loading", "models.loading.load_dir", "pkg", "pkg.sibling", "pkg.sub", "pkg.sub.x"}
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_models_has_no_import_cycle():
+    graph = import_graph()
+    models = {name: {n for n in deps if n.startswith("models.")} for name, deps in graph.items() if name.startswith("models.")}
+    assert cycles(models) == []
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _dagster(name: str) -> bool:
+    """Dagster itself, its integrations (``dagster_*``) and the project's Dagster packages."""
+    return _top(name).startswith("dagster") or _top(name) == "assets"
+
+
+def test_models_imports_neither_lmforge_nor_dagster():
+    for name, path in module_files().items():
+        if _top(name) == "models":
+            wrong = sorted(n for n in imported_names(name, path) if _top(n) == "lmforge" or _dagster(n))
+            assert not wrong, f"{name} imports {', '.join(wrong)}: models/ is plain torch/transformers code"
+
+
+def test_lmforge_does_not_import_dagster():
+    for name, path in module_files().items():
+        if _top(name) == "lmforge":
+            wrong = sorted(n for n in imported_names(name, path) if _dagster(n))
+            assert not wrong, f"{name} imports {', '.join(wrong)}: lmforge/ is stage logic callable without Dagster"
+
+
+def test_every_module_of_models_and_lmforge_imports_in_a_fresh_interpreter():
+    names = sorted(n for n in module_files() if _top(n) in ("models", "lmforge"))
+    code = "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
