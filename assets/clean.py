@@ -3,7 +3,7 @@
 import dagster as dg
 
 import lmforge.clean
-from assets.common import code_version, md_table, overrides_config, sample_rows, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.artifacts import load_dataset_dir
 from lmforge.params import CleanParams
@@ -25,11 +25,9 @@ def clean(context: dg.AssetExecutionContext, config: CleanConfig, lmforge_params
     summary = lmforge.clean.run_clean(params)
     context.log.info(f"clean: kept {summary['kept']} of {summary['documents_in']} ({summary['by_reason']})")
     stage = params.stage_dir("clean")
-    return dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "path": dg.MetadataValue.path(str(stage)),
-            "rejections": dg.MetadataValue.md(md_table(summary["by_reason"], ("reason", "count"))),
-            "sample": dg.MetadataValue.md(sample_rows(load_dataset_dir(stage / "dataset", "clean"))),
-        }
-    )
+    return materialized("clean", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(stage)),
+        "rejections": dg.MetadataValue.md(md_table(summary["by_reason"], ("reason", "count"))),
+        "sample": dg.MetadataValue.md(sample_rows(load_dataset_dir(stage / "dataset", "clean"))),
+    })

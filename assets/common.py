@@ -14,6 +14,7 @@ import dagster as dg
 import pydantic
 import yaml
 
+from lmforge import codegraph
 from lmforge.params import REPO_ROOT, LmforgeError, Params, load_params, to_dict, with_overrides
 
 
@@ -81,23 +82,31 @@ def _dvc_stages() -> dict[str, Any]:
     return (yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
 
 
-def code_version(stage: str) -> str:
-    """A hash of everything but data that DVC's stage ``stage`` depends on: its code files (the
-    ``deps`` outside ``data/`` and ``artifacts/``) and the values of its ``params`` keys, with the size
-    tier in force (``$LMFORGE_TIER``) applied, plus ``paths``.
+def code_version(stage: str, params: Params | None = None) -> str:
+    """A hash of everything but data that the stage ``stage`` depends on: the project files its code
+    imports (``lmforge.codegraph``: the import closure of its asset and check functions), the other
+    files ``dvc.yaml`` lists for it outside ``data/`` and ``artifacts/`` (prompt templates), and the
+    values of its ``params`` keys in ``dvc.yaml``, plus ``paths``.
 
-    Dagster marks an asset stale when its code version changes, so an edit of the code or of
-    params.yaml shows up in the UI (after "Reload definitions") and ``lmforge run`` recomputes exactly
-    the stale assets.  Reading dvc.yaml keeps the two front doors' notions of "changed" the same.
+    ``params`` are the values a run used (its tier, its run config); by default, ``params.yaml`` with
+    the size tier in force (``$LMFORGE_TIER``).  Dagster marks an asset stale when its code version
+    changes, so an edit of the code or of params.yaml shows up in the UI (after "Reload definitions");
+    ``dvc.yaml`` lists the same files (a test keeps them equal), so both front doors agree on "changed".
     """
     spec = _dvc_stages()[stage]
     spec = spec.get("do", spec)  # foreach stages (one per candidate) share one template
     h = hashlib.sha256()
+    for path in codegraph.stage_files(stage):
+        h.update(codegraph.relative([path])[0].encode() + b"\0" + path.read_bytes())
     for dep in spec.get("deps", []):
-        if not dep.startswith(("artifacts/", "data/")) and (REPO_ROOT / dep).is_file():
-            h.update(dep.encode() + b"\0" + (REPO_ROOT / dep).read_bytes())
+        if dep.endswith(".py") or dep.startswith(("artifacts/", "data/")):
+            continue
+        path = REPO_ROOT / dep
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                h.update(file.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + file.read_bytes())
     try:
-        values = to_dict(load_params())
+        values = to_dict(params if params is not None else load_params())
     except LmforgeError as exc:  # the run reports it; the version just has to differ from a valid one
         return "invalid-params-" + hashlib.sha256(str(exc).encode()).hexdigest()[:8]
     for key in ["paths", *spec.get("params", [])]:
@@ -106,6 +115,24 @@ def code_version(stage: str) -> str:
             value = value[part]
         h.update(key.encode() + b"\0" + json.dumps(value, sort_keys=True).encode())
     return h.hexdigest()[:12]
+
+
+#: Metadata of every materialization: the artifacts directory it wrote and the stage's version as run
+#: (``code_version`` with the run's params).  ``lmforge run`` judges staleness per artifacts directory
+#: from them (``dagster_project.staleness``), so runs of another params file or tier do not interfere.
+ARTIFACTS_KEY = "lmforge/artifacts"
+VERSION_KEY = "lmforge/version"
+RAW_KEY = "lmforge/raw_documents"
+
+
+def materialized(stage: str, params: Params, metadata: dict[str, Any], *, raw_documents: str | None = None,
+                 check_results: list[dg.AssetCheckResult] | None = None) -> dg.MaterializeResult:
+    """The stage's ``MaterializeResult``: its metadata plus where and with which version it was made
+    (and, for ``ingest``, the fingerprint of the raw documents it read)."""
+    provenance = {ARTIFACTS_KEY: str(params.artifacts), VERSION_KEY: code_version(stage, params)}
+    if raw_documents is not None:
+        provenance[RAW_KEY] = raw_documents
+    return dg.MaterializeResult(metadata={**metadata, **provenance}, check_results=check_results)
 
 
 def md_table(rows: list[dict[str, Any]] | dict[str, Any], headers: tuple[str, str] = ("", "")) -> str:

@@ -3,8 +3,7 @@
 import dagster as dg
 
 import lmforge.compress
-import lmforge.registry
-from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import DistilParams, PruneParams, QuantizeParams
 
@@ -35,7 +34,7 @@ def _variants_metadata(summary: dict, out) -> dict:
 def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_params: ParamsResource):
     params = stage_params(lmforge_params.load(), "quantize", config)
     summary = lmforge.compress.run_quantize(params, dagster_run_id=context.run_id, report=context.log.info)
-    yield dg.MaterializeResult(metadata={**_variants_metadata(summary, params.stage_dir("quantize")), "chosen": str(summary["chosen"])})
+    yield materialized("quantize", params, {**_variants_metadata(summary, params.stage_dir("quantize")), "chosen": str(summary["chosen"])})
     chosen = summary["chosen"]
     yield dg.AssetCheckResult(
         check_name="perplexity_within_threshold", passed=chosen is not None,
@@ -55,7 +54,7 @@ def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_
 def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "prune", config)
     summary = lmforge.compress.run_prune(params, dagster_run_id=context.run_id, report=context.log.info)
-    return dg.MaterializeResult(metadata=_variants_metadata(summary, params.stage_dir("prune")))
+    return materialized("prune", params, _variants_metadata(summary, params.stage_dir("prune")))
 
 
 @dg.asset(
@@ -72,7 +71,7 @@ def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_para
     summary = lmforge.compress.run_distil(params, dagster_run_id=context.run_id, report=context.log.info)
     rows = [{"model": k, "parameters": summary["teacher_parameters"] if k == "teacher" else summary["student_parameters"],
              "test perplexity": f"{summary[f'{k}_perplexity']:.2f}"} for k in ("teacher", "distilled", "from_scratch")]
-    yield dg.MaterializeResult(metadata={**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
+    yield materialized("distil", params, {**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
                                          "mlflow_run_id": summary["mlflow_run_id"]})
     yield dg.AssetCheckResult(check_name="beats_from_scratch", passed=summary["beats_from_scratch"], severity=dg.AssetCheckSeverity.WARN,
                               description=f"perplexity {summary['distilled_perplexity']:.2f} vs {summary['from_scratch_perplexity']:.2f} from scratch")
@@ -88,9 +87,11 @@ def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_para
 )
 def register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = lmforge_params.load()
-    summary = lmforge.registry.run_register(params, dagster_run_id=context.run_id, report=context.log.info)
+    from lmforge.registry import run_register  # here, not at the top: MLflow's pyfunc takes a second to import
+
+    summary = run_register(params, dagster_run_id=context.run_id, report=context.log.info)
     name = params.registry.name
-    return dg.MaterializeResult(metadata={**summary_metadata(summary), "champion_uri": f"models:/{name}@champion",
+    return materialized("register", params, {**summary_metadata(summary), "champion_uri": f"models:/{name}@champion",
                                           "candidate_uri": f"models:/{name}/{summary['candidate_version']}"})
 
 
@@ -103,5 +104,7 @@ def register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) 
 )
 def register_quantized(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = lmforge_params.load()
-    summary = lmforge.registry.run_register_quantized(params, dagster_run_id=context.run_id, report=context.log.info)
-    return dg.MaterializeResult(metadata={**summary_metadata(summary), "uri": f"models:/{params.registry.name}@quantized"})
+    from lmforge.registry import run_register_quantized
+
+    summary = run_register_quantized(params, dagster_run_id=context.run_id, report=context.log.info)
+    return materialized("register_quantized", params, {**summary_metadata(summary), "uri": f"models:/{params.registry.name}@quantized"})

@@ -4,7 +4,7 @@ import dagster as dg
 
 import lmforge.evaluate
 import lmforge.select
-from assets.common import code_version, inline_png, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, inline_png, materialized, md_table, overrides_config, stage_params, summary_metadata
 from assets.pretrain import candidates
 from dagster_project.resources import ParamsResource
 from lmforge.params import EvaluateParams, SelectParams
@@ -37,20 +37,17 @@ def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_
               for s in params.evaluate.splits]
     speeds = [{"batch": b, **{k: f"{summary[f'{k}_b{b}']:.4g}" for k in ("tokens_per_second", "latency_ms", "peak_memory_mb")}}
               for b in params.evaluate.speed_batch_sizes]
-    yield dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "scores": dg.MetadataValue.md(md_table(splits)),
-            "speed": dg.MetadataValue.md(md_table(speeds)),
-            "context_curve": inline_png(out / "context_curve.png", "context curve"),
-            "samples": dg.MetadataValue.md((out / "samples.md").read_text()),
-            "mlflow_run_id": summary["mlflow_run_id"],
-        },
-        check_results=[
-            dg.AssetCheckResult(check_name="metrics_finite", passed=summary["checks"]["metrics_finite"],
-                                description=f"test perplexity {summary['perplexity']}"),
-        ],
-    )
+    yield materialized("evaluate", params, {
+        **summary_metadata(summary),
+        "scores": dg.MetadataValue.md(md_table(splits)),
+        "speed": dg.MetadataValue.md(md_table(speeds)),
+        "context_curve": inline_png(out / "context_curve.png", "context curve"),
+        "samples": dg.MetadataValue.md((out / "samples.md").read_text()),
+        "mlflow_run_id": summary["mlflow_run_id"],
+    }, check_results=[
+        dg.AssetCheckResult(check_name="metrics_finite", passed=summary["checks"]["metrics_finite"],
+                            description=f"test perplexity {summary['perplexity']}"),
+    ])
 
 
 @dg.asset(
@@ -66,13 +63,11 @@ def select(context: dg.AssetExecutionContext, config: SelectConfig, lmforge_para
     summary = lmforge.select.run_select(params, dagster_run_id=context.run_id)
     out = params.stage_dir("select")
     context.log.info(f"select: champion {summary['champion']} (score {summary['champion_score']:.3f})")
-    return dg.MaterializeResult(
-        metadata={
-            "champion": summary["champion"],
-            "champion_score": summary["champion_score"],
-            "path": dg.MetadataValue.path(str(params.path(summary["champion_dir"]))),
-            "factor_matrix": dg.MetadataValue.md((out / "factors.md").read_text()),
-            "scores": inline_png(out / "scores.png", "scores"),
-            "mlflow_run_id": summary["mlflow_run_id"],
-        }
-    )
+    return materialized("select", params, {
+        "champion": summary["champion"],
+        "champion_score": summary["champion_score"],
+        "path": dg.MetadataValue.path(str(params.path(summary["champion_dir"]))),
+        "factor_matrix": dg.MetadataValue.md((out / "factors.md").read_text()),
+        "scores": inline_png(out / "scores.png", "scores"),
+        "mlflow_run_id": summary["mlflow_run_id"],
+    })

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 import lmforge.finetune
-from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import FinetuneParams
 
@@ -27,7 +27,7 @@ def task_data(context: dg.AssetExecutionContext, config: FinetuneConfig, lmforge
     for line in failures:
         context.log.error(line)
     counts = [{"task": t, **{s: summary[f"{t}_{s}"] for s in lmforge.finetune.SPLITS}} for t in params.finetune.tasks]
-    yield dg.MaterializeResult(metadata={**summary_metadata(summary), "tasks": ", ".join(params.finetune.tasks) or "none",
+    yield materialized("task_data", params, {**summary_metadata(summary), "tasks": ", ".join(params.finetune.tasks) or "none",
                                          "splits": dg.MetadataValue.md(md_table(counts))})
     # Dagster needs a result for every declared check; a task left out of finetune.tasks passes its
     # checks with "not configured" as the description, which the UI shows beside the green mark
@@ -37,9 +37,9 @@ def task_data(context: dg.AssetExecutionContext, config: FinetuneConfig, lmforge
                                   metadata={"unexpected": outcome.unexpected})
 
 
-def _skipped(summary: dict, checks: tuple[str, ...]):
+def _skipped(stage: str, params, summary: dict, checks: tuple[str, ...]):
     """What a fine-tuning asset reports when its task is not configured: the reason, its checks passed."""
-    yield dg.MaterializeResult(metadata={"skipped": summary["skipped"]})
+    yield materialized(stage, params, {"skipped": summary["skipped"]})
     for check in checks:
         yield dg.AssetCheckResult(check_name=check, passed=True, description=summary["skipped"])
 
@@ -68,10 +68,10 @@ def finetune_classifier(context: dg.AssetExecutionContext, config: FinetuneConfi
     params = stage_params(lmforge_params.load(), "finetune", config)
     summary = lmforge.finetune.run_finetune_classifier(params, dagster_run_id=context.run_id, report=context.log.info)
     if "skipped" in summary:
-        yield from _skipped(summary, ("beats_majority_baseline", "beats_classical_baseline"))
+        yield from _skipped("finetune_classifier", params, summary, ("beats_majority_baseline", "beats_classical_baseline"))
         return
     models = {"majority class": "baseline", "tf-idf + logistic regression": "classical", **{m: m for m in params.finetune.methods}}
-    yield dg.MaterializeResult(metadata={
+    yield materialized("finetune_classifier", params, {
         **summary_metadata(summary),
         "results": dg.MetadataValue.md(_results_table(summary, ("accuracy", "macro_f1"), models)),
         "path": dg.MetadataValue.path(str(params.stage_dir("finetune_classifier"))),
@@ -98,12 +98,12 @@ def finetune_sft(context: dg.AssetExecutionContext, config: FinetuneConfig, lmfo
     params = stage_params(lmforge_params.load(), "finetune", config)
     summary = lmforge.finetune.run_finetune_sft(params, dagster_run_id=context.run_id, report=context.log.info)
     if "skipped" in summary:
-        yield from _skipped(summary, ("beats_zero_shot",))
+        yield from _skipped("finetune_sft", params, summary, ("beats_zero_shot",))
         return
     out = params.stage_dir("finetune_sft")
     examples = json.loads((out / "examples.json").read_text())
     models = {"zero-shot": "baseline", **{m: m for m in params.finetune.methods}}
-    yield dg.MaterializeResult(metadata={
+    yield materialized("finetune_sft", params, {
         **summary_metadata(summary),
         "results": dg.MetadataValue.md(_results_table(summary, ("rouge1", "rouge2", "rougeL"), models)),
         "examples": dg.MetadataValue.md(md_table([{k: e[k] for k in ("method", "reference", "zero_shot", "fine_tuned")} for e in examples])),

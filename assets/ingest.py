@@ -6,7 +6,7 @@ import dagster as dg
 
 import lmforge.ingest
 import lmforge.params
-from assets.common import code_version, md_table, overrides_config, sample_rows, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.artifacts import load_dataset_dir
 
@@ -39,16 +39,15 @@ with warnings.catch_warnings():
 )
 def ingest(context: dg.AssetExecutionContext, config: IngestConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "ingest", config)
+    raw_version = lmforge.ingest.source_fingerprint(params)[0]  # before reading: a file changed meanwhile re-runs next time
     summary = lmforge.ingest.run_ingest(params)
     context.log.info(f"ingest: {summary['documents']} documents, {summary['quarantined']} quarantined")
     stage = params.stage_dir("ingest")
     ds = load_dataset_dir(stage / "dataset", "ingest")
-    return dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "path": dg.MetadataValue.path(str(stage)),
-            "rejections": dg.MetadataValue.md(md_table(summary["by_reason"], ("reason", "count"))),
-            "formats": dg.MetadataValue.md(md_table(summary["formats"], ("format", "documents"))),
-            "sample": dg.MetadataValue.md(sample_rows(ds)),
-        }
-    )
+    return materialized("ingest", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(stage)),
+        "rejections": dg.MetadataValue.md(md_table(summary["by_reason"], ("reason", "count"))),
+        "formats": dg.MetadataValue.md(md_table(summary["formats"], ("format", "documents"))),
+        "sample": dg.MetadataValue.md(sample_rows(ds)),
+    }, raw_documents=raw_version)

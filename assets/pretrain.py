@@ -5,8 +5,7 @@ import json
 import dagster as dg
 
 import lmforge.pretrain
-import models.training
-from assets.common import code_version, inline_png, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, inline_png, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import ParamsError, PretrainParams, load_params
 
@@ -37,7 +36,7 @@ def base_models(context: dg.AssetExecutionContext, lmforge_params: ParamsResourc
     params = lmforge_params.load()
     summary = lmforge.pretrain.run_base_models(params, report=context.log.info)
     rows = [{"name": slug, **info} for slug, info in summary["sources"].items()]
-    return dg.MaterializeResult(metadata={"models": summary["models"], "sources": dg.MetadataValue.md(md_table(rows))})
+    return materialized("base_models", params, {"models": summary["models"], "sources": dg.MetadataValue.md(md_table(rows))})
 
 
 @dg.asset(
@@ -64,25 +63,24 @@ def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_
     context.log.info(f"pretrain {candidate}: started (a progress bar on the console while it trains; metrics in MLflow)")
     summary = lmforge.pretrain.run_pretrain(params, candidate, dagster_run_id=context.run_id, report=context.log.info)
     out = params.stage_dir("pretrain") / candidate
-    finite = models.training.weights_finite(out / "hf")
+    from models.training import weights_finite  # here, not at the top: Lightning takes seconds to import
+
+    finite = weights_finite(out / "hf")
     beats = summary["final_val_loss"] < summary["unigram_baseline"]
     context.log.info(f"pretrain {candidate}: val loss {summary['final_val_loss']:.4f} (unigram {summary['unigram_baseline']:.4f})")
     history = json.loads((out / "history.json").read_text())
     table = "| step | val loss |\n|---|---|\n" + "\n".join(f"| {s} | {v:.4f} |" for s, v in history["val_losses"])
-    yield dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "path": dg.MetadataValue.path(str(out / "hf")),
-            "mlflow_run_id": summary["mlflow_run_id"],
-            "val_losses": dg.MetadataValue.md(table),
-            "loss_curve": inline_png(out / "loss_curve.png", "loss curve"),
-        },
-        check_results=[
-            dg.AssetCheckResult(check_name="weights_finite", passed=finite, description="all finite" if finite else "NaN or inf in the weights"),
-            dg.AssetCheckResult(
-                check_name="beats_unigram_baseline",
-                passed=beats,
-                description=f"val loss {summary['final_val_loss']:.4f} {'<' if beats else '≥'} unigram {summary['unigram_baseline']:.4f}",
-            ),
-        ],
-    )
+    yield materialized("pretrain", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(out / "hf")),
+        "mlflow_run_id": summary["mlflow_run_id"],
+        "val_losses": dg.MetadataValue.md(table),
+        "loss_curve": inline_png(out / "loss_curve.png", "loss curve"),
+    }, check_results=[
+        dg.AssetCheckResult(check_name="weights_finite", passed=finite, description="all finite" if finite else "NaN or inf in the weights"),
+        dg.AssetCheckResult(
+            check_name="beats_unigram_baseline",
+            passed=beats,
+            description=f"val loss {summary['final_val_loss']:.4f} {'<' if beats else '≥'} unigram {summary['unigram_baseline']:.4f}",
+        ),
+    ])

@@ -3,7 +3,7 @@
 import dagster as dg
 
 import lmforge.rag
-from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import RagParams
 
@@ -32,7 +32,7 @@ def retrieval_index(context: dg.AssetExecutionContext, config: RagConfig, lmforg
     summary = lmforge.rag.run_retrieval_index(params, dagster_run_id=context.run_id, report=context.log.info)
     k = max(params.rag.recall_at)
     best, chance = summary[f"{summary['best_method']}_recall_at_{k}"], summary[f"random_recall_at_{k}"]
-    yield dg.MaterializeResult(metadata={**summary_metadata(summary), "known_items": dg.MetadataValue.md(_retrieval_table(summary)),
+    yield materialized("retrieval_index", params, {**summary_metadata(summary), "known_items": dg.MetadataValue.md(_retrieval_table(summary)),
                                          "path": dg.MetadataValue.path(str(params.stage_dir("retrieval_index")))})
     yield dg.AssetCheckResult(check_name="finds_known_items", passed=best > chance,
                               description=f"{summary['best_method']} recall@{k} {best:.3f} vs chance {chance:.4f}")
@@ -49,7 +49,7 @@ def retrieval_index(context: dg.AssetExecutionContext, config: RagConfig, lmforg
 def rag_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_rag_eval(params, dagster_run_id=context.run_id, report=context.log.info)
-    return dg.MaterializeResult(metadata={**summary_metadata(summary), "comparison": dg.MetadataValue.md(lmforge.rag.comparison_table(summary))})
+    return materialized("rag_eval", params, {**summary_metadata(summary), "comparison": dg.MetadataValue.md(lmforge.rag.comparison_table(summary))})
 
 
 @dg.asset(
@@ -68,7 +68,7 @@ def prompt_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_pa
 
     table = md_table([{"mode": m, "classification macro-F1": cell(f"classification_{m}_macro_f1"),
                        "summaries ROUGE-L": cell(f"sft_{m}_rougeL")} for m in summary["modes"]])
-    return dg.MaterializeResult(metadata={**summary_metadata(summary), "modes": dg.MetadataValue.md(table)})
+    return materialized("prompt_eval", params, {**summary_metadata(summary), "modes": dg.MetadataValue.md(table)})
 
 
 @dg.asset(
@@ -83,6 +83,6 @@ def sampling_sweep(context: dg.AssetExecutionContext, config: RagConfig, lmforge
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_sampling_sweep(params, dagster_run_id=context.run_id, report=context.log.info)
     if "skipped" in summary:
-        return dg.MaterializeResult(metadata={"skipped": summary["skipped"]})
+        return materialized("sampling_sweep", params, {"skipped": summary["skipped"]})
     grid = md_table([{k: f"{v:.3g}" for k, v in row.items()} for row in summary["grid"]])
-    return dg.MaterializeResult(metadata={**summary_metadata(summary), "best": str(summary["best"]), "grid": dg.MetadataValue.md(grid)})
+    return materialized("sampling_sweep", params, {**summary_metadata(summary), "best": str(summary["best"]), "grid": dg.MetadataValue.md(grid)})

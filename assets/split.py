@@ -3,7 +3,7 @@
 import dagster as dg
 
 import lmforge.split
-from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import SplitParams
 
@@ -26,10 +26,8 @@ def split(context: dg.AssetExecutionContext, config: SplitConfig, lmforge_params
         if summary[name] == 0 and getattr(params.split, name) > 0:
             context.log.warning(f"split '{name}' is empty: the corpus is too small for its ratio")
     table = {name: summary[name] for name in lmforge.split.SPLITS}
-    return dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "path": dg.MetadataValue.path(str(params.stage_dir("split"))),
-            "splits": dg.MetadataValue.md(md_table(table, ("split", "documents"))),
-        }
-    )
+    return materialized("split", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(params.stage_dir("split"))),
+        "splits": dg.MetadataValue.md(md_table(table, ("split", "documents"))),
+    })

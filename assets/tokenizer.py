@@ -3,7 +3,7 @@
 import dagster as dg
 
 import lmforge.vocabulary
-from assets.common import code_version, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import TokenizerParams
 
@@ -27,14 +27,12 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, lmforg
         f"{summary['bytes_per_token']} bytes/token, UNK rate {summary['unk_rate']}"
     )
     sample = " | ".join(summary["sample_tokens"][:80])
-    return dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "path": dg.MetadataValue.path(str(params.stage_dir("tokenizer") / "hf")),
-            "special_tokens": dg.MetadataValue.md(md_table(summary["special_tokens"], ("role", "token"))),
-            "sample_tokenization": dg.MetadataValue.md(f"**text**\n\n```\n{summary['sample_text'][:200]}\n```\n\n**tokens**\n\n```\n{sample}\n```"),
-        }
-    )
+    return materialized("tokenizer", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(params.stage_dir("tokenizer") / "hf")),
+        "special_tokens": dg.MetadataValue.md(md_table(summary["special_tokens"], ("role", "token"))),
+        "sample_tokenization": dg.MetadataValue.md(f"**text**\n\n```\n{summary['sample_text'][:200]}\n```\n\n**tokens**\n\n```\n{sample}\n```"),
+    })
 
 
 @dg.asset(
@@ -52,10 +50,8 @@ def packed(context: dg.AssetExecutionContext, config: TokenizerConfig, lmforge_p
     context.log.info(f"packed: {summary['train_tokens']} train tokens in {summary['train_blocks']} blocks of {summary['block_size']}")
     table = [{"tokenizer": name, "split": s, **{k: counts[f"{s}_{k}"] for k in ("documents", "tokens", "blocks", "padding")}}
              for name, counts in summary["by_tokenizer"].items() for s in ("train", "val", "test")]
-    return dg.MaterializeResult(
-        metadata={
-            **summary_metadata(summary),
-            "path": dg.MetadataValue.path(str(params.stage_dir("packed"))),
-            "splits": dg.MetadataValue.md(md_table(table)),
-        }
-    )
+    return materialized("packed", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(params.stage_dir("packed"))),
+        "splits": dg.MetadataValue.md(md_table(table)),
+    })

@@ -33,8 +33,13 @@ from pathlib import Path
 
 from lmforge.formats import markdown_to_text, rst_to_text, tidy_lines
 
-#: Distributions left out: this project itself (its README changes with every commit).
-EXCLUDED_DISTRIBUTIONS = {"lmforge"}
+#: Distributions left out: this project itself (its README changes with every commit), and the
+#: documentation toolchain (MkDocs and what it pulls in), so that the docs tooling does not change the corpus.
+EXCLUDED_DISTRIBUTIONS = {
+    "lmforge",
+    "mkdocs", "mkdocs-material", "mkdocs-get-deps", "mkdocs-material-extensions", "pymdown-extensions", "babel", "backrefs",
+    "colorama", "ghp-import", "mergedeep", "paginate", "pathspec", "pyyaml-env-tag",
+}
 #: Standard-library modules left out: with setuptools installed, looking up ``distutils`` imports
 #: setuptools' own copy, which is neither the standard library nor free of side effects.
 EXCLUDED_MODULES = {"distutils"}
@@ -210,3 +215,40 @@ def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str
     }
     _write(data_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return counts
+
+
+def compare_with_data_dvc(root: Path) -> tuple[bool, str]:
+    """Whether the corpus under ``root/data`` is the one the committed ``data.dvc`` records, and what to
+    tell the user (empty when DVC or data.dvc is missing).  The demo corpus is built from the installed
+    packages and this Python's standard library, so another machine can build another one: say so plainly."""
+    import subprocess
+
+    import yaml
+
+    dvc_file = root / "data.dvc"
+    dvc = Path(sys.executable).with_name("dvc")
+    if not dvc_file.exists() or not dvc.exists():
+        return True, ""
+    # `dvc data status` compares the workspace with data.dvc by content, whether or not the DVC cache
+    # holds the data (on a fresh clone it does not, and plain `dvc status` reports that as a change)
+    status = subprocess.run([str(dvc), "data", "status", "--json", "data"], cwd=root, capture_output=True, text=True)
+    if status.returncode != 0:
+        return False, f"note: could not compare with data.dvc: {status.stderr.strip()}"
+    uncommitted = json.loads(status.stdout or "{}").get("uncommitted", {})
+    if not any(changes for changes in uncommitted.values()):
+        return True, "the corpus matches data.dvc byte for byte"
+    recorded = (yaml.safe_load(dvc_file.read_text()) or {}).get("meta") or {}
+    lock = root / "requirements.lock"
+    lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
+    reasons = []
+    if recorded.get("python") and recorded["python"] != platform.python_version():
+        reasons.append(f"data.dvc was recorded with Python {recorded['python']}, this is Python {platform.python_version()}")
+    if recorded.get("requirements_lock_sha256") and recorded["requirements_lock_sha256"] != lock_sha:
+        reasons.append("requirements.lock changed since data.dvc was recorded")
+    return False, (
+        "note: the demo corpus built here differs from the one recorded in data.dvc"
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+        + ". It is made from the installed packages and the standard library of this Python, so another "
+        "Python or other packages give other documents. Nothing is broken: every stage runs on the corpus "
+        "built here. To version it, run 'dvc add data' and commit data.dvc."
+    )

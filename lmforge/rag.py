@@ -218,6 +218,18 @@ def rag_context(hits: list[dict[str, Any]], numbered: bool = False) -> str:
     return "\n\n".join((f"[{n}] " if numbered else "") + h["text"] for n, h in reversed(list(enumerate(hits, 1))))
 
 
+def with_retrieval(params: Params, prompts: list[str], k: int, tokenizer, max_new_tokens: int) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Each prompt inside the RAG template with its top-k chunks (numbered, to cite), cut from the left
+    to leave ``max_new_tokens`` of the model's context; and those chunks.  What ``lmforge generate --rag`` sends."""
+    retriever = Retriever(params.stage_dir("retrieval_index"))
+    template = load_templates(params)["rag"]
+    hits = retriever.search(prompts, k, params.rag.retrieval)
+    filled = [template.format(context=rag_context(h, numbered=True), prompt=q) for q, h in zip(prompts, hits)]
+    if tokenizer.model_max_length < 1_000_000:  # retrieved chunks can outgrow the trained context
+        filled = [truncate_left(tokenizer, t, tokenizer.model_max_length - max_new_tokens) for t in filled]
+    return filled, hits
+
+
 def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Champion perplexity on held-out continuations and SFT ROUGE (when the SFT task is configured),
     each with and without retrieval."""

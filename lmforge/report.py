@@ -3,6 +3,7 @@ the end of ``lmforge run`` and ``make demo``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ def _reasons(by_reason: dict[str, int]) -> str:
 
 def rows(params: Params) -> list[tuple[str, str, str]]:
     """(stage, item, value) rows; a stage not materialized yet says so."""
-    s = {stage: _load(params.stage_dir(stage) / "summary.json") for stage in (
-        "ingest", "clean", "split", "base_models", "tokenizer", "packed", "select", "finetune_classifier", "finetune_sft",
-        "quantize", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")}
+
+    @functools.cache
+    def summary_of(stage: str) -> dict[str, Any] | None:
+        return _load(params.stage_dir(stage) / "summary.json")
+
     out: list[tuple[str, str, str]] = []
 
     def add(stage: str, item: str, render) -> None:
-        summary = s.get(stage)
+        summary = summary_of(stage)
         text = "not materialized" if not summary else f"skipped: {summary['skipped']}" if "skipped" in summary else render(summary)
         out.append((stage, item, text))
 
@@ -40,8 +43,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("tokenizer", "vocabulary", lambda d: f"{d['algorithm']} {d['vocab_size']:,} · {d['bytes_per_token']:.2f} bytes/token · unk {d['unk_rate']:.2%}")
     add("packed", "tokens", lambda d: " · ".join(f"{name}: {t['train_tokens']:,} train tokens" for name, t in d.get("by_tokenizer", {}).items())
         + f" (blocks of {d['block_size']})")
-    champion = (s["select"] or {}).get("champion")
-    scores = (s["select"] or {}).get("scores", {})
+    champion = (summary_of("select") or {}).get("champion")
+    scores = (summary_of("select") or {}).get("scores", {})
     for c in params.pretrain.candidates:
         pre = _load(params.stage_dir("pretrain") / c.name / "summary.json")
         ev = _load(params.stage_dir("evaluate") / c.name / "summary.json")

@@ -1,0 +1,21 @@
+"""The ``lmforge`` command line: the same Dagster assets as the UI, from a terminal, DVC or CI.
+
+One module per group of commands; each parses options and calls stage functions (``lmforge/``,
+``models/``) or Dagster (``run``), and holds no stage logic of its own:
+
+- ``run``: ``run`` and ``summary`` (materialize assets, print what they made);
+- ``generate``: ``generate`` (complete prompts, optionally grounded with ``--rag``);
+- ``registry``: ``registry list`` / ``registry show`` (the MLflow model registry);
+- ``data``: ``demo-corpus`` and ``fetch-pretrained`` (the demo's inputs).
+"""
+
+from __future__ import annotations
+
+from dagster_project.cli import data, generate, registry, run  # each registers its commands on `app`
+from dagster_project.cli.common import app
+
+app.add_typer(registry.app, name="registry")
+
+
+def main() -> None:
+    app()

