@@ -93,3 +93,119 @@ def no_stray_mlflow_store():
     yield
     appeared = sorted(str(p) for p in stray if p.exists() and p not in before)
     assert not appeared, f"an MLflow store appeared outside the configured URI: {', '.join(appeared)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# One tiny pipeline per test session: the CLI, DVC and browser tests assert on it (and on small,
+# targeted re-runs) instead of each building the whole graph again.
+# --------------------------------------------------------------------------------------------------
+
+#: What the tiny project changes in params.yaml: two tiny candidates, tiny tokenizer, seconds per stage.
+TINY_PARAMS = {
+    "clean": {"validation": {"min_rows": 3}},
+    "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+    "tokenizer": {"vocab_size": 400, "block_size": 64},
+    "pretrain": {
+        "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
+        "candidates": [{"name": "a", "preset": "tiny", "overrides": {}}, {"name": "b", "preset": "tiny", "overrides": {"position": "alibi"}}],
+    },
+    "evaluate": {"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
+    "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
+                 "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
+    "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
+    "rag": {"chunk_words": 40, "overlap_words": 10, "queries": 20, "continuations": 6, "continuation_words": 10, "eval_examples": 8,
+            "sweep": {"temperature": [0.0, 0.9], "top_k": [0], "top_p": [1.0], "examples": 6, "max_new_tokens": 6}},
+}
+
+
+class Project:
+    """A copy of this project (code, dvc.yaml, params.yaml) with a tiny corpus, its own Dagster instance and
+    MLflow store, in git and DVC: what a user's checkout looks like after `lmforge run`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.path = root / "project"
+        self.home = root / "dagster_home"
+        self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+        for name in ("LMFORGE_PARAMS", "LMFORGE_TIER", "LMFORGE_ROOT", "MLFLOW_TRACKING_URI"):
+            self.env.pop(name, None)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path / "artifacts"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"sqlite:///{self.path / 'mlflow' / 'mlflow.db'}"
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def summary(self, stage: str) -> dict:
+        import json
+
+        return json.loads((self.artifacts / stage / "summary.json").read_text())
+
+    def run(self, *cmd: str, check: bool = True, env: dict | None = None, timeout: int = 900):
+        """A command in the project directory, as a user types it (`lmforge ...`, `dvc ...`)."""
+        import subprocess
+
+        proc = subprocess.run(cmd, cwd=self.path, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def lmforge(self, *args: str, **kw):
+        return self.run(str(REPO / ".venv/bin/lmforge"), *args, **kw)
+
+
+def make_project(root: Path, sections: dict | None = None) -> Project:
+    """A tiny project under ``root``: this checkout's code and params.yaml with ``TINY_PARAMS``, 20 raw documents, task sets."""
+    import shutil
+    import subprocess
+
+    from test_finetune import write_task_sets
+
+    from lmforge.params import deep_merge
+
+    project = Project(root)
+    project.path.mkdir(parents=True)
+    project.home.mkdir()
+    shutil.copy(REPO / ".dagster" / "dagster.yaml", project.home / "dagster.yaml")  # the project's instance settings
+    for name in ("assets", "dagster_project", "lmforge", "models", "prompts", "dvc.yaml", "workspace.yaml"):
+        src = REPO / name
+        (shutil.copytree(src, project.path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, project.path / name))
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
+    params.pop("tiers")
+    (project.path / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, sections or {})))
+    raw = project.path / "data" / "raw"
+    raw.mkdir(parents=True)
+    for i in range(20):
+        (raw / f"doc{i}.txt").write_text(prose(i, 80))
+    write_task_sets(project.path / "data" / "finetune")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=project.path, env=project.env, check=True, capture_output=True)
+    return project
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Project:
+    """The whole pipeline on the tiny project, materialized once by `lmforge run`, and recorded in
+    dvc.lock by `dvc commit`.  Tests may read it and run what leaves it as it was (dry runs, re-runs
+    that compute the same thing); a test that changes it works on a copy (`copy_project`)."""
+    project = make_project(tmp_path_factory.mktemp("tiny"))
+    project.first_run = project.lmforge("run")
+    project.run("dvc", "commit", "-q", "-f")
+    return project
+
+
+def copy_project(project: Project, root: Path) -> Project:
+    """A copy of ``project`` (its files, git and DVC state, artifacts) with a fresh Dagster instance: for
+    tests that change files.  Relative paths in params.yaml make the copy write its own artifacts."""
+    import shutil
+
+    copy = Project(root)
+    shutil.copytree(project.path, copy.path, symlinks=True)
+    shutil.copytree(project.home, copy.home, ignore=shutil.ignore_patterns("storage", "history", "schedules"))
+    return copy

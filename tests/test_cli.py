@@ -1,14 +1,12 @@
 """``lmforge run`` end to end on a tiny corpus, and its errors: one clear line, no traceback."""
 
 import json
-import os
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, write_params
-from test_finetune import TINY_DOWNSTREAM, write_task_sets
+from conftest import REPO, Project, make_project, prose, write_params
 from typer.testing import CliRunner
 
 from dagster_project.cli import app
@@ -110,57 +108,34 @@ def test_failing_tokenizer_check_stops_packing(tmp_path: Path, corpus: Path, mon
 
 
 @pytest.mark.slow
-def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, corpus: Path, monkeypatch):
+def test_one_run_builds_every_stage_per_candidate_tracked_in_mlflow(tiny_project: Project):
+    """`lmforge run` on the tiny project (the session's pipeline): every stage, each candidate in its own run."""
     import mlflow
 
-    db = tmp_path / "mlflow.db"
-    params = write_params(
-        tmp_path,
-        corpus,
-        tokenizer={"vocab_size": 400, "block_size": 64},
-        split={"train": 0.6, "val": 0.2, "test": 0.2},
-        mlflow={"tracking_uri": f"sqlite:///{db}", "experiment": "test"},
-        pretrain={
-            "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
-            "candidates": [{"name": "a", "preset": "tiny", "overrides": {}}, {"name": "b", "preset": "tiny", "overrides": {"position": "alibi"}}],
-        },
-        **TINY_DOWNSTREAM,
-    )
-    write_task_sets(tmp_path / "finetune", classification=60, sft=40)
-    # a process of its own, as a user runs it: partitions come from the params file at load time
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "LMFORGE_PARAMS": str(params)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-
-    def lmforge(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(REPO / ".venv/bin/lmforge"), *args], env=env, capture_output=True, text=True, timeout=900)
-
-    result = lmforge("run", "--select", "key:pretrain", "--partition", "a")
-    assert result.returncode == 1 and "materialize the 'packed' stage first" in result.stderr
-    result = lmforge("run")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded: pretrain, evaluate [a]" in result.stdout and "succeeded: pretrain, evaluate [b]" in result.stdout
+    out = tiny_project.first_run.stdout
+    assert "succeeded: pretrain, evaluate [a]" in out and "succeeded: pretrain, evaluate [b]" in out
     for name, family in (("a", "llama"), ("b", "bloom")):
-        summary = json.loads((tmp_path / "artifacts/pretrain" / name / "summary.json").read_text())
+        summary = tiny_project.summary(f"pretrain/{name}")
         assert {"parameters", "tokens_seen", "tokens_per_second", "final_val_loss"} <= set(summary) and summary["family"] == family
-        assert (tmp_path / "artifacts/pretrain" / name / "loss_curve.png").exists()
+        assert (tiny_project.artifacts / "pretrain" / name / "loss_curve.png").exists()
     # then each candidate is evaluated, the champion selected and fine-tuned, in the same `lmforge run`
-    (last,) = [line for line in result.stdout.splitlines() if "succeeded" in line and "select" in line]
+    (last,) = [line for line in out.splitlines() if "succeeded" in line and "select" in line]
     assert all(name in last for name in ("task_data", "finetune_classifier", "finetune_sft", "quantize", "prune", "distil", "register"))
-    registered = json.loads((tmp_path / "artifacts/register/summary.json").read_text())
-    assert registered["champion_version"] == "1" and registered["candidate"] == champion_name(tmp_path)
-    assert json.loads((tmp_path / "artifacts/register_quantized/summary.json").read_text())["base_version"] == "1"
+    registered = tiny_project.summary("register")
+    champion = tiny_project.summary("select")["champion"]
+    assert registered["champion_version"] == "1" and registered["candidate"] == champion
+    assert tiny_project.summary("register_quantized")["base_version"] == "1"
     # and the rag group: index, with/without retrieval, prompts, the sweep tagged on the champion's version
     assert all(name in last for name in ("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"))
-    assert json.loads((tmp_path / "artifacts/sampling_sweep/summary.json").read_text())["tagged_version"] == "1"
+    assert tiny_project.summary("sampling_sweep")["tagged_version"] == "1"
     for name in ("a", "b"):
-        evaluation = json.loads((tmp_path / "artifacts/evaluate" / name / "summary.json").read_text())
+        evaluation = tiny_project.summary(f"evaluate/{name}")
         assert {"perplexity", "bits_per_byte", "token_accuracy", "context_x4_perplexity", "tokens_per_second_b8"} <= set(evaluation)
         assert all(evaluation["checks"].values())
-    champion = json.loads((tmp_path / "artifacts/select/summary.json").read_text())["champion"]
-    assert json.loads((tmp_path / "artifacts/finetune_sft/summary.json").read_text())["champion"] == champion
-    assert "macro_f1" in json.loads((tmp_path / "artifacts/finetune_classifier/summary.json").read_text())
-    client = mlflow.MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
-    all_runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert tiny_project.summary("finetune_sft")["champion"] == champion
+    assert "macro_f1" in tiny_project.summary("finetune_classifier")
+    client = mlflow.MlflowClient(tiny_project.mlflow_uri, registry_uri=tiny_project.mlflow_uri)
+    all_runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     runs = [r for r in all_runs if "stage" not in r.data.tags and "candidate" in r.data.tags]  # pretraining runs
     assert sorted(r.data.tags["candidate"] for r in runs) == ["a", "b"]
     evaluations = [r for r in all_runs if r.data.tags.get("stage") == "evaluate"]
@@ -170,28 +145,86 @@ def test_pretrain_runs_per_candidate_and_is_tracked_in_mlflow(tmp_path: Path, co
     assert {"git_sha", "dvc_data_md5", "dagster_run_id", "candidate", "model_dir"} <= set(run.data.tags) and run.data.tags["dagster_run_id"]
     assert "arch.n_layer" in run.data.params and [a.path for a in client.list_artifacts(run.info.run_id)] == ["loss_curve.png"]
     assert run.info.status == "FINISHED"
-    result = lmforge("run", "--select", "key:pretrain", "--partition", "zzz")
-    assert result.returncode == 1 and "no partition 'zzz' (partitions: a, b)" in result.stderr
-    # nothing changed: nothing is recomputed, and the summary table ends the run
-    assert "to compute: nothing" in result_of(lmforge("run")) and registered == json.loads((tmp_path / "artifacts/register/summary.json").read_text())
-    assert "★ champion" in result_of(lmforge("summary")) and len(client.search_model_versions("name='lmforge'")) == 2
-    # a changed parameter recomputes its stage and what depends on it, nothing else
-    data = yaml.safe_load(params.read_text())
-    data["distil"]["steps"] = 12
-    params.write_text(yaml.safe_dump(data))
-    out = result_of(lmforge("run"))
-    assert "to compute: distil\n" in out and "succeeded: distil" in out
-    # a new raw document makes everything from ingest on out of date (--dry-run only tells)
-    (corpus / "arrived.txt").write_text("A new document about models and packages arrives in the raw folder today.")
-    out = result_of(lmforge("run", "--dry-run"))
+    assert len(client.search_model_versions("name='lmforge'")) == 2
+
+
+@pytest.mark.slow
+def test_nothing_changed_nothing_recomputed_and_a_change_recomputes_what_it_affects(tiny_project: Project):
+    register = tiny_project.summary("register")
+    out = tiny_project.lmforge("run").stdout
+    assert "up to date: 21 of 21 assets; to compute: nothing" in out and "★ champion" in out  # the summary table ends the run
+    assert tiny_project.summary("register") == register
+    # a changed parameter makes its stage out of date and what depends on it, nothing else (--dry-run only tells)
+    params_file = tiny_project.path / "params.yaml"
+    original = params_file.read_text()
+    try:
+        data = yaml.safe_load(original)
+        data["distil"]["steps"] = 12
+        params_file.write_text(yaml.safe_dump(data))
+        assert "up to date: 20 of 21 assets; to compute: distil\n" in tiny_project.lmforge("run", "--dry-run").stdout
+    finally:
+        params_file.write_text(original)
+    # a new raw document makes everything from ingest on out of date
+    arrived = tiny_project.path / "data" / "raw" / "arrived.txt"
+    arrived.write_text("A new document about models and packages arrives in the raw folder today.")
+    try:
+        out = tiny_project.lmforge("run", "--dry-run").stdout
+    finally:
+        arrived.unlink()
     assert "up to date: 2 of 21 assets" in out and "pretrain[a]" in out and "register_quantized" in out
     assert "task_data" not in out and "base_models" not in out  # neither the task sets nor the base models come from the raw documents
 
 
-def result_of(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+@pytest.mark.slow
+def test_an_edited_module_makes_exactly_the_stages_that_import_it_out_of_date(tiny_project: Project, tmp_path: Path):
+    """The code that runs is edited (a copy of it, first on PYTHONPATH): the stages whose import closure holds the
+    module are out of date, with everything downstream of them; a module no stage imports changes nothing."""
+    import shutil
+
+    import dagster as dg
+
+    from dagster_project.definitions import defs
+    from lmforge import codegraph
+
+    code = tmp_path / "code"
+    for package in codegraph.PACKAGES:
+        shutil.copytree(REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    run = [sys.executable, "-P", "-c", "from dagster_project.cli import main; main()", "run", "--dry-run"]  # -P: PYTHONPATH first
+    graph = defs.resolve_asset_graph()
+    computed = {}
+    for module in ("lmforge/registry.py", "lmforge/demo_corpus.py"):
+        (code / module).write_text((code / module).read_text() + "\n# edited\n")
+        out = tiny_project.run(*run, env={"PYTHONPATH": str(code)}).stdout
+        (code / module).write_text((REPO / module).read_text())
+        listed = out.split("to compute: ")[1].splitlines()[0]
+        computed[module] = set() if listed == "nothing" else {name.split("[")[0] for name in listed.split(", ")}
+        importers = [s for s in codegraph.definitions() if module in codegraph.relative(codegraph.stage_files(s))]
+        expected = {k.to_user_string() for k in dg.AssetSelection.assets(*importers).downstream().resolve(graph)} if importers else set()
+        assert computed[module] == expected, module
+    assert {"register", "register_quantized", "sampling_sweep"} <= computed["lmforge/registry.py"] and "ingest" not in computed["lmforge/registry.py"]
+    assert computed["lmforge/demo_corpus.py"] == set()
 
 
-def champion_name(root: Path) -> str:
-    return json.loads((root / "artifacts/select/summary.json").read_text())["champion"]
+@pytest.mark.slow
+def test_another_params_file_leaves_the_main_pipeline_up_to_date(tiny_project: Project, tmp_path: Path):
+    """Two corpora in one project and one Dagster instance: a run of the other params file (its own raw
+    documents and artifacts directory) neither makes the main pipeline stale nor is made stale by it."""
+    other_raw = tmp_path / "raw"
+    other_raw.mkdir()
+    for i in range(12):
+        (other_raw / f"other{i}.txt").write_text(prose(1000 + i, 80))
+    other = write_params(tmp_path, other_raw)
+    out = tiny_project.lmforge("run", "--params", str(other), "--select", "group:data").stdout
+    assert "succeeded: ingest, clean, split" in out and (tmp_path / "artifacts" / "split" / "summary.json").exists()
+    assert "to compute: nothing" in tiny_project.lmforge("run", "--dry-run").stdout
+    out = tiny_project.lmforge("run", "--params", str(other), "--select", "group:data", "--dry-run").stdout
+    assert "to compute: clean, ingest, split" in out  # --select lists what it would run, up to date or not
+
+
+@pytest.mark.slow
+def test_partition_mistakes_are_one_line_errors(tmp_path: Path):
+    project = make_project(tmp_path)
+    result = project.lmforge("run", "--select", "key:pretrain", "--partition", "a", check=False)
+    assert result.returncode == 1 and "materialize the 'packed' stage first" in result.stderr
+    result = project.lmforge("run", "--select", "key:pretrain", "--partition", "zzz", check=False)
+    assert result.returncode == 1 and "no partition 'zzz' (partitions: a, b)" in result.stderr

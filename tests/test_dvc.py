@@ -1,4 +1,4 @@
-"""`dvc repro` runs the same assets as Dagster, and a second `dvc repro` recomputes nothing."""
+"""`dvc repro` runs the same assets as Dagster: it agrees with what `lmforge run` built, and sees the same changes."""
 
 import json
 import os
@@ -8,81 +8,80 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, prose
-from test_finetune import TINY_DOWNSTREAM, write_task_sets
+from conftest import REPO, Project, copy_project
 
 BIN = REPO / ".venv" / "bin"
-STAGES = ("ingest", "clean", "split", "base_models", "tokenizer", "packed", "pretrain@0", "evaluate@0", "select", "task_data", "finetune_classifier", "finetune_sft",
-          "quantize", "prune", "distil", "register", "register_quantized", "retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep")
+
+
+needs_dvc = pytest.mark.skipif(not (BIN / "dvc").exists(), reason="DVC is installed by `make install`")
+
+
+def dvc_stages(project: Project) -> list[str]:
+    """The stage names `dvc repro` prints: one per candidate for the foreach stages (pretrain@0, ...)."""
+    stages = yaml.safe_load((project.path / "dvc.yaml").read_text())["stages"]
+    candidates = project.params()["pretrain"]["candidates"]
+    return [f"{name}@{i}" for name, spec in stages.items() for i in (range(len(candidates)) if "foreach" in spec else [None])
+            if i is not None] + [name for name, spec in stages.items() if "foreach" not in spec]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="DVC is installed by `make install`")
-def test_dvc_repro_reproduces_the_data_stages_and_is_idempotent(tmp_path: Path):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("dvc.yaml", "lmforge", "assets", "dagster_project", "models", "prompts"):
-        src = REPO / name
-        (shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, project / name))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["clean"]["validation"]["min_rows"] = 3
-    params["split"].update(train=0.6, val=0.2, test=0.2)
-    params["tokenizer"].update(vocab_size=400, block_size=64)
-    params["pretrain"]["train"].update(max_steps=60, batch_size=4, lr=0.01, val_every=30, checkpoint_every=30, warmup_steps=5, val_batches=2)
-    params["pretrain"]["candidates"] = [{"name": "tiny", "preset": "tiny", "overrides": {}}]
-    params["evaluate"].update(speed_new_tokens=4, prompts=["The model"])
-    params["finetune"].update(min_examples=20)
-    params["finetune"]["classification"]["labels"] = ["first", "second"]
-    params["finetune"]["train"].update(epochs=1, max_length=64)
-    params["distil"].update(steps=10, batch_size=4, warmup_steps=2)
-    params["rag"] = {**params["rag"], **TINY_DOWNSTREAM["rag"]}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    raw = project / "data" / "raw"
-    raw.mkdir(parents=True)
-    for i in range(20):
-        (raw / f"doc{i}.txt").write_text(prose(i, 80))
-    write_task_sets(project / "data/finetune")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DAGSTER_HOME": str(tmp_path / "dagster"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("LMFORGE_PARAMS", None)
+@needs_dvc
+def test_dvc_repro_agrees_that_the_pipeline_dagster_built_is_up_to_date(tiny_project: Project):
+    """The session's pipeline was built by `lmforge run` and recorded by `dvc commit`: `dvc repro` runs
+    nothing, so both front doors name the same code, parameters, inputs and outputs for every stage."""
+    lock = (tiny_project.path / "dvc.lock").read_text()
+    proc = tiny_project.run("dvc", "repro")
+    out = proc.stdout + proc.stderr
+    assert "Running stage" not in out
+    for stage in dvc_stages(tiny_project):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert (tiny_project.path / "dvc.lock").read_text() == lock
+    assert tiny_project.summary("split")["documents_in"] == 20 and tiny_project.summary("pretrain/a")["steps"] == 60
 
-    def sh(*cmd: str) -> str:
-        proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
 
-    sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
-    first = sh("dvc", "repro")
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in first
-    summary = json.loads((project / "artifacts/split/summary.json").read_text())
-    assert summary["train"] + summary["val"] + summary["test"] == 20
-    assert json.loads((project / "artifacts/pretrain/tiny/summary.json").read_text())["steps"] == 60
-    assert json.loads((project / "artifacts/select/summary.json").read_text())["champion"] == "tiny"
-    assert "beats_baseline" in json.loads((project / "artifacts/finetune_sft/summary.json").read_text())
-    lock = (project / "dvc.lock").read_text()
-    second = sh("dvc", "repro")
-    assert "Running stage" not in second
-    for stage in STAGES:
-        assert f"Stage '{stage}' didn't change, skipping" in second
-    assert (project / "dvc.lock").read_text() == lock
-    # a changed parameter re-runs only the stages that declare it
+@pytest.mark.slow
+@needs_dvc
+def test_an_edited_module_puts_exactly_the_stages_that_import_it_in_dvc_status(tiny_project: Project):
+    from lmforge import codegraph
+
+    for module in ("lmforge/registry.py", "models/metrics.py", "lmforge/demo_corpus.py"):
+        path = tiny_project.path / module
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        try:
+            changed = json.loads(tiny_project.run("dvc", "status", "--json").stdout)
+        finally:
+            path.write_text(original)
+        importers = {s for s in codegraph.definitions() if module in codegraph.relative(codegraph.stage_files(s))}
+        assert {name.split("@")[0] for name in changed} == importers, module
+        assert bool(importers) == (module != "lmforge/demo_corpus.py")
+    assert json.loads(tiny_project.run("dvc", "status", "--json").stdout) == {}
+
+
+@pytest.mark.slow
+@needs_dvc
+def test_a_changed_parameter_reruns_only_the_stages_that_declare_it(tiny_project: Project, tmp_path: Path):
+    project = copy_project(tiny_project, tmp_path)
+    params = project.params()
     params["split"]["seed"] = "another"
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    third = sh("dvc", "repro", "packed")  # up to the packed data: the rest of the graph is covered above
-    assert "Running stage 'split'" in third and "Running stage 'ingest'" not in third and "Running stage 'clean'" not in third
-    # a tokenizer parameter re-runs the vocabulary stages only
+    (project.path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = project.run("dvc", "repro", "split")
+    out = proc.stdout + proc.stderr
+    assert "Running stage 'split'" in out and "Running stage 'ingest'" not in out and "Running stage 'clean'" not in out
+    # a tokenizer parameter re-runs the vocabulary stages only (the new split is recorded already)
     params["tokenizer"]["vocab_size"] = 300
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    fourth = sh("dvc", "repro", "packed")
-    assert "Running stage 'tokenizer'" in fourth and "Running stage 'packed'" in fourth and "Running stage 'split'" not in fourth
+    (project.path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = project.run("dvc", "repro", "packed")
+    out = proc.stdout + proc.stderr
+    assert "Running stage 'tokenizer'" in out and "Running stage 'packed'" in out and "Running stage 'split'" not in out
+    assert json.loads((project.artifacts / "tokenizer" / "params.json").read_text())["vocab_size"] == 300
+    assert json.loads((tiny_project.artifacts / "tokenizer" / "params.json").read_text())["vocab_size"] == 400  # the copy ran, not the original
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="DVC is installed by `make install`")
-def test_a_corpus_that_differs_from_data_dvc_is_explained_not_an_error(tmp_path: Path, capsys):
-    from dagster_project.cli import _compare_with_data_dvc
+@needs_dvc
+def test_a_corpus_that_differs_from_data_dvc_is_explained_not_an_error(tmp_path: Path):
+    from lmforge.demo_corpus import compare_with_data_dvc
 
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     (tmp_path / "data").mkdir()
@@ -91,10 +90,10 @@ def test_a_corpus_that_differs_from_data_dvc_is_explained_not_an_error(tmp_path:
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     (tmp_path / "data.dvc").write_text((tmp_path / "data.dvc").read_text() + "meta:\n  python: 3.10.0\n")
     shutil.rmtree(tmp_path / ".dvc" / "cache")  # as on a fresh clone: the data is not in the cache
-    _compare_with_data_dvc(tmp_path)
-    assert "matches data.dvc" in capsys.readouterr().out
+    matches, message = compare_with_data_dvc(tmp_path)
+    assert matches and "matches data.dvc" in message
     (tmp_path / "data" / "doc.txt").write_text("built elsewhere")
-    _compare_with_data_dvc(tmp_path)
-    out = capsys.readouterr().out
-    assert "differs from the one recorded in data.dvc (data.dvc was recorded with Python 3.10.0" in out
-    assert "Nothing is broken" in out and "dvc add data" in out
+    matches, message = compare_with_data_dvc(tmp_path)
+    assert not matches
+    assert "differs from the one recorded in data.dvc (data.dvc was recorded with Python 3.10.0" in message
+    assert "Nothing is broken" in message and "dvc add data" in message
