@@ -52,8 +52,10 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
-def _imported(node: ast.AST, importer: str, root: Path) -> set[str]:
-    """Project modules imported anywhere inside ``node`` (``from pkg import mod`` names ``pkg.mod``)."""
+def imported_names(node: ast.AST, importer: str, is_package: bool = False) -> set[str]:
+    """Every dotted name imported anywhere inside ``node`` (functions included), relative imports
+    resolved against the module ``importer`` (a package's ``__init__`` if ``is_package``);
+    ``from pkg import mod`` names both ``pkg`` and ``pkg.mod``."""
     found: set[str] = set()
     for n in ast.walk(node):
         if isinstance(n, ast.Import):
@@ -61,13 +63,17 @@ def _imported(node: ast.AST, importer: str, root: Path) -> set[str]:
         elif isinstance(n, ast.ImportFrom):
             base = n.module or ""
             if n.level:  # relative import: `from . import x` in a.b.c means a.b
-                package = importer.split(".")
-                if module_file(importer, root).name != "__init__.py":
-                    package = package[:-1]
+                package = importer.split(".") if is_package else importer.split(".")[:-1]
                 base = ".".join([*package[: len(package) - n.level + 1], *([base] if base else [])])
             found.add(base)
             found.update(f"{base}.{a.name}" for a in n.names)
-    return {m for m in found if module_file(m, root) is not None}
+    return found
+
+
+def _imported(node: ast.AST, importer: str, root: Path) -> set[str]:
+    """The project modules among ``imported_names``."""
+    is_package = module_file(importer, root).name == "__init__.py"
+    return {m for m in imported_names(node, importer, is_package) if module_file(m, root) is not None}
 
 
 def _with_parents(module: str) -> set[str]:

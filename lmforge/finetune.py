@@ -58,7 +58,7 @@ def read_task_file(path: Path):
     import pandas as pd
 
     if not path.is_file():
-        raise LmforgeError(f"{path} not found: put the task set there (JSONL or CSV; README 'Fine-tuning')")
+        raise LmforgeError(f"{path} not found: put the task set there (JSONL or CSV; docs/fine-tuning.md)")
     if path.suffix == ".csv":
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     if path.suffix not in (".jsonl", ".json"):

@@ -49,7 +49,7 @@ class Record:
 
     record: int  # position in the file: 0 for single-document files, line/row number otherwise
     text: str | None = None
-    reason: str | None = None  # set when rejected: a short stable code, see README "Quarantine"
+    reason: str | None = None  # set when rejected: a short stable code, see docs/data.md
     detail: str | None = None  # a human sentence saying what was wrong
 
 

@@ -169,7 +169,7 @@ def _pre_reject(full: str, real_root: str) -> tuple[str, str] | None:
         return ("not_a_regular_file", "a device, socket or pipe, not a file")
     fmt, _ = detect_format(Path(full))
     if fmt is None:
-        return ("unsupported_format", f"no reader for '{Path(full).name}' (supported: see README 'Formats')")
+        return ("unsupported_format", f"no reader for '{Path(full).name}' (supported formats: docs/data.md)")
     return None
 
 

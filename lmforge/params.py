@@ -428,7 +428,7 @@ class SweepParams:
 
 @dataclass
 class RagParams:
-    """Retrieval over the cleaned corpus, RAG, prompt templates and the sampling sweep (README "RAG")."""
+    """Retrieval over the cleaned corpus, RAG, prompt templates and the sampling sweep (docs/rag-and-prompts.md)."""
 
     chunk_words: int = 120  # words per chunk
     overlap_words: int = 30  # words shared by neighbouring chunks

@@ -312,7 +312,7 @@ def _summaries_with_and_without(params: Params, retriever: Retriever, templates:
 
 
 def comparison_table(summary: dict[str, Any]) -> str:
-    """The with/without-retrieval table (README, Dagster metadata); summaries only when the SFT task is configured."""
+    """The with/without-retrieval table (the summary table, Dagster metadata); summaries only when the SFT task is configured."""
     rows = [("continuation perplexity (lower is better)", "perplexity")] + [(f"summaries {k}", k) for k in ("rouge1", "rouge2", "rougeL")]
     lines = ["| measure | without retrieval | with retrieval |", "|---|---|---|"]
     for label, key in rows:

@@ -45,7 +45,7 @@ class Scale:
     # fsdp2: per-parameter sharding (torch fully_shard via ModelParallelStrategy; GPUs, and CPU with gloo)
     strategy: Literal["auto", "ddp", "fsdp", "fsdp2"] = "auto"
     devices: int = 1  # per node; -1: every visible device
-    num_nodes: int = 1  # > 1: launch with torchrun or SLURM (README "Scaling")
+    num_nodes: int = 1  # > 1: launch with torchrun or SLURM (docs/training-and-scaling.md)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     activation_checkpointing: bool = False  # fsdp: recompute block activations in backward (memory ↓, time ↑)
     state_dict: Literal["sharded", "full"] = "sharded"  # fsdp checkpoints: one file per rank, or gathered

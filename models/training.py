@@ -299,7 +299,7 @@ def weights_finite(model_dir: Path) -> bool:
 def launch(arch: ArchConfig | None, cfg: TrainConfig, packed_dir: Path, tokenizer_dir: Path, out_dir: Path, scale: Scale,
            mlflow_uri: str | None = None, mlflow_run_id: str | None = None, init_from: Path | None = None) -> dict[str, Any]:
     """Run ``pretrain`` in ``scale.devices`` processes on this node with torchrun, wait, return rank 0's
-    result.  (Several nodes: run the same torchrun command on each node, README "Scaling".)"""
+    result.  (Several nodes: run the same torchrun command on each node, docs/training-and-scaling.md.)"""
     import json
     import subprocess
     import sys

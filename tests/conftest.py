@@ -209,3 +209,11 @@ def copy_project(project: Project, root: Path) -> Project:
     shutil.copytree(project.path, copy.path, symlinks=True)
     shutil.copytree(project.home, copy.home, ignore=shutil.ignore_patterns("storage", "history", "schedules"))
     return copy
+
+
+def pytest_collection_modifyitems(items):
+    """The first test that asks for the session's tiny pipeline builds it: bound that test by 30 minutes
+    (a hang), not by the 10 minutes of pyproject.toml, so that a slow machine is not mistaken for a hang."""
+    for item in items:
+        if "tiny_project" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(1800))

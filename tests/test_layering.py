@@ -13,6 +13,8 @@ from pathlib import Path
 
 from conftest import REPO
 
+from lmforge import codegraph
+
 PACKAGES = ("models", "lmforge", "assets", "dagster_project")
 
 
@@ -27,20 +29,8 @@ def module_files() -> dict[str, Path]:
 
 
 def imported_names(name: str, path: Path) -> set[str]:
-    """The dotted names ``name`` imports anywhere in its file (functions included), relative imports resolved."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, *([base] if base else [])])
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # ``from pkg import module``
-    return found
+    """The dotted names module ``name`` (file ``path``) imports anywhere, as codegraph reads them."""
+    return codegraph.imported_names(ast.parse(path.read_text(encoding="utf-8"), str(path)), name, path.name == "__init__.py")
 
 
 def import_graph() -> dict[str, set[str]]:
