@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from models.architectures import ArchConfig, SpecialIds, build_model
 from models.data import PackedBlocks
+from models.loading import load_model
 from models.train_config import TrainConfig
 
 
@@ -95,9 +96,7 @@ class LMModule(pl.LightningModule):
         self.arch = ArchConfig(**arch) if arch is not None else None
         self.tokens_per_sample = tokens_per_sample
         if init_from is not None:
-            from transformers import AutoModelForCausalLM
-
-            self.model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32, attn_implementation="sdpa").train()
+            self.model = load_model(init_from, "causal", dtype=torch.float32, attn_implementation="sdpa").train()
         else:
             self.model = build_model(self.arch, self.ids)
         if self.cfg.compile:
@@ -112,15 +111,19 @@ class LMModule(pl.LightningModule):
     def elapsed_seconds(self) -> float:
         return self._elapsed_before + time.perf_counter() - self._clock
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if not self.cfg.max_minutes:
-            return
-        fraction = self.elapsed_seconds() / (60 * self.cfg.max_minutes)
-        if self.trainer.world_size > 1:  # one clock for all ranks: the schedule must be the same everywhere
-            fraction = self.trainer.strategy.broadcast(fraction, src=0)
-        self.budget_fraction = fraction
-        if fraction >= 1.0:
-            self.trainer.should_stop = True
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """After each optimizer step: read the clock, then move the schedule on.  In this order (Lightning
+        steps the scheduler before ``on_train_batch_end``), the rate set after the step that spends the
+        budget is the floor (warm-up over) however long a step takes: a run stopped by its budget ends
+        at lr × min_lr_ratio, and each step's rate follows the clock of the step before it."""
+        if self.cfg.max_minutes:
+            fraction = self.elapsed_seconds() / (60 * self.cfg.max_minutes)
+            if self.trainer.world_size > 1:  # one clock for all ranks: the schedule must be the same everywhere
+                fraction = self.trainer.strategy.broadcast(fraction, src=0)
+            self.budget_fraction = fraction
+            if fraction >= 1.0:
+                self.trainer.should_stop = True
+        scheduler.step()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["elapsed_seconds"] = self.elapsed_seconds()
