@@ -2,16 +2,19 @@
 
 import dagster as dg
 
-import lmforge.rag
 from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import RagParams
+
+# lmforge.rag is imported inside the functions: it imports torch, and the code location loads faster without it.
 
 RagConfig = overrides_config(RagParams, "RagConfig")
 RagConfig.__doc__ = "Overrides of params.yaml `rag` for one run. Used by: retrieval_index, rag_eval, prompt_eval, sampling_sweep."
 
 
 def _retrieval_table(summary: dict) -> str:
+    import lmforge.rag
+
     methods = [m for m in lmforge.rag.METHODS if f"{m}_mrr" in summary]
     keys = [k.removeprefix("bm25_") for k in summary if k.startswith("bm25_")]
     return md_table([{"method": m, **{k: f"{summary[f'{m}_{k}']:.3f}" for k in keys}} for m in methods])
@@ -28,6 +31,8 @@ def _retrieval_table(summary: dict) -> str:
     "embeddings), scored on known items: recall@k and MRR of a held-out chunk's sentence finding that chunk.",
 )
 def retrieval_index(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource):
+    import lmforge.rag
+
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_retrieval_index(params, dagster_run_id=context.run_id, report=context.log.info)
     k = max(params.rag.recall_at)
@@ -47,6 +52,8 @@ def retrieval_index(context: dg.AssetExecutionContext, config: RagConfig, lmforg
     "ROUGE of the fine-tuned summariser on the summarisation test set.",
 )
 def rag_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    import lmforge.rag
+
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_rag_eval(params, dagster_run_id=context.run_id, report=context.log.info)
     return materialized("rag_eval", params, {**summary_metadata(summary), "comparison": dg.MetadataValue.md(lmforge.rag.comparison_table(summary))})
@@ -61,6 +68,8 @@ def rag_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_param
     "fine-tuning task sets, with the champion: macro-F1 of label likelihoods, ROUGE of summaries.",
 )
 def prompt_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    import lmforge.rag
+
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_prompt_eval(params, dagster_run_id=context.run_id, report=context.log.info)
     def cell(key: str) -> str:  # absent: the task is left out of finetune.tasks
@@ -80,6 +89,8 @@ def prompt_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_pa
     "repetition); the best setting is tagged `sampling_best` on the champion's registry version.",
 )
 def sampling_sweep(context: dg.AssetExecutionContext, config: RagConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    import lmforge.rag
+
     params = stage_params(lmforge_params.load(), "rag", config)
     summary = lmforge.rag.run_sampling_sweep(params, dagster_run_id=context.run_id, report=context.log.info)
     if "skipped" in summary:

@@ -208,7 +208,7 @@ def test_an_edited_module_makes_exactly_the_stages_that_import_it_out_of_date(ti
 @pytest.mark.slow
 def test_another_params_file_leaves_the_main_pipeline_up_to_date(tiny_project: Project, tmp_path: Path):
     """Two corpora in one project and one Dagster instance: a run of the other params file (its own raw
-    documents and artifacts directory) neither makes the main pipeline stale nor is made stale by it."""
+    documents and artifacts directory) does not make the main pipeline stale."""
     other_raw = tmp_path / "raw"
     other_raw.mkdir()
     for i in range(12):
@@ -217,8 +217,6 @@ def test_another_params_file_leaves_the_main_pipeline_up_to_date(tiny_project: P
     out = tiny_project.lmforge("run", "--params", str(other), "--select", "group:data").stdout
     assert "succeeded: ingest, clean, split" in out and (tmp_path / "artifacts" / "split" / "summary.json").exists()
     assert "to compute: nothing" in tiny_project.lmforge("run", "--dry-run").stdout
-    out = tiny_project.lmforge("run", "--params", str(other), "--select", "group:data", "--dry-run").stdout
-    assert "to compute: clean, ingest, split" in out  # --select lists what it would run, up to date or not
 
 
 @pytest.mark.slow
