@@ -85,6 +85,19 @@ def params_file(tmp_path: Path, corpus: Path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models in one thread: on two cores shared with other work, torch's threads spend most of
+    their time waiting for each other (a tiny step took 1-1.8 s under load, 15-20 ms in one thread).
+    Subprocesses the tests start (lmforge run, torchrun) keep torch's default."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def no_stray_mlflow_store():
     """MLflow's default store (``./mlflow.db``, ``./mlruns`` in the working directory) must never appear:
     every MLflow client lmforge makes names the configured tracking and registry URI."""

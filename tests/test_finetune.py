@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, write_params
+from conftest import TINY_PARAMS, WORDS, write_params
 
 from lmforge.finetune import load_task, read_task_file, run_finetune_classifier, run_finetune_sft, run_task_data, split_of
 from lmforge.params import LmforgeError, load_params
@@ -66,15 +66,8 @@ def sft_rows(n: int, seed: int = 1) -> list[dict]:
     return [{"document": sentence(rng, WORDS, 30), "summary": "a python package for language data", "package": f"p{i}"} for i in range(n)]
 
 
-#: params sections that keep evaluation, fine-tuning and distillation tiny in whole-graph tests.
-TINY_DOWNSTREAM = {
-    "evaluate": {"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
-    "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
-                 "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
-    "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
-    "rag": {"chunk_words": 40, "overlap_words": 10, "queries": 20, "continuations": 6, "continuation_words": 10, "eval_examples": 8,
-            "sweep": {"temperature": [0.0, 0.9], "top_k": [0], "top_p": [1.0], "examples": 6, "max_new_tokens": 6}},
-}
+#: params sections that keep evaluation, fine-tuning and distillation tiny in whole-graph tests (those of the tiny project).
+TINY_DOWNSTREAM = {section: TINY_PARAMS[section] for section in ("evaluate", "finetune", "distil", "rag")}
 
 
 def write_task_sets(directory: Path, classification: int = 40, sft: int = 30) -> None:

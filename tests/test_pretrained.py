@@ -20,17 +20,6 @@ MIT_CARD = "---\nlicense: mit\n---\n# tiny-llama\n"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module's models: they are tiny (SmolLM2's short answer is no slower), so
-    a second thread saves little, while on shared cores (CI, other jobs) every small op waits for a
-    descheduled thread: seconds, not tenths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def sqlite_without_fsync():
     """The MLflow stores made here are thrown away: SQLite need not wait for the disk at each commit
     (seconds of a loaded disk's time over a pipeline's migrations and per-step metrics)."""

@@ -20,16 +20,6 @@ from models.train_config import TrainConfig
 from models.training import pretrain, weights_finite
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module's models: they are tiny, so a second thread saves little, while
-    on shared cores (CI, other jobs) every small op waits for a descheduled thread: seconds, not tenths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """A tokenizer for every objective and its packed splits (blocks of 64 tokens)."""
