@@ -77,11 +77,18 @@ def test_the_modules_python_imports_are_inside_the_closure():
     assert loaded - set().union(*(closure(s) for s in STAGES)) == set()
 
 
-def _code_versions(project: Path) -> dict[str, str]:
-    """Every stage's Dagster code version, computed by the code of ``project`` (a copy of the checkout)."""
-    code = ("import json; from assets.common import code_version; from lmforge import codegraph; "
-            f"assert codegraph.CODE_ROOT == __import__('pathlib').Path({str(project)!r}), codegraph.CODE_ROOT; "
-            f"print(json.dumps({{s: code_version(s) for s in {STAGES!r}}}))")
+TOUCHED = ("lmforge/registry.py", "models/metrics.py", "lmforge/demo_corpus.py")
+
+
+def _code_versions_as_modules_are_touched(project: Path) -> list[dict[str, str]]:
+    """Every stage's Dagster code version, computed by the code of ``project`` (a copy of the checkout),
+    first as copied, then after appending a comment to each module of ``TOUCHED`` in turn (one process)."""
+    code = ("import json, pathlib; from assets.common import code_version; from lmforge import codegraph; "
+            f"root = pathlib.Path({str(project)!r}); assert codegraph.CODE_ROOT == root, codegraph.CODE_ROOT; "
+            f"versions = lambda: {{s: code_version(s) for s in {STAGES!r}}}; out = [versions()]\n"
+            f"for module in {TOUCHED!r}:\n"
+            "    (root / module).write_text((root / module).read_text() + '\\n# touched\\n'); out.append(versions())\n"
+            "print(json.dumps(out))")
     env = {**os.environ, "PYTHONPATH": str(project), "LMFORGE_ROOT": str(project)}
     env.pop("LMFORGE_PARAMS", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
@@ -94,12 +101,8 @@ def test_touching_a_module_changes_the_code_version_of_exactly_the_stages_that_i
     for name in (*codegraph.PACKAGES, "prompts", "dvc.yaml", "params.yaml"):
         src = REPO / name
         (shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, project / name))
-    before = _code_versions(project)
-    for module in ("lmforge/registry.py", "models/metrics.py", "lmforge/demo_corpus.py"):
-        with open(project / module, "a") as f:
-            f.write("\n# touched\n")
-        after = _code_versions(project)
+    versions = _code_versions_as_modules_are_touched(project)
+    for module, before, after in zip(TOUCHED, versions, versions[1:]):
         changed = {s for s in STAGES if after[s] != before[s]}
         assert changed == {s for s in STAGES if module in closure(s, project)}, module
         assert bool(changed) == (module != "lmforge/demo_corpus.py")
-        before = after
