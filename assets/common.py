@@ -82,6 +82,12 @@ def _dvc_stages() -> dict[str, Any]:
     return (yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
 
 
+@functools.cache
+def _params_in_force() -> Params:
+    """params.yaml as the code location loads it (once: every asset's decorator asks for it)."""
+    return load_params()
+
+
 def code_version(stage: str, params: Params | None = None) -> str:
     """A hash of everything but data that the stage ``stage`` depends on: the project files its code
     imports (``lmforge.codegraph``: the import closure of its asset and check functions), the other
@@ -106,7 +112,7 @@ def code_version(stage: str, params: Params | None = None) -> str:
             if file.is_file():
                 h.update(file.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + file.read_bytes())
     try:
-        values = to_dict(params if params is not None else load_params())
+        values = to_dict(params if params is not None else _params_in_force())
     except LmforgeError as exc:  # the run reports it; the version just has to differ from a valid one
         return "invalid-params-" + hashlib.sha256(str(exc).encode()).hexdigest()[:8]
     for key in ["paths", *spec.get("params", [])]:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import dagster as dg
 
 from assets.common import ARTIFACTS_KEY, RAW_KEY, VERSION_KEY, code_version
+from dagster_project.sensors import RAW_DOCUMENTS
 from lmforge.ingest import source_fingerprint
 from lmforge.params import Params
 
-RAW_DOCUMENTS = dg.AssetKey("raw_documents")
 MISSING = "missing"
 
 

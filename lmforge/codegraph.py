@@ -170,6 +170,7 @@ def _decorator_name(decorator: ast.expr) -> str:
     return (_dotted(node) or "").rsplit(".", 1)[-1]
 
 
+@functools.cache
 def definitions(root: Path = CODE_ROOT) -> dict[str, dict[str, list]]:
     """``{stage: {"asset": [(file, function)], "checks": [(file, function)]}}`` for every ``@asset`` and
     ``@asset_check``/``@multi_asset_check`` function under ``DEFINITION_DIRS``."""
@@ -189,9 +190,11 @@ def definitions(root: Path = CODE_ROOT) -> dict[str, dict[str, list]]:
     return out
 
 
-def stage_files(stage: str, root: Path = CODE_ROOT) -> list[Path]:
+@functools.cache
+def stage_files(stage: str, root: Path = CODE_ROOT) -> tuple[Path, ...]:
     """Every project file the asset ``stage`` and its checks run: their modules, and the closure of the
-    project modules those functions use.  Sorted, for hashing and for ``dvc.yaml``."""
+    project modules those functions use.  Sorted, for hashing and for ``dvc.yaml``.  Cached, like the
+    parsed sources: which files a stage imports is fixed for the life of a process (their bytes are not)."""
     found = definitions(root).get(stage)
     if not found or not found["asset"]:
         raise KeyError(f"no @asset function named '{stage}' under {', '.join(DEFINITION_DIRS)}")
@@ -199,8 +202,8 @@ def stage_files(stage: str, root: Path = CODE_ROOT) -> list[Path]:
     for path, function in found["asset"] + found["checks"]:
         name = module_name(path, root)
         files |= module_closure({name, *_used_modules(_tree(path), [function], name, root)}, root)
-    return sorted(files)
+    return tuple(sorted(files))
 
 
-def relative(files: list[Path], root: Path = CODE_ROOT) -> list[str]:
+def relative(files: tuple[Path, ...] | list[Path], root: Path = CODE_ROOT) -> list[str]:
     return [f.relative_to(root).as_posix() for f in files]
