@@ -26,7 +26,7 @@ SelectConfig.__doc__ = "Overrides of params.yaml `select` for one run (weights: 
         dg.AssetCheckSpec("metrics_finite", asset="evaluate", blocking=True, description="Perplexity is finite on every evaluated split."),
     ],
     description="Perplexity, bits per byte, token and top-5 accuracy on val and test; perplexity at 1×/2×/4× "
-    "the training context; tokens/s and memory at batch 1 and 8; generation samples.",
+    "the training context; tokens/s and memory at batch 1 and 8; generation samples; social bias on CrowS-Pairs.",
 )
 def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_params: ParamsResource):
     params = stage_params(lmforge_params.load(), "evaluate", config)
@@ -43,6 +43,7 @@ def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_
         "speed": dg.MetadataValue.md(md_table(speeds)),
         "context_curve": inline_png(out / "context_curve.png", "context curve"),
         "samples": dg.MetadataValue.md((out / "samples.md").read_text()),
+        "crows_pairs": dg.MetadataValue.md((out / "crows_pairs.md").read_text()),
         "mlflow_run_id": summary["mlflow_run_id"],
     }, check_results=[
         dg.AssetCheckResult(check_name="metrics_finite", passed=summary["checks"]["metrics_finite"],
@@ -56,7 +57,7 @@ def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_
     deps=["evaluate"],
     code_version=code_version("select"),
     description="Weighted factor matrix over the evaluated candidates (quality, speed, size, training cost, "
-    "context extrapolation; weights in params.yaml); names the champion.",
+    "context extrapolation, CrowS-Pairs bias; weights in params.yaml); names the champion.",
 )
 def select(context: dg.AssetExecutionContext, config: SelectConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "select", config)

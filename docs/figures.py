@@ -19,9 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
-FACTOR_ORDER = ("quality", "speed", "memory", "size", "training_cost", "context", "context_window", "licence")
+FACTOR_ORDER = ("quality", "speed", "memory", "size", "training_cost", "context", "context_window", "licence", "ethics")
 UNITS = {"quality": "bits/byte", "speed": "tokens/s", "memory": "MB", "size": "parameters", "training_cost": "FLOPs",
-         "context": "ppl 4× ÷ 1×", "context_window": "tokens", "licence": "open"}
+         "context": "ppl 4× ÷ 1×", "context_window": "tokens", "licence": "open", "ethics": "|CrowS-Pairs − 0.5|"}
 
 
 def _value(v: float) -> str:

@@ -1,8 +1,9 @@
 """Stage ``evaluate``: every number a user needs to compare the pretrained candidates.
 
 Output ``<artifacts>/evaluate/<candidate>/``: ``summary.json`` (flat metrics; ``perplexity``,
-``bits_per_byte`` and ``token_accuracy`` are the test split's), ``context_curve.png``, ``samples.md``
-and ``samples.json``.  Everything is also logged to an MLflow run nested under the candidate's
+``bits_per_byte`` and ``token_accuracy`` are the test split's), ``context_curve.png``, ``samples.md``,
+``samples.json``, and the CrowS-Pairs bias scores: ``crows_pairs.md`` (the table) and
+``crows_pairs.jsonl`` (each pair's two scores).  Everything is also logged to an MLflow run nested under the candidate's
 pretraining run.  Model selection reads the *val* numbers; the test numbers are reported, never used
 to choose (a choice made on the test set would make its numbers optimistic).
 """
@@ -10,6 +11,7 @@ to choose (a choice made on the test set would make its numbers optimistic).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -50,6 +52,80 @@ def samples_markdown(samples: list[dict[str, str]], sampling) -> str:
     for s in samples:
         lines += [f"**{s['prompt']}**", "", f"- greedy: {s['greedy']!r}", f"- sampled: {s['sampled']!r}", ""]
     return "\n".join(lines)
+
+
+#: Prefix of the CrowS-Pairs numbers in the evaluation summary (``crows_pairs_bias``, ``crows_pairs_deviation``, ...).
+BIAS_PREFIX = "crows_pairs_"
+
+
+def bias_key(bias_type: str) -> str:
+    """The summary key of a bias type's share: ``race-color`` → ``crows_pairs_race_color``."""
+    return BIAS_PREFIX + bias_type.replace("-", "_")
+
+
+def bias_markdown(info: dict[str, Any]) -> str:
+    """The CrowS-Pairs scores as a markdown table (``crows_pairs.md``, the asset's metadata)."""
+    if info.get("share") is None:
+        return f"_CrowS-Pairs: not measured ({info.get('reason', 'no pairs')})_\n"
+    lines = [f"Share of CrowS-Pairs pairs where the model prefers the more stereotyping sentence (0.5: no measured preference): "
+             f"**{info['share']:.3f} ± {info['standard_error']:.3f}** (binomial standard error) on {info['n']:,} pairs, "
+             f"|share − 0.5| = {info['deviation']:.3f}; {info['scoring']}.", "",
+             "| bias type | share | pairs | ± |", "|---|---|---|---|"]
+    for name, row in info["by_type"].items():
+        lines.append(f"| {name} | {row['share']:.3f} | {row['n']} | {row['standard_error']:.3f} |")
+    lines.append(f"| **all** | **{info['share']:.3f}** | **{info['n']}** | {info['standard_error']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bias_scores(params: Params, model, tokenizer, objective: str, out: Path, say=lambda _msg: None) -> dict[str, Any]:
+    """Score the model on CrowS-Pairs (``evaluate.bias``); write ``crows_pairs.md`` and ``.jsonl`` in
+    ``out``; return the summary's keys: the overall share, its standard error and deviation from 0.5,
+    the share of each bias type (None when not measured: a seq2seq model, or ``file: null``) and,
+    under ``crows_pairs``, the details (every type's n, the file's sha256, the sample)."""
+    import time
+
+    from models.bias import BIAS_TYPES, bias_metric, pair_scores, read_pairs, stratified_sample
+
+    b = params.evaluate.bias
+    info: dict[str, Any] = {"file": b.file, "max_pairs": b.max_pairs, "seed": b.seed, "share": None}
+    scores = pairs = None
+    if b.file is None:
+        info["reason"] = "evaluate.bias.file is null"
+    elif objective not in ("causal", "mlm"):
+        info["reason"] = f"a {objective} model has no sentence likelihood to compare"
+    else:
+        path = params.path(b.file)
+        if not path.is_file():
+            raise LmforgeError(f"evaluate.bias.file: {path} not found (the CrowS-Pairs CSV ships in evalsets/; null turns the measure off)")
+        info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            pairs = stratified_sample(read_pairs(path), b.max_pairs, b.seed)
+        except ValueError as exc:
+            raise LmforgeError(f"evaluate.bias.file: {exc}") from None
+        start = time.perf_counter()
+        scores = pair_scores(model, tokenizer, objective, pairs, b.batch_size)
+        info["seconds"] = time.perf_counter() - start
+        info["scoring"] = ("sentence log-likelihood" if objective == "causal"
+                           else "pseudo-log-likelihood of the shared tokens, masked one at a time")
+        info.update(dataclasses.asdict(bias_metric(pairs, scores)))
+    result: dict[str, Any] = {f"{BIAS_PREFIX}bias": info["share"], f"{BIAS_PREFIX}bias_se": info.get("standard_error"),
+                              f"{BIAS_PREFIX}deviation": info.get("deviation"), f"{BIAS_PREFIX}pairs": info.get("n", 0),
+                              f"{BIAS_PREFIX}stereo": info.get("stereo_share"), f"{BIAS_PREFIX}antistereo": info.get("antistereo_share")}
+    types = sorted(set(BIAS_TYPES) | set(info.get("by_type", {})))
+    result.update({bias_key(t): info.get("by_type", {}).get(t, {}).get("share") for t in types})
+    (out / "crows_pairs.md").write_text(bias_markdown(info))
+    with open(out / "crows_pairs.jsonl", "w", encoding="utf-8") as fh:
+        for p, (more, less) in zip(pairs or [], scores or []):
+            fh.write(json.dumps({"bias_type": p.bias_type, "direction": p.direction, "sent_more": p.more, "sent_less": p.less,
+                                 "sent_more_score": more, "sent_less_score": less, "stereotyping": round(more, 3) > round(less, 3)},
+                                ensure_ascii=False) + "\n")
+    if info["share"] is None:
+        say(f"CrowS-Pairs not measured ({info.get('reason', 'no pairs')})")
+    else:
+        say(f"CrowS-Pairs stereotype share {info['share']:.3f} ± {info['standard_error']:.3f} on {info['n']} pairs "
+            f"({info['n'] / info['seconds']:.1f} pairs/s)")
+    result["crows_pairs"] = info
+    return result
 
 
 def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", report=None) -> dict[str, Any]:
@@ -127,6 +203,7 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
         samples = [{"prompt": q, "greedy": g, "sampled": s} for q, g, s in zip(p.prompts, greedy, sampled)]
     (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     (out / "samples.md").write_text(samples_markdown(samples, p.sampling) if samples else "_masked language model: no generation_\n")
+    result.update(bias_scores(params, model, tokenizer, objective, out, lambda msg: say(f"evaluate {candidate}: {msg}")))
 
     result["checks"] = {
         "weights_finite": weights_finite(source / "hf"),
@@ -138,7 +215,7 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
     with tracked_run(params, f"evaluate {candidate}", tags,
                      parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):
         log_numbers(client, run_id, result)
-        for name in ("context_curve.png", "samples.md"):
+        for name in ("context_curve.png", "samples.md", "crows_pairs.md"):
             client.log_artifact(run_id, str(out / name))
         client.log_dict(run_id, result["checks"], "checks.json")
     result["mlflow_run_id"] = run_id

@@ -3,7 +3,8 @@
 A registered model (``registry.name``) gets one immutable version per registration, each an MLflow
 pyfunc model that carries the Hugging Face directory as an artifact and generates text when served
 (``mlflow models serve -m models:/NAME@champion``).  Every version is tagged with the git commit, the
-DVC data hash, the Dagster run id, its parameters and key metrics.  Aliases move only when the
+DVC data hash, the Dagster run id, its parameters and key metrics; a pretrained version also with its
+CrowS-Pairs bias figures (``crows_pairs_*``: overall, per bias type).  Aliases move only when the
 model's blocking checks passed:
 
 - ``candidate``: the newest model the pipeline produced;
@@ -130,6 +131,14 @@ def candidate_source_tags(params: Params, candidate: str) -> dict[str, str]:
     return source_tags(source) if source else {}
 
 
+def bias_tags(evaluation: dict[str, Any]) -> dict[str, str]:
+    """The champion's CrowS-Pairs figures from its evaluation summary (``crows_pairs_*``: the overall
+    share of stereotyping preferences, its standard error, |share − 0.5|, the pairs scored and each bias
+    type's share), as tags: a registered model says how biased it measured, and on how many pairs."""
+    return {k: (f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in evaluation.items()
+            if k.startswith("crows_pairs_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Register the champion of ``select`` (once per distinct weights), point ``candidate`` at it, and
     ``champion`` too unless the reigning champion scores better on the same data."""
@@ -148,13 +157,15 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
     summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
     tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
-            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name)}
+            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name), **bias_tags(evaluation)}
     version, run_id, new = register_once(params, params.path(chosen["champion_dir"]), tags, f"register {name}",
                                          {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
                                          chosen.get("champion_pretrain_run_id"))
+    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
     if not new:
         say(f"register: {registry} version {version} already holds these weights ({name}): not registered again")
-    client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
+        for key, value in bias_tags(evaluation).items():  # the same weights, perhaps measured on another sample since
+            client.set_model_version_tag(registry, version, key, value)
     client.set_registered_model_alias(registry, "candidate", version)
     summary["candidate_version"] = version
     reigning = current(client, registry, "champion")

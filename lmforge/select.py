@@ -34,6 +34,10 @@ class Factor:
     floor: float = 0.0  # lower-is-better ratios are (best + floor) / (value + floor): a zero cost is not infinitely better
 
 
+def _pairs(max_pairs: int) -> str:
+    return "all 1,508" if max_pairs == 0 else f"a sample of {max_pairs:,} (stratified by bias type) of the 1,508"
+
+
 def factors(params: Params) -> dict[str, Factor]:
     fastest = max(params.evaluate.speed_batch_sizes)
     longest = max(params.evaluate.context_multiples)
@@ -53,6 +57,14 @@ def factors(params: Params) -> dict[str, Factor]:
                "declared: the model's config"),
         Factor("licence", "licence_open", True, f"1 if the licence is one of select.open_licences, else 0",
                "declared: params.yaml (licence), the model card or GGUF metadata; 'own' for scratch models"),
+        # 0.5 is no measured preference; either side of it is a bias.  The floor of 0.02 (1.5 standard
+        # errors of the share on all 1,508 pairs) keeps 0.00 from being infinitely better than 0.01:
+        # a difference that small is sampling noise
+        Factor("ethics", "crows_pairs_deviation", False,
+               "|share of CrowS-Pairs pairs where the model prefers the more stereotyping sentence − 0.5| (0: no measured preference)",
+               f"measured: evaluate on {_pairs(params.evaluate.bias.max_pairs)} CrowS-Pairs pairs (US-centric English; "
+               "causal LMs: sentence log-likelihood, masked LMs: pseudo-log-likelihood; seq2seq: not measured, scores 0)",
+               floor=0.02),
     ]
     assert tuple(f.name for f in table) == SELECT_FACTORS
     return {f.name: f for f in table}
@@ -98,7 +110,9 @@ def score_matrix(summaries: dict[str, dict[str, Any]], weights: dict[str, float]
         for n, v, s in zip(names, values, normalise(values, factor.higher_is_better, factor.floor)):
             rows[n]["values"][name] = v
             rows[n]["scores"][name] = s
-            rows[n]["total"] += weights.get(name, 0.0) * s / total_weight
+            rows[n]["total"] += weights.get(name, 0.0) * s
+    for row in rows.values():  # divided once: the best on every factor totals exactly 1
+        row["total"] /= total_weight
     return rows
 
 
@@ -134,14 +148,14 @@ def plot_scores(rows: dict[str, dict[str, Any]], weights: dict[str, float], path
 
     names = list(rows)
     total_weight = sum(weights.get(f, 0.0) for f in SELECT_FACTORS)
-    fig, ax = plt.subplots(figsize=(6, 0.6 * len(names) + 1.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.5, max(0.6 * len(names) + 1.8, 0.22 * len(SELECT_FACTORS) + 0.8)), dpi=100)
     left = [0.0] * len(names)
     for factor in SELECT_FACTORS:
         widths = [weights.get(factor, 0.0) * rows[n]["scores"][factor] / total_weight for n in names]
         ax.barh(names, widths, left=left, label=factor)
         left = [a + b for a, b in zip(left, widths)]
     ax.set(xlim=(0, 1), xlabel="weighted score", title="model selection")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars: nine factors would hide them
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

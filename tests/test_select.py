@@ -20,7 +20,8 @@ def test_normalise_scores_relative_to_the_best():
 
 def evaluation(bpb: float, speed: float, params: int, flops: float, extrapolation: float | None, **extra) -> dict:
     return {"val_bits_per_byte": bpb, "tokens_per_second_b8": speed, "parameters": params, "training_flops": flops,
-            "context_extrapolation": extrapolation, "memory_mb_b8": 100.0, "context_window": 256, "licence": "own", **extra}
+            "context_extrapolation": extrapolation, "memory_mb_b8": 100.0, "context_window": 256, "licence": "own",
+            "crows_pairs_deviation": 0.05, **extra}
 
 
 def test_the_weighted_total_by_hand(tmp_path: Path):
