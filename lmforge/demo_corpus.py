@@ -8,7 +8,9 @@
 - ``finetune/classification.jsonl``: a passage → the kind of documentation it comes from: ``readme``
   (a package's description), ``module`` (a module docstring) or ``api`` (a function or class docstring
   with its signature), the question a documentation router answers;
-- ``finetune/summarisation.jsonl``: description → ``Summary``.
+- ``finetune/summarisation.jsonl``: description → ``Summary``;
+- ``prompts/prompts.jsonl``: questions about a few of those packages and modules, the input of the
+  ``batch_inference`` asset (``demo_prompts``).
 
 Everything is read from metadata and source files, never by importing pure-Python modules (imports
 have side effects: ``antigravity`` opens a browser), and written in sorted order with no timestamps, so
@@ -50,6 +52,16 @@ MANIFEST = "demo-manifest.json"
 PASSAGES_PER_DOCUMENT = 3
 
 _EXT = {"text/markdown": ".md", "text/x-rst": ".rst", "text/plain": ".txt"}
+
+#: The demo's batch-inference prompts: questions about this many packages and standard-library modules
+#: (SmolLM2-135M answers 16 prompts of 24 tokens in batches of 8 in well under a minute on 2 cores).
+PROMPT_PACKAGES, PROMPT_MODULES = 12, 4
+PACKAGE_QUESTIONS = (
+    "What is the Python package {name} used for? Answer in one sentence.",
+    "Give one reason a developer would install the Python package {name}.",
+    "How do you install the Python package {name}?",
+)
+MODULE_QUESTION = "What does the Python standard library module {name} do? Answer in one sentence."
 
 
 def _normalise(name: str) -> str:
@@ -160,6 +172,20 @@ def render_html(module: str, doc: str, members: list[tuple[str, str]]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def demo_prompts(packages: list[str], modules: list[str], n_packages: int = PROMPT_PACKAGES, n_modules: int = PROMPT_MODULES) -> list[dict]:
+    """Questions about ``n_packages`` of the packages and ``n_modules`` of the modules, picked by the hash
+    of their names (spread over the alphabet, and unchanged when other packages come and go), each with
+    a stable id."""
+
+    def pick(names: list[str], n: int) -> list[str]:
+        return sorted(sorted(set(names), key=lambda s: hashlib.sha256(s.encode()).hexdigest())[:n])
+
+    rows = [{"id": f"package-{name}", "prompt": PACKAGE_QUESTIONS[i % len(PACKAGE_QUESTIONS)].format(name=name), "source": f"packages/{name}"}
+            for i, name in enumerate(pick(packages, n_packages))]
+    rows += [{"id": f"module-{name}", "prompt": MODULE_QUESTION.format(name=name), "source": f"stdlib/{name}"} for name in pick(modules, n_modules)]
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
@@ -176,16 +202,18 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str, int]:
-    """Write the demo corpus under ``data_dir`` (``raw/`` and ``finetune/``); return file counts."""
+    """Write the demo corpus under ``data_dir`` (``raw/``, ``finetune/``, ``prompts/``); return file counts."""
     raw = data_dir / "raw"
-    counts = {"packages": 0, "stdlib": 0, "html": 0, "classification": 0, "summarisation": 0}
+    counts = {"packages": 0, "stdlib": 0, "html": 0, "classification": 0, "summarisation": 0, "prompts": 0}
     classification, summarisation = [], []
+    package_names, module_names = [], []
     for name, meta in distributions():
         text, suffix = description(meta)
         if not text.strip():
             continue
         _write(raw / "packages" / f"{name}{suffix}", text)
         counts["packages"] += 1
+        package_names.append(name)
         plain = as_plain_text(text, suffix)
         classification += [{"source": f"packages/{name}", "text": t, "label": "readme"} for t in passages(plain)]
         summary = (meta.get("Summary") or "").strip()
@@ -204,12 +232,15 @@ def build_demo_corpus(data_dir: Path, lock_file: Path | None = None) -> dict[str
         if doc.strip():
             _write(raw / "stdlib" / f"{module}.txt", doc)
             counts["stdlib"] += 1
+            module_names.append(module)
         if doc.strip() or members:
             _write(raw / "html" / f"{module}.html", render_html(module, doc, members))
             counts["html"] += 1
     _jsonl(data_dir / "finetune" / "classification.jsonl", classification)
     _jsonl(data_dir / "finetune" / "summarisation.jsonl", summarisation)
-    counts["classification"], counts["summarisation"] = len(classification), len(summarisation)
+    prompts = demo_prompts(package_names, module_names)
+    _jsonl(data_dir / "prompts" / "prompts.jsonl", prompts)
+    counts["classification"], counts["summarisation"], counts["prompts"] = len(classification), len(summarisation), len(prompts)
     manifest = {
         "python": platform.python_version(),
         "requirements_lock_sha256": hashlib.sha256(lock_file.read_bytes()).hexdigest() if lock_file and lock_file.exists() else None,

@@ -10,6 +10,7 @@ Sampling settings come from ``lmforge.params.SamplingParams`` (``params.yaml`` â
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,13 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_prompt(tokenizer, message: str) -> str:
-    """``message`` as the user's turn of the tokenizer's chat template, followed by the opening of the
-    assistant's turn (``add_generation_prompt=True``): where the model's answer starts.  The text
-    holds the template's special tokens, so encode it with ``add_special_tokens=False``."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+def chat_prompt(tokenizer, message: str | list[dict[str, str]]) -> str:
+    """``message`` as the user's turn of the tokenizer's chat template (or a whole conversation, a list
+    of ``{"role", "content"}``), followed by the opening of the assistant's turn
+    (``add_generation_prompt=True``): where the model's answer starts.  The text holds the template's
+    special tokens, so encode it with ``add_special_tokens=False``."""
+    conversation = [{"role": "user", "content": message}] if isinstance(message, str) else message
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
 
 def generate_kwargs(sampling, tokenizer, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -139,6 +142,65 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
+@dataclasses.dataclass
+class Generated:
+    """One prompt's completion with its token counts: ``prompt_tokens`` the model read (after the chat
+    template and any truncation), ``completion_tokens`` it generated (up to and with its end-of-sequence
+    token; padding after it not counted)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _generated_counts(new, eos_token_id: int | None) -> list[int]:
+    """Tokens each row of ``new`` (the generated part of ``generate``'s output) really generated: a row
+    that ended is padded until the longest one ends."""
+    counts = []
+    for row in new.tolist():
+        counts.append(row.index(eos_token_id) + 1 if eos_token_id is not None and eos_token_id in row else len(row))
+    return counts
+
+
+def complete(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[dict[str, str]]],
+    sampling,
+    chat: bool = False,
+    offset: int = 0,
+    streamer=None,
+) -> list[Generated]:
+    """One batch: ``prompts`` through one call of ``model.generate`` (left-padded, KV cache), seeded with
+    ``sampling.seed + offset`` (``offset``: the index of the batch's first prompt, so that each batch of
+    a longer list gets a seed of its own and a batch re-run alone samples the same text).  ``chat``: each
+    prompt is a user message, or a conversation, sent through the tokenizer's chat template."""
+    import torch
+
+    if chat and not has_chat_template(tokenizer):
+        raise ValueError("chat: the tokenizer has no chat template (tokenizer.chat_template)")
+    decoder_only = not model.config.is_encoder_decoder
+    limit = context_limit(model.config)
+    tokenizer.padding_side = "left" if decoder_only else "right"
+    kwargs = generate_kwargs(sampling, tokenizer)
+    if limit is not None and decoder_only:  # learned positions: prompt + new tokens must fit
+        tokenizer.truncation_side = "left"  # keep the end of the prompt, where generation continues
+    encoded = tokenizer(
+        [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts, return_tensors="pt", padding=True,
+        add_special_tokens=not chat,  # a chat template writes the special tokens it wants itself
+        truncation=limit is not None, max_length=(limit - kwargs["max_new_tokens"]) if limit else None,
+    ).to(model.device)
+    encoded.pop("token_type_ids", None)
+    torch.manual_seed(sampling.seed + offset)  # reproducible, and distinct for each batch
+    with torch.no_grad():
+        out = model.generate(**encoded, **kwargs, streamer=streamer)
+    new = out[:, encoded["input_ids"].shape[1] :] if decoder_only else out
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    counts = _generated_counts(new if decoder_only else out[:, 1:], kwargs["eos_token_id"])  # an encoder-decoder's output starts with the decoder's start token
+    prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+    return [Generated(t, int(p), n) for t, p, n in zip(texts, prompt_tokens, counts)]
+
+
 def generate(
     model,
     tokenizer,
@@ -151,35 +213,17 @@ def generate(
     """Completions of ``prompts`` (text after the prompt, special tokens removed).
 
     ``on_text(i, piece)`` streams prompt ``i``'s text as it is generated; streaming runs one prompt at
-    a time (``transformers`` streams batches of one), otherwise prompts go in batches of ``batch_size``.
-    ``chat``: each prompt is a user message, sent through the tokenizer's chat template
-    (``chat_prompt``), and the completion is the assistant's answer.
+    a time (``transformers`` streams batches of one), otherwise prompts go in batches of ``batch_size``
+    (each one call of ``complete``).  ``chat``: each prompt is a user message, sent through the
+    tokenizer's chat template (``chat_prompt``), and the completion is the assistant's answer.
     """
-    import torch
-
     if chat and not has_chat_template(tokenizer):
         raise ValueError("chat: the tokenizer has no chat template (tokenizer.chat_template)")
-    decoder_only = not model.config.is_encoder_decoder
-    limit = context_limit(model.config)
-    tokenizer.padding_side = "left" if decoder_only else "right"
-    kwargs = generate_kwargs(sampling, tokenizer)
-    if limit is not None and decoder_only:  # learned positions: prompt + new tokens must fit
-        tokenizer.truncation_side = "left"  # keep the end of the prompt, where generation continues
     size = 1 if on_text else batch_size
     outputs: list[str] = []
     for batch in _batches(prompts, size):
-        encoded = tokenizer(
-            [chat_prompt(tokenizer, p) for p in batch] if chat else batch, return_tensors="pt", padding=True,
-            add_special_tokens=not chat,  # a chat template writes the special tokens it wants itself
-            truncation=limit is not None, max_length=(limit - kwargs["max_new_tokens"]) if limit else None,
-        ).to(model.device)
-        encoded.pop("token_type_ids", None)
         streamer = _Streamer(tokenizer, lambda piece, i=len(outputs): on_text(i, piece)) if on_text else None
-        torch.manual_seed(sampling.seed + len(outputs))  # reproducible, and distinct for each prompt
-        with torch.no_grad():
-            out = model.generate(**encoded, **kwargs, streamer=streamer)
-        new = out[:, encoded["input_ids"].shape[1] :] if decoder_only else out
-        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        outputs.extend(g.text for g in complete(model, tokenizer, batch, sampling, chat=chat, offset=len(outputs), streamer=streamer))
     return outputs
 
 

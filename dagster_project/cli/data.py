@@ -13,7 +13,7 @@ from lmforge.params import REPO_ROOT, LmforgeError
 
 @app.command("demo-corpus")
 def demo_corpus(
-    data: Path = typer.Option(REPO_ROOT / "data", help="Where to write raw/ and finetune/."),
+    data: Path = typer.Option(REPO_ROOT / "data", help="Where to write raw/, finetune/ and prompts/."),
     force: bool = typer.Option(False, help="Rewrite even if raw/ already holds files."),
 ) -> None:
     """Write the offline demo corpus (installed packages' descriptions, stdlib docstrings, HTML pages)."""
