@@ -257,6 +257,21 @@ class SamplingParams:
 
 
 @dataclass
+class BiasParams:
+    """Social bias on CrowS-Pairs (the ``ethics`` factor of selection): the share of sentence pairs
+    where a candidate prefers the more stereotyping sentence (docs/evaluation-and-selection.md)."""
+
+    file: str | None = "evalsets/crows_pairs/crows_pairs_anonymized.csv"  # CrowS-Pairs CSV, shipped in git (CC BY-SA 4.0); null: not measured
+    max_pairs: int = 0  # a seeded sample stratified by bias type; 0: all 1,508 pairs
+    batch_size: int = 16  # sentences per forward pass
+    seed: int = 1337  # the sample: every candidate is scored on the same pairs
+
+    def __post_init__(self) -> None:
+        if self.max_pairs < 0 or self.batch_size < 1:
+            raise ValueError("bias: need max_pairs ≥ 0 (0: all) and batch_size ≥ 1")
+
+
+@dataclass
 class EvaluateParams:
     splits: list[Literal["val", "test"]] = field(default_factory=lambda: ["val", "test"])
     batch_size: int = 8
@@ -268,10 +283,11 @@ class EvaluateParams:
         default_factory=lambda: ["The model", "This package provides", "Python is", "To install the library,"]
     )
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    bias: BiasParams = field(default_factory=BiasParams)
 
 
 #: The factors of model selection, each normalised to [0, 1] (1: the best candidate).
-SELECT_FACTORS = ("quality", "speed", "memory", "size", "training_cost", "context", "context_window", "licence")
+SELECT_FACTORS = ("quality", "speed", "memory", "size", "training_cost", "context", "context_window", "licence", "ethics")
 
 
 @dataclass
@@ -281,7 +297,7 @@ class SelectParams:
     weights: dict[str, float] = field(
         default_factory=lambda: {
             "quality": 0.5, "speed": 0.1, "memory": 0.05, "size": 0.05, "training_cost": 0.1,
-            "context": 0.1, "context_window": 0.05, "licence": 0.05,
+            "context": 0.1, "context_window": 0.05, "licence": 0.05, "ethics": 0.1,
         }
     )
     # Licences a user may deploy without asking a lawyer: a candidate under one of them (or trained
@@ -454,12 +470,76 @@ class RagParams:
 
 
 @dataclass
+class BatchInferenceParams:
+    """Completions for a file of prompts, batched and resumable: the asset ``batch_inference`` and
+    ``lmforge generate --file PROMPTS.jsonl --output OUT.jsonl`` (docs/batch-inference.md)."""
+
+    # JSONL (one object a line) or CSV (a header row); relative to the repository root.  Not under
+    # ``paths``: every stage's version includes ``paths``, and moving the prompts must not re-run them all.
+    file: str = "data/prompts/prompts.jsonl"
+    prompt_field: str = "prompt"  # the prompt text (JSONL field, CSV column)
+    id_field: str = "id"  # a row's id (string or integer; unique); absent: its line number
+    messages_field: str = "messages"  # JSONL: a chat conversation ([{role, content}, ...]) instead of a prompt
+    model: str | None = None  # a model directory or MLflow URI; None: models:/<registry.name>@champion
+    batch_size: int = 8  # prompts per model.generate call; also how much a killed run can lose
+    # auto: an instruct model (its tokenizer has a chat template) gets each prompt as a user message;
+    # true: required (an error without a template); false: the raw text is completed
+    chat: Literal["auto", True, False] = "auto"
+    # params.yaml sets greedy (temperature 0): the same prompts give the same completions, resumed or not
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+
+
+@dataclass
 class AutomationParams:
     """Schedules and sensors (dagster_project/schedules.py, sensors.py); read when the code location loads."""
 
     retrain_cron: str = "0 4 * * 1"  # weekly: retraining follows slow-moving sources
     retrain_tier: str = "demo"  # the size tier that scheduled and sensor-started runs use
     settle_seconds: int = 30  # a file still being copied changes size/mtime: wait until the sources are quiet
+
+
+@dataclass
+class ServeParams:
+    """``lmforge serve``: the OpenAI-compatible server (docs/serving.md); command-line options override these."""
+
+    model: str | None = None  # a model directory or MLflow URI; None: models:/<registry.name>@champion
+    host: str = "127.0.0.1"  # another address needs an API key (--api-key or $LMFORGE_API_KEY)
+    port: int = 8000
+    max_batch_size: int = 8  # requests generated together
+    batch_wait_ms: float = 20.0  # how long the first request of a batch waits for others to join
+    max_tokens: int = 64  # when a request does not say
+    max_tokens_limit: int = 512  # the most a request may ask for
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.batch_wait_ms < 0 or not 1 <= self.max_tokens <= self.max_tokens_limit:
+            raise ValueError("serve: need max_batch_size ≥ 1, batch_wait_ms ≥ 0, 1 ≤ max_tokens ≤ max_tokens_limit")
+
+
+@dataclass
+class FeedbackParams:
+    """User feedback on served answers → SFT examples → fine-tuning → the alias moves only if better (docs/serving.md)."""
+
+    store: str = "feedback/feedback.db"  # SQLite: every served request and every feedback (written before the reply)
+    inbox: str = "feedback/inbox"  # JSONL files dropped here are bulk feedback
+    min_rating: int = 4  # ratings 1-5; an answer rated this or higher (without a correction) becomes an example
+    max_chars: int = 4000  # a longer prompt or answer is quarantined
+    max_rejection_ratio: float = 0.5  # blocking: more feedback quarantined than this stops the loop (a broken client, spam)
+    min_new_examples: int = 20  # the sensor starts fine-tuning when this many new accepted examples arrived
+    sensor_interval_seconds: int = 60
+    alias: str = "champion"  # the alias fine-tuning starts from, and moves when the new model is better
+    method: Literal["full", "lora"] = "lora"
+    epochs: int = 2
+    lr: float = 0.0005
+    include_task_train: bool = True  # train on the sft task set's train part too, not on feedback alone
+    min_improvement: float = 0.0  # held-out ROUGE-L the new model must gain over the current one (strictly more)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rating <= 5 or self.min_new_examples < 1 or self.epochs < 1 or self.lr < 0:
+            raise ValueError("feedback: need 1 ≤ min_rating ≤ 5, min_new_examples ≥ 1, epochs ≥ 1, lr ≥ 0")
 
 
 @dataclass
@@ -479,7 +559,10 @@ class Params:
     distil: DistilParams = field(default_factory=DistilParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     rag: RagParams = field(default_factory=RagParams)
+    batch_inference: BatchInferenceParams = field(default_factory=BatchInferenceParams)
     automation: AutomationParams = field(default_factory=AutomationParams)
+    serve: ServeParams = field(default_factory=ServeParams)
+    feedback: FeedbackParams = field(default_factory=FeedbackParams)
 
     def path(self, value: str | os.PathLike) -> Path:
         """Resolve a path from a params file: absolute as is, relative against the repo root."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,25 @@ def stop_process_group(proc) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (servers in tests bind there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: int = 120) -> None:
+    """Until ``url`` answers (a server started by a test is up), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
 
 
 def write_params(tmp_path: Path, raw: Path | None = None, **sections) -> Path:
@@ -122,10 +144,11 @@ TINY_PARAMS = {
         "train": {"max_steps": 60, "batch_size": 4, "lr": 0.01, "val_every": 30, "checkpoint_every": 30, "warmup_steps": 5, "val_batches": 2},
         "candidates": [{"name": "a", "preset": "tiny", "overrides": {}}, {"name": "b", "preset": "tiny", "overrides": {"position": "alibi"}}],
     },
-    "evaluate": {"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}},
+    "evaluate": {"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}, "bias": {"max_pairs": 18}},
     "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
                  "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
     "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
+    "batch_inference": {"batch_size": 4, "sampling": {"max_new_tokens": 8}},
     "rag": {"chunk_words": 40, "overlap_words": 10, "queries": 20, "continuations": 6, "continuation_words": 10, "eval_examples": 8,
             "sweep": {"temperature": [0.0, 0.9], "top_k": [0], "top_p": [1.0], "examples": 6, "max_new_tokens": 6}},
 }
@@ -172,6 +195,19 @@ class Project:
         return self.run(str(REPO / ".venv/bin/lmforge"), *args, **kw)
 
 
+#: Prompts of the tiny project's batch_inference (its params.yaml's batch_inference.file).
+TINY_PROMPTS = 6
+
+
+def write_prompts(path: Path, n: int = TINY_PROMPTS) -> Path:
+    """``n`` prompts of a few real words as JSONL, each with an id."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": prose(300 + i, 6)[:-1]}) + "\n" for i in range(n)))
+    return path
+
+
 def make_project(root: Path, sections: dict | None = None) -> Project:
     """A tiny project under ``root``: this checkout's code and params.yaml with ``TINY_PARAMS``, 20 raw documents, task sets."""
     import shutil
@@ -185,7 +221,7 @@ def make_project(root: Path, sections: dict | None = None) -> Project:
     project.path.mkdir(parents=True)
     project.home.mkdir()
     shutil.copy(REPO / ".dagster" / "dagster.yaml", project.home / "dagster.yaml")  # the project's instance settings
-    for name in ("assets", "dagster_project", "lmforge", "models", "prompts", "dvc.yaml", "workspace.yaml"):
+    for name in ("assets", "dagster_project", "lmforge", "models", "prompts", "evalsets", "dvc.yaml", "workspace.yaml"):
         src = REPO / name
         (shutil.copytree(src, project.path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy(src, project.path / name))
@@ -197,6 +233,7 @@ def make_project(root: Path, sections: dict | None = None) -> Project:
     for i in range(20):
         (raw / f"doc{i}.txt").write_text(prose(i, 80))
     write_task_sets(project.path / "data" / "finetune")
+    write_prompts(project.path / "data" / "prompts" / "prompts.jsonl")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=project.path, env=project.env, check=True, capture_output=True)
     return project
@@ -211,6 +248,21 @@ def tiny_project(tmp_path_factory) -> Project:
     project.first_run = project.lmforge("run")
     project.run("dvc", "commit", "-q", "-f")
     return project
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (the demo's champion), dequantized from its pinned GGUF to a Hugging Face
+    directory once per session (~35-70 s on 2 cores)."""
+    from lmforge.fetch import fetch_smollm2
+    from lmforge.params import CandidateParams, load_params
+    from lmforge.sources import materialize, resolve_source
+
+    root = tmp_path_factory.mktemp("smollm2")
+    params = load_params(write_params(root / "params"))
+    spec = CandidateParams(name="smollm2", source=str(fetch_smollm2()), use="as_is")
+    materialize(resolve_source(params, spec), root / "smollm2")
+    return root / "smollm2"
 
 
 def copy_project(project: Project, root: Path) -> Project:

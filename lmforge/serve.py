@@ -1,0 +1,495 @@
+"""``lmforge serve``: a model behind the OpenAI HTTP API, with requests batched on the server.
+
+Applications, SDKs and tools speak the OpenAI API, so that is what a model in use should answer:
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's chat template;
+``"stream": true`` as server-sent events), ``GET /health``, and ``POST /v1/feedback`` (lmforge's own:
+ratings and corrections of answers, the start of the feedback loop).  Responses are the ``openai``
+package's own pydantic types, so what the official client parses is what is sent.
+
+**Batching.**  One thread owns the model (``Batcher``).  The first waiting request opens a batch that
+others may join for ``serve.batch_wait_ms`` (up to ``serve.max_batch_size``; requests with other
+sampling settings wait for the next batch) and the batch generates together (``models.batching``),
+each request streamed and stopped on its own.  On 2 CPU cores a 135 M model generates ~4× more
+tokens per second at batch 8 than at batch 1 (``benchmarks/serving.py``).  This is dynamic batching:
+a batch runs until its longest request ends, and a request arriving meanwhile waits for the next one.
+
+**Why not a serving library.**  LitServe's OpenAI spec (0.2.19) serves chat completions only, assigns
+the response ``id`` in the HTTP process, where the model's code cannot record it (the feedback loop
+needs id → prompt → answer), and reports errors of a streamed request as a 200 followed by an error
+chunk.  FastAPI and uvicorn (already in the lock for MLflow and Dagster) carry the protocol here; the
+``openai`` types carry its shapes.
+
+**Errors** are 4xx with OpenAI's ``{"error": {"message", "type", "param", "code"}}`` body, checked before
+a request is queued: malformed JSON or fields (400), an unknown model (404), a prompt that does not
+fit the context with its ``max_tokens`` (400), ``max_tokens`` out of range (400), a missing or wrong
+API key (401).  A failure while generating fails that batch's requests with a 500 and leaves the
+server up.
+
+**Every answer is recorded** in the feedback store (``lmforge.feedback_store``) before it is sent.
+"""
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.feedback_store import FeedbackStore, UnknownRequest
+from lmforge.params import LmforgeError, SamplingParams
+from models.batching import Completion, generate_together
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests (the subset of the OpenAI API that a local model can honour; other fields are refused or ignored)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # user, metadata, ... carry nothing a local model acts on
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        """The message's text: a string, or the text parts of a list of content parts."""
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" for part in self.content):
+            raise RequestError("only text content parts are supported", "messages")
+        return "".join(str(part.get("text", "")) for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, description="the `id` of the completion being rated")
+    rating: int = Field(ge=1, le=5, description="1 (bad) to 5 (good)")
+    correction: str | None = Field(None, min_length=1, description="the answer the model should have given")
+    comment: str | None = None
+
+
+class RequestError(Exception):
+    """A client mistake: answered with ``status`` and OpenAI's error body."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# --------------------------------------------------------------------------------------------------
+# The model thread
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    row: Completion
+    sampling: SamplingParams
+    on_finish: Callable[[BaseException | None], None]
+
+    def batch_key(self) -> tuple:
+        """Requests with the same key can share a batch (``generate`` takes one set of sampling settings)."""
+        s = self.sampling
+        return (s.temperature, s.top_k, s.top_p, s.repetition_penalty) if s.temperature > 0 else (0.0,)
+
+
+class Batcher:
+    """The thread that owns the model and generates queued requests in batches (module docstring)."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int, wait_seconds: float):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.wait = max_batch_size, wait_seconds
+        self.queue: queue.Queue[_Job | None] = queue.Queue()
+        self.waiting: deque[_Job] = deque()  # taken off the queue, but for a later batch (other sampling settings)
+        self.batches = self.requests = 0
+        self.thread = threading.Thread(target=self._loop, name="lmforge-batcher", daemon=True)
+        self.thread.start()
+
+    def warm_up(self) -> None:
+        """One token through the model before the first request: the first ``generate`` call pays for
+        lazy imports and allocations (seconds), which a user's first request should not."""
+        from models.generation import generate_kwargs
+
+        first = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        generate_together(self.model, self.tokenizer, [Completion([first], 1)], generate_kwargs(SamplingParams(temperature=0.0), self.tokenizer))
+
+    def submit(self, job: _Job) -> None:
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def _next_batch(self) -> list[_Job] | None:
+        first = self.waiting.popleft() if self.waiting else self.queue.get()
+        if first is None:
+            return None
+        key = first.batch_key()
+        batch = [first]
+        for job in list(self.waiting):  # earlier arrivals first
+            if len(batch) < self.max_batch_size and job.batch_key() == key:
+                self.waiting.remove(job)
+                batch.append(job)
+        deadline = time.monotonic() + self.wait
+        while len(batch) < self.max_batch_size:
+            try:
+                job = self.queue.get(timeout=max(deadline - time.monotonic(), 0)) if self.wait else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # close after this batch
+                break
+            (batch if job.batch_key() == key else self.waiting).append(job)
+        return batch
+
+    def _loop(self) -> None:
+        import torch
+
+        from models.generation import generate_kwargs
+
+        while (batch := self._next_batch()) is not None:
+            batch = [job for job in batch if not job.row.cancelled.is_set()]
+            if not batch:
+                continue
+            sampling = batch[0].sampling
+            error = None
+            try:
+                torch.manual_seed(sampling.seed)
+                generate_together(self.model, self.tokenizer, [j.row for j in batch], generate_kwargs(sampling, self.tokenizer))
+            except Exception as exc:  # one bad batch must not kill the server: its requests get the error
+                error = exc
+            self.batches += 1
+            self.requests += len(batch)
+            for job in batch:
+                job.on_finish(error)
+
+
+# --------------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedModel:
+    """What ``create_app`` serves: a loaded model and how clients name it."""
+
+    name: str  # the `model` clients send (and /v1/models lists)
+    ref: str  # the reference it was loaded from (a directory or an MLflow URI)
+    version: str | None  # the registry version behind an alias, for the request log
+    model: Any
+    tokenizer: Any
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt + completion) the model's positions allow; None: no declared limit."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        if limit is None and getattr(self.tokenizer, "model_max_length", 0) < 1_000_000:
+            limit = self.tokenizer.model_max_length
+        return limit
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def create_app(served: ServedModel, store: FeedbackStore, max_batch_size: int = 8, batch_wait_ms: float = 20.0,
+               default_max_tokens: int = 64, max_tokens_limit: int = 512, api_key: str | None = None,
+               sampling_defaults: SamplingParams | None = None):
+    """The FastAPI application serving ``served``; a ``Batcher`` thread starts with it and stops with it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from openai.types import Completion as CompletionObject
+    from openai.types import CompletionChoice, CompletionUsage, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+    from openai.types.chat.chat_completion import Choice
+    from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+    from openai.types.chat.chat_completion_chunk import ChoiceDelta
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from models.generation import chat_prompt, has_chat_template
+
+    defaults = sampling_defaults or SamplingParams()
+    started = int(time.time())
+    state: dict[str, Batcher] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher = Batcher(served.model, served.tokenizer, max_batch_size, batch_wait_ms / 1000)
+        await asyncio.to_thread(batcher.warm_up)
+        state["batcher"] = batcher
+        yield
+        await asyncio.to_thread(state["batcher"].close)
+
+    app = FastAPI(title="lmforge serve", lifespan=lifespan)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request, exc: RequestError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(RequestError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}").body(), 400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(RequestError(f"{where}: {first.get('msg')}" if where else str(first.get("msg")), where or None).body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        return JSONResponse(RequestError(str(exc.detail), status=exc.status_code, kind="not_found_error" if exc.status_code == 404 else
+                                         "invalid_request_error").body(), exc.status_code)
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise RequestError("a valid API key is required: send 'Authorization: Bearer <key>'", status=401, code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name not in (served.name, served.ref):
+            raise RequestError(f"the model '{name}' does not exist here; this server serves '{served.name}' (GET /v1/models)",
+                               "model", status=404, code="model_not_found", kind="not_found_error")
+
+    def sampling_of(req: _Sampling, max_tokens: int | None) -> tuple[SamplingParams, int, tuple[str, ...]]:
+        if req.n != 1:
+            raise RequestError("only n=1 is supported", "n")
+        if req.logprobs not in (None, False, 0):
+            raise RequestError("logprobs are not supported", "logprobs")
+        if req.presence_penalty or req.frequency_penalty:
+            raise RequestError("presence_penalty and frequency_penalty are not supported (use temperature/top_p)",
+                               "presence_penalty" if req.presence_penalty else "frequency_penalty")
+        wanted = default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= wanted <= max_tokens_limit:
+            raise RequestError(f"max_tokens must be between 1 and {max_tokens_limit}, not {wanted}", "max_tokens")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(stop) > 4:
+            raise RequestError("at most 4 stop sequences", "stop")
+        sampling = dataclasses.replace(
+            defaults, max_new_tokens=wanted, temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=defaults.top_p if req.top_p is None else req.top_p, seed=defaults.seed if req.seed is None else req.seed)
+        return sampling, wanted, stop
+
+    def encode(text: str, chat: bool, max_new: int) -> list[int]:
+        ids = served.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        limit = served.context_length
+        if limit is not None and len(ids) + max_new > limit:
+            raise RequestError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} tokens and "
+                               f"max_tokens asks for {max_new} more: shorten the prompt or lower max_tokens", "messages" if chat else "prompt",
+                               code="context_length_exceeded")
+        if not ids:
+            raise RequestError("the prompt is empty", "messages" if chat else "prompt")
+        return ids
+
+    async def run(endpoint: str, prompt_ids: list[int], sampling: SamplingParams, max_new: int, stop: tuple[str, ...],
+                  logged_prompt: Any, request_id: str) -> AsyncIterator[str | Completion]:
+        """Queue the request; yield its text pieces as they come, then the finished ``Completion``
+        (after it is recorded in the store)."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        finished: dict[str, BaseException | None] = {}
+
+        def on_finish(error: BaseException | None) -> None:
+            finished["error"] = error
+            loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        row = Completion(prompt_ids, max_new, stop, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        state["batcher"].submit(_Job(row, sampling, on_finish))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+        finally:
+            row.cancelled.set()  # the client went away: its row stops at the next token (no effect once finished)
+        if finished.get("error") is not None:
+            raise RequestError(f"generation failed: {type(finished['error']).__name__}: {finished['error']}", status=500, kind="server_error")
+        await asyncio.to_thread(store.log_request, request_id, endpoint, served.name, served.version, logged_prompt, row.text,
+                                row.finish_reason, len(prompt_ids), len(row.token_ids))
+        yield row
+
+    def usage(prompt_ids: list[int], row: Completion) -> CompletionUsage:
+        return CompletionUsage(prompt_tokens=len(prompt_ids), completion_tokens=len(row.token_ids),
+                               total_tokens=len(prompt_ids) + len(row.token_ids))
+
+    def sse(obj: BaseModel) -> str:
+        return f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
+
+    async def streamed(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Server-sent events; an error after the first byte can only be reported in the stream."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except RequestError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        except Exception as exc:  # a bug here must end the stream with a message, not a cut connection
+            yield f"data: {json.dumps(RequestError(f'{type(exc).__name__}: {exc}', status=500, kind='server_error').body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        batcher = state.get("batcher")
+        return {"status": "ok", "model": served.name, "version": served.version, "queued": batcher.queue.qsize() if batcher else 0,
+                "batches": batcher.batches if batcher else 0, "requests": batcher.requests if batcher else 0}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [Model(id=served.name, created=started, object="model", owned_by="lmforge").model_dump()]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatRequest):
+        check_model(req.model)
+        if not has_chat_template(served.tokenizer):
+            raise RequestError(f"'{served.name}' has no chat template (it is not an instruct model): use /v1/completions", "messages")
+        sampling, max_new, stop = sampling_of(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # e.g. a template that refuses a system turn, or roles out of order
+            raise RequestError(f"the model's chat template refused the messages: {exc}", "messages") from None
+        ids = encode(text, True, max_new)
+        rid, created = _new_id("chatcmpl"), int(time.time())
+        generation = run("chat.completions", ids, sampling, max_new, stop, messages, rid)
+        if not req.stream:
+            row = [item async for item in generation][-1]
+            return ChatCompletion(id=rid, object="chat.completion", created=created, model=served.name, usage=usage(ids, row),
+                                  choices=[Choice(index=0, finish_reason=row.finish_reason,
+                                                  message=ChatCompletionMessage(role="assistant", content=row.text))]).model_dump(exclude_unset=True)
+
+        def chunk(delta: ChoiceDelta, finish: str | None = None, **extra) -> str:
+            return sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=served.name,
+                                           choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)], **extra))
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk(ChoiceDelta(role="assistant", content=""))
+            async for item in generation:
+                if isinstance(item, str):
+                    yield chunk(ChoiceDelta(content=item))
+                else:
+                    yield chunk(ChoiceDelta(), item.finish_reason)
+                    if (req.stream_options or {}).get("include_usage"):
+                        yield sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=served.name,
+                                                      choices=[], usage=usage(ids, item)))
+
+        return StreamingResponse(streamed(events()), media_type="text/event-stream")
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        if isinstance(req.prompt, list):
+            if len(req.prompt) != 1:
+                raise RequestError("send one prompt per request (the server batches concurrent requests itself)", "prompt")
+            req.prompt = req.prompt[0]
+        if req.echo:
+            raise RequestError("echo is not supported", "echo")
+        sampling, max_new, stop = sampling_of(req, req.max_tokens)
+        ids = encode(req.prompt, False, max_new)
+        rid, created = _new_id("cmpl"), int(time.time())
+        generation = run("completions", ids, sampling, max_new, stop, req.prompt, rid)
+
+        def completion(text: str, finish: str | None, **extra) -> CompletionObject:
+            # a streamed piece has no finish_reason yet, which the type's Literal does not allow: built unvalidated
+            choice = (CompletionChoice if finish else CompletionChoice.model_construct)(index=0, text=text, finish_reason=finish, logprobs=None)
+            return CompletionObject(id=rid, object="text_completion", created=created, model=served.name, choices=[choice], **extra)
+
+        if not req.stream:
+            row = [item async for item in generation][-1]
+            return completion(row.text, row.finish_reason, usage=usage(ids, row)).model_dump(exclude_unset=True)
+
+        async def events() -> AsyncIterator[str]:
+            async for item in generation:
+                if isinstance(item, str):
+                    yield sse(completion(item, None))
+                else:
+                    extra = {"usage": usage(ids, item)} if (req.stream_options or {}).get("include_usage") else {}
+                    yield sse(completion("", item.finish_reason, **extra))
+
+        return StreamingResponse(streamed(events()), media_type="text/event-stream")
+
+    @app.post("/v1/feedback", dependencies=[Depends(authorized)])
+    async def feedback(req: FeedbackRequest) -> dict[str, Any]:
+        try:
+            feedback_id = await asyncio.to_thread(store.add_feedback, req.request_id, req.rating, req.correction, req.comment)
+        except UnknownRequest:
+            raise RequestError(f"no request with id '{req.request_id}' was served here", "request_id", status=404,
+                               kind="not_found_error") from None
+        return {"object": "feedback", "id": feedback_id, "request_id": req.request_id, "stored": True}
+
+    return app
+
+
+def load_served(ref: str, tracking_uri: str | None, name: str | None = None) -> ServedModel:
+    """Load the model ``ref`` (a directory or an MLflow URI) for serving; a clear error if there is none."""
+    from models.generation import ModelNotFound, load
+
+    try:
+        model, tokenizer, objective = load(ref, tracking_uri=tracking_uri)
+    except ModelNotFound as exc:
+        raise LmforgeError(f"serve: {exc}") from None
+    if objective != "causal":
+        raise LmforgeError(f"serve: {ref} is a {objective} model; the completion API serves causal language models")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    version = None
+    if ref.startswith("models:/") and "@" in ref:
+        from mlflow import MlflowClient
+
+        registered, alias = ref[len("models:/") :].split("@", 1)
+        version = str(MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(registered, alias).version)
+    elif ref.startswith("models:/"):
+        version = ref.rstrip("/").rsplit("/", 1)[-1]
+    return ServedModel(name=name or (ref[len("models:/") :] if ref.startswith("models:/") else ref.rstrip("/").rsplit("/", 1)[-1]),
+                       ref=ref, version=version, model=model, tokenizer=tokenizer)

@@ -1,0 +1,215 @@
+"""``lmforge serve``: the OpenAI API answered for real (the official ``openai`` client, and raw HTTP for
+the mistakes a client can make), batching of concurrent requests, the API key, the durable request and
+feedback log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Project, free_port, stop_process_group, wait_for, write_params
+
+#: A chat template of the simplest kind, for the tiny test model (instruct models bring their own).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    """The tiny Llama of test_pretrained, with a chat template."""
+    from test_pretrained import save_tiny_llama
+    from transformers import AutoTokenizer
+
+    path = save_tiny_llama(tmp_path_factory.mktemp("serve") / "tiny-chat")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class Server:
+    """``lmforge serve`` in a process of its own, its feedback store under ``root``."""
+
+    def __init__(self, root: Path, model: Path | str, *args: str, project: Project | None = None):
+        """``project``: serve from that project's directory with its params.yaml (store, registry); else a
+        params file of its own under ``root``."""
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        if project is None:
+            self.store = root / "feedback.db"
+            params = write_params(root / "params", feedback={"store": str(self.store), "inbox": str(root / "inbox")},
+                                  mlflow={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
+            args = ("--params", str(params), *args)
+        else:
+            self.store = project.path / "feedback" / "feedback.db"
+        self.log = root / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model), "--port", str(self.port), *args],
+            cwd=project.path if project else root, env={**(project.env if project else os.environ), "LMFORGE_SERVE_LOG_LEVEL": "warning"},
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_for(f"{self.url}/health", seconds=180)
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.log.read_text()[-3000:]) from None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key: str = "unused"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body: str | dict, headers: dict | None = None):
+        import httpx2
+
+        content = body if isinstance(body, str) else json.dumps(body)
+        return httpx2.post(self.url + path, content=content, headers={"content-type": "application/json", **(headers or {})}, timeout=120)
+
+    def health(self) -> dict:
+        import httpx2
+
+        return httpx2.get(self.url + "/health", timeout=30).raise_for_status().json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop_process_group(self.proc)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model, tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("server"), chat_model, "--max-batch-size", "8", "--batch-wait-ms", "200")
+    yield server
+    server.stop()
+
+
+def test_the_openai_client_gets_completions_and_chats_plain_and_streamed(server):
+    client = server.client()
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
+
+    plain = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=6, temperature=0)
+    assert plain.object == "text_completion" and plain.id.startswith("cmpl-")
+    assert plain.usage.completion_tokens == 6 and plain.choices[0].finish_reason == "length" and plain.choices[0].text
+    pieces = list(client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=6, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text and len(pieces) > 2
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what does the model read"}]
+    chat = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=5, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens == 5
+    # the chat template put the turns before the answer: the prompt is longer than the user's words
+    assert chat.usage.prompt_tokens > len("what does the model read".split())
+
+    # sampled, with a seed: the same answer twice; a stop string ends the text before it
+    sampled = [client.completions.create(model="tiny-chat", prompt="language data", max_tokens=8, temperature=1.0, seed=7).choices[0].text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    stop_at = plain.choices[0].text.split()[1]
+    stopped = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=6, temperature=0, stop=[stop_at])
+    assert stopped.choices[0].finish_reason == "stop" and stop_at not in stopped.choices[0].text
+
+
+def test_concurrent_requests_are_generated_in_batches_with_the_answers_they_get_alone(server):
+    client = server.client()
+    prompts = ["the model reads", "language data needs", "engineers want lineage from each", "python packages", "every stage",
+               "small mistakes spread", "the exact file", "careful validation because"]
+    lengths = [3, 7, 5, 9, 4, 6, 8, 2]
+    alone = [client.completions.create(model="tiny-chat", prompt=p, max_tokens=n, temperature=0) for p, n in zip(prompts, lengths)]
+    before = server.health()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda pn: client.completions.create(model="tiny-chat", prompt=pn[0], max_tokens=pn[1], temperature=0),
+                                 zip(prompts, lengths)))
+    after = server.health()
+    assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
+    assert [r.usage.completion_tokens for r in together] == lengths  # each stopped at its own max_tokens
+    assert after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8  # some requests shared a batch (the 200 ms window lets them join)
+
+
+@pytest.mark.parametrize("path, body, status, says", [
+    ("/v1/completions", "{not json", 400, "not valid JSON"),
+    ("/v1/completions", {"model": "other", "prompt": "x"}, 404, "does not exist here"),
+    ("/v1/completions", {"model": "tiny-chat"}, 400, "prompt: Field required"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be between 1 and 512"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens must be between 1 and 512"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "the " * 300, "max_tokens": 4}, 400, "maximum context length is 256 tokens"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "n": 2}, 400, "only n=1"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": 5}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny-chat", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("/v1/feedback", {"request_id": "chatcmpl-none", "rating": 5}, 404, "no request with id"),
+    ("/v1/feedback", {"request_id": "x", "rating": 9}, 400, "rating"),
+])
+def test_bad_requests_get_a_4xx_with_a_clear_message_and_the_server_stays_up(server, path, body, status, says):
+    response = server.post(path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert says in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+    assert server.client().completions.create(model="tiny-chat", prompt="still", max_tokens=1).choices[0].text is not None
+
+
+def test_every_answer_and_feedback_is_on_disk_before_the_reply_and_survives_a_killed_server(chat_model, tmp_path):
+    server = Server(tmp_path, chat_model)
+    try:
+        answer = server.client().chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "the model"}],
+                                                         max_tokens=4, temperature=0)
+        stored = server.post("/v1/feedback", {"request_id": answer.id, "rating": 2, "correction": "a better answer", "comment": "terse"})
+        assert stored.status_code == 200 and stored.json()["stored"]
+    finally:
+        os.killpg(server.proc.pid, signal.SIGKILL)  # no shutdown: what was acknowledged must already be on disk
+        server.proc.wait()
+    with sqlite3.connect(server.store) as db:
+        request = db.execute("SELECT endpoint, model, prompt, completion, completion_tokens FROM requests WHERE id = ?", (answer.id,)).fetchone()
+        feedback = db.execute("SELECT request_id, rating, correction, comment FROM feedback").fetchall()
+    assert request == ("chat.completions", "tiny-chat", json.dumps([{"role": "user", "content": "the model"}]),
+                       answer.choices[0].message.content, 4)
+    assert feedback == [(answer.id, 2, "a better answer", "terse")]
+
+
+def test_an_api_key_is_required_when_set_and_whenever_the_server_leaves_the_loopback(chat_model, tmp_path):
+    refused = subprocess.run([str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(chat_model), "--host", "0.0.0.0"],
+                             capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "LMFORGE_API_KEY"}, timeout=120)
+    assert refused.returncode == 1 and "give an API key" in refused.stderr
+    server = Server(tmp_path, chat_model, "--api-key", "s3cret")
+    try:
+        from openai import AuthenticationError
+
+        with pytest.raises(AuthenticationError):
+            server.client("wrong").models.list()
+        assert server.post("/v1/completions", {"model": "tiny-chat", "prompt": "x"}).status_code == 401
+        assert [m.id for m in server.client("s3cret").models.list()] == ["tiny-chat"]
+        assert server.health()["status"] == "ok"  # health checks need no key
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_the_demo_champion_answers_the_openai_client(smollm2_dir: Path, tmp_path: Path):
+    """SmolLM2-135M-Instruct (the demo's champion) through its own chat template: a real answer, plain and streamed."""
+    server = Server(tmp_path, smollm2_dir, "--served-name", "lmforge@champion")
+    try:
+        client = server.client()
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = client.chat.completions.create(model="lmforge@champion", messages=question, max_tokens=12, temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(model="lmforge@champion", messages=question, max_tokens=12, temperature=0, stream=True))
+        assert streamed == answer.choices[0].message.content
+    finally:
+        server.stop()
