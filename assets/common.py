@@ -88,6 +88,15 @@ def _params_in_force() -> Params:
     return load_params()
 
 
+#: Stages that dvc.yaml leaves out, with the params keys their code version includes: the feedback loop
+#: reads the live feedback store (``lmforge serve`` writes it), which DVC cannot version; its sensor runs it.
+NOT_IN_DVC = {
+    "feedback_examples": ["feedback"],
+    "feedback_finetune": ["feedback", "finetune", "registry", "evaluate.sampling"],
+    "feedback_register": ["feedback", "registry"],
+}
+
+
 def code_version(stage: str, params: Params | None = None) -> str:
     """A hash of everything but data that the stage ``stage`` depends on: the project files its code
     imports (``lmforge.codegraph``: the import closure of its asset and check functions), the other
@@ -99,7 +108,7 @@ def code_version(stage: str, params: Params | None = None) -> str:
     changes, so an edit of the code or of params.yaml shows up in the UI (after "Reload definitions");
     ``dvc.yaml`` lists the same files (a test keeps them equal), so both front doors agree on "changed".
     """
-    spec = _dvc_stages()[stage]
+    spec = _dvc_stages()[stage] if stage not in NOT_IN_DVC else {"params": NOT_IN_DVC[stage]}
     spec = spec.get("do", spec)  # foreach stages (one per candidate) share one template
     h = hashlib.sha256()
     for path in codegraph.stage_files(stage):

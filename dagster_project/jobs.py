@@ -11,8 +11,11 @@ import dagster as dg
 
 from dagster_project.resources import TIER_TAG
 
-#: Every asset (the raw-data source is observed, not materialized).
-EVERYTHING = dg.AssetSelection.all()
+#: The feedback loop's assets: its sensor runs them when users' feedback arrives, not when data changes.
+FEEDBACK = dg.AssetSelection.groups("feedback")
+#: Every asset of the pipeline, raw documents to registered model (the raw-data source is observed, not
+#: materialized; the feedback loop runs on its own).
+EVERYTHING = dg.AssetSelection.all() - FEEDBACK
 #: From the vocabulary onward: what a retrain recomputes when the validated splits stand.
 FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer", "base_models").downstream()
 
@@ -51,11 +54,12 @@ finetune_job = dg.define_asset_job(
     description="Choose the champion (select), validate the task sets and fine-tune it (classification, SFT).",
 )
 
-#: Compress the champion and register it (and its quantized variant) in MLflow.
+#: Compress the champion, register it (and its quantized variant) in MLflow, complete the batch of prompts.
 deploy_job = dg.define_asset_job(
     "deploy_job",
     selection=dg.AssetSelection.groups("deploy"),
-    description="Quantize, prune and distil the champion; register it and its quantized variant with aliases.",
+    description="Quantize, prune and distil the champion; register it and its quantized variant with aliases; "
+    "complete the prompts of batch_inference.file with the registered champion (batch_inference).",
 )
 
 #: Retrieval, RAG and prompt workflows over the cleaned corpus and the current champion.
@@ -95,4 +99,12 @@ gpu_job = dg.define_asset_job(
     description="The whole pipeline at the GPU tier (125M-parameter candidates, bf16, FSDP2 over every visible GPU).",
 )
 
-JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, rag_job, full_job, retrain_job, tiny_job, gpu_job]
+#: Users' feedback → examples → fine-tuning → a new version that takes the alias only when better.
+feedback_job = dg.define_asset_job(
+    "feedback_job",
+    selection=FEEDBACK,
+    description="The feedback loop: collect and validate users' feedback (feedback_examples), fine-tune the aliased model on it "
+    "(feedback_finetune) and, only if it beats that model on the held-out sft test part, register it and move the alias.",
+)
+
+JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, rag_job, full_job, retrain_job, tiny_job, gpu_job, feedback_job]

@@ -1,5 +1,6 @@
 """Sensors: new or changed raw documents start the pipeline; failures are recorded where users look;
-registry versions made outside Dagster show up on the `register` asset."""
+registry versions made outside Dagster show up on the `register` asset; enough new user feedback starts the
+feedback loop."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import dagster as dg
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
 from dagster_project.errors import root_cause
-from dagster_project.jobs import data_job
+from dagster_project.jobs import data_job, feedback_job
 from dagster_project.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import AUTOMATION, THEN_DOWNSTREAM, THEN_TAG
 from lmforge.ingest import source_fingerprint
@@ -146,4 +147,34 @@ def registry_versions(context: dg.SensorEvaluationContext, lmforge_params: Param
     return dg.SkipReason(f"recorded version(s) {', '.join(str(v.version) for v in new)} of {params.registry.name}")
 
 
-SENSORS = [raw_data_changed, continue_downstream, record_run_failure, registry_versions]
+def _feedback_interval() -> int:
+    """``feedback.sensor_interval_seconds``, read when the code location loads (like the schedules' cron)."""
+    try:
+        return load_params().feedback.sensor_interval_seconds
+    except LmforgeError:
+        return 60  # the sensor's ticks report the params error
+
+
+@dg.sensor(
+    job=feedback_job,
+    minimum_interval_seconds=_feedback_interval(),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Counts the accepted examples in users' feedback (lmforge serve's store and feedback.inbox) and starts "
+    "feedback_job when at least feedback.min_new_examples arrived since its last run (the cursor: the examples already used).",
+)
+def feedback_arrived(context: dg.SensorEvaluationContext, lmforge_params: ParamsResource):
+    from lmforge.feedback import collect
+
+    params = lmforge_params.load()
+    ids = collect(params).ids
+    used = set(json.loads(context.cursor)) if context.cursor else set()
+    new = [i for i in ids if i not in used]
+    needed = params.feedback.min_new_examples
+    if len(new) < needed:
+        return dg.SkipReason(f"{len(new)} new accepted feedback example(s); feedback.min_new_examples is {needed}")
+    context.update_cursor(json.dumps(sorted(used | set(ids))))
+    return dg.RunRequest(run_key=f"feedback-{len(used | set(ids))}-{new[-1]}", tags={"lmforge/trigger": "feedback_arrived",
+                                                                                      "lmforge/new_examples": str(len(new))})
+
+
+SENSORS = [raw_data_changed, continue_downstream, record_run_failure, registry_versions, feedback_arrived]

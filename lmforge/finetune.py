@@ -333,12 +333,23 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
     return summary
 
 
+def sft_answers(params: Params, model, tokenizer, prompts: list[str]) -> list[str]:
+    """The one-line greedy answers SFT is scored on (ROUGE against the references), asked in the
+    model's chat format when it has one: the same for every model compared."""
+    from models.finetune import first_line
+    from models.generation import generate, has_chat_template
+
+    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=params.finetune.sft.max_new_tokens)
+    return [first_line(t) for t in generate(model, tokenizer, prompts, greedy, batch_size=params.finetune.train.batch_size,
+                                            chat=has_chat_template(tokenizer))]
+
+
 def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from models.finetune import encode_sft, export, first_line, fit, mean_loss, rouge, sft_prompt, trainable_parameters, with_lora
-    from models.generation import generate, has_chat_template
+    from models.finetune import encode_sft, export, fit, mean_loss, rouge, sft_prompt, trainable_parameters, with_lora
+    from models.generation import has_chat_template
     from models.loading import load_model, objective_of
 
     say = report or (lambda _msg: None)
@@ -357,11 +368,10 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
     prompts = {s: [sft_prompt(tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows] for s, rows in data.items()}
     references = [r["response"] for r in data["test"]]
     encoded = {s: encode_sft(tokenizer, prompts[s], [r["response"] for r in data[s]], settings.max_length) for s in SPLITS}
-    greedy = dataclasses.replace(params.evaluate.sampling, temperature=0.0, max_new_tokens=task.max_new_tokens)
     chat = has_chat_template(tokenizer)  # an instruct champion: trained (encode_sft) and asked in its chat format
 
     def answers(model) -> list[str]:
-        return [first_line(t) for t in generate(model, tokenizer, prompts["test"], greedy, batch_size=settings.batch_size, chat=chat)]
+        return sft_answers(params, model, tokenizer, prompts["test"])
 
     torch.manual_seed(settings.seed)
     zero_shot_answers = answers(load_model(source, "causal").eval())

@@ -35,6 +35,7 @@ class CheckOutcome:
     unexpected: int = 0
     examples: list[Any] = field(default_factory=list)
     observed: Any = None
+    rows: list[int] = field(default_factory=list)  # indices of the failing rows (result_format="COMPLETE" only)
 
 
 #: Check name → what it guarantees (the Dagster check specs are declared from this, before any run).
@@ -147,9 +148,11 @@ def data_docs_index(params: Params) -> Path:
     return params.stage_dir("clean") / "data_docs" / "index.html"
 
 
-def validate_frame(name: str, frame, checks: list[tuple[str, str, Any]]) -> list[CheckOutcome]:
+def validate_frame(name: str, frame, checks: list[tuple[str, str, Any]], result_format: str = "SUMMARY") -> list[CheckOutcome]:
     """Run ``checks`` ((name, description, expectation) triples) on a whole pandas frame at once,
-    for small tables such as the fine-tuning task sets; one outcome per check name."""
+    for small tables such as the fine-tuning task sets; one outcome per check name.
+    ``result_format="COMPLETE"`` also lists every failing row's index (``CheckOutcome.rows``), for
+    callers that quarantine rows rather than reject the table."""
     import great_expectations as gx
 
     context = _context_without_docs()
@@ -160,7 +163,8 @@ def validate_frame(name: str, frame, checks: list[tuple[str, str, Any]]) -> list
         suite.add_expectation(expectation)
         outcomes.setdefault(check, CheckOutcome(check, description))
     batch = context.data_sources.add_pandas(name).add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-    _fold(gx.ValidationDefinition(name=name, data=batch, suite=suite).run(batch_parameters={"dataframe": frame}), outcomes)
+    _fold(gx.ValidationDefinition(name=name, data=batch, suite=suite).run(batch_parameters={"dataframe": frame}, result_format=result_format),
+          outcomes)
     return list(outcomes.values())
 
 
@@ -173,6 +177,7 @@ def _fold(result, outcomes: dict[str, CheckOutcome]) -> None:
         outcome.unexpected += int(res.get("unexpected_count") or 0)
         if "observed_value" in res:
             outcome.observed = res["observed_value"]
+        outcome.rows += [int(i) for i in res.get("unexpected_index_list") or []]
         for value in res.get("partial_unexpected_list") or []:
             if len(outcome.examples) < 5:
                 outcome.examples.append(str(value)[:200])

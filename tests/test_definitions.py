@@ -10,10 +10,19 @@ def test_asset_graph_snapshot():
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
         "raw_documents": "data", "ingest": "data", "clean": "data", "split": "data", "base_models": "tokenizer", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
         "evaluate": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
-        **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized"), "deploy"),
+        **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized", "batch_inference"), "deploy"),
         **dict.fromkeys(("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"), "rag"),
+        **dict.fromkeys(("feedback_examples", "feedback_finetune", "feedback_register"), "feedback"),
     }
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("feedback_finetune")).parent_keys) == ["feedback_examples", "task_data"]
+    assert [p.to_user_string() for p in graph.get(dg.AssetKey("feedback_register")).parent_keys] == ["feedback_finetune"]
+    # the feedback loop runs from its sensor, not with the pipeline
+    feedback = {"feedback_examples", "feedback_finetune", "feedback_register"}
+    assert {k.to_user_string() for k in defs.get_job_def("feedback_job").asset_layer.selected_asset_keys} == feedback
+    assert not feedback & {k.to_user_string() for k in defs.get_job_def("full_job").asset_layer.selected_asset_keys}
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
+    assert [p.to_user_string() for p in graph.get(dg.AssetKey("batch_inference")).parent_keys] == ["register"]
+    assert graph.get(dg.AssetKey("batch_inference")).pools == {"training"}
     for name in ("pretrain", "evaluate"):
         node = graph.get(dg.AssetKey(name))
         assert node.partitions_def.get_partition_keys() == ["llama-rope", "smollm2"]  # params.yaml candidates
@@ -40,6 +49,7 @@ def test_checks_are_blocking():
     } | {("task_data", f"{task}_{n}") for task in ("classification", "sft") for n in ("min_examples", "no_empty_fields")} | {
         ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"),
         ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"), ("retrieval_index", "finds_known_items"),
+        ("feedback_examples", "feedback_valid"), ("feedback_finetune", "beats_current"),
     }
     # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
     warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch")}

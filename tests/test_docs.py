@@ -178,7 +178,7 @@ def test_configuration_reference_is_generated_from_the_params_dataclasses(hooks,
     assert "each entry of `pretrain.candidates`" in reference and "| `source` |" in _section(reference, "pretrain-candidates")
     html = _page(site, "configuration.html")
     for section in dataclasses.fields(Params):
-        assert f'id="{section.name}"' in html
+        assert f'id="{hooks.anchor(section.name)}"' in html  # batch_inference → batch-inference
 
 
 def _cli_commands():

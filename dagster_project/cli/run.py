@@ -31,6 +31,11 @@ def stages() -> dict[str, bool]:
             for key in graph.toposorted_asset_keys if graph.get(key).is_materializable}
 
 
+#: What ``lmforge run`` computes without --select: every asset but the feedback loop's, which runs on users'
+#: feedback (its sensor, or ``--select group:feedback``), not on the data (dagster_project.jobs.EVERYTHING).
+PIPELINE = "not group:feedback"
+
+
 @app.command()
 def run(
     select: Optional[str] = typer.Option(
@@ -48,7 +53,8 @@ def run(
 ) -> None:
     """Materialize assets (with their checks) and print each stage's summary.
 
-    Without --select, only what is out of date in this params file's artifacts directory is
+    Without --select, the pipeline (every asset but the feedback loop's: `--select group:feedback` runs that);
+    only what is out of date in this params file's artifacts directory is
     recomputed (a change of code, parameters or raw documents; see dagster_project.staleness), and
     the run ends with the pipeline's summary table.  The unpartitioned assets the partitioned ones need run first, in one run; then each
     partition (pretraining candidate: pretrain, evaluate), one run per partition; then the other
@@ -64,7 +70,7 @@ def run(
         fail(str(exc))
     except (OSError, yaml.YAMLError) as exc:
         fail(f"cannot read run config {config}: {exc}")
-    ok = _materialize(select or "*", run_config or {}, verbose, partition, stale_only=select is None and not force, dry_run=dry_run)
+    ok = _materialize(select or PIPELINE, run_config or {}, verbose, partition, stale_only=select is None and not force, dry_run=dry_run)
     if select is None and not dry_run:
         _print_table(load_params())
     if not ok:
