@@ -11,6 +11,7 @@ from typing import Any
 from lmforge.params import Params
 
 UI_COMMANDS = "make ui  →  Dagster http://127.0.0.1:3000 · MLflow http://127.0.0.1:5000"
+SERVE_COMMAND = "lmforge serve  →  http://127.0.0.1:8000/v1 (docs/serving.md)"
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -55,6 +56,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
         text = f"{pre.get('kind', 'scratch')} · {pre['parameters'] / 1e6:.2f} M params · {trained}"
         if ev:  # bits per byte first: the one number comparable across tokenizers
             text += f" · test {ev['bits_per_byte']:.3f} bits/byte · ppl {ev['perplexity']:.1f} ({ev.get('tokenizer', 'trained')} tokens)"
+            if ev.get("crows_pairs_bias") is not None:  # 50%: no measured preference for the stereotyping sentence
+                text += f" · stereotype preference {ev['crows_pairs_bias']:.0%} ± {ev['crows_pairs_bias_se']:.0%}"
         if c.name in scores:
             text += f" · score {scores[c.name]:.3f}" + ("  ★ champion" if c.name == champion else "")
         out.append(("candidate", c.name, text))
@@ -71,6 +74,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
+    add("batch_inference", "completions", lambda d: f"{d['completed']} of {d['prompts']} prompts ({d['quarantined']} quarantined) · "
+        f"{d['generated_tokens']:,} tokens at {d['tokens_per_second']:.1f} tokens/s, batches of {d['batch_size']}")
     add("retrieval_index", "known items", _retrieval)
     add("rag_eval", "with retrieval", lambda d: f"continuation ppl {d['perplexity_without']:.1f} → {d['perplexity_with']:.1f} · "
         + (f"summaries ROUGE-L {d['rougeL_without']:.3f} → {d['rougeL_with']:.3f}" if "rougeL_without" in d else d["summaries_skipped"]))
@@ -81,6 +86,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
         last = json.loads(failures.read_text().strip().splitlines()[-1])
         out.append(("failures", "last failed run", f"{last['time']} {last['job']} {last['run_id'][:8]}: {last['error'][:80]} ({failures})"))
     out.append(("UIs", "open", UI_COMMANDS))
+    out.append(("serve", "OpenAI API", SERVE_COMMAND))
     return out
 
 
