@@ -9,7 +9,8 @@ model's blocking checks passed:
 
 - ``candidate``: the newest model the pipeline produced;
 - ``champion``: the candidate, when it is at least as good (test bits per byte) as the current
-  champion on the same data, or when the data changed (scores on other data do not compare);
+  champion on the same data, or when the data changed (scores on other data do not compare); a
+  champion fine-tuned on feedback (``lmforge.feedback``) is judged by the version it was tuned from;
 - ``quantized``: the chosen quantized variant of the champion, when its perplexity stayed within
   ``quantize.max_perplexity_increase`` (stage ``register_quantized``, behind quantize's blocking check).
 """
@@ -139,6 +140,25 @@ def bias_tags(evaluation: dict[str, Any]) -> dict[str, str]:
             if k.startswith("crows_pairs_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _promote(client, registry: str, reigning, version: str, data_md5: str, bits_per_byte: float) -> bool:
+    """Whether the newly registered ``version`` becomes the champion instead of ``reigning``.
+
+    Bits per byte decide on the same data; on other data the new model wins (scores do not compare).
+    A champion fine-tuned on users' feedback (``kind=feedback``, ``lmforge.feedback``) has no bits per
+    byte of its own: the candidate is judged against the pretrained version it was tuned from, and
+    that version itself never displaces it (the tuning made it better on held-out examples), so a
+    pipeline re-run on the same data keeps the tuned champion."""
+    if reigning is None or str(reigning.version) == version or reigning.tags.get("dvc_data_md5") != data_md5:
+        return True
+    judge = reigning
+    if reigning.tags.get("kind") == "feedback":
+        if reigning.tags.get("base_version") == version:
+            return False
+        judge = client.get_model_version(registry, reigning.tags["base_version"])
+        return bits_per_byte < float(judge.tags.get("bits_per_byte", "inf"))  # strictly better than what the tuning started from
+    return bits_per_byte <= float(judge.tags.get("bits_per_byte", "inf"))
+
+
 def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Register the champion of ``select`` (once per distinct weights), point ``candidate`` at it, and
     ``champion`` too unless the reigning champion scores better on the same data."""
@@ -169,14 +189,14 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     client.set_registered_model_alias(registry, "candidate", version)
     summary["candidate_version"] = version
     reigning = current(client, registry, "champion")
-    promote = (reigning is None or str(reigning.version) == version or reigning.tags.get("dvc_data_md5") != lineage["dvc_data_md5"]
-               or float(metrics["bits_per_byte"]) <= float(reigning.tags.get("bits_per_byte", "inf")))
+    promote = _promote(client, registry, reigning, version, lineage["dvc_data_md5"], float(metrics["bits_per_byte"]))
     if promote:
         client.set_registered_model_alias(registry, "champion", version)
         say(f"register: {registry} version {version} ({name}) is the champion")
     else:
-        say(f"register: {registry} version {version} ({name}) stays a candidate: champion version {reigning.version} "
-            f"has {reigning.tags['bits_per_byte']} bits/byte on the same data")
+        why = (f"is version {reigning.tags['base_version']} fine-tuned on users' feedback" if reigning.tags.get("kind") == "feedback"
+               else f"has {reigning.tags['bits_per_byte']} bits/byte on the same data")
+        say(f"register: {registry} version {version} ({name}) stays a candidate: champion version {reigning.version} {why}")
     summary["champion_version"] = version if promote else str(reigning.version)
     summary["promoted"] = promote
     summary["mlflow_run_id"] = run_id

@@ -82,6 +82,22 @@ def test_too_much_bad_feedback_fails_the_blocking_check(tmp_path: Path):
     assert not run_feedback_examples(feedback_params(tmp_path / "empty"))["passed"]  # no feedback at all: nothing to train on
 
 
+def test_a_champion_tuned_on_feedback_yields_only_to_a_better_pretrained_model():
+    """register's rule: a feedback-tuned champion is judged by the pretrained version it was tuned from."""
+    from types import SimpleNamespace
+
+    from lmforge.registry import _promote
+
+    base = SimpleNamespace(version="1", tags={"kind": "pretrained", "bits_per_byte": "1.10", "dvc_data_md5": "d"})
+    tuned = SimpleNamespace(version="4", tags={"kind": "feedback", "base_version": "1", "dvc_data_md5": "d"})
+    client = SimpleNamespace(get_model_version=lambda name, version: {"1": base}[version])
+    assert not _promote(client, "m", tuned, "1", "d", 1.10)  # its own base again (a re-run): the tuned model stays
+    assert not _promote(client, "m", tuned, "5", "d", 1.10)  # another model, no better than the base
+    assert _promote(client, "m", tuned, "5", "d", 1.05)  # a better pretrained model
+    assert _promote(client, "m", tuned, "5", "other data", 9.0)  # new data: scores do not compare
+    assert _promote(client, "m", base, "5", "d", 1.10) and not _promote(client, "m", base, "5", "d", 1.2)  # the rule without feedback
+
+
 #: Runs in the tiny project: evaluate the feedback sensor against the project's Dagster instance and, when it
 #: asks for a run, execute feedback_job there; print what happened as JSON.
 DRIVER = textwrap.dedent('''
@@ -150,6 +166,10 @@ def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only
     assert tuned["rougeL"] > tuned["current_rougeL"] and tuned["feedback_examples"] == 7 and tuned["base_version"] == before
     after = champion_version(project)
     assert after != before and project.summary("feedback_register")["version"] == after
+    # the pipeline registers its (unchanged) champion again: the version tuned on feedback stays @champion
+    registered = project.lmforge("run", "--select", "register").stdout
+    assert "fine-tuned on users' feedback" in registered and champion_version(project) == after
+    assert project.summary("register")["promoted"] is False
 
     # the same examples again: the sensor waits; more feedback with a learning rate of 0 gives the same model,
     # which is not better than the current one: the blocking check stops the run before the registry
