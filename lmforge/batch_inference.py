@@ -202,31 +202,13 @@ def default_model(registry_name: str) -> str:
     return f"models:/{registry_name}@champion"
 
 
-def pin_version(ref: str, tracking_uri: str | None) -> tuple[str, str]:
-    """(reference to load, resolved version): ``models:/NAME@ALIAS`` is looked up once and pinned to
-    ``models:/NAME/VERSION`` (the alias may move while the batch runs); other MLflow URIs are their own
-    version; a directory's version is the hash of its files (computed by the caller, see ``load_model``)."""
-    if ref.startswith("models:/") and "@" in ref:
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        name, alias = ref[len("models:/") :].split("@", 1)
-        try:
-            version = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(name, alias).version
-        except MlflowException as exc:
-            raise LmforgeError(f"{ref}: no registered model '{name}' with alias '{alias}' in {tracking_uri} "
-                               f"({str(exc).splitlines()[0]}); run `lmforge run --select register` first, or name another "
-                               "model (batch_inference.model, --model)") from None
-        pinned = f"models:/{name}/{version}"
-        return pinned, pinned
-    return ref, ref
-
-
 def load_model(ref: str, tracking_uri: str | None) -> tuple[Any, Any, str]:
     """(model, tokenizer, resolved version) for a model directory or MLflow URI; a clear error for a
     missing registry entry or a masked LM (it cannot generate)."""
     from lmforge.registry import weights_sha256
     from models.generation import ModelNotFound, load, resolve
+
+    from lmforge.registry import pin_version
 
     to_load, version = pin_version(ref, tracking_uri)
     try:

@@ -115,6 +115,27 @@ def register_once(params: Params, model_dir: Path, tags: dict[str, str], run_nam
     return version, run_id, True
 
 
+def pin_version(ref: str, tracking_uri: str | None) -> tuple[str, str]:
+    """(reference to load, resolved version): ``models:/NAME@ALIAS`` is looked up once and pinned to
+    ``models:/NAME/VERSION`` (the alias may move while the batch runs); other MLflow URIs are their own
+    version, as is a directory (a caller that needs more hashes its files).  ``lmforge serve`` and
+    batch inference load the pinned reference, so what they record is what answered."""
+    if ref.startswith("models:/") and "@" in ref:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        name, alias = ref[len("models:/") :].split("@", 1)
+        try:
+            version = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(name, alias).version
+        except MlflowException as exc:
+            raise LmforgeError(f"{ref}: no registered model '{name}' with alias '{alias}' in {tracking_uri} "
+                               f"({str(exc).splitlines()[0]}); run `lmforge run --select register` first, or name another "
+                               "model (--model)") from None
+        pinned = f"models:/{name}/{version}"
+        return pinned, pinned
+    return ref, ref
+
+
 def current(client, name: str, alias: str):
     """The version behind ``name@alias``, or None."""
     from mlflow.exceptions import MlflowException

@@ -472,24 +472,20 @@ def create_app(served: ServedModel, store: FeedbackStore, max_batch_size: int = 
 
 
 def load_served(ref: str, tracking_uri: str | None, name: str | None = None) -> ServedModel:
-    """Load the model ``ref`` (a directory or an MLflow URI) for serving; a clear error if there is none."""
+    """Load the model ``ref`` (a directory or an MLflow URI) for serving; a clear error if there is none.
+    An alias is pinned to its version first: the version recorded with every answer is the one loaded."""
+    from lmforge.registry import pin_version
     from models.generation import ModelNotFound, load
 
+    pinned, version = pin_version(ref, tracking_uri)
     try:
-        model, tokenizer, objective = load(ref, tracking_uri=tracking_uri)
+        model, tokenizer, objective = load(pinned, tracking_uri=tracking_uri)
     except ModelNotFound as exc:
         raise LmforgeError(f"serve: {exc}") from None
     if objective != "causal":
         raise LmforgeError(f"serve: {ref} is a {objective} model; the completion API serves causal language models")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    version = None
-    if ref.startswith("models:/") and "@" in ref:
-        from mlflow import MlflowClient
-
-        registered, alias = ref[len("models:/") :].split("@", 1)
-        version = str(MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(registered, alias).version)
-    elif ref.startswith("models:/"):
-        version = ref.rstrip("/").rsplit("/", 1)[-1]
-    return ServedModel(name=name or (ref[len("models:/") :] if ref.startswith("models:/") else ref.rstrip("/").rsplit("/", 1)[-1]),
-                       ref=ref, version=version, model=model, tokenizer=tokenizer)
+    registered = ref.startswith("models:/")
+    return ServedModel(name=name or (ref[len("models:/") :] if registered else ref.rstrip("/").rsplit("/", 1)[-1]), ref=ref,
+                       version=version.rsplit("/", 1)[-1] if registered else None, model=model, tokenizer=tokenizer)
