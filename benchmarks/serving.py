@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--requests", type=int, default=0, help="requests per client (0: enough for 32 requests in all, at least 1)")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's batch window (default: params.yaml serve.batch_wait_ms)")
     args = parser.parse_args()
 
     from lmforge.params import load_params
@@ -105,7 +106,9 @@ def main() -> None:
     uri = tracking_uri(params)
     import torch
 
-    print(f"model {args.model}; {torch.get_num_threads()} torch threads; {args.max_tokens} new tokens per request, greedy")
+    wait = params.serve.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
+    print(f"model {args.model}; {torch.get_num_threads()} torch threads; {args.max_tokens} new tokens per request, greedy; "
+          f"batch window {wait:g} ms")
     n_alone = max(8, 32 // max(args.clients))
     seconds, tokens = one_by_one(args.model, uri, (PROMPTS * 8)[:n_alone], args.max_tokens)
     alone = tokens / seconds
@@ -114,7 +117,8 @@ def main() -> None:
 
     env = {**os.environ, "LMFORGE_SERVE_LOG_LEVEL": "warning"}
     server = subprocess.Popen([str(REPO / ".venv/bin/lmforge"), "serve", "--model", args.model, "--port", str(args.port),
-                               "--served-name", "bench", "--max-batch-size", str(max(args.clients))],
+                               "--served-name", "bench", "--max-batch-size", str(max(args.clients)),
+                               *(["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else [])],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{args.port}"
     try:

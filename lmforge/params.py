@@ -510,7 +510,7 @@ class ServeParams:
     host: str = "127.0.0.1"  # another address needs an API key (--api-key or $LMFORGE_API_KEY)
     port: int = 8000
     max_batch_size: int = 8  # requests generated together
-    batch_wait_ms: float = 20.0  # how long the first request of a batch waits for others to join
+    batch_wait_ms: float = 50.0  # how long the first request of a batch waits for others to join
     max_tokens: int = 64  # when a request does not say
     max_tokens_limit: int = 512  # the most a request may ask for
 

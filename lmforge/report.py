@@ -74,8 +74,9 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
-    add("batch_inference", "completions", lambda d: f"{d['completed']} of {d['prompts']} prompts ({d['quarantined']} quarantined) · "
-        f"{d['generated_tokens']:,} tokens at {d['tokens_per_second']:.1f} tokens/s, batches of {d['batch_size']}")
+    add("batch_inference", "completions", lambda d: f"{d['completed']} of {d['prompts']} prompts ({d['quarantined']} quarantined"
+        + (f", {d['resumed']} kept from an earlier run" if d["resumed"] else "") + ")"
+        + (f" · {d['generated_tokens']:,} tokens at {d['tokens_per_second']:.1f} tokens/s, batches of {d['batch_size']}" if d["generated_tokens"] else ""))
     add("retrieval_index", "known items", _retrieval)
     add("rag_eval", "with retrieval", lambda d: f"continuation ppl {d['perplexity_without']:.1f} → {d['perplexity_with']:.1f} · "
         + (f"summaries ROUGE-L {d['rougeL_without']:.3f} → {d['rougeL_with']:.3f}" if "rougeL_without" in d else d["summaries_skipped"]))

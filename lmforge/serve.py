@@ -46,7 +46,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.feedback_store import FeedbackStore, UnknownRequest
-from lmforge.params import LmforgeError, SamplingParams
+from lmforge.params import LmforgeError, SamplingParams, ServeParams
 from models.batching import Completion, generate_together
 
 LOOPBACK_NAMES = {"localhost"}
@@ -244,10 +244,10 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def create_app(served: ServedModel, store: FeedbackStore, max_batch_size: int = 8, batch_wait_ms: float = 20.0,
-               default_max_tokens: int = 64, max_tokens_limit: int = 512, api_key: str | None = None,
+def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams, api_key: str | None = None,
                sampling_defaults: SamplingParams | None = None):
-    """The FastAPI application serving ``served``; a ``Batcher`` thread starts with it and stops with it."""
+    """The FastAPI application serving ``served`` with ``settings`` (``params.yaml`` ``serve:``, batch size,
+    window and token limits); a ``Batcher`` thread starts with it and stops with it."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI
@@ -269,7 +269,7 @@ def create_app(served: ServedModel, store: FeedbackStore, max_batch_size: int = 
 
     @asynccontextmanager
     async def lifespan(_app):
-        batcher = Batcher(served.model, served.tokenizer, max_batch_size, batch_wait_ms / 1000)
+        batcher = Batcher(served.model, served.tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
         await asyncio.to_thread(batcher.warm_up)
         state["batcher"] = batcher
         yield
@@ -314,9 +314,9 @@ def create_app(served: ServedModel, store: FeedbackStore, max_batch_size: int = 
         if req.presence_penalty or req.frequency_penalty:
             raise RequestError("presence_penalty and frequency_penalty are not supported (use temperature/top_p)",
                                "presence_penalty" if req.presence_penalty else "frequency_penalty")
-        wanted = default_max_tokens if max_tokens is None else max_tokens
-        if not 1 <= wanted <= max_tokens_limit:
-            raise RequestError(f"max_tokens must be between 1 and {max_tokens_limit}, not {wanted}", "max_tokens")
+        wanted = settings.max_tokens if max_tokens is None else max_tokens
+        if not 1 <= wanted <= settings.max_tokens_limit:
+            raise RequestError(f"max_tokens must be between 1 and {settings.max_tokens_limit}, not {wanted}", "max_tokens")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         if len(stop) > 4:
             raise RequestError("at most 4 stop sequences", "stop")

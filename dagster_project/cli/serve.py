@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
@@ -36,8 +37,12 @@ def serve(
     use_params(params)
     try:
         p = load_params()
-        s = p.serve
-        host = host or s.host
+        overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms).items() if v is not None}
+        try:
+            settings = dataclasses.replace(p.serve, **overrides)
+        except ValueError as exc:  # e.g. --max-batch-size 0
+            fail(str(exc))
+        host = host or settings.host
         from lmforge.serve import create_app, is_loopback, load_served
 
         if api_key is None and not is_loopback(host):
@@ -47,16 +52,14 @@ def serve(
         from lmforge.feedback_store import FeedbackStore
         from lmforge.tracking import tracking_uri
 
-        ref = model or s.model or f"models:/{p.registry.name}@champion"
+        ref = model or settings.model or f"models:/{p.registry.name}@champion"
         typer.echo(f"loading {ref} ...")
         served = load_served(ref, tracking_uri(p), served_name)
         store = FeedbackStore(p.path(p.feedback.store))
-        app_ = create_app(served, store, max_batch_size=max_batch_size or s.max_batch_size,
-                          batch_wait_ms=s.batch_wait_ms if batch_wait_ms is None else batch_wait_ms, default_max_tokens=s.max_tokens,
-                          max_tokens_limit=s.max_tokens_limit, api_key=api_key, sampling_defaults=p.evaluate.sampling)
-        where = f"http://{host}:{port or s.port}"
+        app_ = create_app(served, store, settings, api_key=api_key, sampling_defaults=p.evaluate.sampling)
+        where = f"http://{host}:{port or settings.port}"
         typer.echo(f"serving '{served.name}'{f' (version {served.version})' if served.version else ''} at {where}/v1 "
                    f"(feedback store {store.path}){'; API key required' if api_key else ''}")
-        uvicorn.run(app_, host=host, port=port or s.port, log_level=os.environ.get("LMFORGE_SERVE_LOG_LEVEL", "info"))
+        uvicorn.run(app_, host=host, port=port or settings.port, log_level=os.environ.get("LMFORGE_SERVE_LOG_LEVEL", "info"))
     except LmforgeError as exc:
         fail(str(exc))
