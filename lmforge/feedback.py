@@ -200,7 +200,6 @@ def _base_ref(params: Params) -> str:
 def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Fine-tune the aliased model on the feedback examples; score it and the current model on the
     sft task set's test part (``beats_current`` in the summary)."""
-    import torch
     from mlflow import MlflowClient
 
     from lmforge.artifacts import fresh_dir, read_jsonl
@@ -209,7 +208,7 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     from lmforge.tracking import tracked_run, tracking_uri
     from models.finetune import encode_sft, export, fit, mean_loss, rouge, sft_prompt, with_lora
     from models.generation import resolve
-    from models.loading import load_dir, load_model
+    from models.loading import load_dir
 
     say = report or (lambda _msg: None)
     f, settings, task = params.feedback, params.finetune.train, params.finetune.sft
@@ -222,7 +221,7 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     if base is None:
         raise LmforgeError(f"feedback_finetune: no registered model {_base_ref(params)}: materialize 'register' first")
     source = resolve(_base_ref(params), uri)
-    model, tokenizer, objective = load_dir(source, "cpu" if not torch.cuda.is_available() else None)
+    model, tokenizer, objective = load_dir(source)
     if objective != "causal":
         raise LmforgeError(f"feedback_finetune: {_base_ref(params)} is a {objective} model; SFT fine-tunes causal models")
     task_prompts = {s: [sft_prompt(tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows] for s, rows in data.items()}
@@ -235,8 +234,7 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     current_score = rouge(sft_answers(params, model, tokenizer, task_prompts["test"]), references)["rougeL"]
     say(f"feedback_finetune: {_base_ref(params)} (version {base.version}) scores ROUGE-L {current_score:.3f} on {len(references)} held-out examples; "
         f"training on {len(examples)} feedback examples" + (f" + {len(data['train'])} task examples" if f.include_task_train else ""))
-    model = load_model(source, "causal")
-    if f.method == "lora":
+    if f.method == "lora":  # the model just scored trains on (fit puts it in train mode)
         model = with_lora(model, params.finetune.lora, "CAUSAL_LM")
     started = time.perf_counter()
     run_settings = dataclasses.replace(settings, epochs=f.epochs)

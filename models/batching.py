@@ -52,8 +52,8 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
 class _PerRowStop:
     """A ``transformers`` stopping criterion that finishes each row on its own terms and streams it."""
 
-    def __init__(self, tokenizer, rows: list[Completion], prompt_width: int, eos_ids: set[int]):
-        self.tok, self.rows, self.width, self.eos = tokenizer, rows, prompt_width, eos_ids
+    def __init__(self, tokenizer, rows: list[Completion], eos_ids: set[int]):
+        self.tok, self.rows, self.eos = tokenizer, rows, eos_ids
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -100,7 +100,7 @@ def generate_together(model, tokenizer, rows: list[Completion], generate_kwargs:
     eos = generate_kwargs.get("eos_token_id", tokenizer.eos_token_id)
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
     kwargs = {**generate_kwargs, "max_new_tokens": max(r.max_new_tokens for r in rows), "pad_token_id": pad}
-    criterion = _PerRowStop(tokenizer, rows, width, eos_ids)
+    criterion = _PerRowStop(tokenizer, rows, eos_ids)
     with torch.no_grad():
         model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                        stopping_criteria=StoppingCriteriaList([criterion]), **kwargs)
