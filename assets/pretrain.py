@@ -53,14 +53,15 @@ def base_models(context: dg.AssetExecutionContext, lmforge_params: ParamsResourc
             description="Final val loss below the unigram (context-free) baseline.",
         ),
     ],
-    description="One candidate: trained from scratch or adapted from a base model with PyTorch Lightning "
-    "(resumes from its newest checkpoint), or a base model taken as is; exported in Hugging Face format, "
-    "tracked in MLflow.",
+    description="One candidate: trained from scratch or adapted from a base model with PyTorch Lightning, "
+    "here or on Ray Train workers of a cluster (pretrain.scale.engine; resumes from its newest checkpoint), "
+    "or a base model taken as is; exported in Hugging Face format, tracked in MLflow.",
 )
 def pretrain(context: dg.AssetExecutionContext, config: PretrainConfig, lmforge_params: ParamsResource):
     params = stage_params(lmforge_params.load(), "pretrain", config)
     candidate = context.partition_key
-    context.log.info(f"pretrain {candidate}: started (a progress bar on the console while it trains; metrics in MLflow)")
+    where = f"on {params.cluster.workers} Ray Train workers" if params.pretrain.scale.engine == "ray" else "here"
+    context.log.info(f"pretrain {candidate}: started {where} (progress at each validation; metrics in MLflow)")
     summary = lmforge.pretrain.run_pretrain(params, candidate, dagster_run_id=context.run_id, report=context.log.info)
     out = params.stage_dir("pretrain") / candidate
     from models.training import weights_finite  # here, not at the top: Lightning takes seconds to import

@@ -8,6 +8,12 @@ it also prints MFU from FLOPs per token and ``--peak-tflops``.
 
     .venv/bin/python benchmarks/train_throughput.py [--preset cpu-small] [--steps 40] [--rounds 2]
 
+``--engine ray`` compares instead lmforge's local training with the same training on Ray Train
+(``pretrain.scale.engine: ray``) on a Ray instance started on this machine: one worker with every
+core against the local process with every core (the ratio is Ray's overhead; goal ≥ 0.8 on one
+machine, ≥ 0.95 on a GPU), then as many workers as cores (or GPUs), data parallel, and a projection
+of the throughput of N workers from the measured per-worker throughput and scaling efficiency.
+
 Needs ``artifacts/packed`` and ``artifacts/tokenizer`` (``make demo`` or ``lmforge run -s group:tokenizer``).
 """
 
@@ -76,6 +82,63 @@ def lightning_loop(arch, cfg, packed: Path, tokenizer_dir: Path, steps: int) -> 
     return summary["tokens_per_second"]  # measured between optimizer steps, the first one excluded
 
 
+def ray_loop(arch, cfg, packed: Path, tokenizer_dir: Path, steps: int, workers: int, cpus_per_worker: float) -> dict:
+    """Tokens/s (all workers, measured inside them as for the local run) and the wall time of the
+    same training on ``workers`` Ray Train workers; the driver is this process."""
+    from dataclasses import replace
+
+    from models.ray_training import RaySettings, launch_on_ray
+    from models.train_config import Scale
+
+    settings = RaySettings(workers=workers, use_gpu=DEVICE == "cuda", resources_per_worker={"CPU": cpus_per_worker},
+                           max_failures=0, name=f"benchmark-{time.time_ns()}")
+    with tempfile.TemporaryDirectory() as out:
+        settings.storage_path = str(Path(out) / "ray")
+        run = replace(cfg, max_steps=steps + 1, val_every=10**9, checkpoint_every=10**9)
+        start = time.perf_counter()
+        summary = launch_on_ray(arch, run, packed, tokenizer_dir, Path(out), Scale(strategy="ddp", engine="ray", accelerator=DEVICE if DEVICE == "cpu" else "gpu"),
+                                settings, report=lambda _line: None)
+    return {"tokens_per_second": summary["tokens_per_second"], "wall_s": time.perf_counter() - start}
+
+
+def compare_engines(arch, cfg, packed: Path, tok_dir: Path, args) -> None:
+    """Local vs Ray Train on this machine, side by side, then data parallel on every core (or GPU)."""
+    import os
+
+    import ray
+
+    cores = os.cpu_count() or 1
+    slots = torch.cuda.device_count() if DEVICE == "cuda" else cores
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        local, one = [], []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            local.append({"tokens_per_second": lightning_loop(arch, cfg, packed, tok_dir, args.steps), "wall_s": time.perf_counter() - start})
+            one.append(ray_loop(arch, cfg, packed, tok_dir, args.steps, 1, cores))
+            print(f"  local {local[-1]['tokens_per_second']:9.0f} tok/s ({local[-1]['wall_s']:5.1f} s)   "
+                  f"ray, 1 worker × {cores} CPU {one[-1]['tokens_per_second']:9.0f} tok/s ({one[-1]['wall_s']:5.1f} s)")
+        best_local = max(r["tokens_per_second"] for r in local)
+        best_one = max(r["tokens_per_second"] for r in one)
+        startup = min(r["wall_s"] for r in one) - min(r["wall_s"] for r in local)
+        goal = 0.95 if DEVICE == "cuda" else 0.8
+        print(f"best: local {best_local:.0f} tok/s, Ray Train {best_one:.0f} tok/s, ratio {best_one / best_local:.3f} "
+              f"(goal >= {goal}); Ray's fixed start-up cost {startup:.1f} s per run")
+        many = ray_loop(arch, cfg, packed, tok_dir, args.steps, slots, cores / slots if DEVICE == "cpu" else 1)
+        per_worker = many["tokens_per_second"] / slots
+        # on a GPU machine: n GPUs against one; on a CPU: the same cores split into workers, against one process
+        efficiency = many["tokens_per_second"] / ((best_one * slots) if DEVICE == "cuda" else best_local)
+        print(f"ray, {slots} workers (DDP, {'NCCL' if DEVICE == 'cuda' else 'gloo'}): {many['tokens_per_second']:.0f} tok/s, "
+              f"{per_worker:.0f} per worker; {'scaling efficiency' if DEVICE == 'cuda' else 'against one process on the same cores'}: "
+              f"{efficiency:.2f}")
+        print(f"projection: N workers × {per_worker:.0f} tok/s per worker (measured with the gradient all-reduce; over a network "
+              "between nodes it costs more than here):")
+        for n in (8, 32, 128):
+            print(f"  {n:4d} workers: ~{per_worker * n:,.0f} tok/s")
+    finally:
+        ray.shutdown()
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -87,6 +150,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak, for MFU on GPU (H100 bf16: 989)")
+    parser.add_argument("--engine", default="local", choices=["local", "ray"], help="local: against a plain loop; ray: local against Ray Train")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -100,6 +164,9 @@ def main() -> None:
     arch = from_name(args.preset, vocab_size=len(tokenizer))
     cfg = TrainConfig(batch_size=args.batch_size, precision=args.precision, max_steps=args.steps + 1)
     print(f"{args.preset} ({arch.family}), batch {args.batch_size} × 256 tokens, {torch.get_num_threads()} threads, {DEVICE}")
+    if args.engine == "ray":
+        compare_engines(arch, cfg, packed, tok_dir, args)
+        return
     plain, ours = [], []
     for _ in range(args.rounds):
         plain.append(plain_loop(arch, cfg, packed, tokenizer, args.steps))

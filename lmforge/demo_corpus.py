@@ -36,13 +36,17 @@ from pathlib import Path
 from lmforge.formats import markdown_to_text, rst_to_text, tidy_lines
 
 #: Distributions left out: this project itself (its README changes with every commit), and the
-#: documentation toolchain (MkDocs and what it pulls in) and the OpenAI client that tests ``lmforge serve`` (with its
-#: two dependencies), so that tooling added later does not change the corpus or the demo's numbers.
+#: documentation toolchain (MkDocs and what it pulls in), the OpenAI client that tests ``lmforge serve`` (with its
+#: two dependencies) and the cluster engine (Ray with what it pulls in), so that tooling added later does not change
+#: the corpus or the demo's numbers.
 EXCLUDED_DISTRIBUTIONS = {
     "lmforge",
     "mkdocs", "mkdocs-material", "mkdocs-get-deps", "mkdocs-material-extensions", "pymdown-extensions", "babel", "backrefs",
     "colorama", "ghp-import", "mergedeep", "paginate", "pathspec", "pyyaml-env-tag",
     "openai", "jiter", "sniffio",
+    "ray", "aiohttp-cors", "colorful", "distlib", "google-api-core", "googleapis-common-protos", "msgpack", "opencensus",
+    "opencensus-context", "opentelemetry-exporter-prometheus", "prometheus-client", "proto-plus", "py-spy",
+    "python-discovery", "smart-open", "tenacity", "tensorboardx", "virtualenv", "wrapt",
 }
 #: Standard-library modules left out: with setuptools installed, looking up ``distutils`` imports
 #: setuptools' own copy, which is neither the standard library nor free of side effects.

@@ -543,6 +543,25 @@ class FeedbackParams:
 
 
 @dataclass
+class ClusterParams:
+    """A Ray cluster that pretraining (``pretrain.scale.engine: ray``) and the data stages
+    (``data_engine: ray``) hand their work to (docs/scaling-out.md)."""
+
+    data_engine: Literal["local", "ray"] = "local"  # ingest and clean: a process pool here, or Ray Data
+    # "": a Ray instance on this machine, started for the stage and stopped after it; else a running
+    # cluster: "auto" (the one `ray start` runs here), "HOST:6379" (its head), "ray://HOST:10001" (Ray Client).
+    # $RAY_ADDRESS, when set, wins (as in every Ray program).
+    address: str = ""
+    # Ray Train's run storage, which every node must reach: a shared path or a URI (s3://, gs://);
+    # "": <artifacts>/ray (enough on one machine)
+    storage: str = ""
+    workers: int = 2  # Ray Train workers, one process each (one GPU each with use_gpu)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    max_failures: int = 3  # restarts of the training group after a worker or node dies, before the run fails
+
+
+@dataclass
 class Params:
     paths: PathsParams = field(default_factory=PathsParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
@@ -563,6 +582,7 @@ class Params:
     automation: AutomationParams = field(default_factory=AutomationParams)
     serve: ServeParams = field(default_factory=ServeParams)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
+    cluster: ClusterParams = field(default_factory=ClusterParams)
 
     def path(self, value: str | os.PathLike) -> Path:
         """Resolve a path from a params file: absolute as is, relative against the repo root."""

@@ -19,14 +19,25 @@ import numpy as np
 
 from lmforge.artifacts import write_params, write_summary
 from lmforge.candidates import Candidate, base_model_dir, get, packed_dir, sources_in_use, tokenizer_dir
-from lmforge.params import REPO_ROOT, LmforgeError, Params
+from lmforge.params import LmforgeError, Params
 from lmforge.sources import link_or_copy, source_tags
-from lmforge.tracking import lineage_tags, tracking_uri
+from lmforge.tracking import artifact_location, lineage_tags, tracking_uri
+from models.train_config import Scale
+
+
+def checkpoint_format(scale: Scale) -> str:
+    """What a resume reads back: one file, or a directory of shards (FSDP's sharded state)."""
+    sharded = scale.strategy == "fsdp2" or (scale.strategy == "fsdp" and scale.state_dict == "sharded")
+    return "sharded" if sharded else "file"
 
 
 def fingerprint(candidate: Candidate, params: Params) -> str:
     """What makes a run of this candidate the same run: the architecture or the exact base model, the
-    training settings and the exact data and tokenizer."""
+    training settings, the exact data and tokenizer, and the checkpoint format.
+
+    Where it runs is left out (engine, devices, nodes, Ray workers): the checkpoints count the data
+    consumed over all ranks, so a run resumed on another number of processes continues the same run.
+    """
     h = hashlib.sha256()
     h.update(candidate.kind.encode())
     if candidate.arch is not None:
@@ -34,7 +45,7 @@ def fingerprint(candidate: Candidate, params: Params) -> str:
     else:
         h.update(base_record(params, candidate)["sha256"].encode())
     h.update(json.dumps(dataclasses.asdict(candidate.train), sort_keys=True).encode())
-    h.update(json.dumps(dataclasses.asdict(params.pretrain.scale), sort_keys=True).encode())
+    h.update(checkpoint_format(params.pretrain.scale).encode())
     for path in (packed_dir(params, candidate.tokenizer) / "meta.json", tokenizer_dir(params, candidate.tokenizer) / "tokenizer.json"):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -141,13 +152,15 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
         run_name=candidate,
         tracking_uri=tracking_uri(params),
         tags=tags,
-        artifact_location=(REPO_ROOT / "mlflow" / "artifacts").as_uri(),
+        artifact_location=artifact_location(params),
     )
     arch_params = {f"arch.{k}": v for k, v in dataclasses.asdict(cand.arch).items()} if cand.arch is not None else {"source": record["source"]}
+    train, scale = cand.train, params.pretrain.scale
+    on_ray = scale.engine == "ray" and cand.kind != "as_is"
     logger.log_hyperparams({"candidate": candidate, "kind": cand.kind, **arch_params,
                             **{f"train.{k}": v for k, v in dataclasses.asdict(cand.train).items()},
-                            **{f"scale.{k}": v for k, v in dataclasses.asdict(params.pretrain.scale).items()}})
-    train, scale = cand.train, params.pretrain.scale
+                            **{f"scale.{k}": v for k, v in dataclasses.asdict(scale).items()},
+                            **({"cluster.workers": params.cluster.workers} if on_ray else {})})
     init_from = tokenizer if cand.kind == "adapt" else None  # a base model's directory holds weights and tokenizer
     if cand.kind == "as_is":
         say = report or (lambda _msg: None)
@@ -156,6 +169,17 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
         for path in tokenizer.iterdir():  # the base model's files, hard-linked: no second copy of the weights
             link_or_copy(path, work / "hf" / path.name)
         result = score_as_is(work / "hf", train, packed)
+    elif on_ray:  # Ray Train workers on the cluster log into the MLflow run created here
+        from lmforge.cluster import connected
+        from models.ray_training import RaySettings, launch_on_ray
+
+        c = params.cluster
+        settings = RaySettings(workers=c.workers, use_gpu=c.use_gpu, resources_per_worker=c.resources_per_worker,
+                               max_failures=c.max_failures, storage_path=c.storage or str(params.artifacts / "ray"),
+                               name=f"pretrain-{candidate}-{run_key}-{logger.run_id[:8]}")
+        with connected(c, report):
+            result = launch_on_ray(cand.arch, train, packed, tokenizer, work, scale, settings, tracking_uri(params), logger.run_id,
+                                   init_from=init_from, report=report)
     elif needs_launcher(scale):  # torchrun processes log into the MLflow run created here
         result = launch(cand.arch, train, packed, tokenizer, work, scale, tracking_uri(params), logger.run_id, init_from=init_from)
     else:

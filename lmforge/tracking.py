@@ -47,12 +47,20 @@ def lineage_tags() -> dict[str, str]:
     return {"git_sha": sha, "git_dirty": str(bool(dirty)).lower(), "dvc_data_md5": data_hash}
 
 
+def artifact_location(params: Params) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlflow/artifacts`` beside a local store; a tracking
+    server's own choice (``mlflow server --artifacts-destination``, a location every node reaches)."""
+    if tracking_uri(params).startswith(("http://", "https://")):
+        return None
+    return (REPO_ROOT / "mlflow" / "artifacts").as_uri()
+
+
 def experiment_id(client, params: Params) -> str:
-    """The id of params.yaml's experiment, created (artifacts under ``mlflow/artifacts``) if missing."""
+    """The id of params.yaml's experiment, created (see ``artifact_location``) if missing."""
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(params.mlflow.experiment, artifact_location=(REPO_ROOT / "mlflow" / "artifacts").as_uri())
+    return client.create_experiment(params.mlflow.experiment, artifact_location=artifact_location(params))
 
 
 def log_numbers(client, run_id: str, values: dict) -> None:

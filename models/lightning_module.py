@@ -53,6 +53,7 @@ class PackedDataModule(pl.LightningDataModule):
         super().__init__()
         self.packed_dir, self.collate, self.cfg = Path(packed_dir), collate, train
         self.consumed = 0  # samples, all ranks; restored from checkpoints by load_state_dict
+        self._since = (0, 0)  # (samples consumed, global step) when this process's stream started
 
     def setup(self, stage: str | None = None) -> None:
         self.train_blocks = PackedBlocks(self.packed_dir, "train")
@@ -66,6 +67,7 @@ class PackedDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = StreamSampler(len(self.train_blocks), self.cfg.seed, self.consumed, rank, world)
+        self._since = (self.consumed, self.trainer.global_step if self.trainer is not None else 0)
         return DataLoader(self.train_blocks, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -74,7 +76,10 @@ class PackedDataModule(pl.LightningDataModule):
         return DataLoader(subset, batch_size=self.cfg.batch_size, collate_fn=self.collate)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.trainer.global_step * self.samples_per_step()}
+        """Samples consumed so far, counted from where this process's stream started: a run resumed on
+        another number of processes consumes another number of samples per step from there on."""
+        consumed, step = self._since
+        return {"consumed": consumed + (self.trainer.global_step - step) * self.samples_per_step()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed = state["consumed"]

@@ -44,6 +44,9 @@ class Scale:
     # auto: one CPU or GPU; ddp: data parallel; fsdp: fully sharded (Lightning FSDPStrategy, GPUs);
     # fsdp2: per-parameter sharding (torch fully_shard via ModelParallelStrategy; GPUs, and CPU with gloo)
     strategy: Literal["auto", "ddp", "fsdp", "fsdp2"] = "auto"
+    # local: this machine (Lightning, or torchrun for several processes); ray: Ray Train workers on the
+    # cluster that params.yaml's ``cluster`` section names (how many: ``cluster.workers``)
+    engine: Literal["local", "ray"] = "local"
     devices: int = 1  # per node; -1: every visible device
     num_nodes: int = 1  # > 1: launch with torchrun or SLURM (docs/training-and-scaling.md)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"

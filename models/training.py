@@ -52,23 +52,48 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def make_strategy(scale: Scale, module: LMModule):
-    """The Lightning strategy for ``scale.strategy``; FSDP wraps each transformer block."""
+def ray_strategy_class(base: type) -> type:
+    """``base`` (a Lightning strategy class) on the device Ray Train assigned to this worker."""
+    import ray.train.torch
+
+    class OnRayDevice(base):
+        @property
+        def root_device(self):
+            return ray.train.torch.get_device()
+
+    OnRayDevice.__name__ = base.__name__  # export() and the logs name the strategy by its class
+    return OnRayDevice
+
+
+def make_strategy(scale: Scale, module: LMModule, ray_world: int = 0):
+    """The Lightning strategy for ``scale.strategy``; FSDP wraps each transformer block.
+
+    ``ray_world`` > 0: this process is one of that many Ray Train workers (``models.ray_training``),
+    each with one device.  Ray, not Lightning, made the processes and the process group, and gave the
+    worker its device; Lightning's own strategies would pick the device by local rank among the
+    devices they see, which on a node with several workers is not the worker's.
+    """
     if scale.strategy == "fsdp2":
         from pytorch_lightning.strategies import ModelParallelStrategy
 
-        world = scale.devices * scale.num_nodes if scale.devices > 0 else "auto"
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        world = ray_world or (scale.devices * scale.num_nodes if scale.devices > 0 else "auto")
+        cls = ray_strategy_class(ModelParallelStrategy) if ray_world else ModelParallelStrategy
+        return cls(data_parallel_size=world, tensor_parallel_size=1)
     if scale.strategy == "fsdp":
         from pytorch_lightning.strategies import FSDPStrategy
 
         names = set(getattr(module.model, "_no_split_modules", None) or [])
         blocks = {type(m) for m in module.model.modules() if type(m).__name__ in names}
-        return FSDPStrategy(
+        cls = ray_strategy_class(FSDPStrategy) if ray_world else FSDPStrategy
+        return cls(
             auto_wrap_policy=blocks,
             activation_checkpointing_policy=blocks if scale.activation_checkpointing else None,
             state_dict_type=scale.state_dict,
         )
+    if ray_world:  # auto or ddp: data parallel over the workers
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return ray_strategy_class(DDPStrategy)()
     return scale.strategy
 
 
@@ -130,7 +155,8 @@ class History(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, module) -> None:
         value = trainer.callback_metrics.get("val/loss")
-        if value is not None and not trainer.sanity_checking:
+        # during fit only: the final trainer.validate() is the summary's final_val_loss, not a new point
+        if value is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
             self.val.append((trainer.global_step, float(value)))
             module.log("val/perplexity", torch.exp(value.detach().float()))
             if self.report is not None and trainer.is_global_zero:
@@ -176,10 +202,12 @@ def pretrain(
     progress: bool = True,
     report: Any = None,
     init_from: Path | None = None,
+    ray_world: int = 0,
 ) -> dict[str, Any]:
     """Train (or resume) ``arch`` from scratch, or the causal model in ``init_from`` further, on
     ``packed_dir``; export to ``out_dir/hf``; return the summary.  ``report`` (e.g. a Dagster
-    logger's ``info``) receives a progress line at each validation."""
+    logger's ``info``) receives a progress line at each validation.  ``ray_world`` > 0: this process
+    is a Ray Train worker of a group of that size (``models.ray_training``)."""
     import json
 
     from transformers import AutoTokenizer
@@ -213,12 +241,17 @@ def pretrain(
     callbacks: list[pl.Callback] = [checkpoints, history]
     if cfg.early_stopping_patience:
         callbacks.append(pl.callbacks.EarlyStopping("val/loss", patience=cfg.early_stopping_patience, mode="min"))
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if ray_world:
+        from ray.train.lightning import RayLightningEnvironment
+
+        plugins.append(RayLightningEnvironment())  # ranks and world size from Ray Train
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,  # and train.max_minutes: LMModule stops at its time budget
         accelerator=scale.accelerator,
-        devices=scale.devices,
-        num_nodes=scale.num_nodes,
-        strategy=make_strategy(scale, module),
+        devices=1 if ray_world else scale.devices,  # a Ray worker has one device
+        num_nodes=1 if ray_world else scale.num_nodes,
+        strategy=make_strategy(scale, module, ray_world),
         precision=cfg.precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate,
@@ -228,7 +261,7 @@ def pretrain(
         log_every_n_steps=1,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         enable_progress_bar=progress,
         enable_model_summary=False,
         use_distributed_sampler=False,  # StreamSampler shards the stream by rank itself (and resumes)
@@ -257,7 +290,7 @@ def pretrain(
         "final_lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
         "stopped_by_budget": module.budget_fraction >= 1.0,
         "train_losses": history.train,
-        "val_losses": history.val + [(trainer.global_step, float(final_val))],
+        "val_losses": [v for v in history.val if v[0] != trainer.global_step] + [(trainer.global_step, float(final_val))],
     }
 
 

@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+#: Ray turns a loopback address into the machine's network address before it connects, except where
+#: its multi-node support is off, as on macOS; off, every Ray node, driver and worker the tests start
+#: stays on 127.0.0.1 (subprocesses inherit it).  Ray reads it once, on import: hence here.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 REPO = Path(__file__).resolve().parents[1]
 
 # Real English words, so that generated documents pass the quality filters like prose does.
@@ -263,6 +267,21 @@ def smollm2_dir(tmp_path_factory) -> Path:
     spec = CandidateParams(name="smollm2", source=str(fetch_smollm2()), use="as_is")
     materialize(resolve_source(params, spec), root / "smollm2")
     return root / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray cluster of two nodes on 127.0.0.1 (a head and a worker node, one CPU each, no GPU, no
+    dashboard), for the whole session: what ``ray start`` on two machines gives, on one.  Yields its
+    address for ``cluster.address``; the test process itself is not connected to it."""
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 200 * 2**20, "include_dashboard": False, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    yield cluster.address
+    cluster.shutdown()
 
 
 def copy_project(project: Project, root: Path) -> Project:

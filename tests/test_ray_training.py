@@ -1,0 +1,166 @@
+"""Pretraining on a Ray cluster of two nodes (tests/conftest.py's ``ray_cluster``, CPU, gloo): Ray Train
+runs the same Lightning code, a killed worker is restarted and the run ends where an uninterrupted one
+does, a run resumes on another number of workers, and ``lmforge run`` does it all from Dagster with
+MLflow behind a tracking server."""
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, copy_project, free_port, wait_for
+from test_training import ARCH, cfg, corpus_dirs  # noqa: F401 (a fixture)
+
+from models.ray_training import RaySettings, launch_on_ray
+from models.train_config import Scale
+
+#: Long enough (a few seconds) that a worker can be killed after the first checkpoint and before the end.
+RUN = dict(max_steps=240, checkpoint_every=20, val_every=120)
+SCALE = Scale(strategy="ddp", engine="ray", accelerator="cpu")
+
+
+@pytest.fixture(scope="module")
+def driver(ray_cluster):
+    """This test process as the Ray driver of the two-node cluster."""
+    import ray
+
+    ray.init(address=ray_cluster)
+    yield
+    ray.shutdown()
+
+
+def train(out: Path, corpus, workers: int = 2, lines: list | None = None, **overrides) -> dict:
+    packed, tok = corpus
+    settings = RaySettings(workers=workers, storage_path=str(out.parent / "ray"), name=f"{out.name}-{time.time_ns()}")
+    out.mkdir(parents=True, exist_ok=True)
+    return launch_on_ray(ARCH, cfg(**{**RUN, **overrides}), packed, tok, out, SCALE, settings,
+                         report=(lines.append if lines is not None else None))
+
+
+def placements(lines: list[str]) -> list[tuple[int, str, int]]:
+    """(rank, node id, pid) of each worker start that the workers reported, in order."""
+    found = []
+    for line in lines:
+        if line.startswith("worker "):
+            rank = int(line.split()[1].split("/")[0])
+            found.append((rank, line.split("node ")[1].split()[0], int(line.rsplit("pid ", 1)[1])))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, corpus_dirs, driver):
+    lines: list[str] = []
+    whole = train(tmp_path / "whole", corpus_dirs, lines=lines)
+    assert whole["workers"] == 2 and whole["steps"] == RUN["max_steps"] and whole["resumed_from_step"] is None
+    workers = placements(lines)
+    assert sorted(rank for rank, _, _ in workers) == [0, 1]
+    assert len({node for _, node, _ in workers}) == 2, f"both workers on one Ray node: {lines}"  # really two nodes
+    assert any(line.startswith("step 120/240") for line in lines)  # rank 0's progress reached the driver
+
+    lines = []
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(train(tmp_path / "killed", corpus_dirs, lines=lines)))
+    thread.start()
+    first = tmp_path / "killed/checkpoints/step=20.ckpt"
+    deadline = time.time() + 300
+    while not first.exists() and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    victim = next(pid for rank, _, pid in placements(lines) if rank == 1)
+    subprocess.run(["kill", "-KILL", str(victim)], check=True)  # a real kill: no handler, no cleanup
+    thread.join(timeout=600)
+    assert outcome, "the run did not finish"
+    assert len(placements(lines)) == 4, f"the worker group did not start again:\n{lines}"  # 2 workers, twice
+    assert outcome["resumed_from_step"] is not None and outcome["resumed_from_step"] < RUN["max_steps"]
+    assert outcome["steps"] == RUN["max_steps"]
+    assert abs(outcome["final_train_loss"] - whole["final_train_loss"]) < 1e-4
+    assert abs(outcome["final_val_loss"] - whole["final_val_loss"]) < 1e-4
+
+    # the same run continued on one worker from the uninterrupted run's step-220 checkpoint: the stream
+    # goes on from the 220 × 4 × 2 samples two workers consumed, 4 samples a step from there
+    resumed = tmp_path / "one_worker"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "whole/checkpoints/step=220.ckpt", resumed / "checkpoints")
+    alone = train(resumed, corpus_dirs, workers=1)
+    assert alone["workers"] == 1 and alone["resumed_from_step"] == 220 and alone["steps"] == RUN["max_steps"]
+    assert consumed(tmp_path / "whole/checkpoints/step=220.ckpt") == 220 * 4 * 2
+    assert consumed(resumed / "checkpoints/step=240.ckpt") == 220 * 4 * 2 + 20 * 4
+    assert abs(alone["final_val_loss"] - whole["final_val_loss"]) < 0.05  # the same model, 20 smaller steps apart
+
+
+def test_where_a_run_trains_is_not_part_of_its_fingerprint(tiny_project):
+    """A run resumed on another engine or number of processes is the same run; another checkpoint
+    format (sharded FSDP state) is not."""
+    import dataclasses
+
+    from lmforge.candidates import get
+    from lmforge.params import load_params
+    from lmforge.pretrain import fingerprint
+
+    params = load_params(tiny_project.path / "params.yaml")
+    params.paths.artifacts = str(tiny_project.artifacts)
+    candidate = get(params, "a", "pretrain")
+    here = fingerprint(candidate, params)
+    assert here == tiny_project.summary("pretrain/a")["fingerprint"]
+    elsewhere = dataclasses.replace(params, pretrain=dataclasses.replace(
+        params.pretrain, scale=dataclasses.replace(params.pretrain.scale, engine="ray", strategy="ddp", devices=8, num_nodes=4)))
+    elsewhere.cluster.workers = 16
+    assert fingerprint(candidate, elsewhere) == here
+    elsewhere.pretrain.scale.strategy = "fsdp2"
+    assert fingerprint(candidate, elsewhere) != here
+
+
+def consumed(checkpoint: Path) -> int:
+    """The position in the training stream that a checkpoint records (samples over all ranks)."""
+    import torch
+
+    return torch.load(checkpoint, weights_only=False)["PackedDataModule"]["consumed"]
+
+
+@pytest.mark.slow
+def test_lmforge_run_pretrains_on_ray_from_dagster_and_logs_to_an_mlflow_server(tiny_project, ray_cluster, tmp_path: Path):
+    """The shared services of a cluster: an MLflow tracking server (SQLite behind it here; a database
+    server on a real cluster) and an artifact store that every node reaches (a shared path here)."""
+    import dagster as dg
+    from mlflow import MlflowClient
+
+    project = copy_project(tiny_project, tmp_path / "copy")
+    params = project.params()
+    params["pretrain"]["scale"].update(engine="ray", strategy="ddp")
+    params["cluster"].update(address=ray_cluster, workers=2, storage=str(tmp_path / "shared" / "ray"))
+    (project.path / "params.yaml").write_text(yaml.safe_dump(params))
+    port = free_port()
+    server = subprocess.Popen(
+        [str(REPO / ".venv/bin/mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", (tmp_path / "shared" / "mlflow").as_uri()],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health")
+        uri = f"http://127.0.0.1:{port}"
+        project.lmforge("run", "--select", "pretrain", "--partition", "a", env={"MLFLOW_TRACKING_URI": uri})
+        summary = project.summary("pretrain/a")
+        assert summary["workers"] == 2 and summary["steps"] == params["pretrain"]["train"]["max_steps"]
+        assert summary["final_val_loss"] < summary["unigram_baseline"]
+
+        with dg.DagsterInstance.from_config(str(project.home)) as instance:
+            events = instance.fetch_materializations(dg.AssetKey("pretrain"), limit=1).records
+            assert events and events[0].partition_key == "a"
+            assert events[0].asset_materialization.metadata["mlflow_run_id"].value == summary["mlflow_run_id"]
+            logs = [e.user_message for e in instance.all_logs(events[0].run_id)]
+        assert sum(m.startswith("worker ") and "node " in m for m in logs) == 2, "the workers' placement is not in the run's log"
+        assert any(m.startswith("step 60/60") for m in logs), "rank 0's progress is not in the run's log"
+
+        client = MlflowClient(uri)
+        mlrun = client.get_run(summary["mlflow_run_id"])
+        assert mlrun.info.status == "FINISHED" and mlrun.data.params["cluster.workers"] == "2"
+        assert mlrun.data.metrics["final_val_loss"] == pytest.approx(summary["final_val_loss"])
+        assert "train/loss" in mlrun.data.metrics  # logged by rank 0 on the cluster, through the server
+        assert list((tmp_path / "shared" / "mlflow").rglob("loss_curve.png")), "the artifact is not in the shared store"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    assert json.loads((project.artifacts / "pretrain/a/history.json").read_text())["val_losses"]
