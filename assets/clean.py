@@ -22,7 +22,7 @@ CleanConfig.__doc__ = "Overrides of params.yaml `clean` for one run. Used by: cl
 )
 def clean(context: dg.AssetExecutionContext, config: CleanConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "clean", config)
-    summary = lmforge.clean.run_clean(params)
+    summary = lmforge.clean.run_clean(params, report=context.log.info)
     context.log.info(f"clean: kept {summary['kept']} of {summary['documents_in']} ({summary['by_reason']})")
     stage = params.stage_dir("clean")
     return materialized("clean", params, {

@@ -40,7 +40,7 @@ with warnings.catch_warnings():
 def ingest(context: dg.AssetExecutionContext, config: IngestConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "ingest", config)
     raw_version = lmforge.ingest.source_fingerprint(params)[0]  # before reading: a file changed meanwhile re-runs next time
-    summary = lmforge.ingest.run_ingest(params)
+    summary = lmforge.ingest.run_ingest(params, report=context.log.info)
     context.log.info(f"ingest: {summary['documents']} documents, {summary['quarantined']} quarantined")
     stage = params.stage_dir("ingest")
     ds = load_dataset_dir(stage / "dataset", "ingest")

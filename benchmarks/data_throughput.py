@@ -7,13 +7,22 @@ runs the three stages with near-dedup on, at a small and a large size, and print
 (this process plus its worker processes) for both, side by side, with their ratios: memory that stays
 flat in corpus size shows as an RSS ratio near 1.
 
+With ``--engine ray`` it runs each corpus through the local engine and through the Ray Data engine
+(``cluster.data_engine: ray``, a Ray started here with ``--workers`` CPUs), side by side in one run:
+documents/s and MB/s of each, the ratio ray/local (the cluster's overhead on one machine), whether
+the outputs are identical, and a projection to more workers from the measured per-worker throughput,
+Ray's fixed cost per run (from the two sizes) and the measured rate of the one serial part, the
+driver's ordered write (Amdahl's law).
+
     .venv/bin/python benchmarks/data_throughput.py [--mb 200] [--small-mb 50] [--workdir DIR]
+    .venv/bin/python benchmarks/data_throughput.py --engine ray [--mb 50] [--small-mb 10] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -106,13 +115,14 @@ class PeakRss:
         self._thread.join()
 
 
-def run_stages(corpus: Path, work: Path) -> dict:
+def run_stages(corpus: Path, work: Path, engine: str = "local") -> dict:
     from lmforge.clean import run_clean
     from lmforge.ingest import run_ingest
     from lmforge.params import Params, SourceParams, with_overrides
     from lmforge.split import run_split
 
     params = Params()
+    params.cluster.data_engine = engine
     params.paths.artifacts = str(work / "artifacts")
     params.ingest.sources = [SourceParams(name="bench", path=str(corpus))]
     params.clean = with_overrides(params.clean, {"validation": {"min_rows": 1}})
@@ -129,18 +139,133 @@ def run_stages(corpus: Path, work: Path) -> dict:
     return timings
 
 
+def outputs(work: Path) -> dict:
+    """What must be identical between the engines: quarantines, summaries, the split datasets."""
+    import datasets
+
+    artifacts = work / "artifacts"
+    out = {}
+    for stage in ("ingest", "clean", "split"):
+        out[f"{stage}/summary"] = (artifacts / stage / "summary.json").read_bytes()
+    for stage in ("ingest", "clean"):
+        out[f"{stage}/quarantine"] = (artifacts / stage / "quarantine.jsonl").read_bytes()
+    for name in ("train", "val", "test"):
+        out[f"split/{name}"] = datasets.load_from_disk(str(artifacts / "split" / name)).data.table
+    return out
+
+
+def same(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ."""
+    return [k for k in a if not (a[k].equals(b[k]) if hasattr(a[k], "equals") else a[k] == b[k])]
+
+
+def driver_write_seconds(work: Path) -> float:
+    """Seconds of the one serial part of the Ray engine, measured: the driver streams every ingested
+    document, then every cleaned one, as Python rows into the writers.  Replayed here from the Ray
+    run's outputs (Arrow rows to Python, through ``save_iterable``), without the cluster."""
+    import datasets
+
+    from lmforge.artifacts import save_iterable
+
+    (work / "replay").mkdir()
+    start = time.perf_counter()
+    for stage in ("ingest", "clean"):
+        ds = datasets.load_from_disk(str(work / "artifacts" / stage / "dataset"))
+
+        def rows(table=ds.data.table):
+            for batch in table.to_batches(max_chunksize=1024):
+                yield from batch.to_pylist()
+
+        save_iterable(rows(), ds.features, work / "replay" / stage)
+    return time.perf_counter() - start
+
+
+def compare_engines(args, work: Path) -> None:
+    """Local and Ray side by side on two corpus sizes, then a projection to more workers.
+
+    Two sizes separate Ray's fixed cost per run (start-up, each shuffle's worker processes) from its
+    cost per MB, which is what more workers divide."""
+    import ray
+    from ray.data import DataContext
+
+    results: dict[tuple[str, str], dict] = {}
+    differ: list[str] = []
+    for label, mb in (("small", args.small_mb), ("large", args.mb)):
+        corpus = work / f"corpus-{mb}mb"
+        size = build_corpus(corpus, mb) / 1e6
+        for engine in ("local", "ray"):
+            if engine == "ray":  # a Ray of our own on this machine (never one already running); run_* reuse it
+                ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+                DataContext.get_current().enable_progress_bars = False
+            try:
+                r = run_stages(corpus, work / f"{engine}-{mb}mb", engine)
+            finally:
+                if engine == "ray":
+                    ray.shutdown()
+            docs = r["ingest_summary"]["documents"]
+            data = r["ingest"] + r["clean"]  # the stages the engine changes; split is the same code in both
+            results[engine, label] = {**r, "mb": size, "docs": docs, "data_s": data}
+            c = r["clean_summary"]
+            print(
+                f"{engine:>5} {label:>5}: {size:6.1f} MB, {docs:6d} documents: ingest {r['ingest']:6.1f} s, clean {r['clean']:6.1f} s "
+                f"= {docs / data:6.0f} docs/s, {size / data:5.2f} MB/s (split {r['split']:.1f} s, same code); "
+                f"peak RSS with workers {r['peak_rss_total_mb']:.0f} MB; kept {c['kept']} of {c['documents_in']}",
+                flush=True,
+            )
+        differ += [f"{label}: {k}" for k in same(outputs(work / f"local-{mb}mb"), outputs(work / f"ray-{mb}mb"))]
+        shutil.rmtree(corpus)
+    local, on_ray = results["local", "large"], results["ray", "large"]
+    print(
+        f"ratio ray/local at {on_ray['mb']:.0f} MB ({args.workers} Ray workers vs {local_procs()} local processes): "
+        f"throughput {local['data_s'] / on_ray['data_s']:.2f}x (documents/s and MB/s alike), "
+        f"ingest {local['ingest'] / on_ray['ingest']:.2f}x, clean {local['clean'] / on_ray['clean']:.2f}x; "
+        f"outputs {'identical at both sizes' if not differ else 'DIFFER: ' + ', '.join(differ)}"
+    )
+    # Ray's time = fixed + per MB; per MB = the serial driver write + the parallel rest (Amdahl's law)
+    small = results["ray", "small"]
+    per_mb = (on_ray["data_s"] - small["data_s"]) / (on_ray["mb"] - small["mb"])
+    fixed = max(on_ray["data_s"] - per_mb * on_ray["mb"], 0.0)
+    serial_per_mb = driver_write_seconds(work / f"ray-{args.mb}mb") / on_ray["mb"]
+    parallel_per_mb = max(per_mb - serial_per_mb, 1e-6)
+    per_worker = 1 / (parallel_per_mb * args.workers)
+    print(
+        f"ray, measured here: {fixed:.0f} s fixed per run, then {1 / per_mb:.2f} MB/s; of that, the parallel part "
+        f"{per_worker:.2f} MB/s per worker, the driver's ordered write (serial) {1 / serial_per_mb:.1f} MB/s"
+    )
+    for n in (2, 8, 32, 128, 512):
+        rate = 1 / (1 / (n * per_worker) + serial_per_mb)
+        hours = (fixed + 10e6 / rate) / 3600
+        print(f"  {n:4d} workers -> ~{rate:6.1f} MB/s, 10 TB in ~{hours:,.0f} h ({hours / 24:,.1f} days)")
+    print(f"  ceiling: the driver's ordered write, {1 / serial_per_mb:.1f} MB/s (10 TB in ~{10e6 * serial_per_mb / 86400:,.1f} days)")
+
+
+def local_procs() -> int:
+    from lmforge.artifacts import env_num_proc
+    from lmforge.params import IngestParams
+
+    return env_num_proc(IngestParams().num_proc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=int, default=200, help="size of the large corpus (MB of JSONL)")
-    parser.add_argument("--small-mb", type=int, default=50, help="size of the small corpus")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: two corpus sizes on the local engine; ray: local vs Ray Data on one corpus")
+    parser.add_argument("--mb", type=int, default=None, help="size of the large corpus in MB of JSONL (default 200; 50 with --engine ray)")
+    parser.add_argument("--small-mb", type=int, default=None, help="size of the small corpus (default 50; 10 with --engine ray)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="--engine ray: CPUs of the Ray started here")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     args = parser.parse_args()
+    args.mb = args.mb or (50 if args.engine == "ray" else 200)
+    args.small_mb = args.small_mb or (10 if args.engine == "ray" else 50)
     import datasets
 
     datasets.disable_progress_bars()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     results = {}
     try:
+        if args.engine == "ray":
+            compare_engines(args, work)
+            return
         for label, mb in (("small", args.small_mb), ("large", args.mb)):
             corpus = work / f"corpus-{mb}mb"
             size = build_corpus(corpus, mb)

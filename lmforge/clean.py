@@ -7,7 +7,10 @@ Two passes over memory-mapped Arrow data, so memory stays flat in corpus size:
    wins; see ``lmforge.dedup``), then one ordered pass writing kept documents to the output dataset
    and everything else to ``quarantine.jsonl``.
 
-Accounting (checked by the tests): ``documents_in == kept + quarantined``.
+With ``cluster.data_engine: ray`` both passes run on a Ray cluster instead (``lmforge.ray_data``), with
+the same per-document code (``_score_batch``, ``route``) and the same output.
+
+Accounting (checked here and by the tests): ``documents_in == kept + quarantined``.
 """
 
 from __future__ import annotations
@@ -27,15 +30,28 @@ from lmforge.artifacts import (
     fresh_dir,
     load_dataset_dir,
     save_generated,
+    save_iterable,
     value_counts,
     worker_friendly_signals,
     write_params,
     write_summary,
 )
 from lmforge.cleaning import make_cleaner, quality
-from lmforge.dedup import band_hashes, banding, cluster_representatives, estimated_jaccard, signature, text_sha256
+from lmforge.cluster import connected
+from lmforge.dedup import (  # the statuses are re-exported: they are part of this module's interface
+    EXACT_DUPLICATE,
+    KEEP,
+    NEAR_DUPLICATE,
+    REJECTED,
+    band_hashes,
+    banding,
+    cluster_representatives,
+    signature,
+    text_sha256,
+    verify_near,
+)
 from lmforge.ingest import features as ingest_features
-from lmforge.params import CleanParams, DedupParams, Params, build
+from lmforge.params import CleanParams, DedupParams, LmforgeError, Params, build
 
 PASSTHROUGH = ("id", "source", "path", "record", "format", "file_sha256")
 
@@ -84,10 +100,6 @@ def _score_batch(batch: dict[str, list], params_blob: dict) -> dict[str, list]:
     return out
 
 
-# Decisions of pass 2, one int8 per document.
-KEEP, REJECTED, EXACT_DUPLICATE, NEAR_DUPLICATE = 0, 1, 2, 3
-
-
 def plan_dedup(table, p: DedupParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decide every document's fate from the scored Arrow table, reading it in record batches.
 
@@ -127,10 +139,26 @@ def plan_dedup(table, p: DedupParams) -> tuple[np.ndarray, np.ndarray, np.ndarra
         def gather(index: np.ndarray) -> np.ndarray:
             return pc.take(sig, index).combine_chunks().flatten().to_numpy().reshape(-1, p.num_perm)
 
-        jaccard[members] = estimated_jaccard(gather(members), gather(leaders))
-        if p.near == "remove":
-            status[members[jaccard[members] >= p.threshold]] = NEAR_DUPLICATE
+        jaccard[members], duplicate = verify_near(gather(members), gather(leaders), p)
+        status[members[duplicate]] = NEAR_DUPLICATE
     return status, rep, jaccard
+
+
+def route(row: dict, status: int, first: str, jaccard: float, quarantine: QuarantineWriter) -> dict | None:
+    """Act on one scored document's fate: write it to the quarantine (``None``) or return its output
+    row.  ``first`` is the id of the document it duplicates or clusters with (its own id if none).
+    Both engines call this, in corpus order, so that their outputs are the same bytes."""
+    where = {"source": row["source"], "path": row["path"], "record": row["record"], "id": row["id"]}
+    if status == REJECTED:
+        quarantine.write(**where, reason=row["reject_reason"], detail=row["reject_detail"], text=row["text"])
+    elif status == EXACT_DUPLICATE:
+        quarantine.write(**where, reason="exact_duplicate", detail=f"same text as document {first}", text=row["text"])
+    elif status == NEAR_DUPLICATE:
+        detail = f"near duplicate of document {first} (estimated Jaccard {jaccard:.2f})"
+        quarantine.write(**where, reason="near_duplicate", detail=detail, text=row["text"])
+    else:
+        return {**{key: row[key] for key in PASSTHROUGH}, "text": row["text"], "bytes": row["bytes"], "sha256": row["sha256"], "cluster": first}
+    return None
 
 
 def _write(scored_dir: str, params_blob: dict, quarantine_path: str):
@@ -147,26 +175,47 @@ def _write(scored_dir: str, params_blob: dict, quarantine_path: str):
         for batch in rows.iter(batch_size=1000):
             for k in range(len(batch["id"])):
                 row = {key: batch[key][k] for key in batch}
-                where = {"source": row["source"], "path": row["path"], "record": row["record"], "id": row["id"]}
                 # the representative's id: looked up in the Arrow column only for duplicates
                 first = row["id"] if rep[i] == i else ids[int(rep[i])].as_py()
-                if status[i] == REJECTED:
-                    quarantine.write(**where, reason=row["reject_reason"], detail=row["reject_detail"], text=row["text"])
-                elif status[i] == EXACT_DUPLICATE:
-                    quarantine.write(**where, reason="exact_duplicate", detail=f"same text as document {first}", text=row["text"])
-                elif status[i] == NEAR_DUPLICATE:
-                    detail = f"near duplicate of document {first} (estimated Jaccard {jaccard[i]:.2f})"
-                    quarantine.write(**where, reason="near_duplicate", detail=detail, text=row["text"])
-                else:
-                    yield {**{key: row[key] for key in PASSTHROUGH}, "text": row["text"], "bytes": row["bytes"], "sha256": row["sha256"], "cluster": first}
+                kept = route(row, status[i], first, jaccard[i], quarantine)
+                if kept is not None:
+                    yield kept
                 i += 1
 
 
-def run_clean(params: Params) -> dict[str, Any]:
-    """Materialize ``<artifacts>/clean``: ``dataset/``, ``quarantine.jsonl``, ``summary.json``."""
+def _route_stream(stream, quarantine_path: Path):
+    """The Ray engine's pass 2 on the driver: (scored row, status, first id, Jaccard) in corpus order,
+    from ``lmforge.ray_data.clean_stream``, through the same ``route`` as the local engine."""
+    with QuarantineWriter(quarantine_path) as quarantine:
+        for row, status, first, jaccard in stream:
+            kept = route(row, status, first, jaccard, quarantine)
+            if kept is not None:
+                yield kept
+
+
+def run_clean(params: Params, report=None) -> dict[str, Any]:
+    """Materialize ``<artifacts>/clean``: ``dataset/``, ``quarantine.jsonl``, ``summary.json``.
+
+    ``report`` (a callable taking one line) hears where the work ran on the Ray engine."""
     make_cleaner(params.clean)  # fail fast on a config error, before any work
     source = load_dataset_dir(params.stage_dir("ingest") / "dataset", "ingest")
     out = fresh_dir(params.stage_dir("clean"))
+    if params.cluster.data_engine == "ray":
+        from lmforge import ray_data
+
+        with connected(params.cluster, report):
+            stream = ray_data.clean_stream(
+                params.stage_dir("ingest") / "dataset", _score_batch, {"params_blob": asdict(params.clean)},
+                _scored_features().arrow_schema, params.clean.dedup, report,
+            )
+            kept = save_iterable(_route_stream(stream, out / QUARANTINE), features(), out / "dataset")
+    else:
+        kept = _clean_local(params, source, out)
+    return _summarize(params, source, kept, out)
+
+
+def _clean_local(params: Params, source, out: Path):
+    """Both passes on this machine: ``datasets.map`` worker processes, then one ordered pass."""
     work = out / ".work"
     blob = asdict(params.clean)
     num_proc = env_num_proc(params.clean.num_proc)
@@ -192,8 +241,17 @@ def run_clean(params: Params) -> dict[str, Any]:
         out / "dataset",
     )
     shutil.rmtree(work)
+    return kept
+
+
+def _summarize(params: Params, source, kept, out: Path) -> dict[str, Any]:
+    """``summary.json`` and ``params.json`` from the outputs, the same for both engines."""
     by_reason = count_reasons(out / QUARANTINE)
     n_kept = len(kept)
+    if len(source) != n_kept + sum(by_reason.values()):
+        raise LmforgeError(
+            f"clean: accounting broken: {len(source)} documents in, {n_kept} kept + {sum(by_reason.values())} quarantined"
+        )
     clusters = value_counts(kept, "cluster") if params.clean.dedup.near == "cluster" else {}
     summary = {
         "documents_in": len(source),

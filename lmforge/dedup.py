@@ -25,6 +25,10 @@ from lmforge.params import DedupParams
 
 _PRIME = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio) that mixes values
 
+# The fate of a document, one int8 each: decided by ``lmforge.clean.plan_dedup`` (local engine) or by
+# ``lmforge.ray_data`` (Ray engine), acted on by ``lmforge.clean.route``.
+KEEP, REJECTED, EXACT_DUPLICATE, NEAR_DUPLICATE = 0, 1, 2, 3
+
 
 @lru_cache(maxsize=4)
 def _permutations(num_perm: int):
@@ -79,37 +83,61 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
-def cluster_representatives(bands: np.ndarray) -> np.ndarray:
-    """For each row of ``bands`` (in corpus order), the index of the first row of its cluster.
+def bucket_links(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Links between positions of ``keys`` (in corpus order) that share a key: (member, first), each
+    position that is not the first with its key linked to the first one.
 
-    Rows sharing a band hash are linked; clusters are the connected components of those links.
+    Only colliding positions produce links, so the output is as small as the duplicates are few.  Both
+    engines build their clusters from these links: the local one over the whole corpus, the Ray one
+    within each partition of a shuffle by key (``lmforge.ray_data``).
     """
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    if n == 0:
+        return order, order
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    first = np.repeat(order[starts], np.diff(np.r_[starts, n]))  # first position of each bucket
+    linked = first != order
+    return order[linked], first[linked]
+
+
+def component_firsts(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
+    """For each of ``n`` nodes, the smallest node of its connected component given the links
+    ``src[i]``-``dst[i]`` (scipy's connected components; a node without links is its own first)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = bands.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    src, dst = [], []
-    for b in range(bands.shape[1]):
-        keys = bands[:, b]
-        order = np.argsort(keys, kind="stable")
-        starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
-        first = np.repeat(order[starts], np.diff(np.r_[starts, n]))  # first row of each bucket
-        linked = first != order
-        src.append(order[linked])
-        dst.append(first[linked])
-    src_all, dst_all = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(src_all), dtype=np.int8), (src_all, dst_all)), shape=(n, n))
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     first_of_component = np.full(component.max() + 1, n, dtype=np.int64)
     np.minimum.at(first_of_component, component, np.arange(n))
     return first_of_component[component]
 
 
+def cluster_representatives(bands: np.ndarray) -> np.ndarray:
+    """For each row of ``bands`` (in corpus order), the index of the first row of its cluster.
+
+    Rows sharing a band hash are linked; clusters are the connected components of those links.
+    """
+    n = bands.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    src, dst = zip(*(bucket_links(bands[:, b]) for b in range(bands.shape[1])))
+    return component_firsts(np.concatenate(src), np.concatenate(dst), n)
+
+
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise share of equal MinHash values: an unbiased estimate of Jaccard similarity."""
     return (a == b).mean(axis=1)
+
+
+def verify_near(members: np.ndarray, leaders: np.ndarray, p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+    """(estimated Jaccard as float32, whether each member is a near duplicate to remove) for the
+    signatures of cluster members and of their representatives, row by row.  One function for both
+    engines, so that the same float32 value is compared with the threshold and printed."""
+    jaccard = estimated_jaccard(members, leaders).astype(np.float32)
+    return jaccard, (jaccard >= p.threshold) & (p.near == "remove")
 
 
 def text_sha256(text: str) -> str:

@@ -7,6 +7,9 @@ bytes of the exact file.  Anything that cannot become a document becomes a quara
 Accounting (checked by the tests): every directory entry that passes the include/exclude globs ends
 up as documents or as quarantine records; every line/row/item of a JSONL, JSON, CSV or Parquet file
 or of a Hugging Face dataset is one document or one quarantine record.
+
+With ``cluster.data_engine: ray`` the files are read by Ray tasks across a cluster
+(``lmforge.ray_data``), with the same per-file code (``_item_outputs``) and the same output.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from lmforge.artifacts import (
     env_num_proc,
     fresh_dir,
     save_generated,
+    save_iterable,
     shards,
     value_counts,
     write_params,
     write_summary,
 )
+from lmforge.cluster import connected
 from lmforge.formats import Record, detect_format, read_records
 from lmforge.params import IngestParams, LmforgeError, Params, SourceParams, build
 
@@ -238,59 +243,107 @@ def _generate(shards: list[tuple[int, list[Item]]], params_blob: dict, out_dir: 
 
 
 def _generate_shard(shard: int, items: list[Item], params: Params, out_dir: str):
-    cfg: IngestParams = params.ingest
     with QuarantineWriter(Path(out_dir) / f"{QUARANTINE}.part{shard:03d}") as quarantine:
         for item in items:
-            if item.hf is not None:
-                records = _hf_records(item.hf, params)
-                fmt, file_sha = "hf", ""
-            elif item.reject is not None:
-                reason, detail = item.reject
-                quarantine.write(source=item.source, path=item.path, record=0, reason=reason, detail=detail)
-                continue
+            for row, rejection in _item_outputs(item, params):
+                if rejection is not None:
+                    quarantine.write(**rejection)
+                else:
+                    yield row
+
+
+def _rejection(source: str, path: str, record: int, reason: str, detail: str, text: str | None = None) -> dict:
+    """The arguments of one ``QuarantineWriter.write``: the same fields, in the same order, from both engines."""
+    return {"source": source, "path": path, "record": record, "reason": reason, "detail": detail, "text": text}
+
+
+def _item_outputs(item: Item, params: Params):
+    """Everything one item gives, in order: ``(document row, None)`` or ``(None, rejection)``.
+
+    The per-file work of both engines: a worker process of the local engine, or a Ray task."""
+    cfg: IngestParams = params.ingest
+    if item.hf is not None:
+        records = _hf_records(item.hf, params)
+        fmt, file_sha = "hf", ""
+    elif item.reject is not None:
+        reason, detail = item.reject
+        yield None, _rejection(item.source, item.path, 0, reason, detail)
+        return
+    else:
+        fmt, gz = detect_format(Path(item.abs_path))
+        file_sha = _file_sha256(item.abs_path)
+        records = ((item.path, r) for r in read_records(Path(item.abs_path), fmt, gz, _field(params, item), cfg.max_document_bytes))
+    for path, rec in records:
+        if rec.reason is None and not (rec.text or "").strip():
+            rec = Record(rec.record, text=rec.text, reason="empty_text", detail="no text after conversion")
+        if rec.reason is not None:
+            yield None, _rejection(item.source, path, rec.record, rec.reason, rec.detail, rec.text)
+            continue
+        data = rec.text.encode("utf-8", "surrogatepass")
+        if len(data) > cfg.max_document_bytes:
+            detail = f"document larger than ingest.max_document_bytes ({cfg.max_document_bytes:,})"
+            yield None, _rejection(item.source, path, rec.record, "too_large", detail)
+            continue
+        yield {
+            "id": document_id(item.source, path, rec.record),
+            "source": item.source,
+            "path": path,
+            "record": rec.record,
+            "format": fmt,
+            "text": rec.text,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "file_sha256": file_sha,
+        }, None
+
+
+def _ray_schema():
+    """One Arrow row per output of ``_item_outputs`` on the Ray engine: a document, or a rejection
+    (``reason`` set; ``source``, ``path``, ``record``, ``detail``, ``text`` as in the quarantine)."""
+    import pyarrow as pa
+
+    schema = features().arrow_schema
+    return schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
+
+
+def _ray_item_outputs(items: list[Item], params_blob: dict):
+    """A Ray task's share of the items → (index of the item, flat row for ``_ray_schema``), on the cluster."""
+    params: Params = build(Params, params_blob, "")
+    for k, item in enumerate(items):
+        for row, rejection in _item_outputs(item, params):
+            yield k, row if rejection is None else rejection
+
+
+def _ray_route(rows, quarantine_path: Path):
+    """On the driver, in corpus order: documents to the dataset, rejections to the quarantine."""
+    with QuarantineWriter(quarantine_path) as quarantine:
+        for row in rows:
+            if row["reason"] is not None:
+                quarantine.write(**{key: row[key] for key in ("source", "path", "record", "reason", "detail", "text")})
             else:
-                fmt, gz = detect_format(Path(item.abs_path))
-                file_sha = _file_sha256(item.abs_path)
-                records = ((item.path, r) for r in read_records(Path(item.abs_path), fmt, gz, _field(params, item), cfg.max_document_bytes))
-            for path, rec in records:
-                if rec.reason is None and not (rec.text or "").strip():
-                    rec = Record(rec.record, text=rec.text, reason="empty_text", detail="no text after conversion")
-                if rec.reason is not None:
-                    quarantine.write(
-                        source=item.source, path=path, record=rec.record, reason=rec.reason, detail=rec.detail, text=rec.text
-                    )
-                    continue
-                data = rec.text.encode("utf-8", "surrogatepass")
-                if len(data) > cfg.max_document_bytes:
-                    quarantine.write(
-                        source=item.source, path=path, record=rec.record, reason="too_large",
-                        detail=f"document larger than ingest.max_document_bytes ({cfg.max_document_bytes:,})",
-                    )
-                    continue
-                yield {
-                    "id": document_id(item.source, path, rec.record),
-                    "source": item.source,
-                    "path": path,
-                    "record": rec.record,
-                    "format": fmt,
-                    "text": rec.text,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "file_sha256": file_sha,
-                }
+                yield {key: row[key] for key in COLUMNS}
 
 
 def _field(params: Params, item: Item) -> str:
     return next(s.text_field for s in params.ingest.sources if s.name == item.source)
 
 
-def run_ingest(params: Params) -> dict[str, Any]:
-    """Materialize ``<artifacts>/ingest``: ``dataset/`` (Arrow), ``quarantine.jsonl``, ``summary.json``."""
+def run_ingest(params: Params, report=None) -> dict[str, Any]:
+    """Materialize ``<artifacts>/ingest``: ``dataset/`` (Arrow), ``quarantine.jsonl``, ``summary.json``.
+
+    ``report`` (a callable taking one line) hears where the work ran on the Ray engine."""
     from dataclasses import asdict
 
     items, filtered = list_items(params)
     out = fresh_dir(params.stage_dir("ingest"))
     dataset_dir = out / "dataset"
+    if params.cluster.data_engine == "ray":
+        from lmforge import ray_data
+
+        with connected(params.cluster, report):
+            rows = ray_data.ordered_flat_map(items, _ray_item_outputs, {"params_blob": asdict(params)}, _ray_schema(), "ingest", report)
+            ds = save_iterable(_ray_route(rows, out / QUARANTINE), features(), dataset_dir)
+        return _summarize(params, items, filtered, ds, out)
     parts = shards(items, env_num_proc(params.ingest.num_proc)) or [[]]
     ds = save_generated(
         _generate,
@@ -301,6 +354,11 @@ def run_ingest(params: Params) -> dict[str, Any]:
     )
     part_files = [out / f"{QUARANTINE}.part{i:03d}" for i in range(len(parts))]
     concat_files(part_files, out / QUARANTINE)
+    return _summarize(params, items, filtered, ds, out)
+
+
+def _summarize(params: Params, items: list[Item], filtered: int, ds, out: Path) -> dict[str, Any]:
+    """``summary.json`` and ``params.json`` from the outputs, the same for both engines."""
     by_reason = count_reasons(out / QUARANTINE)
     documents = len(ds)
     input_bytes = sum(os.path.getsize(i.abs_path) for i in items if i.abs_path and i.reject is None)

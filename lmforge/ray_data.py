@@ -1,0 +1,459 @@
+"""Ingest and clean on Ray Data (``cluster.data_engine: ray``): the local engine's output, computed on
+a Ray cluster.
+
+Why it is built this way:
+
+- **One code path for the per-document work.**  The stages pass their own functions in (ingest's
+  per-file reader, clean's ``_score_batch``); this module only distributes them.  It imports neither
+  stage: the stages import the engine, never the reverse, so the import graph stays a tree.
+- **A corpus position on every row.**  Ingest rows come out in the order of the work items, clean rows
+  carry ``row``, their index in the ingest dataset.  "The first occurrence wins" and the output order
+  then never depend on which worker finished first, so the output equals the local engine's.
+- **Shuffles by key for the decisions.**  Exact duplicates meet in a hash shuffle by text hash, near
+  duplicate candidates in a hash shuffle by band hash; only colliding documents produce output
+  (pairs), and the connected components are computed over those pairs alone.  No process holds an
+  array over the whole corpus; the driver holds the colliding pairs and the cluster members.
+- **Ordered output through the driver.**  Kept rows and quarantine records stream, in corpus order,
+  into the same writers as the local engine (``save_generated``, ``QuarantineWriter``), so the files
+  are the same bytes, and the accounting is checked row by row on the way.
+
+Files are read where the tasks run: every node must see the source directories and the artifacts
+directory at the same paths (a shared filesystem), as it must for the local engine's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.dedup import (
+    EXACT_DUPLICATE,
+    KEEP,
+    NEAR_DUPLICATE,
+    REJECTED,
+    band_hashes,
+    banding,
+    bucket_links,
+    component_firsts,
+    verify_near,
+)
+from lmforge.params import DedupParams, LmforgeError
+
+# Rows a task hands on at a time: bounds a worker's memory on a huge file, keeps Ray's blocks of a
+# useful size.
+BATCH_ROWS = 1024
+# Documents scored per call of the stage's batch function (the local engine uses 64).
+SCORE_ROWS = 64
+# Most rows of the ingest dataset one clean task reads; fewer when that gives each CPU four tasks, so
+# that a small corpus is still spread over the cluster.
+CHUNK_ROWS = 4096
+
+
+@contextlib.contextmanager
+def _data_context() -> Iterator[Any]:
+    """Ray Data settings this engine relies on, for the datasets created inside the block (each
+    dataset copies the context when it is created); the caller's settings are restored afterwards.
+
+    ``preserve_order``: blocks come out in input order, which the ordered output needs.
+    ``shuffle_strategy``: ``repartition(keys=...)`` partitions by key only with a hash shuffle (a
+    sort-based strategy, settable by environment variable, would ignore the keys).
+    """
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.shuffle_strategy
+    ctx.execution_options.preserve_order = True
+    ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+    try:
+        yield ctx
+    finally:
+        ctx.execution_options.preserve_order, ctx.shuffle_strategy = saved
+
+
+def _cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _nodes_used(ds) -> int | None:
+    """Nodes the tasks of ``ds``'s last execution ran on, from Ray Data's own statistics."""
+    counts = [int(n) for n in re.findall(r"(\d+) nodes used", ds.stats())]
+    return max(counts) if counts else None
+
+
+def _say(report: Callable[[str], None] | None, message: str, ds=None) -> None:
+    if report is None:
+        return
+    nodes = _nodes_used(ds) if ds is not None else None
+    report(message + (f" on {nodes} node(s)" if nodes else ""))
+
+
+# --------------------------------------------------------------------------------------------------
+# Ingest: work items → rows, in the order of the items
+# --------------------------------------------------------------------------------------------------
+
+
+def _flat_map_block(batch, fn: Callable, fn_kwargs: dict, schema) -> Iterator[Any]:
+    """A Ray task: the work items of one block → ``fn``'s rows, as Arrow tables of ``schema`` plus
+    ``item``, the position in the whole work list of the item each row came from."""
+    import pyarrow as pa
+
+    positions = batch.column("item").to_pylist()
+    work = [pickle.loads(blob) for blob in batch.column("work").to_pylist()]
+    rows: list[dict] = []
+    items: list[int] = []
+
+    def table():
+        return pa.Table.from_pylist(rows, schema=schema).append_column("item", pa.array(items, pa.int64()))
+
+    for k, row in fn(work, **fn_kwargs):
+        rows.append(row)
+        items.append(positions[k])
+        if len(rows) == BATCH_ROWS:
+            yield table()
+            rows, items = [], []
+    if rows:
+        yield table()
+
+
+def ordered_flat_map(
+    work: list, fn: Callable[..., Iterator[tuple[int, dict]]], fn_kwargs: dict, schema, stage: str, report=None
+) -> Iterator[dict]:
+    """Rows of ``fn(items, **fn_kwargs)`` over contiguous blocks of ``work``, in Ray tasks across the
+    cluster; ``fn`` yields ``(index of the item in its block, row)``.  Yields the rows on the driver in
+    the order of ``work`` (within an item, in ``fn``'s order), which it checks.
+
+    Items travel pickled (an ingest item holds its source's settings); blocks of several items let a
+    task set up once, and four blocks per CPU keep the cluster busy when files differ in size.
+    """
+    import ray
+
+    if not work:
+        return
+    with _data_context():
+        blocks = min(len(work), 4 * _cpus())
+        items = ray.data.from_items(
+            [{"item": i, "work": pickle.dumps(w)} for i, w in enumerate(work)], override_num_blocks=blocks
+        )
+        rows = items.map_batches(
+            _flat_map_block,
+            batch_size=None,  # a whole block: its items, in order
+            batch_format="pyarrow",
+            fn_kwargs={"fn": fn, "fn_kwargs": fn_kwargs, "schema": schema},
+        )
+        last = 0
+        for table in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in table.to_pylist():
+                item = row.pop("item")
+                if item < last:
+                    raise LmforgeError(f"{stage} (ray): rows of item {item} arrived after rows of item {last}")
+                last = item
+                yield row
+        _say(report, f"ray: {stage} read {len(work)} items", rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clean: score in parallel, decide by shuffles, stream the outcome in corpus order
+# --------------------------------------------------------------------------------------------------
+
+# One decision per duplicate (never per document): its corpus position, status, the id it
+# duplicates or clusters with, and the estimated Jaccard (near duplicates only).
+def _decision_schema():
+    import pyarrow as pa
+
+    return pa.schema([("row", pa.int64()), ("status", pa.int8()), ("first_id", pa.string()), ("jaccard", pa.float32())])
+
+
+def _chunks(dataset_dir: Path, cpus: int) -> list[dict]:
+    """Row ranges of the ingest dataset's Arrow files, with the corpus position of their first row.
+
+    The driver opens each file memory-mapped to count its rows; the texts are read by the tasks.
+    """
+    import pyarrow as pa
+
+    files = [dataset_dir / f["filename"] for f in json.loads((dataset_dir / "state.json").read_text())["_data_files"]]
+    sizes = []
+    for path in files:
+        with pa.memory_map(str(path)) as source:
+            sizes.append(pa.ipc.open_stream(source).read_all().num_rows)
+    step = max(1, min(CHUNK_ROWS, math.ceil(sum(sizes) / (4 * cpus))))
+    chunks, offset = [], 0
+    for path, size in zip(files, sizes):
+        for start in range(0, size, step):
+            stop = min(size, start + step)
+            chunks.append({"path": str(path), "start": start, "stop": stop, "row": offset + start})
+        offset += size
+    return chunks
+
+
+def _score_chunks(batch, score: Callable, score_kwargs: dict, schema) -> Iterator[Any]:
+    """A Ray task: read row ranges of the ingest dataset (memory-mapped) and score them with the
+    clean stage's own batch function; each output row gets its corpus position ``row``."""
+    import pyarrow as pa
+
+    scored_schema = pa.schema([f for f in schema if f.name != "row"])
+    for chunk in batch.to_pylist():
+        with pa.memory_map(chunk["path"]) as source:
+            table = pa.ipc.open_stream(source).read_all().slice(chunk["start"], chunk["stop"] - chunk["start"])
+            position = chunk["row"]
+            for part in table.to_batches(max_chunksize=SCORE_ROWS):
+                out = pa.Table.from_pydict(score(part.to_pydict(), **score_kwargs), schema=scored_schema)
+                rows = pa.array(np.arange(position, position + part.num_rows, dtype=np.int64))
+                yield out.add_column(0, "row", rows)
+                position += part.num_rows
+
+
+def _live(batch, near: bool):
+    """Documents the filters kept, with what the decisions need: position, id, the 128-bit text key
+    (the local engine's key) and, for near dedup, the signature."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kept = batch.filter(pc.is_null(batch["reject_reason"]))
+    columns = {"row": kept["row"], "id": kept["id"], "text_key": pc.utf8_slice_codeunits(kept["sha256"], 0, 32)}
+    if near:
+        columns["signature"] = kept["signature"]
+    return pa.table(columns)
+
+
+def _first_of_each_text(block):
+    """One partition of the shuffle by text key: all copies of a text are here.  The first in corpus
+    order keeps ``first_id`` null; every other copy gets the first one's id."""
+    import pyarrow as pa
+
+    table = block.sort_by("row")
+    keys = table["text_key"].to_numpy(zero_copy_only=False).astype(str)
+    member, first = bucket_links(keys)
+    ids = table["id"].to_numpy(zero_copy_only=False)
+    first_id = np.full(table.num_rows, None, dtype=object)
+    first_id[member] = ids[first]
+    return table.drop_columns(["text_key"]).append_column("first_id", pa.array(first_id, pa.string()))
+
+
+def _exact_decisions(batch):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dup = batch.filter(pc.is_valid(batch["first_id"]))
+    n = dup.num_rows
+    return pa.table(
+        [dup["row"], pa.array(np.full(n, EXACT_DUPLICATE, dtype=np.int8)), dup["first_id"], pa.nulls(n, pa.float32())],
+        schema=_decision_schema(),
+    )
+
+
+def _firsts(batch):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_null(batch["first_id"])).drop_columns(["first_id"])
+
+
+def _band_keys(batch, num_perm: int, bands: int, rows: int):
+    """Explode each eligible document into one (band, band hash, row) per band."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    signatures = pc.list_flatten(batch["signature"]).to_numpy().reshape(n, num_perm)
+    hashes = band_hashes(signatures, bands, rows)  # (n, bands), row-major: document by document
+    return pa.table({
+        "band": np.tile(np.arange(bands, dtype=np.int32), n),
+        "hash": hashes.ravel(),
+        "row": np.repeat(batch["row"].to_numpy(), bands),
+    })
+
+
+def _colliding_pairs(block):
+    """One partition of the shuffle by (band, band hash): every bucket is wholly here.  Emits only
+    collisions: each bucket's other rows paired with its first row (corpus order)."""
+    import pyarrow as pa
+
+    band, hashes, rows = (block[c].to_numpy() for c in ("band", "hash", "row"))
+    order = np.argsort(rows, kind="stable")
+    band, hashes, rows = band[order], hashes[order], rows[order]
+    src, dst = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for b in np.unique(band):
+        index = np.flatnonzero(band == b)
+        member, first = bucket_links(hashes[index])
+        src.append(rows[index[member]])
+        dst.append(rows[index[first]])
+    pairs = np.unique(np.stack([np.concatenate(src), np.concatenate(dst)], axis=1), axis=0)  # once, not once per band
+    return pa.table({"row": pairs[:, 0], "first": pairs[:, 1]})
+
+
+def clusters_from_pairs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(member rows, their representative rows, by member) from colliding pairs of rows.
+
+    Connected components (scipy) over the documents that appear in a pair, numbered compactly: the
+    state is as large as the near-duplicate candidates, not the corpus.  The representative of a
+    component is its first row, as in ``lmforge.dedup.cluster_representatives``.
+    """
+    if not len(src):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    nodes, index = np.unique(np.concatenate([src, dst]), return_inverse=True)
+    first = nodes[component_firsts(index[: len(src)], index[len(src) :], len(nodes))]
+    member = first != nodes
+    return nodes[member], first[member]
+
+
+def _clusters(pairs) -> tuple[np.ndarray, np.ndarray]:
+    """``clusters_from_pairs`` over the pairs dataset, collected on the driver."""
+    src, dst = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for batch in pairs.iter_batches(batch_format="numpy", batch_size=None):
+        src.append(batch["row"])
+        dst.append(batch["first"])
+    return clusters_from_pairs(np.concatenate(src), np.concatenate(dst))
+
+
+def _tag_clusters(batch, members: np.ndarray, leaders: np.ndarray):
+    """Keep the documents of a near-duplicate cluster, each tagged with its representative (a join on
+    the row position with the cluster table, which is small enough to travel with the task)."""
+    import pyarrow as pa
+
+    rows = batch["row"].to_numpy()
+    at = np.minimum(np.searchsorted(members, rows), len(members) - 1)
+    is_member = members[at] == rows
+    heads = np.unique(leaders)
+    is_head = heads[np.minimum(np.searchsorted(heads, rows), len(heads) - 1)] == rows
+    keep = is_member | is_head
+    leader = np.where(is_member, leaders[at], rows)
+    return batch.filter(pa.array(keep)).append_column("leader", pa.array(leader[keep]))
+
+
+def _verify_cluster(group, p: DedupParams):
+    """One near-duplicate cluster (a pandas DataFrame: the representative and its members): the
+    estimated Jaccard of each member with the representative, and its fate.
+
+    pandas on purpose: the groups are few and small, and it keeps Ray Data's pandas path (pandas 3
+    here) exercised by the tests."""
+    import pandas as pd
+
+    rows = group["row"].to_numpy(dtype=np.int64)
+    leader = rows == int(group["leader"].iloc[0])
+    signatures = np.asarray(group["signature"].tolist(), dtype=np.uint32)
+    jaccard, duplicate = verify_near(signatures[~leader], signatures[leader][:1], p)
+    return pd.DataFrame({
+        "row": rows[~leader],
+        "status": np.where(duplicate, NEAR_DUPLICATE, KEEP).astype(np.int8),
+        "first_id": [group["id"][leader].iloc[0]] * int((~leader).sum()),
+        "jaccard": jaccard,
+    })
+
+
+def _as_decisions(batch):
+    return batch.select(["row", "status", "first_id", "jaccard"]).cast(_decision_schema())
+
+
+def _decisions(scored, p: DedupParams, cpus: int, report):
+    """The duplicates, as a dataset of decisions sorted by row (``None`` when dedup is off).
+
+    Exactly ``lmforge.clean.plan_dedup``: rejected documents take no part; exact duplicates (same
+    128-bit text key, the first in corpus order wins) leave before near dedup; near duplicates are
+    the members of connected components of band collisions among the remaining documents, each
+    verified against the component's first document.
+    """
+    near = p.near != "off"
+    if not p.exact and not near:
+        return None
+    parts = cpus  # hash partitions of each shuffle: one per CPU
+    live = scored.map_batches(_live, batch_format="pyarrow", fn_kwargs={"near": near})
+    found = []
+    eligible = live
+    if p.exact:
+        # the hash shuffle keeps each partition in one block (as GroupedData.map_groups relies on),
+        # so all copies of a text meet in one call; vectorised per partition rather than a Python
+        # call per group (map_groups), since nearly every group is a single document
+        grouped = live.repartition(parts, keys=["text_key"]).map_batches(
+            _first_of_each_text, batch_size=None, batch_format="pyarrow"
+        ).materialize()
+        found.append(grouped.map_batches(_exact_decisions, batch_format="pyarrow"))
+        eligible = grouped.map_batches(_firsts, batch_format="pyarrow")
+    if near:
+        bands, rows = banding(p.threshold, p.num_perm)
+        pairs = (
+            eligible.map_batches(_band_keys, batch_format="pyarrow", fn_kwargs={"num_perm": p.num_perm, "bands": bands, "rows": rows})
+            .repartition(parts, keys=["band", "hash"])
+            .map_batches(_colliding_pairs, batch_size=None, batch_format="pyarrow")
+        )
+        members, leaders = _clusters(pairs)
+        _say(report, f"ray: clean: {len(members)} document(s) in near-duplicate clusters")
+        if len(members):
+            found.append(
+                eligible.map_batches(_tag_clusters, batch_format="pyarrow", fn_kwargs={"members": members, "leaders": leaders})
+                .groupby("leader", num_partitions=parts)
+                .map_groups(_verify_cluster, batch_format="pandas", fn_kwargs={"p": p})
+                .map_batches(_as_decisions, batch_format="pyarrow")
+            )
+    if not found:
+        return None
+    decisions = found[0].union(*found[1:]) if len(found) > 1 else found[0]
+    return decisions.sort("row")
+
+
+def _decision_rows(decisions) -> Iterator[tuple[int, int, str, float | None]]:
+    if decisions is None:
+        return
+    for batch in decisions.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from zip(*(batch[c].to_pylist() for c in ("row", "status", "first_id", "jaccard")))
+
+
+def clean_stream(
+    dataset_dir: Path, score: Callable, score_kwargs: dict, scored_schema, p: DedupParams, report=None
+) -> Iterator[tuple[dict, int, str, float | None]]:
+    """Clean on the cluster; yields ``(scored row, status, first id, estimated Jaccard)`` for every
+    document of the ingest dataset at ``dataset_dir``, in corpus order, on the driver.
+
+    The scored documents stay in the cluster's object store (spilled to disk when it is full) until
+    they stream out; the driver checks that every position arrives exactly once, in order, and that
+    every decision matches a document the filters kept.
+    """
+    import pyarrow as pa
+    import ray
+
+    with _data_context():
+        cpus = _cpus()
+        chunks = _chunks(dataset_dir, cpus)
+        if not chunks:
+            return
+        schema = pa.schema([pa.field("row", pa.int64()), *scored_schema])
+        scored = (
+            ray.data.from_items(chunks, override_num_blocks=len(chunks))
+            .map_batches(
+                _score_chunks,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={"score": score, "score_kwargs": score_kwargs, "schema": schema},
+            )
+            .materialize()
+        )
+        _say(report, f"ray: clean scored {scored.count()} documents in {len(chunks)} tasks", scored)
+        decisions = _decision_rows(_decisions(scored, p, cpus, report))
+        pending = next(decisions, None)
+        expected = 0
+        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.drop_columns(["signature"]).to_pylist():
+                if row["row"] != expected:
+                    raise LmforgeError(f"clean (ray): document {row['row']} arrived where {expected} was expected")
+                expected += 1
+                if pending is not None and pending[0] < row["row"]:
+                    raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, rejected or decided twice")
+                if row["reject_reason"] is not None:
+                    yield row, REJECTED, row["id"], None
+                elif pending is not None and pending[0] == row["row"]:
+                    _, status, first_id, jaccard = pending
+                    yield row, status, first_id, jaccard
+                    pending = next(decisions, None)
+                else:
+                    yield row, KEEP, row["id"], None
+        if pending is not None:
+            raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, which is not in the corpus")

@@ -1,0 +1,176 @@
+"""The Ray Data engine (``cluster.data_engine: ray``): the local engine's ingest and clean output, byte
+for byte, computed on a real two-node Ray cluster; and its shuffle-side dedup pieces against the local
+ones."""
+
+import gzip
+import json
+import random
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import prose, write_params
+
+from lmforge.clean import run_clean
+from lmforge.dedup import cluster_representatives
+from lmforge.ingest import run_ingest
+from lmforge.params import load_params
+from lmforge.ray_data import _colliding_pairs, _first_of_each_text, clusters_from_pairs
+from lmforge.split import SPLITS, run_split
+
+
+def near_copy(text: str, changes: int = 1) -> str:
+    words = text.split()
+    for j in range(changes):
+        words[(len(words) // 2 + 7 * j) % len(words)] = "changed"
+    return " ".join(words)
+
+
+def mixed_corpus(root: Path) -> tuple[Path, list[dict]]:
+    """Several formats and files, two sources, planted exact and near duplicates (across files and
+    within one), documents the filters reject, and inputs ingest quarantines."""
+    raw = root / "raw"
+    (raw / "sub").mkdir(parents=True)
+    base, other = prose(1, 120), prose(2, 150)
+    (raw / "a.txt").write_text(base)
+    (raw / "b.txt").write_text(base)  # exact copy
+    (raw / "c.md").write_text(f"<p>{base}</p>")  # the same text once the markup is gone
+    (raw / "d.txt").write_text(near_copy(base))  # near copy: one word of 120
+    (raw / "e.txt").write_text("short")  # too few words
+    (raw / "f.txt").write_text("&lt;div&gt; x " + "#a " * 30)  # symbols
+    lines = [json.dumps({"text": prose(20 + i, 90)}) for i in range(6)]
+    lines += [json.dumps({"text": other}), "{oops", json.dumps({"text": near_copy(other)}), json.dumps({"text": prose(20, 90)})]
+    (raw / "lines.jsonl").write_text("\n".join(lines) + "\n")
+    gz = "\n".join(json.dumps({"text": near_copy(prose(30 + i, 100), 2)}) for i in range(3)) + "\n"
+    (raw / "sub" / "more.jsonl.gz").write_bytes(gzip.compress(gz.encode()))
+    (raw / "sub" / "page.html").write_text(f"<html><body><p>{prose(40, 80)}</p></body></html>")
+    (raw / "binary.txt").write_bytes(bytes(range(256)))
+    (raw / "table.docx").write_bytes(b"PK")
+    for i in range(5):
+        (raw / f"z{i}.txt").write_text(prose(10 + i, 120))
+    saved = root / "saved"
+    datasets.Dataset.from_dict({"content": [prose(50, 80), base, near_copy(prose(10, 120)), None]}).save_to_disk(str(saved))
+    sources = [{"name": "raw"}, {"name": "disk", "type": "hf_disk", "path": str(saved), "text_field": "content"}]
+    return raw, sources
+
+
+@pytest.fixture(scope="module")
+def quiet_ray_data():
+    """Ray Data's progress bars off in the test process (the driver), back on afterwards."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    yield
+    ctx.enable_progress_bars = before
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_cluster, quiet_ray_data, tmp_path_factory) -> dict:
+    """The mixed corpus ingested by each engine, once for the module."""
+    root = tmp_path_factory.mktemp("ray_engines")
+    raw, sources = mixed_corpus(root)
+    runs = {}
+    for engine in ("local", "ray"):
+        messages: list[str] = []
+        cluster = {"data_engine": engine, "address": ray_cluster}
+        params = load_params(write_params(root / engine, raw, ingest={"sources": sources}, cluster=cluster))
+        runs[engine] = {"summary": run_ingest(params, report=messages.append), "messages": messages, "raw": raw,
+                        "sources": sources, "dir": params.stage_dir("ingest")}
+    return runs
+
+
+def stage_outputs(stage_dir: Path) -> dict:
+    """What must be the same bytes: the quarantine, the summary, and the dataset's Arrow files (their
+    content hash is the fingerprint ``save_dataset`` writes into ``state.json``)."""
+    return {
+        "quarantine": (stage_dir / "quarantine.jsonl").read_bytes(),
+        "summary": json.loads((stage_dir / "summary.json").read_text()),
+        "dataset_fingerprint": json.loads((stage_dir / "dataset" / "state.json").read_text())["_fingerprint"],
+    }
+
+
+@pytest.mark.slow
+def test_ray_ingest_reads_on_both_nodes_and_matches_local(ingested):
+    local, ray = ingested["local"], ingested["ray"]
+    assert ray["summary"] == local["summary"]
+    assert ray["summary"]["by_reason"] == {"binary_content": 1, "malformed_json": 1, "missing_text_field": 1, "unsupported_format": 1}
+    assert stage_outputs(ray["dir"]) == stage_outputs(local["dir"])
+    a, b = (datasets.load_from_disk(str(r["dir"] / "dataset")) for r in (local, ray))
+    assert a.data.table.equals(b.data.table)
+    assert any("ray: ingest read 17 items on 2 node(s)" in m for m in ray["messages"]), ray["messages"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("near", ["remove", "cluster"])
+def test_ray_clean_and_split_match_local(ingested, ray_cluster, tmp_path: Path, near: str):
+    results = {}
+    for engine in ("local", "ray"):
+        # each engine cleans its own ingest output, in an artifacts directory of its own
+        params = load_params(write_params(
+            tmp_path / engine, ingested[engine]["raw"], ingest={"sources": ingested[engine]["sources"]},
+            clean={"dedup": {"near": near}}, cluster={"data_engine": engine, "address": ray_cluster},
+        ))
+        shutil.copytree(ingested[engine]["dir"], params.stage_dir("ingest"))
+        messages: list[str] = []
+        summary = run_clean(params, report=messages.append)
+        assert summary["documents_in"] == summary["kept"] + summary["quarantined"]
+        run_split(params)
+        results[engine] = {
+            "clean": stage_outputs(params.stage_dir("clean")),
+            "dataset": datasets.load_from_disk(str(params.stage_dir("clean") / "dataset")).data.table,
+            "split": {name: datasets.load_from_disk(str(params.stage_dir("split") / name)).data.table for name in SPLITS},
+            "split_summary": json.loads((params.stage_dir("split") / "summary.json").read_text()),
+            "messages": messages,
+        }
+    local, ray = results["local"], results["ray"]
+    # the planted duplicates were found: the comparison below is not between two empty results
+    summary = local["clean"]["summary"]
+    assert summary["by_reason"]["exact_duplicate"] == 4 and summary["by_reason"]["too_few_words"] == 1
+    if near == "remove":
+        assert summary["by_reason"]["near_duplicate"] == 3
+    else:
+        assert "near_duplicate" not in summary["by_reason"] and summary["near_duplicate_clusters"] == 3
+    assert ray["clean"] == local["clean"]  # quarantine.jsonl and the dataset's files byte for byte, summary.json
+    assert ray["dataset"].equals(local["dataset"])  # same columns, rows, order and values
+    assert ray["split_summary"] == local["split_summary"]
+    for name in SPLITS:
+        assert ray["split"][name].equals(local["split"][name]), name
+    assert any("ray: clean scored" in m and "on 2 node(s)" in m for m in ray["messages"]), ray["messages"]
+
+
+def test_shuffled_band_collisions_give_the_local_clusters():
+    """Band collisions found partition by partition (rows in any order, as a hash shuffle leaves them)
+    and joined by connected components over the pairs alone: the local engine's clusters."""
+    rng = np.random.default_rng(0)
+    n, bands = 400, 4
+    keys = rng.integers(0, 300, size=(n, bands)).astype(np.uint64)  # many collisions, chained clusters
+    table = pa.table({
+        "band": np.tile(np.arange(bands, dtype=np.int32), n),
+        "hash": keys.ravel(),
+        "row": np.repeat(np.arange(n, dtype=np.int64), bands),
+    })
+    partition = (table["hash"].to_numpy() * np.uint64(31) + table["band"].to_numpy().astype(np.uint64)) % np.uint64(3)
+    pairs = []
+    for p in range(3):
+        part = table.filter(pa.array(partition == p))
+        pairs.append(_colliding_pairs(part.take(rng.permutation(part.num_rows))))
+    pairs = pa.concat_tables(pairs)
+    members, leaders = clusters_from_pairs(pairs["row"].to_numpy(), pairs["first"].to_numpy())
+    representative = np.arange(n)
+    representative[members] = leaders
+    assert representative.tolist() == cluster_representatives(keys).tolist()
+    assert len(members) > 50  # the test has clusters to find
+
+
+def test_the_first_copy_of_a_text_in_corpus_order_wins():
+    rows = list(range(8))
+    random.Random(1).shuffle(rows)
+    texts = {0: "a", 1: "b", 2: "a", 3: "c", 4: "b", 5: "a", 6: "d", 7: "c"}
+    block = pa.table({"row": rows, "id": [f"id{r}" for r in rows], "text_key": [texts[r] for r in rows]})
+    out = {r["row"]: r["first_id"] for r in _first_of_each_text(block).to_pylist()}
+    assert out == {0: None, 1: None, 2: "id0", 3: None, 4: "id1", 5: "id0", 6: None, 7: "id3"}
