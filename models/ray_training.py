@@ -75,6 +75,18 @@ def _train_worker(config: dict[str, Any]) -> None:
         (out / "result.json").write_text(json.dumps({**result, "workers": world}))
 
 
+def short_of(settings: RaySettings) -> str:
+    """What the cluster lacks for the worker group, if anything: "" when it has enough.  Ray Train then
+    waits, silently, for nodes to join (what an autoscaler provides), so the caller should say so."""
+    import ray
+
+    need = {name: amount * settings.workers for name, amount in settings.resources_per_worker.items()}
+    if settings.use_gpu:
+        need["GPU"] = max(need.get("GPU", 0), settings.workers)
+    have = ray.cluster_resources()
+    return ", ".join(f"{need[name]:g} {name} (the cluster has {have.get(name, 0):g})" for name in sorted(need) if have.get(name, 0) < need[name])
+
+
 def launch_on_ray(
     arch: ArchConfig | None,
     cfg: TrainConfig,
@@ -121,6 +133,9 @@ def launch_on_ray(
             except Empty:
                 pass
 
+    if short := short_of(settings):
+        say(f"waiting for resources: {settings.workers} workers need {short}; Ray starts them when nodes join "
+            "(an autoscaler); otherwise stop the run and lower cluster.workers or cluster.resources_per_worker")
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
     (out_dir / "result.json").unlink(missing_ok=True)

@@ -16,7 +16,7 @@ import yaml
 from conftest import REPO, copy_project, free_port, wait_for
 from test_training import ARCH, cfg, corpus_dirs  # noqa: F401 (a fixture)
 
-from models.ray_training import RaySettings, launch_on_ray
+from models.ray_training import RaySettings, launch_on_ray, short_of
 from models.train_config import Scale
 
 #: Long enough (a few seconds) that a worker can be killed after the first checkpoint and before the end.
@@ -90,6 +90,13 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     assert consumed(tmp_path / "whole/checkpoints/step=220.ckpt") == 220 * 4 * 2
     assert consumed(resumed / "checkpoints/step=240.ckpt") == 220 * 4 * 2 + 20 * 4
     assert abs(alone["final_val_loss"] - whole["final_val_loss"]) < 0.05  # the same model, 20 smaller steps apart
+
+
+def test_a_worker_group_the_cluster_cannot_hold_is_reported(driver):
+    """Ray Train would wait for nodes without a word: the driver says what is missing first."""
+    assert short_of(RaySettings(workers=2)) == ""  # two nodes of one CPU each
+    assert short_of(RaySettings(workers=3)) == "3 CPU (the cluster has 2)"
+    assert short_of(RaySettings(workers=1, use_gpu=True)) == "1 GPU (the cluster has 0)"
 
 
 def test_where_a_run_trains_is_not_part_of_its_fingerprint(tiny_project):
