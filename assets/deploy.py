@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+import lmforge.benchmarks
 import lmforge.compress
 from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
@@ -23,11 +24,13 @@ def _variants_metadata(summary: dict, out) -> dict:
 @dg.asset(
     group_name="deploy",
     kinds={"python", "pytorch", "mlflow"},
-    deps=["select", "packed"],
+    deps=["select", "packed", "benchmark_data"],
     pool="training",
     code_version=code_version("quantize"),
     check_specs=[dg.AssetCheckSpec("perplexity_within_threshold", asset="quantize", blocking=True,
-                                   description="A quantized variant's test perplexity rose by at most quantize.max_perplexity_increase.")],
+                                   description="A quantized variant's test perplexity rose by at most quantize.max_perplexity_increase "
+                                   "and it kept the champion's benchmark accuracy (benchmarks.max_regression, paired)."),
+                 dg.AssetCheckSpec("kept_benchmarks", asset="quantize", description="Every variant's benchmark gate against the champion.")],
     description="bf16/fp16 casts, int8 dynamic (CPU), int8/int4 weight-only (torchao) variants of the champion: size, "
     "CPU speed at batch 1 and 8, perplexity change, measured side by side.",
 )
@@ -36,17 +39,23 @@ def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_
     summary = lmforge.compress.run_quantize(params, dagster_run_id=context.run_id, report=context.log.info)
     yield materialized("quantize", params, {**_variants_metadata(summary, params.stage_dir("quantize")), "chosen": str(summary["chosen"])})
     chosen = summary["chosen"]
+    gates = summary["benchmark_gates"]
     yield dg.AssetCheckResult(
         check_name="perplexity_within_threshold", passed=chosen is not None,
-        description=f"{chosen}: perplexity {summary['perplexity_increase']:+.2%}" if chosen
-        else f"every variant lost more than {summary['max_perplexity_increase']:.0%} perplexity",
+        description=f"{chosen}: perplexity {summary['perplexity_increase']:+.2%}, benchmarks kept" if chosen
+        else f"every variant lost more than {summary['max_perplexity_increase']:.0%} perplexity or failed its benchmark gate",
+    )
+    yield dg.AssetCheckResult(
+        check_name="kept_benchmarks", passed=all(g["passed"] for g in gates.values()), severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(f"{v}: {g['reason']}" for v, g in gates.items()) or "no variant",
+        metadata={v: dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(g)) for v, g in gates.items()},
     )
 
 
 @dg.asset(
     group_name="deploy",
     kinds={"python", "pytorch", "mlflow"},
-    deps=["select", "packed"],
+    deps=["select", "packed", "benchmark_data"],
     pool="training",
     code_version=code_version("prune"),
     description="Magnitude pruning of the champion's linear layers (unstructured and structured), scored like quantize.",
@@ -60,7 +69,7 @@ def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params
 @dg.asset(
     group_name="deploy",
     kinds={"python", "pytorch", "mlflow"},
-    deps=["select", "packed"],
+    deps=["select", "packed", "benchmark_data"],
     pool="training",
     code_version=code_version("distil"),
     check_specs=[dg.AssetCheckSpec("beats_from_scratch", asset="distil", description="The distilled student beats the same student trained from scratch.")],
@@ -80,7 +89,7 @@ def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_para
 @dg.asset(
     group_name="deploy",
     kinds={"python", "mlflow"},
-    deps=["select", "evaluate"],
+    deps=["select", "evaluate", "benchmark_eval"],
     code_version=code_version("register"),
     description="The champion as a new version of the MLflow registered model (registry.name), tagged with its lineage; "
     "aliases `candidate`, and `champion` when at least as good as the reigning one on the same data.",

@@ -54,10 +54,10 @@ def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_
 @dg.asset(
     group_name="evaluation",
     kinds={"python", "mlflow"},
-    deps=["evaluate"],
+    deps=["evaluate", "benchmark_eval"],
     code_version=code_version("select"),
-    description="Weighted factor matrix over the evaluated candidates (quality, speed, size, training cost, "
-    "context extrapolation, CrowS-Pairs bias; weights in params.yaml); names the champion.",
+    description="Weighted factor matrix over the evaluated candidates (quality, benchmark accuracy, speed, size, training cost, "
+    "context extrapolation, CrowS-Pairs and XSTest; weights in params.yaml); names the champion.",
 )
 def select(context: dg.AssetExecutionContext, config: SelectConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = stage_params(lmforge_params.load(), "select", config)

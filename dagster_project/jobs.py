@@ -43,8 +43,8 @@ pretrain_job = dg.define_asset_job(
 #: Evaluate candidates (per partition), then select the champion (after every partition).
 evaluation_job = dg.define_asset_job(
     "evaluation_job",
-    selection=dg.AssetSelection.assets("evaluate"),
-    description="Evaluate pretrained candidates (one partition per candidate); then run `select`.",
+    selection=dg.AssetSelection.assets("evaluate", "benchmark_eval"),
+    description="Evaluate and benchmark pretrained candidates (one partition per candidate); then run `select`.",
 )
 
 #: Validate the task sets, fine-tune the champion, score against the baselines.

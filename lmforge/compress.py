@@ -6,6 +6,10 @@ measured side by side with its reference in one run (machines are noisy; ratios 
   bits-per-byte change on the test split against the full-precision model.  The smallest variant
   whose perplexity rises by at most ``quantize.max_perplexity_increase`` becomes ``quantized``.
 - ``prune``: magnitude pruning (unstructured and structured) at ``prune.sparsity``, scored the same way.
+
+Every model made here is also scored on the standard benchmarks and gated on the champion, item by
+item (``lmforge.benchmarks.gate``): a quantized variant that fails its gate is never chosen, and the
+verdicts of pruned and distilled models are in their summaries (``benchmark_gates``).
 - ``distil``: a smaller student trained on the champion's logits, against the same student trained
   from scratch for the same steps on the same blocks.
 
@@ -88,17 +92,43 @@ def _relative(rows: dict[str, dict[str, Any]], reference: str, params: Params) -
 
 
 def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: dict[str, str] | None = None) -> str:
-    cols = ["perplexity", "perplexity_increase", "bits_per_byte_delta", "linear_size_ratio", "disk_size_ratio"] + [f"speedup_b{b}" for b in batch_sizes]
+    cols = (["perplexity", "perplexity_increase", "bits_per_byte_delta", "linear_size_ratio", "disk_size_ratio"] + [f"speedup_b{b}" for b in batch_sizes]
+            + ["bench_accuracy", "benchmark_gate_passed"])
     lines = ["| variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for name, row in rows.items():
         cells = []
         for c in cols:
             v = row.get(c)
-            cells.append("—" if v is None else f"{v:+.2%}" if c == "perplexity_increase" else f"{v:+.4f}" if c.endswith("delta") else f"{v:.3g}")
+            cells.append("—" if v is None else f"{v:+.2%}" if c == "perplexity_increase" else f"{v:+.4f}" if c.endswith("delta")
+                         else f"{100 * v:.1f}" if c == "bench_accuracy" else ("kept" if v else "**regressed**") if c == "benchmark_gate_passed"
+                         else f"{v:.3g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, reason in (unsupported or {}).items():
         lines.append(f"| {name} | unsupported here: {reason} |" + " |" * (len(cols) - 1))
     return "\n".join(lines) + "\n"
+
+
+def benchmark_gates(params: Params, models: dict[str, Path], parent: Path, rows: dict[str, dict[str, Any]], say) -> dict[str, dict[str, Any]]:
+    """Each model scored on the benchmarks and gated on the champion it came from (``lmforge.benchmarks``);
+    its mean accuracy and the gate's verdict join its row of the table."""
+    from lmforge.benchmarks import score_and_gate
+
+    gates = {}
+    for name, directory in models.items():
+        result = score_and_gate(params, directory, parent, lambda msg, n=name: say(f"benchmarks {n}: {msg}"))
+        gates[name] = result["gate"]
+        if result["scores"]["accuracy"] is not None:
+            rows[name]["bench_accuracy"] = result["scores"]["accuracy"]
+        rows[name]["benchmark_gate_passed"] = float(result["gate"]["passed"])
+    return gates
+
+
+def _bench_scores(params: Params, model_dir: Path) -> dict[str, Any]:
+    """A model's per-task scores (cached since its gate), for summaries and the README's table."""
+    from lmforge.benchmarks import score_model
+
+    result = score_model(params, model_dir)
+    return {"tasks": result["tasks"], "accuracy": result["accuracy"], "xstest": result["xstest"]}
 
 
 def _finish(params: Params, stage: str, summary: dict[str, Any], parent: str | None, tags: dict[str, str]) -> dict[str, Any]:
@@ -141,12 +171,14 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
         rows[variant]["seconds"] = time.perf_counter() - started
         say(f"quantize {variant}: perplexity {rows[variant]['perplexity']:.2f} (fp32 {rows['fp32']['perplexity']:.2f})")
     _relative(rows, "fp32", params)
+    gates = benchmark_gates(params, {v: out / "models" / v for v in rows if v != "fp32"}, source, rows, say)
     threshold = params.quantize.max_perplexity_increase
-    within = [v for v in rows if v != "fp32" and rows[v]["perplexity_increase"] <= threshold]
+    within = [v for v in rows if v != "fp32" and rows[v]["perplexity_increase"] <= threshold and gates[v]["passed"]]
     chosen = min(within, key=lambda v: (rows[v]["linear_weight_bytes"], -rows[v][f"tokens_per_second_b{max(params.evaluate.speed_batch_sizes)}"]), default=None)
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes, unsupported))
     summary = {"champion": name, "chosen": chosen, "chosen_dir": str(Path(params.paths.artifacts) / "quantize" / "models" / chosen) if chosen else None,
-               "max_perplexity_increase": threshold, "variants": rows, "unsupported": unsupported}
+               "max_perplexity_increase": threshold, "variants": rows, "unsupported": unsupported, "benchmark_gates": gates,
+               "benchmarks": {"fp32": _bench_scores(params, source), **({chosen: _bench_scores(params, out / "models" / chosen)} if chosen else {})}}
     if chosen:
         summary.update({k: rows[chosen][k] for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in rows[chosen]})
         summary.update({k: rows[chosen][k] for k in rows[chosen] if k.startswith("speedup_b")})
@@ -172,8 +204,9 @@ def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str
         rows[method] = {**measure(params, model, scores, blocks, out / "models" / method), "sparsity": sparsity}
         say(f"prune {method} at {sparsity:.0%}: perplexity {rows[method]['perplexity']:.2f} (dense {rows['dense']['perplexity']:.2f})")
     _relative(rows, "dense", params)
+    gates = benchmark_gates(params, {m: out / "models" / m for m in params.prune.methods}, source, rows, say)
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes))
-    summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows,
+    summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows, "benchmark_gates": gates,
                **{f"{m}_perplexity_increase": rows[m]["perplexity_increase"] for m in params.prune.methods}}
     return _finish(params, "prune", summary, parent, {"dagster_run_id": dagster_run_id})
 
@@ -215,7 +248,8 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
         tokenizer.save_pretrained(str(out / "models" / kind))
         say(f"distil {kind}: test perplexity {s.perplexity:.2f}")
     teacher_scores = scores(teacher)
-    summary = {"champion": name, "student_preset": p.student_preset, "student_parameters": parameter_count(arch),
+    gates = benchmark_gates(params, {"distilled": out / "models" / "distilled"}, source, results, say)
+    summary = {"benchmark_gates": gates,"champion": name, "student_preset": p.student_preset, "student_parameters": parameter_count(arch),
                "teacher_parameters": sum(t.numel() for t in teacher.parameters()), "teacher_perplexity": teacher_scores.perplexity,
                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
                "beats_from_scratch": results["distilled"]["perplexity"] < results["from_scratch"]["perplexity"]}

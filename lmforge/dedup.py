@@ -46,11 +46,12 @@ def banding(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def shingle_hashes(text: str, k: int) -> np.ndarray:
-    """32-bit hashes of the distinct word k-grams of ``text`` (lowercased), computed with numpy.
+def kgram_hashes(text: str, k: int) -> np.ndarray:
+    """64-bit hashes of the word k-grams of ``text`` (lowercased, in order, repeats kept), with numpy.
 
     Hashing each word once with crc32 and combining k neighbours arithmetically is ~k times cheaper
-    than hashing every k-gram string, which matters at hundreds of MB of text.
+    than hashing every k-gram string, which matters at hundreds of MB of text.  A text shorter than
+    ``k`` words is one k-gram of its whole length.
     """
     words = text.lower().split()
     if not words:
@@ -61,7 +62,12 @@ def shingle_hashes(text: str, k: int) -> np.ndarray:
     h = np.zeros(n, dtype=np.uint64)
     for j in range(k):  # polynomial combination of the k word hashes; uint64 arithmetic wraps
         h = h * _PRIME + wh[j : j + n]
-    return np.unique(h & np.uint64(0xFFFFFFFF))
+    return h
+
+
+def shingle_hashes(text: str, k: int) -> np.ndarray:
+    """32-bit hashes of the distinct word k-grams of ``text``: MinHash's input."""
+    return np.unique(kgram_hashes(text, k) & np.uint64(0xFFFFFFFF))
 
 
 def signature(text: str, p: DedupParams) -> np.ndarray:

