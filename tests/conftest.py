@@ -152,7 +152,7 @@ TINY_PARAMS = {
     "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
                  "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
     "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
-    "benchmarks": {"tasks": ["arc_challenge", "piqa", "winogrande"], "max_items": 6, "batch_size": 8,
+    "benchmarks": {"tasks": ["boolq", "winogrande"], "max_items": 6, "batch_size": 8,
                    "xstest": {"max_prompts": 4, "max_new_tokens": 6}},
     "batch_inference": {"batch_size": 4, "sampling": {"max_new_tokens": 8}},
     "rag": {"chunk_words": 40, "overlap_words": 10, "queries": 20, "continuations": 6, "continuation_words": 10, "eval_examples": 8,

@@ -46,8 +46,18 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "artifacts/evaluate/tiny/summary.json").write_text(json.dumps(evaluation))
     write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                  evaluate={"speed_new_tokens": 4, "speed_batch_sizes": [1, 2]},
-                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2}, quantize={"keep_full_precision": []})
+                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2}, quantize={"keep_full_precision": []},
+                 benchmarks={"dir": str(REPO / "evalsets" / "standard"), "tasks": ["boolq", "winogrande"], "max_items": 4,
+                             "batch_size": 8, "xstest": {"max_prompts": 2, "max_new_tokens": 4}})
     monkeypatch.setenv("LMFORGE_PARAMS", str(tmp_path / "params.yaml"))
+    # the benchmark items every model here is gated on, and the champion's scores (what benchmark_eval writes)
+    from lmforge.benchdata import run_benchmark_data
+
+    datasets.Dataset.from_dict({"id": ["d0"], "text": [sentence(rng, __import__("conftest").WORDS, 60)]}).save_to_disk(
+        str(tmp_path / "artifacts/split/train"))
+    run_benchmark_data(load_params())
+    (tmp_path / "artifacts/benchmark_eval/tiny").mkdir(parents=True)
+    (tmp_path / "artifacts/benchmark_eval/tiny/summary.json").write_text(json.dumps({"checks": {}, "bench_accuracy": 0.25}))
     return tmp_path
 
 
