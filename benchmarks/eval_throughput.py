@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from lmforge.artifacts import write_jsonl
-from lmforge.benchdata import STANDARD, load_items, subset, task_config
+from lmforge.benchdata import STANDARD, run_benchmark_data
 from lmforge.benchmarks import run_harness
 from lmforge.fetch import fetch_smollm2
 from lmforge.params import CandidateParams, load_params
@@ -34,16 +32,12 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["arc_challenge", "piqa", "winogrande"], choices=[t for t in STANDARD if t != "gsm8k"])
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="lmforge-eval-throughput-") as tmp:
         root, params = Path(tmp), load_params()
-        params.benchmarks.tasks, params.benchmarks.user = args.tasks, []
+        b = params.benchmarks
+        b.tasks, b.user, b.max_items, b.num_fewshot = args.tasks, [], args.items, {}
+        run_benchmark_data(params, out=root / "data", require_split=False)
         materialize(resolve_source(params, CandidateParams(name="smollm2", source=str(fetch_smollm2()), use="as_is")), root / "model")
-        items, _, _ = load_items(params)
-        for name in args.tasks:
-            (root / "tasks" / name).mkdir(parents=True)
-            write_jsonl(root / "tasks" / name / "test.jsonl", subset(items[name], args.items, params.benchmarks.seed, name))
-            (root / "tasks" / f"lmforge_{name}.yaml").write_text(yaml.safe_dump(task_config(STANDARD[name], root / "tasks" / name, 0, 256)))
         model, tokenizer, _ = load(root / "model", device="cpu")
         metrics = {n: STANDARD[n].metric for n in args.tasks}
         seconds = {args.batch_size: [], 1: []}
@@ -51,7 +45,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for batch in (args.batch_size, 1):
                 start = time.perf_counter()
-                results[batch], _ = run_harness(model, tokenizer, root / "tasks", args.tasks, metrics, batch)
+                results[batch], _ = run_harness(model, tokenizer, root / "data" / "tasks", args.tasks, metrics, batch)
                 seconds[batch].append(time.perf_counter() - start)
     n = sum(r["n"] for r in results[1].values())
     same = all(results[1][t]["value"] == results[args.batch_size][t]["value"] for t in args.tasks)

@@ -2,7 +2,8 @@
 
 The demo's model, the pinned Q4_1 GGUF dequantized (as every lmforge stage loads it), scored 0-shot on
 the *full* HellaSwag, ARC-Challenge and PIQA sets of ``benchmarks.dir`` through the same task files
-and the same ``lmforge.benchmarks.run_harness`` the pipeline uses; printed next to a public lm-eval
+(``run_benchmark_data``, every item, contaminated or not) and the same ``lmforge.benchmarks.run_harness``
+the pipeline uses; printed next to a public lm-eval
 run of the HF checkpoint (docs/benchmarks.md).  CPU: ~12,400 loglikelihood requests, 20-40 minutes
 on 2 cores.
 
@@ -17,13 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from lmforge.benchdata import STANDARD, load_items, subset, task_config
+from lmforge.benchdata import STANDARD, run_benchmark_data
 from lmforge.benchmarks import run_harness
 from lmforge.fetch import fetch_smollm2
 from lmforge.params import CandidateParams, load_params
-from lmforge.artifacts import write_jsonl
 from lmforge.sources import materialize, resolve_source
 from models.generation import load
 
@@ -40,21 +38,14 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lmforge-published-") as tmp:
-        root = Path(tmp)
-        params = load_params()
-        params.benchmarks.tasks = args.tasks
-        params.benchmarks.user = []
-        model_dir = root / "smollm2"
-        materialize(resolve_source(params, CandidateParams(name="smollm2", source=str(fetch_smollm2()), use="as_is")), model_dir)
-        items, _, _ = load_items(params)
-        for name in args.tasks:
-            folder = root / "tasks" / name
-            folder.mkdir(parents=True)
-            write_jsonl(folder / "test.jsonl", subset(items[name], args.max_items, params.benchmarks.seed, name))
-            (root / "tasks" / f"lmforge_{name}.yaml").write_text(yaml.safe_dump(task_config(STANDARD[name], folder, 0, 256)))
-        model, tokenizer, _ = load(model_dir, device="cpu")
+        root, params = Path(tmp), load_params()
+        b = params.benchmarks
+        b.tasks, b.user, b.max_items, b.num_fewshot, b.exclude_contaminated = args.tasks, [], args.max_items, {}, False
+        run_benchmark_data(params, out=root / "data", require_split=False)
+        materialize(resolve_source(params, CandidateParams(name="smollm2", source=str(fetch_smollm2()), use="as_is")), root / "smollm2")
+        model, tokenizer, _ = load(root / "smollm2", device="cpu")
         started = time.perf_counter()
-        scores, _ = run_harness(model, tokenizer, root / "tasks", args.tasks, {n: STANDARD[n].metric for n in args.tasks}, args.batch_size, print)
+        scores, _ = run_harness(model, tokenizer, root / "data" / "tasks", args.tasks, {n: STANDARD[n].metric for n in args.tasks}, args.batch_size, print)
         seconds = time.perf_counter() - started
     print(f"\n| task | metric | lmforge (Q4_1 GGUF, dequantized) | published (HF checkpoint) | difference / standard error | items |")
     print("|---|---|---|---|---|---|")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.artifacts import QuarantineWriter, count_reasons, fresh_dir, load_dataset_dir, write_jsonl, write_params, write_summary
+from lmforge.artifacts import QuarantineWriter, fresh_dir, load_dataset_dir, write_jsonl, write_params, write_summary
 from lmforge.fetch import check_hash, download_wheel, sha256_file
 from lmforge.params import LmforgeError, Params, UserBenchmarkParams
 
@@ -270,25 +270,22 @@ def contamination(items: dict[str, list[dict[str, Any]]], train_texts, n: int) -
 
     An item shorter than ``n`` words is checked as one n-gram of its whole length, when it has at
     least 8 words (shorter ones would match ordinary phrases)."""
-    owners: dict[int, list[tuple[str, str]]] = {}
+    owners: dict[int, dict[int, list[tuple[str, str]]]] = {}  # n-gram length → hash → the items that hold it
     for task, docs in items.items():
         for doc in docs:
-            words = len(contamination_text(doc).split())
-            if words < min(n, 8):
-                continue
-            for h in ngram_hashes(contamination_text(doc), min(n, words)).tolist():
-                owners.setdefault(h, []).append((task, doc["id"]))
+            text = contamination_text(doc)
+            words = len(text.split())
+            if words >= min(n, 8):
+                for h in ngram_hashes(text, min(n, words)).tolist():
+                    owners.setdefault(min(n, words), {}).setdefault(h, []).append((task, doc["id"]))
     found: dict[str, dict[str, str]] = {task: {} for task in items}
     if not owners:
         return found
-    keys = np.fromiter(owners, dtype=np.uint64, count=len(owners))
-    lengths = sorted({min(n, len(contamination_text(d).split())) for docs in items.values() for d in docs
-                      if len(contamination_text(d).split()) >= min(n, 8)})
+    keys = {k: np.fromiter(table, dtype=np.uint64, count=len(table)) for k, table in owners.items()}
     for doc_id, text in train_texts:
-        for k in lengths:
-            hits = np.intersect1d(ngram_hashes(text, k), keys, assume_unique=True)
-            for h in hits.tolist():
-                for task, item in owners[h]:
+        for k, table in owners.items():
+            for h in np.intersect1d(ngram_hashes(text, k), keys[k], assume_unique=True).tolist():
+                for task, item in table[h]:
                     found[task].setdefault(item, doc_id)
     return found
 
@@ -455,7 +452,7 @@ def run_benchmark_data(params: Params, report=None, out: Path | None = None, req
         (out / "tasks" / f"lmforge_{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     xstest = xstest_prompts(pinned_path(params.path(b.dir), "xstest"), b.xstest.max_prompts, b.seed)
     write_jsonl(out / "xstest.jsonl", xstest)
-    reasons = count_reasons(out / "quarantine.jsonl")
+    reasons = quarantine.by_reason
     summary.update({"items": sum(t["scored"] for t in summary["tasks"].values()), "xstest_prompts": len(xstest),
                     "contaminated": sum(t["contaminated"] for t in summary["tasks"].values()),
                     "quarantined": sum(reasons.values()), "by_reason": dict(reasons), "fingerprint": data_fingerprint(out)})

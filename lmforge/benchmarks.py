@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import read_jsonl, read_summary, weights_sha256, write_jsonl, write_summary
@@ -216,17 +216,13 @@ def scores_markdown(models: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def benchmark_tags(result: dict[str, Any]) -> dict[str, str]:
-    """The scores as registry tags (``bench_*``, ``xstest_*``): a registered version says what it knows."""
-    return {k: (f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result["summary"].items() if v is not None}
-
-
-def score_and_gate(params: Params, model_dir: Path, parent_dir: Path | None, say=lambda _msg: None) -> dict[str, Any]:
-    """``score_model`` of a model and, when it has a parent, the paired ``gate`` against the parent's scores."""
+def score_and_gate(params: Params, model_dir: Path, parent: dict[str, Any] | None, say=lambda _msg: None) -> dict[str, Any]:
+    """``score_model`` of a model and, given its parent's scores (``score_model`` of the parent, scored
+    once however many children it has), the paired ``gate`` against them."""
     child = score_model(params, model_dir, say)
     out = {"scores": child, "gate": None}
-    if parent_dir is not None:
-        out["gate"] = gate(child, score_model(params, parent_dir, say), params.benchmarks.max_regression)
+    if parent is not None:
+        out["gate"] = gate(child, parent, params.benchmarks.max_regression)
         say(("gate passed: " if out["gate"]["passed"] else "gate FAILED: ") + out["gate"]["reason"])
     return out
 
@@ -244,16 +240,15 @@ def run_benchmark_eval(params: Params, candidate: str, dagster_run_id: str = "",
     pretrained = read_summary(source)
     out = params.stage_dir("benchmark_eval") / candidate
     out.mkdir(parents=True, exist_ok=True)
-    parent = base_model_dir(params, cand.tokenizer) if cand.kind == "adapt" else None
-    result = score_and_gate(params, source / "hf", parent, lambda msg: say(f"benchmark_eval {candidate}: {msg}"))
+    report_as = lambda msg: say(f"benchmark_eval {candidate}: {msg}")  # noqa: E731
+    parent = score_model(params, base_model_dir(params, cand.tokenizer), report_as) if cand.kind == "adapt" else None
+    result = score_and_gate(params, source / "hf", parent, report_as)
     scores, verdict = result["scores"], result["gate"]
     summary: dict[str, Any] = {"candidate": candidate, "kind": cand.kind, **scores["summary"], "seconds": scores["seconds"],
                                "tasks": scores["tasks"], "xstest": scores["xstest"], "pretrain_fingerprint": pretrained["fingerprint"],
                                "data_fingerprint": scores["data_fingerprint"], "gate": verdict,
                                "checks": {"kept_base_knowledge": verdict["passed"] if verdict else True}}
-    models = {candidate: scores}
-    if verdict:
-        models = {f"base ({cand.tokenizer})": score_model(params, parent), candidate: scores}
+    models = {f"base ({cand.tokenizer})": parent, candidate: scores} if parent else {candidate: scores}
     (out / "benchmarks.md").write_text(scores_markdown(models) + ("\n" + gate_markdown(verdict) if verdict else ""))
     tags = {"candidate": candidate, "stage": "benchmark_eval", "dagster_run_id": dagster_run_id}
     with tracked_run(params, f"benchmark_eval {candidate}", tags, parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):

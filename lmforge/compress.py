@@ -6,12 +6,12 @@ measured side by side with its reference in one run (machines are noisy; ratios 
   bits-per-byte change on the test split against the full-precision model.  The smallest variant
   whose perplexity rises by at most ``quantize.max_perplexity_increase`` becomes ``quantized``.
 - ``prune``: magnitude pruning (unstructured and structured) at ``prune.sparsity``, scored the same way.
+- ``distil``: a smaller student trained on the champion's logits, against the same student trained
+  from scratch for the same steps on the same blocks.
 
 Every model made here is also scored on the standard benchmarks and gated on the champion, item by
 item (``lmforge.benchmarks.gate``): a quantized variant that fails its gate is never chosen, and the
 verdicts of pruned and distilled models are in their summaries (``benchmark_gates``).
-- ``distil``: a smaller student trained on the champion's logits, against the same student trained
-  from scratch for the same steps on the same blocks.
 
 Outputs ``<artifacts>/<stage>/`` with ``summary.json``, a markdown table and the models (Hugging Face
 format, loadable by ``lmforge generate``); each stage is an MLflow run nested under the champion's
@@ -108,27 +108,24 @@ def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: 
     return "\n".join(lines) + "\n"
 
 
-def benchmark_gates(params: Params, models: dict[str, Path], parent: Path, rows: dict[str, dict[str, Any]], say) -> dict[str, dict[str, Any]]:
+def benchmark_gates(params: Params, models: dict[str, Path], parent: tuple[str, Path], rows: dict[str, dict[str, Any]],
+                    say) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Each model scored on the benchmarks and gated on the champion it came from (``lmforge.benchmarks``);
-    its mean accuracy and the gate's verdict join its row of the table."""
-    from lmforge.benchmarks import score_and_gate
+    its mean accuracy and the gate's verdict join its row of the table.  Returns the gates, and every
+    model's scores (the parent's under its name in ``parent``) for the summary: the tasks, their mean,
+    XSTest and the flat keys registry tags are made of."""
+    from lmforge.benchmarks import score_and_gate, score_model
 
+    reference, directory = parent
+    scored = {reference: score_model(params, directory, lambda msg: say(f"benchmarks {reference}: {msg}"))}
     gates = {}
     for name, directory in models.items():
-        result = score_and_gate(params, directory, parent, lambda msg, n=name: say(f"benchmarks {n}: {msg}"))
-        gates[name] = result["gate"]
+        result = score_and_gate(params, directory, scored[reference], lambda msg, n=name: say(f"benchmarks {n}: {msg}"))
+        gates[name], scored[name] = result["gate"], result["scores"]
         if result["scores"]["accuracy"] is not None:
             rows[name]["bench_accuracy"] = result["scores"]["accuracy"]
         rows[name]["benchmark_gate_passed"] = float(result["gate"]["passed"])
-    return gates
-
-
-def _bench_scores(params: Params, model_dir: Path) -> dict[str, Any]:
-    """A model's per-task scores (cached since its gate), for summaries and the README's table."""
-    from lmforge.benchmarks import score_model
-
-    result = score_model(params, model_dir)
-    return {"tasks": result["tasks"], "accuracy": result["accuracy"], "xstest": result["xstest"]}
+    return gates, {n: {k: r[k] for k in ("tasks", "accuracy", "xstest", "summary")} for n, r in scored.items()}
 
 
 def _finish(params: Params, stage: str, summary: dict[str, Any], parent: str | None, tags: dict[str, str]) -> dict[str, Any]:
@@ -171,14 +168,14 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
         rows[variant]["seconds"] = time.perf_counter() - started
         say(f"quantize {variant}: perplexity {rows[variant]['perplexity']:.2f} (fp32 {rows['fp32']['perplexity']:.2f})")
     _relative(rows, "fp32", params)
-    gates = benchmark_gates(params, {v: out / "models" / v for v in rows if v != "fp32"}, source, rows, say)
+    gates, benchmarks = benchmark_gates(params, {v: out / "models" / v for v in rows if v != "fp32"}, ("fp32", source), rows, say)
     threshold = params.quantize.max_perplexity_increase
     within = [v for v in rows if v != "fp32" and rows[v]["perplexity_increase"] <= threshold and gates[v]["passed"]]
     chosen = min(within, key=lambda v: (rows[v]["linear_weight_bytes"], -rows[v][f"tokens_per_second_b{max(params.evaluate.speed_batch_sizes)}"]), default=None)
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes, unsupported))
     summary = {"champion": name, "chosen": chosen, "chosen_dir": str(Path(params.paths.artifacts) / "quantize" / "models" / chosen) if chosen else None,
                "max_perplexity_increase": threshold, "variants": rows, "unsupported": unsupported, "benchmark_gates": gates,
-               "benchmarks": {"fp32": _bench_scores(params, source), **({chosen: _bench_scores(params, out / "models" / chosen)} if chosen else {})}}
+               "benchmarks": {k: benchmarks[k] for k in ("fp32", chosen) if k}}
     if chosen:
         summary.update({k: rows[chosen][k] for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in rows[chosen]})
         summary.update({k: rows[chosen][k] for k in rows[chosen] if k.startswith("speedup_b")})
@@ -204,7 +201,7 @@ def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str
         rows[method] = {**measure(params, model, scores, blocks, out / "models" / method), "sparsity": sparsity}
         say(f"prune {method} at {sparsity:.0%}: perplexity {rows[method]['perplexity']:.2f} (dense {rows['dense']['perplexity']:.2f})")
     _relative(rows, "dense", params)
-    gates = benchmark_gates(params, {m: out / "models" / m for m in params.prune.methods}, source, rows, say)
+    gates, _ = benchmark_gates(params, {m: out / "models" / m for m in params.prune.methods}, ("dense", source), rows, say)
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes))
     summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows, "benchmark_gates": gates,
                **{f"{m}_perplexity_increase": rows[m]["perplexity_increase"] for m in params.prune.methods}}
@@ -248,8 +245,8 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
         tokenizer.save_pretrained(str(out / "models" / kind))
         say(f"distil {kind}: test perplexity {s.perplexity:.2f}")
     teacher_scores = scores(teacher)
-    gates = benchmark_gates(params, {"distilled": out / "models" / "distilled"}, source, results, say)
-    summary = {"benchmark_gates": gates,"champion": name, "student_preset": p.student_preset, "student_parameters": parameter_count(arch),
+    gates, _ = benchmark_gates(params, {"distilled": out / "models" / "distilled"}, ("teacher", source), results, say)
+    summary = {"benchmark_gates": gates, "champion": name, "student_preset": p.student_preset, "student_parameters": parameter_count(arch),
                "teacher_parameters": sum(t.numel() for t in teacher.parameters()), "teacher_perplexity": teacher_scores.perplexity,
                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
                "beats_from_scratch": results["distilled"]["perplexity"] < results["from_scratch"]["perplexity"]}

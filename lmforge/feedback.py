@@ -246,9 +246,10 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     out = params.stage_dir("feedback_finetune")
     fresh_dir(out / "model")
     export(model, tokenizer, out / "model", lora=f.method == "lora")
-    from lmforge.benchmarks import score_and_gate
+    from lmforge.benchmarks import score_and_gate, score_model
 
-    verdict = score_and_gate(params, out / "model" / "hf", source, lambda msg: say(f"feedback_finetune: {msg}"))["gate"]
+    report_as = lambda msg: say(f"feedback_finetune: {msg}")  # noqa: E731
+    verdict = score_and_gate(params, out / "model" / "hf", score_model(params, source, report_as), report_as)["gate"]
     summary = {"base": _base_ref(params), "base_version": str(base.version), "method": f.method, "feedback_examples": len(examples),
                "train_examples": len(train), "test_examples": len(references), "current_rougeL": current_score, "rougeL": new_score,
                "improvement": new_score - current_score, "min_improvement": f.min_improvement, "beats_current": beats,

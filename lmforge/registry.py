@@ -146,6 +146,10 @@ def candidate_source_tags(params: Params, candidate: str) -> dict[str, str]:
     return source_tags(source) if source else {}
 
 
+#: The benchmark scores' summary keys (``lmforge.benchmarks.flat``) that become tags of a version.
+BENCHMARK_TAGS = ("bench_", "xstest_")
+
+
 def number_tags(summary: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, str]:
     """The numbers of a summary whose keys start with one of ``prefixes``, as registry tags."""
     return {k: (f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()
@@ -188,6 +192,7 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     name = chosen["champion"]
     evaluation = read_summary(params.stage_dir("evaluate") / name)
     benchmarks = read_summary(params.stage_dir("benchmark_eval") / name)
+    measured_tags = {**bias_tags(evaluation), **number_tags(benchmarks, BENCHMARK_TAGS)}  # what the champion measured
     failed = [c for c, ok in {**evaluation.get("checks", {}), **benchmarks.get("checks", {})}.items() if not ok]
     if failed:
         raise LmforgeError(f"register: champion '{name}' failed check(s) {', '.join(failed)}: nothing registered")
@@ -197,15 +202,14 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
     summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
     tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
-            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name), **bias_tags(evaluation),
-            **number_tags(benchmarks, ("bench_", "xstest_"))}
+            **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name), **measured_tags}
     version, run_id, new = register_once(params, params.path(chosen["champion_dir"]), tags, f"register {name}",
                                          {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
                                          chosen.get("champion_pretrain_run_id"))
     client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
     if not new:
         say(f"register: {registry} version {version} already holds these weights ({name}): not registered again")
-        for key, value in {**bias_tags(evaluation), **number_tags(benchmarks, ("bench_", "xstest_"))}.items():  # the same weights, perhaps measured on another sample since
+        for key, value in measured_tags.items():  # the same weights, perhaps measured on another sample since
             client.set_model_version_tag(registry, version, key, value)
     client.set_registered_model_alias(registry, "candidate", version)
     summary["candidate_version"] = version
@@ -230,8 +234,6 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
     """Register the chosen quantized variant of the model `register` registered and point ``quantized`` at it."""
     from mlflow import MlflowClient
 
-    from lmforge.benchmarks import benchmark_tags, score_model
-
     say = report or (lambda _msg: None)
     registered = read_summary(params.stage_dir("register"))
     quantized = read_summary(params.stage_dir("quantize"))
@@ -249,7 +251,7 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
             "candidate": quantized["champion"], "kind": "quantized",
             "variant": quantized["chosen"], "base_version": str(champion.version),
             **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized},
-            **benchmark_tags(score_model(params, params.path(quantized["chosen_dir"]))), "benchmark_gate": "passed"}
+            **number_tags(quantized["benchmarks"][quantized["chosen"]]["summary"], BENCHMARK_TAGS), "benchmark_gate": "passed"}
     version, run_id, _new = register_once(params, params.path(quantized["chosen_dir"]), tags, f"register quantized {quantized['champion']}",
                                           {"stage": "register_quantized", "dagster_run_id": dagster_run_id}, registered.get("mlflow_run_id"))
     client.set_registered_model_alias(registry, "quantized", version)
