@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,43 @@ def _stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def fit_to_context(tasks_dir: Path, names: list[str], count_tokens, max_length: int, out: Path) -> dict[str, int]:
+    """Copies in ``out`` of the tasks without the items whose answer does not fit ``max_length`` tokens;
+    the number left out per task.
+
+    lm-eval cuts a long question from the left, but stops on an answer (a choice, WinoGrande's rest of
+    the sentence) longer than the model's context; a generation task needs room for ``max_gen_toks``.
+    Small models trained here have short contexts (the tiny tier: 128 positions), so such items are
+    left out and counted, not a failed run.  A task left with no item gets no YAML in ``out``.  The
+    paired gate compares the items both models scored."""
+    import yaml
+
+    dropped = {}
+    for name in names:
+        config = yaml.safe_load((tasks_dir / f"lmforge_{name}.yaml").read_text())
+        files = config["dataset_kwargs"]["data_files"]
+        docs = read_jsonl(Path(files["test"]))
+        if config["output_type"] == "generate_until":
+            fits = lambda d: config["generation_kwargs"]["max_gen_toks"] < max_length  # noqa: E731
+        else:
+            fits = lambda d: all(count_tokens(" " + a) < max_length for a in (d["choices"] if "query" in d else [d["continuation"]]))  # noqa: E731
+        keep = [d for d in docs if fits(d)]
+        dropped[name] = len(docs) - len(keep)
+        if keep:
+            (out / name).mkdir(parents=True)
+            write_jsonl(out / name / "test.jsonl", keep)
+            files["test"] = str(out / name / "test.jsonl")
+            (out / f"lmforge_{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return dropped
+
+
 def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: dict[str, str], batch_size: int,
                 say=lambda _msg: None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     """Score ``model`` with lm-evaluation-harness on the tasks ``lmforge_<name>`` of ``tasks_dir``.
 
-    Returns per task ``{metric, value, stderr, n, acc, acc_norm}`` and per task ``{item id: the item's
-    headline metric (0/1)}``, which the paired gate compares."""
+    Returns per task ``{metric, value, stderr, n, too_long, acc, acc_norm}`` and per task ``{item id:
+    the item's headline metric (0/1)}``, which the paired gate compares.  Items too long for the
+    model's context are left out (``fit_to_context``)."""
     import logging
 
     from lm_eval import simple_evaluate
@@ -72,10 +104,17 @@ def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: di
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    result = simple_evaluate(model=lm, tasks=[f"lmforge_{n}" for n in names], task_manager=manager, log_samples=True,
-                             bootstrap_iters=1000, random_seed=0, fewshot_random_seed=1234)
+    with tempfile.TemporaryDirectory(prefix="lmforge-tasks-") as tmp:
+        too_long = fit_to_context(tasks_dir, names, lambda text: len(lm.tok_encode(text)), lm.max_length, Path(tmp))
+        if any(too_long.values()):
+            say("left out, their answers longer than the model's context of "
+                f"{lm.max_length} tokens: " + ", ".join(f"{n} {k} item(s)" for n, k in too_long.items() if k))
+            tasks_dir = Path(tmp)
+        names = [n for n in names if (tasks_dir / f"lmforge_{n}.yaml").is_file()]  # a task left with no item is not scored
+        manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+        result = simple_evaluate(model=lm, tasks=[f"lmforge_{n}" for n in names], task_manager=manager, log_samples=True,
+                                 bootstrap_iters=1000, random_seed=0, fewshot_random_seed=1234)
     scores, items = {}, {}
     for name in names:
         task = f"lmforge_{name}"
@@ -85,7 +124,7 @@ def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: di
         filt = key.split(",", 1)[1]
         per_item = {s["doc"]["id"]: float(s[metric]) for s in result["samples"][task] if s.get("filter", filt) == filt}
         se = row.get(f"{metric}_stderr,{filt}")
-        scores[name] = {"metric": metric, "value": float(row[key]), "n": len(per_item),
+        scores[name] = {"metric": metric, "value": float(row[key]), "n": len(per_item), "too_long": too_long[name],
                         "stderr": float(se) if isinstance(se, (int, float)) else _stderr(list(per_item.values())),
                         **{m: float(row[f"{m},{filt}"]) for m in ("acc", "acc_norm") if f"{m},{filt}" in row}}
         items[name] = per_item

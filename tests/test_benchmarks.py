@@ -91,6 +91,18 @@ def test_known_answers_give_known_accuracies_and_bad_rows_are_quarantined(tiny_d
     assert score_model(params, tiny_dir) == result  # cached by the model's and the items' hashes
 
 
+def test_answers_longer_than_the_models_context_are_left_out_and_counted(tiny_dir: Path, tmp_path: Path):
+    rows = [{"id": i, "question": q, "choices": c, "answer": 0} for i, (q, c) in enumerate(zip(QUESTIONS, CHOICES))]
+    rows[3]["choices"][1] = prose(77, 200)  # far more than the tiny model's 128 positions: lm-eval would stop on it
+    user_file = tmp_path / "mine.jsonl"
+    user_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = bench_params(tmp_path, user_file, [prose(i, 50) for i in range(5)])
+    benchdata.run_benchmark_data(params)
+    result = score_model(params, tiny_dir)
+    assert result["tasks"]["mine"]["n"] == 11 and result["tasks"]["mine"]["too_long"] == 1
+    assert "mine/3" not in result["items"]["mine"]
+
+
 def test_planted_contamination_is_found_and_left_out(tmp_path: Path):
     rows = [{"id": i, "question": q, "choices": c, "answer": 0} for i, (q, c) in enumerate(zip(QUESTIONS, CHOICES))]
     user_file = tmp_path / "mine.jsonl"
