@@ -26,7 +26,7 @@ def test_jobs_cover_the_stages_users_launch():
     assert keys("full_job") == keys("tiny_job") == keys("gpu_job") == everything
     assert keys("feedback_job") == feedback
     assert keys("data_job") == {"ingest", "clean", "split"}
-    assert keys("retrain_job") == everything - {"ingest", "clean", "split", "task_data"}
+    assert keys("retrain_job") == everything - {"ingest", "clean", "split", "task_data", "benchmark_data"}  # made from the data, not retrained
     assert keys("rag_job") == {"retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"}
     assert keys("finetune_job") == {"select", "task_data", "finetune_classifier", "finetune_sft"}
     assert defs.resolve_job_def("tiny_job").tags[TIER_TAG] == "tiny"

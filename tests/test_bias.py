@@ -271,21 +271,24 @@ def test_bias_params_tiers_and_typos(tmp_path: Path):
 
 
 def test_ethics_is_a_factor_of_the_matrix_with_a_floor(tmp_path: Path):
-    from lmforge.select import factors, matrix_markdown, score_matrix
+    from lmforge.select import ethics_risk, factors, matrix_markdown, score_matrix
 
     params = load_params(write_params(tmp_path))
     table = factors(params)
     ethics = table["ethics"]
-    assert (ethics.metric, ethics.higher_is_better, ethics.floor) == ("crows_pairs_deviation", False, 0.02)
-    summaries = {"fair": {"crows_pairs_deviation": 0.0}, "close": {"crows_pairs_deviation": 0.01},
-                 "biased": {"crows_pairs_deviation": 0.18}, "seq2seq": {"crows_pairs_deviation": None}}
+    assert (ethics.metric, ethics.higher_is_better, ethics.floor) == ("ethics_risk", False, 0.02)
+    # CrowS-Pairs' deviation (0-0.5) doubled and XSTest's error rate (0-1), averaged where measured
+    assert ethics_risk({"crows_pairs_deviation": 0.1, "xstest_accuracy": 0.8}) == pytest.approx(0.2)
+    assert ethics_risk({"crows_pairs_deviation": 0.1}) == pytest.approx(0.2) and ethics_risk({"xstest_accuracy": None}) is None
+    summaries = {"fair": {"ethics_risk": 0.0}, "close": {"ethics_risk": 0.01},
+                 "biased": {"ethics_risk": 0.18}, "seq2seq": {"ethics_risk": None}}
     rows = score_matrix(summaries, {"ethics": 1.0}, table)
     # (best + floor) / (value + floor): 0.01 is 2/3 of 0.00, not infinitely worse; not measured scores 0
     assert [round(rows[n]["scores"]["ethics"], 4) for n in summaries] == [1.0, 0.6667, 0.1, 0.0]
     weights = params.select.weights
     assert weights["ethics"] > 0
     markdown = matrix_markdown(rows, {}, weights, "fair", table)
-    assert f"ethics (w {weights['ethics']:g})" in markdown and "**ethics**: |share of CrowS-Pairs" in markdown
+    assert f"ethics (w {weights['ethics']:g})" in markdown and "**ethics**: the mean of 2 × |share of CrowS-Pairs" in markdown
 
 
 def test_registered_versions_carry_the_bias_figures():

@@ -113,7 +113,9 @@ def test_one_run_builds_every_stage_per_candidate_tracked_in_mlflow(tiny_project
     import mlflow
 
     out = tiny_project.first_run.stdout
-    assert "succeeded: pretrain, evaluate [a]" in out and "succeeded: pretrain, evaluate [b]" in out
+    for name in ("a", "b"):  # one run per candidate, its assets in the order they finished
+        line = next(line for line in out.splitlines() if " succeeded: " in line and line.endswith(f" [{name}]"))
+        assert set(line.split(" succeeded: ")[1].removesuffix(f" [{name}]").split(", ")) == {"pretrain", "evaluate", "benchmark_eval"}
     for name, family in (("a", "llama"), ("b", "bloom")):
         summary = tiny_project.summary(f"pretrain/{name}")
         assert {"parameters", "tokens_seen", "tokens_per_second", "final_val_loss"} <= set(summary) and summary["family"] == family
@@ -154,7 +156,7 @@ def test_one_run_builds_every_stage_per_candidate_tracked_in_mlflow(tiny_project
 def test_nothing_changed_nothing_recomputed_and_a_change_recomputes_what_it_affects(tiny_project: Project):
     register = tiny_project.summary("register")
     out = tiny_project.lmforge("run").stdout
-    assert "up to date: 22 of 22 assets; to compute: nothing" in out and "★ champion" in out  # the summary table ends the run
+    assert "up to date: 24 of 24 assets; to compute: nothing" in out and "★ champion" in out  # the summary table ends the run
     assert tiny_project.summary("register") == register
     # a changed parameter makes its stage out of date and what depends on it, nothing else (--dry-run only tells)
     params_file = tiny_project.path / "params.yaml"

@@ -160,7 +160,7 @@ def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only
                                                               "rating": 5}) + "\n" for i in range(3)))
     first = tick(project, None)
     assert first["runs"] == 1 and first["success"], first
-    assert first["checks"] == {"feedback_valid": True, "beats_current": True}
+    assert first["checks"] == {"feedback_valid": True, "beats_current": True, "kept_benchmarks": True}
     assert first["materialized"] == ["feedback_examples", "feedback_finetune", "feedback_register"]
     tuned = project.summary("feedback_finetune")
     assert tuned["rougeL"] > tuned["current_rougeL"] and tuned["feedback_examples"] == 7 and tuned["base_version"] == before

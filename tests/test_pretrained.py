@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import WORDS, prose, write_params
 
-from lmforge.params import LmforgeError, load_params
+from lmforge.params import REPO_ROOT, LmforgeError, load_params
 
 MIT_CARD = "---\nlicense: mit\n---\n# tiny-llama\n"
 
@@ -93,6 +93,9 @@ def pretrained_params(tmp_path: Path, model: Path, **sections) -> Path:
         evaluate={"max_blocks": 8, "context_multiples": [1, 2], "speed_batch_sizes": [1], "speed_new_tokens": 4, "prompts": ["The model"],
                   "sampling": {"max_new_tokens": 4}},
         mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        # a tiny random model's answers move by chance when it is adapted: the gate is tested in test_benchmarks
+        benchmarks={"dir": str(REPO_ROOT / "evalsets" / "standard"), "tasks": ["boolq", "winogrande"], "max_items": 6, "batch_size": 8,
+                    "xstest": {"max_prompts": 2, "max_new_tokens": 4}, "max_regression": 100.0},
         **sections,
     )
 
@@ -100,6 +103,8 @@ def pretrained_params(tmp_path: Path, model: Path, **sections) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_llama):
     """Data → base models → tokenizers → packed per tokenizer → three candidates → evaluate → select."""
+    from lmforge.benchdata import run_benchmark_data
+    from lmforge.benchmarks import run_benchmark_eval
     from lmforge.clean import run_clean
     from lmforge.evaluate import run_evaluate
     from lmforge.ingest import run_ingest
@@ -120,9 +125,11 @@ def pipeline(tmp_path_factory, tiny_llama):
     packed = run_pack(params)
     pretrained = {c.name: run_pretrain(params, c.name, progress=False) for c in params.pretrain.candidates}
     evaluated = {c.name: run_evaluate(params, c.name) for c in params.pretrain.candidates}
+    run_benchmark_data(params)
+    benchmarked = {c.name: run_benchmark_eval(params, c.name) for c in params.pretrain.candidates}
     selected = run_select(params)
     yield {"root": tmp_path, "params": params, "model": model, "base": base, "packed": packed, "pretrained": pretrained,
-           "evaluated": evaluated, "selected": selected}
+           "evaluated": evaluated, "benchmarked": benchmarked, "selected": selected}
     mp.undo()
 
 
@@ -157,6 +164,11 @@ def test_pretrained_candidates_next_to_a_scratch_one(pipeline):
     assert selected["factors"][best_bpb]["scores"]["quality"] == 1.0
     assert selected["factors"]["tiny-as-is"]["scores"]["training_cost"] == 1.0
     assert "Where each number comes from" in (root / "select/factors.md").read_text()
+    # benchmarks: the adapted model gated on its base model, item by item; the others have no parent
+    benchmarked = pipeline["benchmarked"]
+    assert benchmarked["tiny-adapted"]["gate"]["tasks"] and benchmarked["tiny-as-is"]["gate"] is None and benchmarked["scratch"]["gate"] is None
+    assert {row["n"] for row in benchmarked["tiny-adapted"]["gate"]["tasks"]} <= {benchmarked["tiny-adapted"][f"bench_{t}_n"] for t in ("boolq", "winogrande")}
+    assert all(0 <= selected["factors"][n]["values"]["accuracy"] <= 1 for n in benchmarked)
     # MLflow: source, hash and licence on the pretraining runs and on the evaluation runs under them
     import mlflow
 

@@ -141,6 +141,8 @@ def test_the_rag_group_on_a_tiny_project(rag_project: Path):
     evaluation = rag_project / "artifacts/evaluate/tiny"
     evaluation.mkdir(parents=True)
     (evaluation / "summary.json").write_text(json.dumps({"checks": {"metrics_finite": True}, "perplexity": 100.0, "bits_per_byte": 3.0}))
+    (rag_project / "artifacts/benchmark_eval/tiny").mkdir(parents=True)  # what benchmark_eval writes, read by register
+    (rag_project / "artifacts/benchmark_eval/tiny/summary.json").write_text(json.dumps({"checks": {}, "bench_accuracy": 0.25}))
     run_register(params)
     sweep = run_sampling_sweep(params)
     assert sweep["settings"] == 3  # greedy once, then 0.9 × top-k {0, 20}
