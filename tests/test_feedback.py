@@ -179,7 +179,7 @@ def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only
     (inbox / "more.jsonl").write_text("".join(json.dumps({"prompt": f"words of file {i}\nSummary:", "correction": "a python package for language data",
                                                           "rating": 5}) + "\n" for i in range(6)))
     second = tick(project, first["cursor"])
-    assert second["runs"] == 1 and second["checks"] == {"feedback_valid": True, "beats_current": False}, second
+    assert second["runs"] == 1 and second["checks"] == {"feedback_valid": True, "beats_current": False, "kept_benchmarks": True}, second
     assert "feedback_register" not in second["materialized"]
     assert project.summary("feedback_finetune")["rougeL"] == project.summary("feedback_finetune")["current_rougeL"]
     assert champion_version(project) == after
