@@ -4,7 +4,7 @@ The demo's model, the pinned Q4_1 GGUF dequantized (as every lmforge stage loads
 the *full* HellaSwag, ARC-Challenge and PIQA sets of ``benchmarks.dir`` through the same task files
 (``run_benchmark_data``, every item, contaminated or not) and the same ``lmforge.benchmarks.run_harness``
 the pipeline uses; printed next to a public lm-eval
-run of the HF checkpoint (docs/benchmarks.md).  CPU: ~12,400 loglikelihood requests, 20-40 minutes
+run of the HF checkpoint (docs/benchmarks.md).  CPU: 12,360 loglikelihood requests, ~18 minutes
 on 2 cores.
 
     python benchmarks/published_figures.py [--tasks hellaswag arc_challenge piqa] [--max-items 0]
