@@ -6,9 +6,10 @@ and every derived model gated on the model it came from.
   errors), plus XSTest (the authors' string matcher on greedy chat answers).  The result is cached
   by the hash of the model's files and of the items, so a parent scored once (the champion, a base
   model) is not scored again when its children are gated.
-- ``gate``: did a step keep what the model knew?  Per task, the *paired* difference child − parent
-  on the same items, with its standard error; a task fails when the child lost more than
-  ``benchmarks.max_regression`` points and more than 2 standard errors of that difference.
+- ``gate``: did a step keep what the model knew?  Per task and on the mean over tasks, the *paired*
+  difference child − parent on the same items, with its standard error; the gate fails when the
+  child lost more than ``benchmarks.max_regression`` points and more than 2 standard errors of that
+  difference on a task or on the mean.
 - ``run_benchmark_eval``: stage ``benchmark_eval`` for one pretrained candidate (an adapted one gated on
   its base model); quantize, prune, distil, finetune_sft and the feedback loop call ``score_model``
   and ``gate`` on their own models.
@@ -90,21 +91,69 @@ def fit_to_context(tasks_dir: Path, names: list[str], count_tokens, max_length: 
     return dropped
 
 
+def shared_context_lm(model, tokenizer, batch_size: int, tokens_per_batch: int = 1024):
+    """lm-eval's ``hf`` model whose loglikelihood requests share their context (``models.scoring``).
+
+    Everything else is lm-eval's: the prompts, the tokenization of context and continuation, the
+    metrics.  Requests are grouped by context; about ``batch_size`` requests run per forward pass.  A
+    request too long for the model's context (lm-eval cuts it from the left) and a model whose logits
+    the shared path does not reproduce (checked on the first group, ``check_equivalent``) are scored
+    by lm-eval's own path."""
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    from models.scoring import batches, check_equivalent, continuation_logprobs
+
+    class SharedContextLM(HFLM):
+        shared: bool | None = None  # None: not checked yet
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            fits = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) <= self.max_length + 1]
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i in fits:
+                groups.setdefault(tuple(requests[i][1]), []).append(i)
+            if groups and self.shared is None:
+                context, members = next(iter(groups.items()))
+                self.shared = check_equivalent(self.model, (list(context), [requests[i][2] for i in members])) < 1e-3
+            if not self.shared:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            rest = sorted(set(range(len(requests))) - set(fits))
+            for i, answer in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm, override_bs) if rest else []):
+                results[i] = answer
+            contexts = list(groups)
+            packed = [(list(c), [requests[i][2] for i in groups[c]]) for c in contexts]
+            bar = tqdm(total=len(fits), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (shared contexts)")
+            for batch in batches(packed, self.batch_size, tokens_per_batch):
+                scored = continuation_logprobs(self.model, [packed[b] for b in batch], self.tokenizer.pad_token_id or 0)
+                for b, answers in zip(batch, scored):
+                    for i, answer in zip(groups[contexts[b]], answers):
+                        results[i] = answer
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    bar.update(len(answers))
+            bar.close()
+            return results
+
+    return SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
 def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: dict[str, str], batch_size: int,
-                say=lambda _msg: None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+                say=lambda _msg: None, shared: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     """Score ``model`` with lm-evaluation-harness on the tasks ``lmforge_<name>`` of ``tasks_dir``.
 
     Returns per task ``{metric, value, stderr, n, too_long, acc, acc_norm}`` and per task ``{item id:
     the item's headline metric (0/1)}``, which the paired gate compares.  Items too long for the
-    model's context are left out (``fit_to_context``)."""
+    model's context are left out (``fit_to_context``).  ``shared=False``: lm-eval's ``hf`` model as it
+    is, one forward pass per request (``benchmarks/eval_throughput.py`` compares both)."""
     import logging
 
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = shared_context_lm(model, tokenizer, batch_size) if shared else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="lmforge-tasks-") as tmp:
         too_long = fit_to_context(tasks_dir, names, lambda text: len(lm.tok_encode(text)), lm.max_length, Path(tmp))
         if any(too_long.values()):
@@ -205,12 +254,15 @@ def flat(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def gate(child: dict[str, Any], parent: dict[str, Any], max_regression: float) -> dict[str, Any]:
-    """Whether ``child`` kept what ``parent`` knew, task by task, on the same items (paired).
+    """Whether ``child`` kept what ``parent`` knew, task by task and on their mean, on the same items (paired).
 
     The paired difference has a far smaller standard error than two independent accuracies: most
     items are right (or wrong) for both models, and only the items that changed carry the variance.
     A task regresses when the child lost more than ``max_regression`` points *and* more than 2
-    standard errors of the paired difference (less could be chance on a subset)."""
+    standard errors of the paired difference (less could be chance on a subset).  The mean over the
+    tasks (what the ``accuracy`` factor ranks) is held to the same rule with the standard error of a
+    mean of independent tasks, √(Σ se²)/T: a step that loses a few points on every task fails it
+    although no task alone is beyond its own noise."""
     rows, failed = [], []
     for task, theirs in parent["items"].items():
         ours = child["items"].get(task)
@@ -218,16 +270,20 @@ def gate(child: dict[str, Any], parent: dict[str, Any], max_regression: float) -
             continue
         common = sorted(set(ours) & set(theirs))
         diffs = [ours[i] - theirs[i] for i in common]
-        delta = sum(diffs) / len(diffs) if diffs else 0.0
-        se = _stderr(diffs)
-        regressed = -100 * delta > max_regression and -delta > 2 * se
         rows.append({"task": task, "parent": sum(theirs[i] for i in common) / max(len(common), 1),
-                     "child": sum(ours[i] for i in common) / max(len(common), 1), "delta_points": 100 * delta,
-                     "se_points": 100 * se, "n": len(common), "regressed": regressed})
-        if regressed:
-            failed.append(f"{task} {100 * delta:+.1f} ± {100 * se:.1f} points")
+                     "child": sum(ours[i] for i in common) / max(len(common), 1), "delta": sum(diffs) / len(diffs) if diffs else 0.0,
+                     "se": _stderr(diffs), "n": len(common)})
+    if len(rows) > 1:
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        rows.append({"task": "mean", "parent": mean("parent"), "child": mean("child"), "delta": mean("delta"),
+                     "se": math.sqrt(sum(r["se"] ** 2 for r in rows)) / len(rows), "n": sum(r["n"] for r in rows)})
+    for r in rows:
+        delta, se = r.pop("delta"), r.pop("se")
+        r.update(delta_points=100 * delta, se_points=100 * se, regressed=-100 * delta > max_regression and -delta > 2 * se)
+        if r["regressed"]:
+            failed.append(f"{r['task']} {100 * delta:+.1f} ± {100 * se:.1f} points")
     reason = (f"lost more than {max_regression:g} points (and 2 paired standard errors) on " + ", ".join(failed) if failed
-              else f"no task lost more than {max_regression:g} points beyond 2 paired standard errors")
+              else f"neither a task nor the mean lost more than {max_regression:g} points beyond 2 paired standard errors")
     return {"passed": not failed, "reason": reason, "tasks": rows, "max_regression": max_regression}
 
 
@@ -264,6 +320,25 @@ def score_and_gate(params: Params, model_dir: Path, parent: dict[str, Any] | Non
         out["gate"] = gate(child, parent, params.benchmarks.max_regression)
         say(("gate passed: " if out["gate"]["passed"] else "gate FAILED: ") + out["gate"]["reason"])
     return out
+
+
+def benchmark_gates(params: Params, models: dict[str, Path], parent: tuple[str, Path], rows: dict[str, dict[str, Any]],
+                    say) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Each model of ``models`` (name: directory) scored and gated on the ``parent`` (name, directory) it
+    came from (quantized variants, pruned and distilled models, SFT-tuned ones); its mean accuracy
+    and the gate's verdict join its row of ``rows``.  Returns the gates, and every
+    model's scores (the parent's under its name in ``parent``) for the summary: the tasks, their mean,
+    XSTest and the flat keys registry tags are made of."""
+    reference, directory = parent
+    scored = {reference: score_model(params, directory, lambda msg: say(f"benchmarks {reference}: {msg}"))}
+    gates = {}
+    for name, directory in models.items():
+        result = score_and_gate(params, directory, scored[reference], lambda msg, n=name: say(f"benchmarks {n}: {msg}"))
+        gates[name], scored[name] = result["gate"], result["scores"]
+        if result["scores"]["accuracy"] is not None:
+            rows[name]["bench_accuracy"] = result["scores"]["accuracy"]
+        rows[name]["benchmark_gate_passed"] = float(result["gate"]["passed"])
+    return gates, {n: {k: r[k] for k in ("tasks", "accuracy", "xstest", "summary")} for n, r in scored.items()}
 
 
 def run_benchmark_eval(params: Params, candidate: str, dagster_run_id: str = "", report=None) -> dict[str, Any]:

@@ -118,6 +118,52 @@ def test_planted_contamination_is_found_and_left_out(tmp_path: Path):
     assert "mine/4" not in scored
 
 
+def test_shared_contexts_score_what_separate_sequences_score(tiny_dir: Path):
+    """lmforge's scorer (a context once, its answers packed after it) against one sequence per request,
+    and lm-eval's own path for a request longer than the model's context."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.benchmarks import shared_context_lm
+    from models.scoring import batches, check_equivalent, continuation_logprobs
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+    rng = random.Random(0)
+    word = lambda: rng.randrange(5, len(tok))  # noqa: E731
+    groups = [([word() for _ in range(n)], [[word() for _ in range(k)] for k in lengths])
+              for n, lengths in ((3, [1, 4, 2]), (17, [6]), (9, [1, 1]), (30, [2, 9, 3, 5]))]
+    with torch.no_grad():  # one answer that greedy decoding produces: its is_greedy is True
+        ids = groups[0][0] + []
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    groups[0][1].append(ids[3:])
+
+    def alone(context: list[int], cont: list[int]) -> tuple[float, bool]:
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([context + cont[:-1]])).logits[0, -len(cont):], -1)
+        return sum(logprobs[i, t].item() for i, t in enumerate(cont)), all(int(logprobs[i].argmax()) == t for i, t in enumerate(cont))
+
+    shared = continuation_logprobs(model, groups)  # one batch: the shorter groups padded
+    for (context, conts), answers in zip(groups, shared):
+        assert len(answers) == len(conts)
+        for cont, (lp, greedy) in zip(conts, answers):
+            expected, expected_greedy = alone(context, cont)
+            assert lp == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    assert shared[0][-1][1] is True and check_equivalent(model, groups[3]) < 1e-4
+    # packed lengths 11, 22, 9 and 45 tokens; longest first
+    assert batches(groups, max_requests=4, max_tokens=10**6) == [[3], [1], [0], [2]]  # at most 4 answers a batch
+    assert batches(groups, max_requests=99, max_tokens=60) == [[3], [1, 0], [2]]  # 2 × 22 padded tokens fit 60, 3 × 22 do not
+
+    lm = shared_context_lm(model, tok, batch_size=4)
+    long_context = [word() for _ in range(140)]  # beyond the 128 positions: lm-eval cuts it from the left
+    requests = [(("", ""), c, a) for c, conts in groups for a in conts] + [(("", ""), long_context, [word(), word()])]
+    scored = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert lm.shared is True and len(scored) == len(requests)
+    assert scored[-1][0] == pytest.approx(alone(long_context[-(128 + 1 - 2):], requests[-1][2])[0], abs=1e-4)
+    assert [round(lp, 3) for lp, _ in scored[:-1]] == [round(lp, 3) for answers in shared for lp, _ in answers]
+
+
 def test_the_paired_gate():
     parent = {"items": {"t": {f"i{k}": 1.0 for k in range(40)}}}
     lost = lambda n: {"items": {"t": {f"i{k}": float(k >= n) for k in range(40)}}}  # noqa: E731
@@ -130,6 +176,16 @@ def test_the_paired_gate():
     half = {"items": {"t": {f"i{k}": float(1 - k % 2) for k in range(40)}}}
     assert gate(swapped, half, 1.0)["passed"]  # same accuracy, different items: no regression
     assert "t -12.5 ± 5.3 points" in gate(lost(5), parent, 1.0)["reason"]
+
+    # Three items lost on each of four tasks: no task is beyond its own noise, their mean is.
+    tasks = ("a", "b", "c", "d")
+    parents = {"items": {t: {f"i{k}": 1.0 for k in range(40)} for t in tasks}}
+    every = gate({"items": {t: {f"i{k}": float(k >= 3) for k in range(40)} for t in tasks}}, parents, 1.0)
+    assert [r["regressed"] for r in every["tasks"]] == [False] * 4 + [True]
+    assert every["tasks"][-1]["task"] == "mean" and every["tasks"][-1]["se_points"] == pytest.approx(4.2 / 2, abs=0.05)
+    assert not every["passed"] and "mean -7.5 ± 2.1 points" in every["reason"]
+    one_task = gate({"items": {t: {f"i{k}": float(t != "a" or k >= 3) for k in range(40)} for t in tasks}}, parents, 1.0)
+    assert one_task["passed"]  # the same three items on one task only: the mean lost 1.9 ± 1.0
 
 
 def test_a_feedback_model_that_failed_its_benchmark_gate_does_not_move_the_alias(tmp_path: Path):
