@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+import lmforge.benchmarks
 import lmforge.finetune
 from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
@@ -87,10 +88,12 @@ def finetune_classifier(context: dg.AssetExecutionContext, config: FinetuneConfi
 @dg.asset(
     group_name="finetune",
     kinds={"python", "pytorch", "peft", "mlflow"},
-    deps=["task_data", "select"],
+    deps=["task_data", "select", "benchmark_data"],
     pool="training",
     code_version=code_version("finetune_sft"),
-    check_specs=[dg.AssetCheckSpec("beats_zero_shot", asset="finetune_sft", description="Test ROUGE-1/2/L above the pretrained model's zero-shot answers.")],
+    check_specs=[dg.AssetCheckSpec("beats_zero_shot", asset="finetune_sft", description="Test ROUGE-1/2/L above the pretrained model's zero-shot answers."),
+                 dg.AssetCheckSpec("kept_benchmarks", asset="finetune_sft",
+                                   description="Each tuned model's benchmark gate against the champion (benchmarks.max_regression, paired).")],
     description="Supervised fine-tuning of the (causal) champion on prompt/response pairs (full and LoRA), as chats "
     "when its tokenizer has a chat template; ROUGE-1/2/L on the test part against the pretrained model's zero-shot answers.",
 )
@@ -98,7 +101,7 @@ def finetune_sft(context: dg.AssetExecutionContext, config: FinetuneConfig, lmfo
     params = stage_params(lmforge_params.load(), "finetune", config)
     summary = lmforge.finetune.run_finetune_sft(params, dagster_run_id=context.run_id, report=context.log.info)
     if "skipped" in summary:
-        yield from _skipped("finetune_sft", params, summary, ("beats_zero_shot",))
+        yield from _skipped("finetune_sft", params, summary, ("beats_zero_shot", "kept_benchmarks"))
         return
     out = params.stage_dir("finetune_sft")
     examples = json.loads((out / "examples.json").read_text())
@@ -112,3 +115,7 @@ def finetune_sft(context: dg.AssetExecutionContext, config: FinetuneConfig, lmfo
     })
     yield dg.AssetCheckResult(check_name="beats_zero_shot", passed=summary["beats_baseline"], severity=dg.AssetCheckSeverity.WARN,
                               description=f"{summary['best_method']}: ROUGE-L {summary['rougeL']:.3f} vs zero-shot {summary['baseline_rougeL']:.3f}")
+    gates = summary["benchmark_gates"]
+    yield dg.AssetCheckResult(check_name="kept_benchmarks", passed=all(g["passed"] for g in gates.values()), severity=dg.AssetCheckSeverity.WARN,
+                              description="; ".join(f"{m}: {g['reason']}" for m, g in gates.items()),
+                              metadata={m: dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(g)) for m, g in gates.items()})

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, write_params, write_summary
+from lmforge.benchmarks import benchmark_gates
 from lmforge.candidates import champion_packed_dir
 from lmforge.finetune import champion
 from lmforge.params import LmforgeError, Params
@@ -106,26 +107,6 @@ def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: 
     for name, reason in (unsupported or {}).items():
         lines.append(f"| {name} | unsupported here: {reason} |" + " |" * (len(cols) - 1))
     return "\n".join(lines) + "\n"
-
-
-def benchmark_gates(params: Params, models: dict[str, Path], parent: tuple[str, Path], rows: dict[str, dict[str, Any]],
-                    say) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Each model scored on the benchmarks and gated on the champion it came from (``lmforge.benchmarks``);
-    its mean accuracy and the gate's verdict join its row of the table.  Returns the gates, and every
-    model's scores (the parent's under its name in ``parent``) for the summary: the tasks, their mean,
-    XSTest and the flat keys registry tags are made of."""
-    from lmforge.benchmarks import score_and_gate, score_model
-
-    reference, directory = parent
-    scored = {reference: score_model(params, directory, lambda msg: say(f"benchmarks {reference}: {msg}"))}
-    gates = {}
-    for name, directory in models.items():
-        result = score_and_gate(params, directory, scored[reference], lambda msg, n=name: say(f"benchmarks {n}: {msg}"))
-        gates[name], scored[name] = result["gate"], result["scores"]
-        if result["scores"]["accuracy"] is not None:
-            rows[name]["bench_accuracy"] = result["scores"]["accuracy"]
-        rows[name]["benchmark_gate_passed"] = float(result["gate"]["passed"])
-    return gates, {n: {k: r[k] for k in ("tasks", "accuracy", "xstest", "summary")} for n, r in scored.items()}
 
 
 def _finish(params: Params, stage: str, summary: dict[str, Any], parent: str | None, tags: dict[str, str]) -> dict[str, Any]:

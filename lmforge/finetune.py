@@ -15,7 +15,9 @@ fine-tuning stages, which refuse a task set that failed validation.
 
 The fine-tuning stages train every method of ``finetune.methods`` (full, LoRA) from the champion of
 ``select`` and score it on the test part against baselines: the majority class and TF-IDF + logistic
-regression (classification), or the pretrained model's zero-shot answers (SFT).  Output
+regression (classification), or the pretrained model's zero-shot answers (SFT).  An SFT-tuned model
+is also scored on the standard benchmarks and gated on the champion (``benchmark_gates`` in its
+summary, check ``kept_benchmarks``): what learning one task cost on the others.  Output
 ``<artifacts>/finetune_<task>/models/<method>/hf`` (Hugging Face format; LoRA also as ``adapter/``)
 and ``summary.json``; MLflow: one run per stage, nested under the champion's pretraining run, with
 one child run per method.
@@ -31,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_params, write_summary
+from lmforge.benchmarks import benchmark_gates
 from lmforge.params import LmforgeError, Params
-from lmforge.tracking import tracked_run
+from lmforge.tracking import log_numbers, tracked_run
 from lmforge.validation import CheckOutcome, validate_frame
 
 #: Task name → (params section, the standard column names ← the params fields naming them).
@@ -404,12 +407,17 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
             say(f"finetune_sft {method}: test ROUGE-1 {results[method]['rouge1']:.3f}, ROUGE-2 {results[method]['rouge2']:.3f}, ROUGE-L {results[method]['rougeL']:.3f}")
             export(model, tokenizer, out / "models" / method, lora=method == "lora")
             _log_method(client, run_id, params, "sft", method, results[method], fitted.history)
-        summary: dict[str, Any] = {"champion": name, "chat_template": chat, "test_examples": len(references)}
+        # What tuning on one task cost on everything else: each method gated on the champion.
+        gates, benchmarks = benchmark_gates(params, {m: out / "models" / m / "hf" for m in results}, ("champion", source), results, say)
+        summary: dict[str, Any] = {"champion": name, "chat_template": chat, "test_examples": len(references), "benchmark_gates": gates,
+                                   "benchmarks": benchmarks}
         _methods_summary(summary, results, ("rouge1", "rouge2", "rougeL"), baseline, "val_loss", higher_is_better=False)
         (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
         client.log_artifact(run_id, str(out / "examples.json"))
         for key in ("rouge1", "rouge2", "rougeL", "baseline_rouge1", "baseline_rouge2", "baseline_rougeL"):
             client.log_metric(run_id, key, summary[key])
+        for model, scores in benchmarks.items():
+            log_numbers(client, run_id, {f"{model}_{k}": v for k, v in scores["summary"].items()})
     summary["mlflow_run_id"] = run_id
     write_params(out, p)
     write_summary(out, summary)

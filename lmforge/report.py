@@ -72,14 +72,16 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("select", "champion", lambda d: f"{d['champion']} (score {d['champion_score']:.3f})")
     add("finetune_classifier", "macro-F1", lambda d: f"{d['macro_f1']:.3f} ({d['best_method']}) vs majority baseline {d['baseline_macro_f1']:.3f} "
         f"· TF-IDF+LR {d['classical_macro_f1']:.3f} · accuracy {d['accuracy']:.3f}")
-    add("finetune_sft", "ROUGE-L", lambda d: f"{d['rougeL']:.3f} ({d['best_method']}) vs zero-shot {d['baseline_rougeL']:.3f} · ROUGE-1 {d['rouge1']:.3f}")
+    add("finetune_sft", "ROUGE-L", lambda d: f"{d['rougeL']:.3f} ({d['best_method']}) vs zero-shot {d['baseline_rougeL']:.3f} · ROUGE-1 {d['rouge1']:.3f}"
+        + _gates(d))
     add("quantize", "chosen variant", lambda d: (
         f"{d['chosen']}: {d['linear_size_ratio']:.2f}× smaller linear weights ({d['disk_size_ratio']:.2f}× on disk) · "
         "speedup " + " / ".join(f"{v:.2f}× {k.split('_')[1]}" for k, v in sorted(d.items()) if k.startswith("speedup_b"))
         + f" · perplexity {d['perplexity_increase']:+.2%}"
     ) if d.get("chosen") else "no variant within the perplexity threshold and its benchmark gate")
     add("quantize", "benchmarks", _quantized_benchmarks)
-    add("distil", "student", lambda d: f"{d['student_parameters'] / 1e6:.2f} M params · ppl {d['distilled_perplexity']:.0f} distilled vs {d['from_scratch_perplexity']:.0f} from scratch")
+    add("distil", "student", lambda d: f"{d['student_parameters'] / 1e6:.2f} M params · ppl {d['distilled_perplexity']:.0f} distilled vs {d['from_scratch_perplexity']:.0f} from scratch"
+        + _gates(d))
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
@@ -100,10 +102,16 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     return out
 
 
+def _gates(d: dict[str, Any]) -> str:
+    """`` · benchmark gates: <model> passed, ...`` of a stage that gates its models on their parent."""
+    gates = d.get("benchmark_gates") or {}
+    return " · benchmark gates: " + ", ".join(f"{m} {'passed' if g['passed'] else 'FAILED'}" for m, g in gates.items()) if gates else ""
+
+
 def _quantized_benchmarks(d: dict[str, Any]) -> str:
     """Per-task accuracy of the champion (fp32) and the chosen variant, and every variant's gate."""
     bench = d.get("benchmarks", {})
-    gates = " · gates: " + ", ".join(f"{v} {'passed' if g['passed'] else 'FAILED'}" for v, g in d.get("benchmark_gates", {}).items())
+    gates = _gates(d)
     if not d.get("chosen") or d["chosen"] not in bench:
         return gates.lstrip(" ·")
     ref, ours = bench["fp32"]["tasks"], bench[d["chosen"]]["tasks"]

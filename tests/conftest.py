@@ -159,6 +159,9 @@ TINY_PARAMS = {
             "sweep": {"temperature": [0.0, 0.9], "top_k": [0], "top_p": [1.0], "examples": 6, "max_new_tokens": 6}},
 }
 
+#: The tiny benchmark settings for a params file outside the checkout: the pinned files read from it.
+TINY_BENCHMARKS = {**TINY_PARAMS["benchmarks"], "dir": str(REPO / "evalsets" / "standard")}
+
 
 class Project:
     """A copy of this project (code, dvc.yaml, params.yaml) with a tiny corpus, its own Dagster instance and

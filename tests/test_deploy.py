@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, stop_process_group, write_params
+from conftest import REPO, TINY_BENCHMARKS, stop_process_group, write_params
 from test_finetune import sentence, tiny_champion
 
 from lmforge.params import LmforgeError, load_params
@@ -47,8 +47,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                  evaluate={"speed_new_tokens": 4, "speed_batch_sizes": [1, 2]},
                  distil={"steps": 12, "batch_size": 4, "warmup_steps": 2}, quantize={"keep_full_precision": []},
-                 benchmarks={"dir": str(REPO / "evalsets" / "standard"), "tasks": ["boolq", "winogrande"], "max_items": 4,
-                             "batch_size": 8, "xstest": {"max_prompts": 2, "max_new_tokens": 4}})
+                 benchmarks={**TINY_BENCHMARKS, "max_items": 4, "xstest": {"max_prompts": 2, "max_new_tokens": 4}})
     monkeypatch.setenv("LMFORGE_PARAMS", str(tmp_path / "params.yaml"))
     # the benchmark items every model here is gated on, and the champion's scores (what benchmark_eval writes)
     from lmforge.benchdata import run_benchmark_data

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PARAMS, WORDS, write_params
+from conftest import TINY_BENCHMARKS, TINY_PARAMS, WORDS, write_params
 
+from lmforge.benchdata import run_benchmark_data
 from lmforge.finetune import load_task, read_task_file, run_finetune_classifier, run_finetune_sft, run_task_data, split_of
 from lmforge.params import LmforgeError, load_params
 from models.finetune import classification_metrics, encode_sft, majority_baseline, rouge
@@ -67,7 +68,7 @@ def sft_rows(n: int, seed: int = 1) -> list[dict]:
 
 
 #: params sections that keep evaluation, fine-tuning and distillation tiny in whole-graph tests (those of the tiny project).
-TINY_DOWNSTREAM = {section: TINY_PARAMS[section] for section in ("evaluate", "finetune", "distil", "rag")}
+TINY_DOWNSTREAM = {**{section: TINY_PARAMS[section] for section in ("evaluate", "finetune", "distil", "rag")}, "benchmarks": TINY_BENCHMARKS}
 
 
 def write_task_sets(directory: Path, classification: int = 40, sft: int = 30) -> None:
@@ -83,7 +84,8 @@ def task_params(tmp_path: Path, classification_set: list[dict], sft_set: list[di
     for name, rows in (("classification.jsonl", classification_set), ("summarisation.jsonl", sft_set)):
         (finetune_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     section = {"min_examples": 20, "classification": {"labels": ["first", "second"]}, **finetune}
-    return load_params(write_params(tmp_path, finetune=section, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    return load_params(write_params(tmp_path, finetune=section, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                                    benchmarks=TINY_BENCHMARKS))
 
 
 def test_valid_task_sets_are_split_by_group(tmp_path: Path):
@@ -183,8 +185,11 @@ def test_fine_tuning_beats_the_baselines_on_a_tiny_task(tmp_path: Path, monkeypa
         assert (tmp_path / f"artifacts/finetune_classifier/models/{method}/hf/config.json").exists()
     assert classifier["lora_trainable_parameters"] < classifier["full_trainable_parameters"] / 5
     assert (tmp_path / "artifacts/finetune_classifier/models/lora/adapter/adapter_config.json").exists()
+    run_benchmark_data(params, require_split=False)  # the items an SFT-tuned model is gated on
     sft = run_finetune_sft(params)
     assert sft["beats_baseline"] and sft["rougeL"] > sft["baseline_rougeL"], sft
+    assert set(sft["benchmark_gates"]) == {"full", "lora"} and set(sft["benchmarks"]) == {"champion", "full", "lora"}
+    assert all(g["tasks"] for g in sft["benchmark_gates"].values()) and "lora_bench_accuracy" in sft
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "artifacts/finetune_classifier/models/lora/hf")  # merged LoRA
@@ -315,6 +320,7 @@ def test_sft_of_an_instruct_champion_trains_and_scores_in_its_chat_format(tmp_pa
     chat_dir = chat_champion(tmp_path)
     select = tmp_path / "artifacts/select/summary.json"
     select.write_text(json.dumps({**json.loads(select.read_text()), "champion_dir": str(chat_dir)}))
+    run_benchmark_data(params, require_split=False)
     sft = run_finetune_sft(params)
     assert sft["chat_template"] is True and sft["best_method"] == "lora" and 0 <= sft["rougeL"] <= 1
     assert run_finetune_classifier(params) == {"skipped": "classification is not configured (finetune.tasks: sft)"}

@@ -82,6 +82,7 @@ def test_continuation_perplexity_scores_only_the_continuation(tmp_path):
 @pytest.fixture
 def rag_project(tmp_path: Path, monkeypatch) -> Path:
     """Split datasets of distinct documents, a tiny champion, validated task sets and a params file."""
+    from lmforge.benchdata import run_benchmark_data
     from lmforge.finetune import run_task_data
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -98,6 +99,7 @@ def rag_project(tmp_path: Path, monkeypatch) -> Path:
                                                         "sweep": {**TINY_DOWNSTREAM["rag"]["sweep"], "top_k": [0, 20]}}})
     monkeypatch.setenv("LMFORGE_PARAMS", str(params))
     run_task_data(load_params())
+    run_benchmark_data(load_params())  # the items finetune_sft gates its model on
     return tmp_path
 
 
