@@ -577,10 +577,15 @@ class ServeParams:
     batch_wait_ms: float = 50.0  # how long the first request of a batch waits for others to join
     max_tokens: int = 64  # when a request does not say
     max_tokens_limit: int = 512  # the most a request may ask for
+    max_request_bytes: int = 1_048_576  # a larger body is refused (413) before it is read
+    max_requests_per_client: int = 32  # requests one client (address) may have queued or generating; more: 429
+    follow_seconds: float = 30.0  # serving models:/NAME@ALIAS: how often to check whether the alias moved (0: never)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.batch_wait_ms < 0 or not 1 <= self.max_tokens <= self.max_tokens_limit:
             raise ValueError("serve: need max_batch_size ≥ 1, batch_wait_ms ≥ 0, 1 ≤ max_tokens ≤ max_tokens_limit")
+        if self.max_request_bytes < 1024 or self.max_requests_per_client < 1 or self.follow_seconds < 0:
+            raise ValueError("serve: need max_request_bytes ≥ 1024, max_requests_per_client ≥ 1 and follow_seconds ≥ 0")
 
 
 @dataclass

@@ -22,8 +22,10 @@ chunk.  FastAPI and uvicorn (already in the lock for MLflow and Dagster) carry t
 **Errors** are 4xx with OpenAI's ``{"error": {"message", "type", "param", "code"}}`` body, checked before
 a request is queued: malformed JSON or fields (400), an unknown model (404), a prompt that does not
 fit the context with its ``max_tokens`` (400), ``max_tokens`` out of range (400), a missing or wrong
-API key (401).  A failure while generating fails that batch's requests with a 500 and leaves the
-server up.
+API key (401), a body over ``serve.max_request_bytes`` (413, refused before it is read), more than
+``serve.max_requests_per_client`` requests in progress from one address (429).  Tokenizing runs off the
+event loop, so a long prompt does not hold up ``/health`` or other clients.  A failure while generating
+fails that batch's requests with a 500 and leaves the server up.
 
 **Every answer is recorded** in the feedback store (``lmforge.feedback_store``) before it is sent.
 """
@@ -240,14 +242,82 @@ class ServedModel:
         return limit
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with a 413 and OpenAI's error body,
+    from its Content-Length before a byte of it is read, or (a chunked body) as soon as it passes the
+    limit.  Starlette's own limiter (FastAPI's ``max_body_size``) answers in plain text, which OpenAI
+    clients cannot parse."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    @staticmethod
+    def error(limit: int) -> RequestError:
+        return RequestError(f"the request body is larger than this server accepts ({limit:,} bytes, serve.max_request_bytes)",
+                            status=413, code="request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        from fastapi.responses import JSONResponse
+        from starlette.datastructures import Headers
+        from starlette.exceptions import HTTPException
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse(self.error(self.limit).body(), 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413)  # FastAPI passes an HTTPException from the body on to the app's handler
+            return message
+
+        await self.app(scope, limited, send)
+
+
+@dataclass
+class _Live:
+    """The model answering new requests and the thread generating for it; swapped whole when the alias moves."""
+
+    served: ServedModel
+    batcher: Batcher
+    users: int = 0  # requests admitted on it and not finished
+    retired: bool = False  # swapped out: its batcher closes when its last request has finished
+
+
+@dataclass
+class AliasFollower:
+    """Where a server of ``models:/NAME@ALIAS`` looks for the alias's version, and loads a new one."""
+
+    ref: str
+    tracking_uri: str | None
+    name: str | None = None
+
+    def version(self) -> str:
+        from lmforge.registry import pin_version
+
+        return pin_version(self.ref, self.tracking_uri)[1].rsplit("/", 1)[-1]
+
+    def load(self) -> ServedModel:
+        return load_served(self.ref, self.tracking_uri, self.name)
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams, api_key: str | None = None,
-               sampling_defaults: SamplingParams | None = None):
+               sampling_defaults: SamplingParams | None = None, follow: AliasFollower | None = None):
     """The FastAPI application serving ``served`` with ``settings`` (``params.yaml`` ``serve:``, batch size,
-    window and token limits); a ``Batcher`` thread starts with it and stops with it."""
+    window and token limits); a ``Batcher`` thread starts with it and stops with it.  With ``follow``,
+    the registry is polled every ``serve.follow_seconds`` and a moved alias's version is loaded beside
+    the old one and swapped in: requests already queued finish on the old model, new ones go to the
+    new one, and every answer records the version that produced it."""
+    import logging
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI
@@ -265,17 +335,49 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
 
     defaults = sampling_defaults or SamplingParams()
     started = int(time.time())
-    state: dict[str, Batcher] = {}
+    state: dict[str, _Live] = {}
+    log = logging.getLogger("lmforge.serve")
+
+    async def start(model: ServedModel) -> _Live:
+        batcher = Batcher(model.model, model.tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        await asyncio.to_thread(batcher.warm_up)
+        return _Live(model, batcher)
+
+    async def follow_alias() -> None:
+        """Poll the alias; load a new version beside the old one, then swap.  A failed poll or load
+        leaves the old version serving, and is tried again at the next poll."""
+        while True:
+            await asyncio.sleep(settings.follow_seconds)
+            try:
+                if await asyncio.to_thread(follow.version) == state["live"].served.version:
+                    continue
+                new = await start(await asyncio.to_thread(follow.load))
+            except Exception as exc:  # the registry unreachable, a broken version: keep serving what works
+                log.warning("serve: could not follow %s: %s: %s", served.ref, type(exc).__name__, exc)
+                continue
+            old, state["live"] = state["live"], new
+            log.warning("serve: %s moved from version %s to version %s: new requests go to it", served.ref, old.served.version,
+                        new.served.version)
+            old.retired = True
+            if not old.users:
+                retire(old)
+
+    def retire(live: _Live) -> None:
+        """Close a swapped-out version's batcher (in a worker thread: it joins the model thread)."""
+        asyncio.get_running_loop().run_in_executor(None, live.batcher.close)
 
     @asynccontextmanager
     async def lifespan(_app):
-        batcher = Batcher(served.model, served.tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
-        await asyncio.to_thread(batcher.warm_up)
-        state["batcher"] = batcher
+        state["live"] = await start(served)
+        follower = asyncio.create_task(follow_alias()) if follow is not None and settings.follow_seconds > 0 else None
         yield
-        await asyncio.to_thread(state["batcher"].close)
+        if follower is not None:
+            follower.cancel()
+        await asyncio.to_thread(state["live"].batcher.close)
 
     app = FastAPI(title="lmforge serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    inflight: dict[str, int] = {}  # requests per client address, queued or generating (the event loop's only)
 
     @app.exception_handler(RequestError)
     async def _request_error(_request, exc: RequestError):
@@ -291,6 +393,8 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
+        if exc.status_code == 413:
+            return JSONResponse(BodyLimit.error(settings.max_request_bytes).body(), 413)
         return JSONResponse(RequestError(str(exc.detail), status=exc.status_code, kind="not_found_error" if exc.status_code == 404 else
                                          "invalid_request_error").body(), exc.status_code)
 
@@ -325,9 +429,9 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
             top_p=defaults.top_p if req.top_p is None else req.top_p, seed=defaults.seed if req.seed is None else req.seed)
         return sampling, wanted, stop
 
-    def encode(text: str, chat: bool, max_new: int) -> list[int]:
-        ids = served.tokenizer(text, add_special_tokens=not chat)["input_ids"]
-        limit = served.context_length
+    def encode(model: ServedModel, text: str, chat: bool, max_new: int) -> list[int]:
+        ids = model.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        limit = model.context_length
         if limit is not None and len(ids) + max_new > limit:
             raise RequestError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} tokens and "
                                f"max_tokens asks for {max_new} more: shorten the prompt or lower max_tokens", "messages" if chat else "prompt",
@@ -336,10 +440,47 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
             raise RequestError("the prompt is empty", "messages" if chat else "prompt")
         return ids
 
-    async def run(endpoint: str, prompt_ids: list[int], sampling: SamplingParams, max_new: int, stop: tuple[str, ...],
-                  logged_prompt: Any, request_id: str) -> AsyncIterator[str | Completion]:
+    def admit(request: Request) -> tuple[_Live, Callable[[], None]]:
+        """Count a request against its client's ``serve.max_requests_per_client`` (429 beyond it: one
+        client cannot fill the queue that every other client waits in), and on the version live now,
+        which answers it to the end even if the alias moves meanwhile.  Returns that version and the
+        release, which may be called more than once."""
+        client = request.client.host if request.client else "unknown"
+        if inflight.get(client, 0) >= settings.max_requests_per_client:
+            raise RequestError(f"too many requests in progress from {client} (serve.max_requests_per_client: "
+                               f"{settings.max_requests_per_client}); retry when one has finished", status=429,
+                               code="rate_limit_exceeded", kind="rate_limit_error")
+        inflight[client] = inflight.get(client, 0) + 1
+        live = state["live"]
+        live.users += 1
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                inflight[client] -= 1
+                if not inflight[client]:
+                    del inflight[client]
+                live.users -= 1
+                if live.retired and not live.users:
+                    retire(live)
+
+        return live, release
+
+    async def prepared(request: Request, prepare: Callable[[ServedModel], list[int]]) -> tuple[_Live, list[int], Callable[[], None]]:
+        """The request's admission (``admit``) and its prompt's token ids, tokenized off the event loop
+        (a long prompt takes seconds, during which /health and every other client must be answered)."""
+        live, release = admit(request)
+        try:
+            return live, await asyncio.to_thread(prepare, live.served), release
+        except BaseException:
+            release()
+            raise
+
+    async def run(live: _Live, endpoint: str, prompt_ids: list[int], sampling: SamplingParams, max_new: int, stop: tuple[str, ...],
+                  logged_prompt: Any, request_id: str, release: Callable[[], None]) -> AsyncIterator[str | Completion]:
         """Queue the request; yield its text pieces as they come, then the finished ``Completion``
-        (after it is recorded in the store)."""
+        (after it is recorded in the store).  Its admission is released when it ends, however it ends."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         finished: dict[str, BaseException | None] = {}
@@ -349,15 +490,16 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
             loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         row = Completion(prompt_ids, max_new, stop, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
-        state["batcher"].submit(_Job(row, sampling, on_finish))
+        live.batcher.submit(_Job(row, sampling, on_finish))
         try:
             while (piece := await pieces.get()) is not None:
                 yield piece
         finally:
             row.cancelled.set()  # the client went away: its row stops at the next token (no effect once finished)
+            release()
         if finished.get("error") is not None:
             raise RequestError(f"generation failed: {type(finished['error']).__name__}: {finished['error']}", status=500, kind="server_error")
-        await asyncio.to_thread(store.log_request, request_id, endpoint, served.name, served.version, logged_prompt, row.text,
+        await asyncio.to_thread(store.log_request, request_id, endpoint, served.name, live.served.version, logged_prompt, row.text,
                                 row.finish_reason, len(prompt_ids), len(row.token_ids))
         yield row
 
@@ -368,8 +510,9 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
     def sse(obj: BaseModel) -> str:
         return f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
 
-    async def streamed(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Server-sent events; an error after the first byte can only be reported in the stream."""
+    async def streamed(chunks: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+        """Server-sent events; an error after the first byte can only be reported in the stream.  The
+        admission is released here too: a client gone before its generation started leaves no slot taken."""
         try:
             async for chunk in chunks:
                 yield chunk
@@ -377,12 +520,16 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
             yield f"data: {json.dumps(exc.body())}\n\n"
         except Exception as exc:  # a bug here must end the stream with a message, not a cut connection
             yield f"data: {json.dumps(RequestError(f'{type(exc).__name__}: {exc}', status=500, kind='server_error').body())}\n\n"
+        finally:
+            release()
         yield "data: [DONE]\n\n"
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        batcher = state.get("batcher")
-        return {"status": "ok", "model": served.name, "version": served.version, "queued": batcher.queue.qsize() if batcher else 0,
+        live = state.get("live")
+        batcher = live.batcher if live else None
+        return {"status": "ok", "model": served.name, "version": live.served.version if live else served.version,
+                "queued": batcher.queue.qsize() if batcher else 0,
                 "batches": batcher.batches if batcher else 0, "requests": batcher.requests if batcher else 0}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
@@ -390,19 +537,23 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
         return {"object": "list", "data": [Model(id=served.name, created=started, object="model", owned_by="lmforge").model_dump()]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
-        if not has_chat_template(served.tokenizer):
+        if not has_chat_template(state["live"].served.tokenizer):
             raise RequestError(f"'{served.name}' has no chat template (it is not an instruct model): use /v1/completions", "messages")
         sampling, max_new, stop = sampling_of(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # e.g. a template that refuses a system turn, or roles out of order
-            raise RequestError(f"the model's chat template refused the messages: {exc}", "messages") from None
-        ids = encode(text, True, max_new)
+
+        def prepare(model: ServedModel) -> list[int]:
+            try:
+                text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # e.g. a template that refuses a system turn, or roles out of order
+                raise RequestError(f"the model's chat template refused the messages: {exc}", "messages") from None
+            return encode(model, text, True, max_new)
+
+        live, ids, release = await prepared(request, prepare)
         rid, created = _new_id("chatcmpl"), int(time.time())
-        generation = run("chat.completions", ids, sampling, max_new, stop, messages, rid)
+        generation = run(live, "chat.completions", ids, sampling, max_new, stop, messages, rid, release)
         if not req.stream:
             row = [item async for item in generation][-1]
             return ChatCompletion(id=rid, object="chat.completion", created=created, model=served.name, usage=usage(ids, row),
@@ -424,10 +575,10 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
                         yield sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=served.name,
                                                       choices=[], usage=usage(ids, item)))
 
-        return StreamingResponse(streamed(events()), media_type="text/event-stream")
+        return StreamingResponse(streamed(events(), release), media_type="text/event-stream")
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
@@ -436,9 +587,9 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
         if req.echo:
             raise RequestError("echo is not supported", "echo")
         sampling, max_new, stop = sampling_of(req, req.max_tokens)
-        ids = encode(req.prompt, False, max_new)
+        live, ids, release = await prepared(request, lambda model: encode(model, req.prompt, False, max_new))
         rid, created = _new_id("cmpl"), int(time.time())
-        generation = run("completions", ids, sampling, max_new, stop, req.prompt, rid)
+        generation = run(live, "completions", ids, sampling, max_new, stop, req.prompt, rid, release)
 
         def completion(text: str, finish: str | None, **extra) -> CompletionObject:
             # a streamed piece has no finish_reason yet, which the type's Literal does not allow: built unvalidated
@@ -457,7 +608,7 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
                     extra = {"usage": usage(ids, item)} if (req.stream_options or {}).get("include_usage") else {}
                     yield sse(completion("", item.finish_reason, **extra))
 
-        return StreamingResponse(streamed(events()), media_type="text/event-stream")
+        return StreamingResponse(streamed(events(), release), media_type="text/event-stream")
 
     @app.post("/v1/feedback", dependencies=[Depends(authorized)])
     async def feedback(req: FeedbackRequest) -> dict[str, Any]:

@@ -4,7 +4,9 @@ fine-tuning → a new registry version and the alias moved, or the alias kept wh
 from __future__ import annotations
 
 import json
+import sqlite3
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,7 @@ def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only
     project = copy_project(tiny_project, tmp_path / "copy")
     params = project.params()
     params["feedback"].update({"min_new_examples": 6, "epochs": 3, "lr": 0.005, "method": "full"})
+    params["serve"] = {**params.get("serve", {}), "follow_seconds": 1}
     (project.path / "params.yaml").write_text(yaml.safe_dump(params))
     before = champion_version(project)
 
@@ -151,21 +154,31 @@ def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only
         for i in range(4):
             answer = client.completions.create(model="lmforge@champion", prompt=f"words of document {i}\nSummary:", max_tokens=6, temperature=0)
             assert server.post("/v1/feedback", {"request_id": answer.id, "rating": 1, "correction": "a python package for language data"}).status_code == 200
+        assert tick(project, None)["runs"] == 0  # 4 accepted examples: fewer than min_new_examples (6)
+        inbox = project.path / "feedback" / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        (inbox / "reviewed.jsonl").write_text("".join(json.dumps({"prompt": f"words of page {i}\nSummary:", "correction": "a python package for language data",
+                                                                  "rating": 5}) + "\n" for i in range(3)))
+        first = tick(project, None)
+        assert first["runs"] == 1 and first["success"], first
+        assert first["checks"] == {"feedback_valid": True, "beats_current": True, "kept_benchmarks": True}
+        assert first["materialized"] == ["feedback_examples", "feedback_finetune", "feedback_register"]
+        tuned = project.summary("feedback_finetune")
+        assert tuned["rougeL"] > tuned["current_rougeL"] and tuned["feedback_examples"] == 7 and tuned["base_version"] == before
+        after = champion_version(project)
+        assert after != before and project.summary("feedback_register")["version"] == after
+
+        # the server, still running, follows @champion: the next answer comes from the new version, no restart
+        deadline = time.monotonic() + 120
+        while server.health()["version"] != after and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert server.health()["version"] == after, server.log.read_text()[-2000:]
+        answer = client.completions.create(model="lmforge@champion", prompt="words of document 9\nSummary:", max_tokens=6, temperature=0)
+        with sqlite3.connect(server.store) as db:
+            served_by = dict(db.execute("SELECT id, model_version FROM requests").fetchall())
+        assert served_by[answer.id] == after and list(served_by.values()).count(before) == 4
     finally:
         server.stop()
-    assert tick(project, None)["runs"] == 0  # 4 accepted examples: fewer than min_new_examples (6)
-    inbox = project.path / "feedback" / "inbox"
-    inbox.mkdir(parents=True, exist_ok=True)
-    (inbox / "reviewed.jsonl").write_text("".join(json.dumps({"prompt": f"words of page {i}\nSummary:", "correction": "a python package for language data",
-                                                              "rating": 5}) + "\n" for i in range(3)))
-    first = tick(project, None)
-    assert first["runs"] == 1 and first["success"], first
-    assert first["checks"] == {"feedback_valid": True, "beats_current": True, "kept_benchmarks": True}
-    assert first["materialized"] == ["feedback_examples", "feedback_finetune", "feedback_register"]
-    tuned = project.summary("feedback_finetune")
-    assert tuned["rougeL"] > tuned["current_rougeL"] and tuned["feedback_examples"] == 7 and tuned["base_version"] == before
-    after = champion_version(project)
-    assert after != before and project.summary("feedback_register")["version"] == after
     # the pipeline registers its (unchanged) champion again: the version tuned on feedback stays @champion
     registered = project.lmforge("run", "--select", "register")
     assert "fine-tuned on users' feedback" in registered.stdout + registered.stderr and champion_version(project) == after

@@ -37,15 +37,15 @@ def chat_model(tmp_path_factory) -> Path:
 class Server:
     """``lmforge serve`` in a process of its own, its feedback store under ``root``."""
 
-    def __init__(self, root: Path, model: Path | str, *args: str, project: Project | None = None):
+    def __init__(self, root: Path, model: Path | str, *args: str, project: Project | None = None, **sections: dict):
         """``project``: serve from that project's directory with its params.yaml (store, registry); else a
-        params file of its own under ``root``."""
+        params file of its own under ``root``, with ``sections`` (e.g. ``serve={...}``) in it."""
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         if project is None:
             self.store = root / "feedback.db"
             params = write_params(root / "params", feedback={"store": str(self.store), "inbox": str(root / "inbox")},
-                                  mlflow={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
+                                  mlflow={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}, **sections)
             args = ("--params", str(params), *args)
         else:
             self.store = project.path / "feedback" / "feedback.db"
@@ -162,6 +162,61 @@ def test_bad_requests_get_a_4xx_with_a_clear_message_and_the_server_stays_up(ser
     error = response.json()["error"]
     assert says in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
     assert server.client().completions.create(model="tiny-chat", prompt="still", max_tokens=1).choices[0].text is not None
+
+
+def test_a_huge_body_is_refused_before_it_is_read_and_holds_up_no_one(server):
+    """A 20 MB chat body: 413 at once (its Content-Length is over serve.max_request_bytes), while /health
+    and a small completion are answered as usual; a long prompt under the limit is tokenized off the
+    event loop and refused with a 400."""
+    import threading
+
+    import httpx2
+
+    huge = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "word " * 4_000_000}]})
+    refused: dict = {}
+
+    def send() -> None:
+        try:
+            refused["response"] = httpx2.post(server.url + "/v1/chat/completions", content=huge,
+                                              headers={"content-type": "application/json"}, timeout=120)
+        except httpx2.HTTPError as exc:  # the server may close the connection after its 413, while the client still sends
+            refused["error"] = exc
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    started = time.perf_counter()
+    assert server.health()["status"] == "ok"
+    answer = server.client().completions.create(model="tiny-chat", prompt="still", max_tokens=2)
+    answered = time.perf_counter() - started
+    sender.join(timeout=120)
+    assert answer.choices[0].text is not None and answered < 5, answered
+    if "response" in refused:
+        assert refused["response"].status_code == 413, refused["response"].text
+        error = refused["response"].json()["error"]
+        assert "serve.max_request_bytes" in error["message"] and error["code"] == "request_too_large"
+    else:
+        assert "error" in refused
+    long_prompt = server.post("/v1/completions", {"model": "tiny-chat", "prompt": "the " * 200_000, "max_tokens": 4})
+    assert long_prompt.status_code == 400 and "maximum context length" in long_prompt.json()["error"]["message"]
+
+
+def test_one_client_cannot_queue_more_than_its_share(chat_model, tmp_path):
+    """serve.max_requests_per_client: 2 requests wait in a 3-second batch window; a third from the same
+    address gets a 429 at once, and the two are answered."""
+    server = Server(tmp_path, chat_model, "--batch-wait-ms", "3000", serve={"max_requests_per_client": 2})
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(server.post, "/v1/completions", {"model": "tiny-chat", "prompt": f"wait {i}", "max_tokens": 2})
+                       for i in range(2)]
+            time.sleep(1.0)
+            third = server.post("/v1/completions", {"model": "tiny-chat", "prompt": "one more", "max_tokens": 2})
+            assert third.status_code == 429, third.text
+            error = third.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and "serve.max_requests_per_client" in error["message"]
+            assert [f.result().status_code for f in waiting] == [200, 200]
+        assert server.post("/v1/completions", {"model": "tiny-chat", "prompt": "after", "max_tokens": 2}).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_every_answer_and_feedback_is_on_disk_before_the_reply_and_survives_a_killed_server(chat_model, tmp_path):

@@ -43,7 +43,7 @@ def serve(
         except ValueError as exc:  # e.g. --max-batch-size 0
             fail(str(exc))
         host = host or settings.host
-        from lmforge.serve import create_app, is_loopback, load_served
+        from lmforge.serve import AliasFollower, create_app, is_loopback, load_served
 
         if api_key is None and not is_loopback(host):
             fail(f"--host {host} makes the server reachable from other machines: give an API key (--api-key or $LMFORGE_API_KEY)")
@@ -56,10 +56,13 @@ def serve(
         typer.echo(f"loading {ref} ...")
         served = load_served(ref, tracking_uri(p), served_name)
         store = FeedbackStore(p.path(p.feedback.store))
-        app_ = create_app(served, store, settings, api_key=api_key, sampling_defaults=p.evaluate.sampling)
+        follows = ref.startswith("models:/") and "@" in ref and settings.follow_seconds > 0
+        app_ = create_app(served, store, settings, api_key=api_key, sampling_defaults=p.evaluate.sampling,
+                          follow=AliasFollower(ref, tracking_uri(p), served_name) if follows else None)
         where = f"http://{host}:{port or settings.port}"
         typer.echo(f"serving '{served.name}'{f' (version {served.version})' if served.version else ''} at {where}/v1 "
-                   f"(feedback store {store.path}){'; API key required' if api_key else ''}")
+                   f"(feedback store {store.path}){'; API key required' if api_key else ''}"
+                   f"{f'; following {ref} every {settings.follow_seconds:g} s' if follows else ''}")
         uvicorn.run(app_, host=host, port=port or settings.port, log_level=os.environ.get("LMFORGE_SERVE_LOG_LEVEL", "info"))
     except LmforgeError as exc:
         fail(str(exc))
