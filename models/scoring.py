@@ -18,6 +18,8 @@ is found before it is scored.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -111,8 +113,13 @@ def continuation_logprobs(model, groups: list[Group], pad_id: int = 0) -> list[l
 @torch.inference_mode()
 def check_equivalent(model, group: Group) -> float:
     """The largest difference between ``continuation_logprobs`` and the plain forward pass (lm-eval's
-    way: context + continuation in one sequence, log-softmax of the model's logits) on ``group``."""
-    shared = continuation_logprobs(model, [group])[0]
+    way: context + continuation in one sequence, log-softmax of the model's logits) on ``group``;
+    infinite for a model that cannot take a packed sequence at all (BLOOM builds its ALiBi biases from
+    a 2-D attention mask and has no position ids)."""
+    try:
+        shared = continuation_logprobs(model, [group])[0]
+    except (TypeError, ValueError, RuntimeError):
+        return math.inf
     worst = 0.0
     for cont, (lp, _) in zip(group[1], shared):
         seq = torch.tensor([group[0] + cont[:-1]])

@@ -164,6 +164,26 @@ def test_shared_contexts_score_what_separate_sequences_score(tiny_dir: Path):
     assert [round(lp, 3) for lp, _ in scored[:-1]] == [round(lp, 3) for answers in shared for lp, _ in answers]
 
 
+def test_a_model_that_cannot_take_packed_sequences_is_scored_by_lm_evals_own_path(tiny_dir: Path):
+    """BLOOM (ALiBi from a 2-D mask, no position ids): the check fails, lm-eval's path scores it, same numbers."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from lmforge.benchmarks import shared_context_lm
+    from models.architectures import build_model, from_name
+    from models.training import special_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(0)
+    bloom = build_model(from_name("tiny", vocab_size=len(tok), max_context=128, position="alibi"), special_ids(tok)).eval()
+    assert bloom.config.model_type == "bloom"
+    requests = [(("", ""), [5, 6, 7, 8], [9, 10]), (("", ""), [5, 6, 7, 8], [11])]
+    lm = shared_context_lm(bloom, tok, batch_size=4)
+    ours = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    theirs = HFLM(pretrained=bloom, tokenizer=tok, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert lm.shared is False and [round(lp, 4) for lp, _ in ours] == [round(lp, 4) for lp, _ in theirs]
+
+
 def test_the_paired_gate():
     parent = {"items": {"t": {f"i{k}": 1.0 for k in range(40)}}}
     lost = lambda n: {"items": {"t": {f"i{k}": float(k >= n) for k in range(40)}}}  # noqa: E731
