@@ -1,23 +1,32 @@
-"""Serving throughput: ``lmforge serve`` under 1, 8 and 32 concurrent clients vs one-by-one generation,
-side by side in one run.
+"""Serving side by side, in one run: ``lmforge serve``, ``transformers serve --continuous-batching`` and
+llama.cpp on the same model, the same prompts, greedy, one engine after the other.
 
-One-by-one is the same model generating the same prompts one after the other in this process
-(``models.generation.generate`` at batch 1, KV cache on, no HTTP): what a server without batching
-could do at best.  Then ``lmforge serve`` is started on the same model and each client count sends the
-same kind of requests (``/v1/completions``, greedy, ``--max-tokens`` each) through the official
-``openai`` client, every client one request after another.  Printed per row: requests/s, generated
-tokens/s, p50/p95 latency, the server's mean batch size, and the ratio of tokens/s to one-by-one
-(goal: ≥ 3× at 8 clients on 2 CPU cores for the demo champion) and to the server's first row (1 client).
+The model is the champion's Hugging Face directory (``--model-dir``; default: the one ``select`` chose);
+llama.cpp serves the GGUF it came from (``--gguf``; the demo's SmolLM2-135M-Instruct.Q4_1: the HF
+directory is its dequantized copy, so llama.cpp computes with the 4-bit weights, the others with
+fp32).  Every engine gets the same ``/v1/completions`` requests (``--max-tokens`` new tokens, greedy,
+streamed) through the official ``openai`` client, each client sending one request after another.
+Generated tokens are counted with the model's own tokenizer on the text each engine returned.
 
-    .venv/bin/python benchmarks/serving.py [--model models:/lmforge@champion] [--clients 1 8 32] [--max-tokens 16]
+Printed per engine and client count: requests/s, generated tokens/s (all clients together), time to
+first token p50, latency p50/p95, and the single stream's decode rate (tokens after the first ÷ the
+time after the first); per engine the server's peak resident memory.  Then the ratios the serving
+issue asks for: lmforge's single-stream decode ÷ llama.cpp's (goal ≥ 1.0) and lmforge's tokens/s ÷
+``transformers serve``'s at 8 and 32 clients (goal ≥ 1.0); and, as before, lmforge's tokens/s ÷ the
+same model generating the prompts one after the other in process (batch 1, no HTTP).
 
-Needs the demo's registry (``make demo``) or ``--model DIR`` (any causal model directory).
+    .venv/bin/python benchmarks/serving.py [--engines lmforge transformers llama.cpp] [--clients 1 8 32] [--max-tokens 64]
+
+llama.cpp: ``llama-cpp-python`` has no wheel on the package index; asking for the ``llama.cpp`` engine
+builds it once from its sdist (gcc and cmake, ~12 minutes on 2 cores, offline) into
+``benchmarks/.llama-cpp-venv`` (ignored by git).  ``make demo`` never does.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -30,7 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: Prompts of several lengths (the server pads a batch to its longest prompt).
+LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_CPP_VENV = REPO / "benchmarks" / ".llama-cpp-venv"
+
+#: Prompts of several lengths (a batch is padded to its longest prompt).
 PROMPTS = [
     "The Python package manager installs",
     "To read a JSON file in Python, you",
@@ -48,102 +60,169 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def one_by_one(ref: str, tracking_uri: str, prompts: list[str], max_tokens: int) -> tuple[float, int]:
-    """(seconds, generated tokens) for the prompts generated one after the other, in process."""
+def llama_cpp_python() -> Path:
+    """The Python of a venv with ``llama-cpp-python[server]``, built from its sdist on first use."""
+    python = LLAMA_CPP_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"building llama-cpp-python {LLAMA_CPP_VERSION} from its sdist into {LLAMA_CPP_VENV} (~12 minutes on 2 cores) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LLAMA_CPP_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}"], check=True,
+                       env={**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
+    return python
+
+
+def server_command(engine: str, model_dir: Path, gguf: Path, port: int, max_clients: int) -> list[str]:
+    if engine == "lmforge":
+        return [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model_dir), "--port", str(port), "--served-name", "bench",
+                "--max-batch-size", str(max_clients)]
+    if engine == "transformers":
+        return [str(REPO / ".venv/bin/transformers"), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if engine == "llama.cpp":
+        return [str(llama_cpp_python()), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "2048"]
+    raise ValueError(engine)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=5)
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                sys.exit(f"the server did not start: {' '.join(map(str, proc.args))}")
+            time.sleep(1)
+
+
+def load_clients(url: str, model: str, clients: int, requests_each: int, max_tokens: int, count_tokens) -> dict:
+    """Each of ``clients`` threads streams ``requests_each`` completions one after another."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
+
+    def one(prompt: str) -> dict:
+        started = time.perf_counter()
+        first = None
+        text = ""
+        for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True):
+            piece = chunk.choices[0].text if chunk.choices else ""
+            if piece and first is None:
+                first = time.perf_counter()
+            text += piece or ""
+        ended = time.perf_counter()
+        tokens = count_tokens(text)
+        return {"latency": ended - started, "ttft": (first or ended) - started, "tokens": tokens,
+                "decode": (tokens - 1) / (ended - first) if first and tokens > 1 and ended > first else float("nan")}
+
+    def work(c: int) -> list[dict]:
+        return [one(PROMPTS[(c + r) % len(PROMPTS)]) for r in range(requests_each)]
+
+    one(PROMPTS[0])  # warm-up: the first request pays for lazy allocations on every engine
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        rows = [row for rows in pool.map(work, range(clients)) for row in rows]
+    seconds = time.perf_counter() - started
+    return {"clients": clients, "requests": len(rows), "seconds": seconds, "tokens": sum(r["tokens"] for r in rows),
+            "ttft_p50": statistics.median(r["ttft"] for r in rows), "p50": statistics.median(r["latency"] for r in rows),
+            "p95": percentile([r["latency"] for r in rows], 0.95), "decode": statistics.median(r["decode"] for r in rows)}
+
+
+def one_by_one(model_dir: Path, prompts: list[str], max_tokens: int, count_tokens) -> float:
+    """Tokens/s of the prompts generated one after the other in process (batch 1, KV cache, no HTTP)."""
     from lmforge.params import SamplingParams
     from models.generation import generate, load
 
-    model, tokenizer, _ = load(ref, tracking_uri=tracking_uri)
+    model, tokenizer, _ = load(model_dir)
     greedy = dataclasses.replace(SamplingParams(), temperature=0.0, max_new_tokens=max_tokens)
-    generate(model, tokenizer, prompts[:1], greedy, batch_size=1)  # warm-up, as the server does at start
+    generate(model, tokenizer, prompts[:1], greedy, batch_size=1)  # warm-up, as a server does at start
     started = time.perf_counter()
     texts = generate(model, tokenizer, prompts, greedy, batch_size=1)
-    seconds = time.perf_counter() - started
-    return seconds, sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return sum(count_tokens(t) for t in texts) / (time.perf_counter() - started)
 
 
-def against_server(url: str, name: str, clients: int, requests_each: int, max_tokens: int) -> dict:
-    from openai import OpenAI
+def champion_dir() -> Path:
+    from lmforge.artifacts import read_summary
+    from lmforge.params import load_params
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    health = lambda: __import__("json").loads(urllib.request.urlopen(f"{url}/health").read())  # noqa: E731
-    before = health()
-
-    def work(c: int) -> list[tuple[float, int]]:
-        out = []
-        for r in range(requests_each):
-            started = time.perf_counter()
-            answer = client.completions.create(model=name, prompt=PROMPTS[(c + r) % len(PROMPTS)], max_tokens=max_tokens, temperature=0)
-            out.append((time.perf_counter() - started, answer.usage.completion_tokens))
-        return out
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = [item for items in pool.map(work, range(clients)) for item in items]
-    seconds = time.perf_counter() - started
-    after = health()
-    latencies = [s for s, _ in results]
-    batches = after["batches"] - before["batches"]
-    return {"clients": clients, "requests": len(results), "seconds": seconds, "tokens": sum(n for _, n in results),
-            "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95),
-            "mean_batch": (after["requests"] - before["requests"]) / batches if batches else 0.0}
+    params = load_params()
+    return params.path(read_summary(params.stage_dir("select"))["champion_dir"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="models:/lmforge@champion", help="model directory or MLflow URI")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=None, help="a causal model's Hugging Face directory (default: the champion)")
+    parser.add_argument("--gguf", type=Path, default=REPO / "pretrained" / "SmolLM2-135M-Instruct.Q4_1.gguf", help="what llama.cpp serves")
+    parser.add_argument("--engines", nargs="+", default=["lmforge", "transformers", "llama.cpp"], choices=["lmforge", "transformers", "llama.cpp"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=0, help="requests per client (0: enough for 32 requests in all, at least 1)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--total-requests", type=int, default=32, help="requests per client count (a single client sends 6)")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's batch window (default: params.yaml serve.batch_wait_ms)")
     args = parser.parse_args()
 
-    from lmforge.params import load_params
-    from lmforge.tracking import tracking_uri
-
-    params = load_params()
-    uri = tracking_uri(params)
     import torch
+    from transformers import AutoTokenizer
 
-    wait = params.serve.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
-    print(f"model {args.model}; {torch.get_num_threads()} torch threads; {args.max_tokens} new tokens per request, greedy; "
-          f"batch window {wait:g} ms")
-    n_alone = max(8, 32 // max(args.clients))
-    seconds, tokens = one_by_one(args.model, uri, (PROMPTS * 8)[:n_alone], args.max_tokens)
-    alone = tokens / seconds
-    print(f"one-by-one (in process, batch 1): {n_alone} requests, {tokens} tokens in {seconds:.1f} s: "
-          f"{n_alone / seconds:.2f} requests/s, {alone:.1f} tokens/s")
+    model_dir = args.model_dir or champion_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    print(f"model {model_dir} (llama.cpp: {args.gguf.name}); {torch.get_num_threads()} threads; {args.max_tokens} new tokens per "
+          "request, greedy, streamed; engines one after the other", flush=True)
+    alone = one_by_one(model_dir, PROMPTS[:6], args.max_tokens, count_tokens)
+    print(f"one-by-one in process (batch 1, no HTTP): {alone:.1f} tokens/s\n", flush=True)
 
-    env = {**os.environ, "LMFORGE_SERVE_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([str(REPO / ".venv/bin/lmforge"), "serve", "--model", args.model, "--port", str(args.port),
-                               "--served-name", "bench", "--max-batch-size", str(max(args.clients)),
-                               *(["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else [])],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
+    results: dict[str, dict[int, dict]] = {}
+    memory: dict[str, float] = {}
+    print("| engine | clients | requests/s | tokens/s | time to first token p50 (s) | latency p50 (s) | p95 (s) | decode tokens/s (p50 of streams) |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for engine in args.engines:
+        cmd = server_command(engine, model_dir, args.gguf, args.port, max(args.clients))
+        proc = subprocess.Popen(cmd, env={**os.environ, "LMFORGE_SERVE_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            wait_until_up(url, proc)
+            name = "bench" if engine == "lmforge" else str(model_dir) if engine == "transformers" else str(args.gguf)
+            results[engine] = {}
+            for clients in args.clients:
+                each = 6 if clients == 1 else max(1, args.total_requests // clients)
+                row = load_clients(url, name, clients, each, args.max_tokens, count_tokens)
+                results[engine][clients] = row
+                print(f"| {engine} | {clients} | {row['requests'] / row['seconds']:.2f} | {row['tokens'] / row['seconds']:.1f} | "
+                      f"{row['ttft_p50']:.2f} | {row['p50']:.2f} | {row['p95']:.2f} | {row['decode']:.1f} |", flush=True)
+            memory[engine] = peak_rss_mib(proc.pid)
+        finally:
+            proc.terminate()
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    sys.exit("the server did not start")
-                time.sleep(1)
-        print(f"\n| clients | requests | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | mean batch | × one-by-one | × 1 client |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        first = None
-        for clients in args.clients:
-            each = args.requests or max(1, 32 // clients)
-            row = against_server(url, "bench", clients, each, args.max_tokens)
-            rate = row["tokens"] / row["seconds"]
-            first = first or rate
-            print(f"| {clients} | {row['requests']} | {row['requests'] / row['seconds']:.2f} | {rate:.1f} | {row['p50']:.2f} | "
-                  f"{row['p95']:.2f} | {row['mean_batch']:.1f} | {rate / alone:.2f} | {rate / first:.2f} |", flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print("\npeak resident memory: " + ", ".join(f"{e} {m:,.0f} MiB" for e, m in memory.items()))
+
+    def rate(engine: str, clients: int) -> float | None:
+        row = results.get(engine, {}).get(clients)
+        return row["tokens"] / row["seconds"] if row else None
+
+    ours = results.get("lmforge", {})
+    if 1 in ours and 1 in results.get("llama.cpp", {}):
+        print(f"single-stream decode, lmforge ÷ llama.cpp: {ours[1]['decode'] / results['llama.cpp'][1]['decode']:.2f}× (goal ≥ 1.0)")
+    for clients in (8, 32):
+        if rate("lmforge", clients) and rate("transformers", clients):
+            print(f"tokens/s at {clients} clients, lmforge ÷ transformers serve --continuous-batching: "
+                  f"{rate('lmforge', clients) / rate('transformers', clients):.2f}× (goal ≥ 1.0)")
+    for clients in args.clients:
+        if rate("lmforge", clients):
+            print(f"tokens/s at {clients} client(s), lmforge ÷ one-by-one in process: {rate('lmforge', clients) / alone:.2f}×")
+    print(json.dumps({"one_by_one": alone, "results": results, "peak_rss_mib": memory}))
 
 
 if __name__ == "__main__":
