@@ -80,7 +80,8 @@ def server_command(engine: str, model_dir: Path, gguf: Path, port: int, max_clie
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if engine == "llama.cpp":
         return [str(llama_cpp_python()), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "2048"]
+                "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "2048",
+                "--interrupt_requests", "False"]  # its default lets a new request cut off the one being generated
     raise ValueError(engine)
 
 
