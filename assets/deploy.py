@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-import lmforge.benchmarks
 import lmforge.compress
+from assets.gates import kept_benchmarks
 from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import DistilParams, PruneParams, QuantizeParams
@@ -39,17 +39,12 @@ def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_
     summary = lmforge.compress.run_quantize(params, dagster_run_id=context.run_id, report=context.log.info)
     yield materialized("quantize", params, {**_variants_metadata(summary, params.stage_dir("quantize")), "chosen": str(summary["chosen"])})
     chosen = summary["chosen"]
-    gates = summary["benchmark_gates"]
     yield dg.AssetCheckResult(
         check_name="perplexity_within_threshold", passed=chosen is not None,
         description=f"{chosen}: perplexity {summary['perplexity_increase']:+.2%}, benchmarks kept" if chosen
         else f"every variant lost more than {summary['max_perplexity_increase']:.0%} perplexity or failed its benchmark gate",
     )
-    yield dg.AssetCheckResult(
-        check_name="kept_benchmarks", passed=all(g["passed"] for g in gates.values()), severity=dg.AssetCheckSeverity.WARN,
-        description="; ".join(f"{v}: {g['reason']}" for v, g in gates.items()) or "no variant",
-        metadata={v: dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(g)) for v, g in gates.items()},
-    )
+    yield kept_benchmarks(summary["benchmark_gates"])
 
 
 @dg.asset(

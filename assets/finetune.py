@@ -4,8 +4,8 @@ import json
 
 import dagster as dg
 
-import lmforge.benchmarks
 import lmforge.finetune
+from assets.gates import kept_benchmarks
 from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
 from dagster_project.resources import ParamsResource
 from lmforge.params import FinetuneParams
@@ -115,7 +115,4 @@ def finetune_sft(context: dg.AssetExecutionContext, config: FinetuneConfig, lmfo
     })
     yield dg.AssetCheckResult(check_name="beats_zero_shot", passed=summary["beats_baseline"], severity=dg.AssetCheckSeverity.WARN,
                               description=f"{summary['best_method']}: ROUGE-L {summary['rougeL']:.3f} vs zero-shot {summary['baseline_rougeL']:.3f}")
-    gates = summary["benchmark_gates"]
-    yield dg.AssetCheckResult(check_name="kept_benchmarks", passed=all(g["passed"] for g in gates.values()), severity=dg.AssetCheckSeverity.WARN,
-                              description="; ".join(f"{m}: {g['reason']}" for m, g in gates.items()),
-                              metadata={m: dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(g)) for m, g in gates.items()})
+    yield kept_benchmarks(summary["benchmark_gates"])

@@ -108,22 +108,24 @@ def shared_context_lm(model, tokenizer, batch_size: int, tokens_per_batch: int =
         shared: bool | None = None  # None: not checked yet
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            fits = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) <= self.max_length + 1]
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i in fits:
-                groups.setdefault(tuple(requests[i][1]), []).append(i)
+            groups: dict[tuple[int, ...], list[int]] = {}  # context → the requests that share it
+            rest = []  # too long for the model's context: lm-eval cuts them from the left
+            for i, (_, ctx, cont) in enumerate(requests):
+                if len(ctx) + len(cont) <= self.max_length + 1:
+                    groups.setdefault(tuple(ctx), []).append(i)
+                else:
+                    rest.append(i)
             if groups and self.shared is None:
                 context, members = next(iter(groups.items()))
                 self.shared = check_equivalent(self.model, (list(context), [requests[i][2] for i in members])) < 1e-3
             if not self.shared:
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
             results: list[tuple[float, bool] | None] = [None] * len(requests)
-            rest = sorted(set(range(len(requests))) - set(fits))
             for i, answer in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm, override_bs) if rest else []):
                 results[i] = answer
             contexts = list(groups)
             packed = [(list(c), [requests[i][2] for i in groups[c]]) for c in contexts]
-            bar = tqdm(total=len(fits), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (shared contexts)")
+            bar = tqdm(total=len(requests) - len(rest), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (shared contexts)")
             for batch in batches(packed, self.batch_size, tokens_per_batch):
                 scored = continuation_logprobs(self.model, [packed[b] for b in batch], self.tokenizer.pad_token_id or 0)
                 for b, answers in zip(batch, scored):

@@ -108,12 +108,17 @@ def register_once(params: Params, model_dir: Path, tags: dict[str, str], run_nam
     return version, run_id, True
 
 
+def is_alias(ref: str) -> bool:
+    """Whether ``ref`` names a registry alias (``models:/NAME@ALIAS``), which may move to another version."""
+    return ref.startswith("models:/") and "@" in ref
+
+
 def pin_version(ref: str, tracking_uri: str | None) -> tuple[str, str]:
     """(reference to load, resolved version): ``models:/NAME@ALIAS`` is looked up once and pinned to
     ``models:/NAME/VERSION`` (the alias may move while the batch runs); other MLflow URIs are their own
     version, as is a directory (a caller that needs more hashes its files).  ``lmforge serve`` and
     batch inference load the pinned reference, so what they record is what answered."""
-    if ref.startswith("models:/") and "@" in ref:
+    if is_alias(ref):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 

@@ -526,11 +526,9 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        live = state.get("live")
-        batcher = live.batcher if live else None
-        return {"status": "ok", "model": served.name, "version": live.served.version if live else served.version,
-                "queued": batcher.queue.qsize() if batcher else 0,
-                "batches": batcher.batches if batcher else 0, "requests": batcher.requests if batcher else 0}
+        live = state["live"]  # set before the first request is served (lifespan)
+        return {"status": "ok", "model": served.name, "version": live.served.version, "queued": live.batcher.queue.qsize(),
+                "batches": live.batcher.batches, "requests": live.batcher.requests}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:

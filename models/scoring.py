@@ -84,7 +84,8 @@ def continuation_logprobs(model, groups: list[Group], pad_id: int = 0) -> list[l
         seg_t = torch.tensor(seg)
         allowed[g, 0, :n, :n] = causal[:n, :n] & ((seg_t[None, :] == 0) | (seg_t[None, :] == seg_t[:, None]))
         allowed[g, 0, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding sees itself: finite, and seen by no one
-    dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
+    weight = next(model.parameters())
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)  # additive: any attention backend
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
 

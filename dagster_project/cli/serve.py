@@ -50,13 +50,14 @@ def serve(
         import uvicorn
 
         from lmforge.feedback_store import FeedbackStore
+        from lmforge.registry import is_alias
         from lmforge.tracking import tracking_uri
 
         ref = model or settings.model or f"models:/{p.registry.name}@champion"
         typer.echo(f"loading {ref} ...")
         served = load_served(ref, tracking_uri(p), served_name)
         store = FeedbackStore(p.path(p.feedback.store))
-        follows = ref.startswith("models:/") and "@" in ref and settings.follow_seconds > 0
+        follows = is_alias(ref) and settings.follow_seconds > 0
         app_ = create_app(served, store, settings, api_key=api_key, sampling_defaults=p.evaluate.sampling,
                           follow=AliasFollower(ref, tracking_uri(p), served_name) if follows else None)
         where = f"http://{host}:{port or settings.port}"
