@@ -187,4 +187,3 @@ def inline_png(path, caption: str) -> dg.MetadataValue:
 def summary_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     """Numbers of a summary as Dagster metadata (plotted over time in the UI)."""
     return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
