@@ -42,18 +42,24 @@ $(BENCHMARKS): lmforge/benchdata.py | $(STAMP)
 	$(BIN)/lmforge fetch-benchmarks --dest $(@D)
 	@touch $@
 
+# llama.cpp's GGUF converter for the export stage (from llama-cpp-python's sdist, pinned by sha256; nothing built).
+CONVERTER := tools/llama.cpp/.fetched
+$(CONVERTER): lmforge/export.py | $(STAMP)
+	$(BIN)/lmforge fetch-converter --dest $(@D)
+	@touch $@
+
 # The browser test drives the web UIs in headless Chromium (Debian's package; playwright is in the lock file).
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "the UI test needs Chromium at $(CHROMIUM): install your system's chromium package"; exit 1; }
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-demo: install $(PRETRAINED) $(BENCHMARKS)
+demo: install $(PRETRAINED) $(BENCHMARKS) $(CONVERTER)
 	@if [ -z "$$(ls -A data/raw 2>/dev/null)" ]; then $(BIN)/lmforge demo-corpus; fi
 	$(BIN)/lmforge run
 	@echo "More: 'dvc repro' with the venv active (source $(VENV)/bin/activate); per-stage numbers: lmforge summary --stages;"
 	@echo "      rejected inputs: artifacts/<stage>/quarantine.jsonl; Data Docs: artifacts/clean/data_docs/index.html."
 
-test: install $(CHROMIUM) $(PRETRAINED) $(BENCHMARKS)
+test: install $(CHROMIUM) $(PRETRAINED) $(BENCHMARKS) $(CONVERTER)
 	$(BIN)/python -m pytest
 
 ui: install

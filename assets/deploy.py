@@ -1,4 +1,4 @@
-"""Assets of the group ``deploy``: ``quantize``, ``prune``, ``distil``, ``register`` and ``register_quantized``."""
+"""Assets of the group ``deploy``: ``quantize``, ``prune``, ``distil``, ``register``, ``register_quantized`` and ``export``."""
 
 import dagster as dg
 
@@ -112,3 +112,28 @@ def register_quantized(context: dg.AssetExecutionContext, lmforge_params: Params
 
     summary = run_register_quantized(params, dagster_run_id=context.run_id, report=context.log.info)
     return materialized("register_quantized", params, {**summary_metadata(summary), "uri": f"models:/{params.registry.name}@quantized"})
+
+
+@dg.asset(
+    group_name="deploy",
+    kinds={"python", "gguf", "mlflow"},
+    deps=["register", "packed"],
+    pool="training",
+    code_version=code_version("export"),
+    check_specs=[dg.AssetCheckSpec("round_trip_perplexity", asset="export", blocking=True,
+                                   description="Each GGUF file, read back by transformers, scores the champion's test perplexity "
+                                   "within export.max_perplexity_increase of its type.")],
+    description="The champion as GGUF files (export.types, e.g. Q8_0 and a 4-bit type) for llama.cpp and Ollama, written by "
+    "llama.cpp's own converter, read back and scored; logged with their sha256 on the champion's registry version.",
+)
+def export(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
+    params = lmforge_params.load()
+    from lmforge.export import describe, run_export  # here, not at the top: MLflow takes a second to import
+
+    summary = run_export(params, dagster_run_id=context.run_id, report=context.log.info)
+    rows = [{"type": k, "file": f["file"], "MB": f"{f['bytes'] / 1e6:.0f}", "perplexity": f"{f['perplexity']:.2f}",
+             "change": f"{f['perplexity_increase']:+.2%}", "sha256": f["sha256"][:12]} for k, f in summary["files"].items()]
+    yield materialized("export", params, {**summary_metadata(summary), "files": dg.MetadataValue.md(md_table(rows) if rows else "none"),
+                                          "path": dg.MetadataValue.path(str(params.stage_dir("export"))), "mlflow_run_id": summary["mlflow_run_id"]})
+    yield dg.AssetCheckResult(check_name="round_trip_perplexity", passed=summary["passed"], description=describe(summary),
+                              severity=dg.AssetCheckSeverity.WARN if summary.get("unsupported") else dg.AssetCheckSeverity.ERROR)

@@ -54,12 +54,12 @@ finetune_job = dg.define_asset_job(
     description="Choose the champion (select), validate the task sets and fine-tune it (classification, SFT).",
 )
 
-#: Compress the champion, register it (and its quantized variant) in MLflow, complete the batch of prompts.
+#: Compress the champion, register it (and its quantized variant) in MLflow, export it as GGUF, complete the batch of prompts.
 deploy_job = dg.define_asset_job(
     "deploy_job",
     selection=dg.AssetSelection.groups("deploy"),
     description="Quantize, prune and distil the champion; register it and its quantized variant with aliases; "
-    "complete the prompts of batch_inference.file with the registered champion (batch_inference).",
+    "export it as GGUF files for llama.cpp and Ollama; complete the prompts of batch_inference.file with the registered champion (batch_inference).",
 )
 
 #: Retrieval, RAG and prompt workflows over the cleaned corpus and the current champion.

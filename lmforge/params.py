@@ -486,6 +486,25 @@ class DistilParams(DistilSettings):
     student_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+@dataclass
+class ExportParams:
+    """GGUF files of the champion for llama.cpp and Ollama (docs/compression-and-registry.md#export-for-deployment)."""
+
+    converter_dir: str = "tools/llama.cpp"  # llama.cpp's convert_hf_to_gguf.py, from `lmforge fetch-converter` (make does)
+    types: list[GgufType] = field(default_factory=lambda: ["q8_0", "q4_1"])
+    # blocking check: each file, read back by transformers, scores the champion's test perplexity within
+    # this (relative); a type in `types` needs one
+    max_perplexity_increase: dict[str, float] = field(default_factory=lambda: {"q8_0": 0.01, "q4_1": 0.05})
+
+    def __post_init__(self) -> None:
+        missing = [t for t in self.types if t not in self.max_perplexity_increase]
+        if missing:
+            raise ValueError(f"max_perplexity_increase: give a tolerance for {', '.join(missing)} (every type in types needs one)")
+
+
 @dataclass
 class RegistryParams:
     name: str = "lmforge"  # the registered model in MLflow: models:/lmforge@champion
@@ -646,6 +665,7 @@ class Params:
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
     prune: PruneParams = field(default_factory=PruneParams)
     distil: DistilParams = field(default_factory=DistilParams)
+    export: ExportParams = field(default_factory=ExportParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     rag: RagParams = field(default_factory=RagParams)
     batch_inference: BatchInferenceParams = field(default_factory=BatchInferenceParams)

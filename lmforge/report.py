@@ -85,6 +85,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
+    add("export", "GGUF", _export)
     add("batch_inference", "completions", lambda d: f"{d['completed']} of {d['prompts']} prompts ({d['quarantined']} quarantined"
         + (f", {d['resumed']} kept from an earlier run" if d["resumed"] else "") + ")"
         + (f" · {d['generated_tokens']:,} tokens at {d['tokens_per_second']:.1f} tokens/s, batches of {d['batch_size']}" if d["generated_tokens"] else ""))
@@ -100,6 +101,12 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     out.append(("UIs", "open", UI_COMMANDS))
     out.append(("serve", "OpenAI API", SERVE_COMMAND))
     return out
+
+
+def _export(d: dict[str, Any]) -> str:
+    from lmforge.export import describe
+
+    return describe(d)
 
 
 def _gates(d: dict[str, Any]) -> str:

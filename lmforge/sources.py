@@ -137,12 +137,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _load_causal(location: str, source: Source, gguf_file: str | None = None, **model_kwargs):
-    from transformers import AutoTokenizer, GgufConfig
+    from transformers import AutoTokenizer
 
-    from models.loading import load_model
+    from models.loading import gguf_options, load_model
 
-    if gguf_file is not None:  # dequantized weights and no GGUF quantizer left attached: save_pretrained refuses one
-        model_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    if gguf_file is not None:
+        model_kwargs.update(gguf_options(gguf_file))
     try:
         model = load_model(location, "causal", trust_remote_code=source.trust_remote_code, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=source.trust_remote_code, gguf_file=gguf_file)

@@ -58,6 +58,19 @@ def load_model(path: str | Path, objective: str | None = None, **options: Any):
     return auto_class(objective).from_pretrained(path, **options)
 
 
+def gguf_options(file_name: str) -> dict[str, Any]:
+    """``from_pretrained`` options that read a GGUF file dequantized to float32 with no GGUF quantizer
+    left attached (``save_pretrained`` refuses a model that has one)."""
+    from transformers import GgufConfig
+
+    return {"gguf_file": file_name, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def load_gguf(path: Path):
+    """The causal language model in the GGUF file ``path``, dequantized, in eval mode."""
+    return load_model(path.parent, "causal", **gguf_options(path.name)).eval()
+
+
 def dynamic_int8(model, keep_full_precision: Collection[str] = ()):
     """``model`` with every ``nn.Linear`` but those named in ``keep_full_precision`` swapped for
     PyTorch's dynamically quantized one, in place: int8 weights with one scale per output channel,

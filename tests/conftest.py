@@ -230,7 +230,7 @@ def make_project(root: Path, sections: dict | None = None) -> Project:
     project.path.mkdir(parents=True)
     project.home.mkdir()
     shutil.copy(REPO / ".dagster" / "dagster.yaml", project.home / "dagster.yaml")  # the project's instance settings
-    for name in ("assets", "dagster_project", "lmforge", "models", "prompts", "evalsets", "dvc.yaml", "workspace.yaml"):
+    for name in ("assets", "dagster_project", "lmforge", "models", "prompts", "evalsets", "tools", "dvc.yaml", "workspace.yaml"):
         src = REPO / name
         (shutil.copytree(src, project.path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy(src, project.path / name))

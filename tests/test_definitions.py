@@ -10,7 +10,7 @@ def test_asset_graph_snapshot():
     assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == {
         "raw_documents": "data", "ingest": "data", "clean": "data", "split": "data", "base_models": "tokenizer", "tokenizer": "tokenizer", "packed": "tokenizer", "pretrain": "pretrain",
         "evaluate": "evaluation", "benchmark_data": "evaluation", "benchmark_eval": "evaluation", "select": "evaluation", "task_data": "finetune", "finetune_classifier": "finetune", "finetune_sft": "finetune",
-        **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized", "batch_inference"), "deploy"),
+        **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized", "export", "batch_inference"), "deploy"),
         **dict.fromkeys(("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"), "rag"),
         **dict.fromkeys(("feedback_examples", "feedback_finetune", "feedback_register"), "feedback"),
     }
@@ -22,6 +22,7 @@ def test_asset_graph_snapshot():
     assert not feedback & {k.to_user_string() for k in defs.get_job_def("full_job").asset_layer.selected_asset_keys}
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("batch_inference")).parent_keys] == ["register"]
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("export")).parent_keys) == ["packed", "register"]
     assert graph.get(dg.AssetKey("batch_inference")).pools == {"training"}
     for name in ("pretrain", "evaluate", "benchmark_eval"):
         node = graph.get(dg.AssetKey(name))
@@ -52,6 +53,7 @@ def test_checks_are_blocking():
         ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"),
         ("finetune_sft", "kept_benchmarks"), ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"), ("retrieval_index", "finds_known_items"),
         ("feedback_examples", "feedback_valid"), ("feedback_finetune", "beats_current"), ("feedback_finetune", "kept_benchmarks"), ("quantize", "kept_benchmarks"),
+        ("export", "round_trip_perplexity"),
     }
     # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
     warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch"),

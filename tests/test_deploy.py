@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -183,6 +184,59 @@ def test_the_quantized_alias_points_at_the_quantized_champion(project: Path):
     rows = {r["version"]: r for r in describe_versions(params)}
     assert rows[summary["quantized_version"]]["aliases"] == ["quantized"]
     assert rows[summary["quantized_version"]]["tags"]["variant"] == "int8_dynamic" and summary["base_version"] == "1"
+
+
+def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path):
+    """llama.cpp's converter on the tiny champion (lmforge's own byte-level BPE, which llama.cpp's list does not
+    hold): f32 reads back to the same perplexity, Q8_0 and the 4-bit type within tolerance, tagged on the registry."""
+    import gguf
+
+    import mlflow
+    from lmforge.export import run_export
+    from lmforge.fetch import sha256_file
+    from lmforge.registry import run_register
+
+    params = load_params()
+    params.export.types = ["f32", "q8_0", "q4_1"]
+    params.export.max_perplexity_increase = {"f32": 1e-5, "q8_0": 0.01, "q4_1": 0.5}
+    config = project / "artifacts/pretrain/tiny/hf/config.json"
+    gelu = json.loads(config.read_text())
+    run_register(params)
+    # the tiny preset's Llama has a GELU MLP: llama.cpp's llama has SiLU only, and the file would read back as another model
+    refused = run_export(params)
+    assert not refused["passed"] and "hidden_act: gelu → silu" in refused["unsupported"] and not refused["files"], refused
+    assert not list((project / "artifacts/export/gguf").iterdir())
+    config.write_text(json.dumps({**gelu, "hidden_act": "silu"}))
+    run_register(params)
+    summary = run_export(params, dagster_run_id="run-x")
+    assert summary["passed"] and set(summary["files"]) == {"f32", "q8_0", "q4_1"}, summary
+    assert abs(summary["files"]["f32"]["perplexity_increase"]) < 1e-5  # the tensor layout (e.g. llama.cpp's rope order) round-trips
+    q4 = project / "artifacts/export/gguf" / summary["files"]["q4_1"]["file"]
+    reader = gguf.GGUFReader(q4)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    tags = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version("lmforge", summary["version"]).tags
+    assert tags["gguf_q4_1_sha256"] == sha256_file(q4) == summary["files"]["q4_1"]["sha256"]
+    assert tags["gguf_q8_0_uri"].startswith(f"runs:/{summary['mlflow_run_id']}/gguf/")
+
+
+def test_export_refuses_a_tokenizer_llama_cpp_cannot_reproduce(project: Path, tmp_path: Path):
+    from lmforge.export import convert
+
+    params = load_params()
+    model = project / "artifacts/pretrain/tiny/hf"
+    other = tmp_path / "whitespace"
+    shutil.copytree(model, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "WhitespaceSplit"}
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(LmforgeError, match="does not know the pre-tokenizer.*cannot be exported to GGUF"):
+        convert(params.path(params.export.converter_dir), other, tmp_path / "out.gguf", "q8_0")
+    assert not (tmp_path / "out.gguf").exists()
+    with pytest.raises(LmforgeError, match="converter is not in .*lmforge fetch-converter"):
+        convert(tmp_path / "nowhere", model, tmp_path / "out.gguf", "q8_0")
 
 
 @pytest.mark.slow

