@@ -54,42 +54,60 @@ def _scorer(params: Params, source: Path):
     return scores, blocks
 
 
-def _speed(params: Params, model, blocks) -> dict[str, float]:
+def _speeds(params: Params, models: dict[str, Any], blocks) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every model's generation speed at each ``evaluate.speed_batch_sizes``, in ``evaluate.speed_rounds``
+    alternating rounds (``models.evaluation.speed_side_by_side``)."""
     import numpy as np
     import torch
 
-    from models.evaluation import speed
+    from models.evaluation import speed_side_by_side
 
     prompt = torch.from_numpy(np.asarray(blocks.data[:32]).astype(np.int64))[None]
-    out = {}
-    for row in speed(model, prompt, params.evaluate.speed_batch_sizes, params.evaluate.speed_new_tokens, "causal"):
-        b = row.pop("batch_size")
-        out.update({f"{k}_b{b}": v for k, v in row.items()})
-    return out
+    return speed_side_by_side(models, prompt, params.evaluate.speed_batch_sizes, params.evaluate.speed_new_tokens, params.evaluate.speed_rounds)
 
 
-def measure(params: Params, model, scores, blocks, path: Path | None) -> dict[str, Any]:
-    """Quality, size and speed of one model."""
+def measure(model, scores, path: Path | None) -> dict[str, Any]:
+    """Quality and size of one model (its speed: ``_speeds``, all models side by side)."""
     from models.quantization import disk_bytes, linear_weight_bytes
 
     s = scores(model)
     row = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "linear_weight_bytes": linear_weight_bytes(model)}
     if path is not None:
         row["disk_bytes"] = disk_bytes(path)
-    return {**row, **_speed(params, model, blocks)}
+    return row
 
 
-def _relative(rows: dict[str, dict[str, Any]], reference: str, params: Params) -> None:
-    """Ratios against the reference row, measured in the same run."""
+def _relative(rows: dict[str, dict[str, Any]], reference: str, timings: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """Sizes and perplexity against the reference row; speed as the median over rounds of each round's
+    ratio to the reference, with the lowest and highest round (the spread a choice must hold beyond)."""
+    import statistics
+
     ref = rows[reference]
-    for row in rows.values():
+    for name, row in rows.items():
         row["perplexity_increase"] = row["perplexity"] / ref["perplexity"] - 1
         row["bits_per_byte_delta"] = row["bits_per_byte"] - ref["bits_per_byte"]
         row["linear_size_ratio"] = ref["linear_weight_bytes"] / row["linear_weight_bytes"]
         if "disk_bytes" in row and "disk_bytes" in ref:
             row["disk_size_ratio"] = ref["disk_bytes"] / row["disk_bytes"]
-        for b in params.evaluate.speed_batch_sizes:
-            row[f"speedup_b{b}"] = row[f"tokens_per_second_b{b}"] / ref[f"tokens_per_second_b{b}"]
+        for b, timing in timings[name].items():
+            ratios = [t / r for t, r in zip(timing["tokens_per_second"], timings[reference][b]["tokens_per_second"])]
+            row[f"tokens_per_second_b{b}"] = statistics.median(timing["tokens_per_second"])
+            row[f"latency_ms_b{b}"] = statistics.median(timing["latency_ms"])
+            row[f"peak_memory_mb_b{b}"] = timing["peak_memory_mb"]
+            row[f"speedup_b{b}"] = statistics.median(ratios)
+            row[f"speedup_b{b}_min"], row[f"speedup_b{b}_max"] = min(ratios), max(ratios)
+
+
+def choose(rows: dict[str, dict[str, Any]], eligible: list[str], batch_sizes: list[int]) -> tuple[str | None, str]:
+    """The variant ``quantized`` points at, among ``eligible`` ones (within the perplexity threshold and
+    their benchmark gate), and why: the fastest whose speed-up holds beyond the rounds' spread (its
+    slowest round beats the reference at every batch size), ranked by its smallest median speed-up
+    over the batch sizes; when no variant is faster beyond the spread, the smallest one."""
+    faster = [v for v in eligible if all(rows[v][f"speedup_b{b}_min"] > 1 for b in batch_sizes)]
+    if faster:
+        return max(faster, key=lambda v: min(rows[v][f"speedup_b{b}"] for b in batch_sizes)), "fastest beyond the spread"
+    smallest = min(eligible, key=lambda v: (rows[v]["linear_weight_bytes"], -rows[v][f"speedup_b{max(batch_sizes)}"]), default=None)
+    return smallest, "smallest (none faster beyond the spread)" if smallest else "none eligible"
 
 
 def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: dict[str, str] | None = None) -> str:
@@ -100,6 +118,9 @@ def table(rows: dict[str, dict[str, Any]], batch_sizes: list[int], unsupported: 
         cells = []
         for c in cols:
             v = row.get(c)
+            if c.startswith("speedup_b") and v is not None and f"{c}_min" in row:
+                cells.append(f"{v:.2f} ({row[f'{c}_min']:.2f}–{row[f'{c}_max']:.2f})")
+                continue
             cells.append("—" if v is None else f"{v:+.2%}" if c == "perplexity_increase" else f"{v:+.4f}" if c.endswith("delta")
                          else f"{100 * v:.1f}" if c == "bench_accuracy" else ("kept" if v else "**regressed**") if c == "benchmark_gate_passed"
                          else f"{v:.3g}")
@@ -133,7 +154,8 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
     out = params.stage_dir("quantize")
     fresh_dir(out / "models")
     reference, _, _ = load(source, device="cpu")
-    rows = {"fp32": measure(params, reference, scores, blocks, source)}
+    models = {"fp32": reference}
+    rows = {"fp32": measure(reference, scores, source)}
     unsupported = {}
     for variant in params.quantize.variants:
         started = time.perf_counter()
@@ -144,22 +166,30 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
             say(f"quantize {variant}: unsupported here ({unsupported[variant]})")
             continue
         # measure the model as a user loads it from disk, not the object in memory
-        model, _, _ = load(out / "models" / variant, device="cpu")
-        rows[variant] = measure(params, model, scores, blocks, out / "models" / variant)
+        models[variant], _, _ = load(out / "models" / variant, device="cpu")
+        rows[variant] = measure(models[variant], scores, out / "models" / variant)
         rows[variant]["seconds"] = time.perf_counter() - started
         say(f"quantize {variant}: perplexity {rows[variant]['perplexity']:.2f} (fp32 {rows['fp32']['perplexity']:.2f})")
-    _relative(rows, "fp32", params)
+    say(f"quantize: timing {', '.join(models)} side by side, {params.evaluate.speed_rounds} alternating rounds")
+    _relative(rows, "fp32", _speeds(params, models, blocks))
+    del models
     gates, benchmarks = benchmark_gates(params, {v: out / "models" / v for v in rows if v != "fp32"}, ("fp32", source), rows, say)
     threshold = params.quantize.max_perplexity_increase
+    batch_sizes = params.evaluate.speed_batch_sizes
     within = [v for v in rows if v != "fp32" and rows[v]["perplexity_increase"] <= threshold and gates[v]["passed"]]
-    chosen = min(within, key=lambda v: (rows[v]["linear_weight_bytes"], -rows[v][f"tokens_per_second_b{max(params.evaluate.speed_batch_sizes)}"]), default=None)
-    (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes, unsupported))
-    summary = {"champion": name, "chosen": chosen, "chosen_dir": str(Path(params.paths.artifacts) / "quantize" / "models" / chosen) if chosen else None,
-               "max_perplexity_increase": threshold, "variants": rows, "unsupported": unsupported, "benchmark_gates": gates,
-               "benchmarks": {k: benchmarks[k] for k in ("fp32", chosen) if k}}
+    chosen, reason = choose(rows, within, batch_sizes)
+    (out / "variants.md").write_text(table(rows, batch_sizes, unsupported))
+    summary = {"champion": name, "chosen": chosen, "chosen_because": reason,
+               "chosen_dir": str(Path(params.paths.artifacts) / "quantize" / "models" / chosen) if chosen else None,
+               "max_perplexity_increase": threshold, "speed_rounds": params.evaluate.speed_rounds, "variants": rows,
+               "unsupported": unsupported, "benchmark_gates": gates, "benchmarks": {k: benchmarks[k] for k in ("fp32", chosen) if k}}
     if chosen:
         summary.update({k: rows[chosen][k] for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in rows[chosen]})
-        summary.update({k: rows[chosen][k] for k in rows[chosen] if k.startswith("speedup_b")})
+        summary.update({f"speedup_b{b}": rows[chosen][f"speedup_b{b}"] for b in batch_sizes})
+        summary.update({f"speedup_spread_b{b}": [rows[chosen][f"speedup_b{b}_min"], rows[chosen][f"speedup_b{b}_max"]] for b in batch_sizes})
+        summary["speed_goal_met"] = all(rows[chosen][f"speedup_b{b}_min"] >= params.quantize.speedup_goal for b in batch_sizes)
+        say(f"quantize: chosen {chosen} ({reason}); speed-up " + ", ".join(
+            f"b{b} {rows[chosen][f'speedup_b{b}']:.2f}× ({rows[chosen][f'speedup_b{b}_min']:.2f}–{rows[chosen][f'speedup_b{b}_max']:.2f})" for b in batch_sizes))
     return _finish(params, "quantize", summary, parent, {"chosen": str(chosen), "dagster_run_id": dagster_run_id})
 
 
@@ -173,15 +203,17 @@ def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str
     out = params.stage_dir("prune")
     fresh_dir(out / "models")
     reference, tokenizer, _ = load(source, device="cpu")
-    rows = {"dense": measure(params, reference, scores, blocks, source)}
+    models = {"dense": reference}
+    rows = {"dense": measure(reference, scores, source)}
     for method in params.prune.methods:
-        model, _, _ = load(source, device="cpu")
-        sparsity = prune(model, params.prune.sparsity, structured=method == "structured")
-        model.save_pretrained(str(out / "models" / method))
+        models[method], _, _ = load(source, device="cpu")
+        sparsity = prune(models[method], params.prune.sparsity, structured=method == "structured")
+        models[method].save_pretrained(str(out / "models" / method))
         tokenizer.save_pretrained(str(out / "models" / method))
-        rows[method] = {**measure(params, model, scores, blocks, out / "models" / method), "sparsity": sparsity}
+        rows[method] = {**measure(models[method], scores, out / "models" / method), "sparsity": sparsity}
         say(f"prune {method} at {sparsity:.0%}: perplexity {rows[method]['perplexity']:.2f} (dense {rows['dense']['perplexity']:.2f})")
-    _relative(rows, "dense", params)
+    _relative(rows, "dense", _speeds(params, models, blocks))
+    del models
     gates, _ = benchmark_gates(params, {m: out / "models" / m for m in params.prune.methods}, ("dense", source), rows, say)
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes))
     summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows, "benchmark_gates": gates,

@@ -280,6 +280,7 @@ class EvaluateParams:
     context_multiples: list[int] = field(default_factory=lambda: [1, 2, 4])  # × the training block length
     speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     speed_new_tokens: int = 32  # generated tokens per timing (KV cache on)
+    speed_rounds: int = 3  # quantize and prune time their models side by side in this many alternating rounds
     prompts: list[str] = field(
         default_factory=lambda: ["The model", "This package provides", "Python is", "To install the library,"]
     )
@@ -462,6 +463,7 @@ class FinetuneParams:
 class QuantizeParams:
     variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))  # every variant models.quantization builds
     max_perplexity_increase: float = 0.02  # blocking check: the chosen variant loses at most this (relative)
+    speedup_goal: float = 1.5  # reported (speed_goal_met): the chosen variant's slowest round beats fp32 by this at every batch size
     # int8_dynamic leaves these linear layers (fnmatch on module names) in fp32: in gated-MLP models
     # (Llama, Mistral, Qwen) the input of the MLP's output projection carries activation outliers that
     # int8 activations clip (SmolLM2-135M: test perplexity +270% with them quantized, +13% without)

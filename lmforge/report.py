@@ -76,7 +76,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
         + _gates(d))
     add("quantize", "chosen variant", lambda d: (
         f"{d['chosen']}: {d['linear_size_ratio']:.2f}× smaller linear weights ({d['disk_size_ratio']:.2f}× on disk) · "
-        "speedup " + " / ".join(f"{v:.2f}× {k.split('_')[1]}" for k, v in sorted(d.items()) if k.startswith("speedup_b"))
+        "speedup " + " / ".join(f"{v:.2f}× {k.split('_')[1]}" + (" ({:.2f}–{:.2f})".format(*d[f"speedup_spread_{k.split('_')[1]}"])
+                                if f"speedup_spread_{k.split('_')[1]}" in d else "") for k, v in sorted(d.items()) if k.startswith("speedup_b"))
         + f" · perplexity {d['perplexity_increase']:+.2%}"
     ) if d.get("chosen") else "no variant within the perplexity threshold and its benchmark gate")
     add("quantize", "benchmarks", _quantized_benchmarks)

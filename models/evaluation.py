@@ -6,7 +6,8 @@ curve, inference speed and memory.  Plain torch; ``lmforge.evaluate`` runs it fo
 - ``context_curve``: perplexity of causal models on sequences of 1×, 2×, 4×... the training block
   length, over the same tokens for every length.  Learned position embeddings cannot go past their
   table (reported as None); RoPE and ALiBi can, and the curve shows how well they extrapolate.
-- ``speed``: generated tokens per second at several batch sizes, KV cache on, and peak memory.
+- ``speed``: generated tokens per second at several batch sizes, KV cache on, and peak memory;
+  ``speed_side_by_side`` the same for several models in alternating rounds (for ratios).
 """
 
 from __future__ import annotations
@@ -65,6 +66,30 @@ def context_curve(
     return curve
 
 
+def _generate(model, ids: torch.Tensor, new_tokens: int, objective: str) -> int:
+    """One timed unit of work: exactly ``new_tokens`` greedy tokens per row with the KV cache (a
+    forward pass over ``ids`` for masked LMs, which do not generate); the tokens it produced or read."""
+    if objective == "mlm":
+        model(input_ids=ids)
+        return ids.numel()
+    model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, use_cache=True, pad_token_id=model.config.pad_token_id, temperature=None, top_k=None, top_p=None,
+    )
+    return ids.shape[0] * new_tokens
+
+
+def _timed(model, ids: torch.Tensor, new_tokens: int, objective: str) -> tuple[float, int]:
+    """(seconds, tokens) of one ``_generate``, waiting for a GPU to finish."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = _generate(model, ids, new_tokens, objective)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
 @torch.no_grad()
 def speed(model, prompt_ids: torch.Tensor, batch_sizes: list[int], new_tokens: int, objective: str) -> list[dict[str, Any]]:
     """Tokens per second and peak memory at each batch size.
@@ -73,34 +98,43 @@ def speed(model, prompt_ids: torch.Tensor, batch_sizes: list[int], new_tokens: i
     (one row, repeated across the batch) with the KV cache; masked LMs (no generation) are timed on
     forward passes over the prompt.  One untimed warm-up run first, then the best of three."""
     model.eval()
-
-    def run(ids: torch.Tensor) -> int:
-        """One timed unit of work; returns the tokens it produced (or read, for masked LMs)."""
-        if objective == "mlm":
-            model(input_ids=ids)
-            return ids.numel()
-        model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, use_cache=True, pad_token_id=model.config.pad_token_id, temperature=None, top_k=None, top_p=None,
-        )
-        return ids.shape[0] * new_tokens
-
     rows = []
     for b in batch_sizes:
         ids = prompt_ids.repeat(b, 1).to(model.device)
-        times = []
         with peak_memory(model.device) as memory:  # the warm-up allocates the KV cache: measure it too
-            run(ids)
-            for _ in range(3):
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                tokens = run(ids)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        rows.append({"batch_size": b, "tokens_per_second": tokens / min(times), "latency_ms": 1000 * min(times), "peak_memory_mb": memory["peak_mb"]})
+            _generate(model, ids, new_tokens, objective)
+            seconds, tokens = min(_timed(model, ids, new_tokens, objective) for _ in range(3))
+        rows.append({"batch_size": b, "tokens_per_second": tokens / seconds, "latency_ms": 1000 * seconds, "peak_memory_mb": memory["peak_mb"]})
     return rows
+
+
+@torch.no_grad()
+def speed_side_by_side(models: dict[str, Any], prompt_ids: torch.Tensor, batch_sizes: list[int], new_tokens: int,
+                       rounds: int, objective: str = "causal") -> dict[str, dict[int, dict[str, Any]]]:
+    """Tokens per second of several models measured in alternating rounds, for ratios that hold.
+
+    Timing one model after the other lets a machine that slows down for a while (another job, a
+    thermal limit) favour whichever ran first; a quantized variant once read 5.35× at batch 8 that
+    way, and 0.68× on an idle machine.  Here every model generates once per round at each batch size,
+    in turn, so a slow spell slows a whole round alike and the caller divides round by round.
+
+    Per model and batch size: ``tokens_per_second`` (one value per round), ``latency_ms`` (likewise)
+    and ``peak_memory_mb`` (of the untimed warm-up, which allocates the KV cache)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in models}
+    for b in batch_sizes:
+        inputs = {}
+        for name, model in models.items():
+            model.eval()
+            inputs[name] = prompt_ids.repeat(b, 1).to(model.device)
+            with peak_memory(model.device) as memory:
+                _generate(model, inputs[name], new_tokens, objective)
+            out[name][b] = {"tokens_per_second": [], "latency_ms": [], "peak_memory_mb": memory["peak_mb"]}
+        for _ in range(rounds):
+            for name, model in models.items():
+                seconds, tokens = _timed(model, inputs[name], new_tokens, objective)
+                out[name][b]["tokens_per_second"].append(tokens / seconds)
+                out[name][b]["latency_ms"].append(1000 * seconds)
+    return out
 
 
 def weights_mb(model) -> float:
