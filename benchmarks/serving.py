@@ -1,5 +1,6 @@
-"""Serving side by side, in one run: ``lmforge serve``, ``transformers serve --continuous-batching`` and
-llama.cpp on the same model, the same prompts, greedy, one engine after the other.
+"""Serving side by side, in one run: ``lmforge serve`` (``lmforge-dynamic``: its default dynamic batches;
+``lmforge``: ``--engine continuous``), ``transformers serve --continuous-batching`` and llama.cpp on the
+same model, the same prompts, greedy, one engine after the other.
 
 The model is the champion's Hugging Face directory (``--model-dir``; default: the one ``select`` chose);
 llama.cpp serves the GGUF it came from (``--gguf``; the demo's SmolLM2-135M-Instruct.Q4_1: the HF
@@ -11,11 +12,11 @@ Generated tokens are counted with the model's own tokenizer on the text each eng
 Printed per engine and client count: requests/s, generated tokens/s (all clients together), time to
 first token p50, latency p50/p95, and the single stream's decode rate (tokens after the first ÷ the
 time after the first); per engine the server's peak resident memory.  Then the ratios the serving
-issue asks for: lmforge's single-stream decode ÷ llama.cpp's (goal ≥ 1.0) and lmforge's tokens/s ÷
-``transformers serve``'s at 8 and 32 clients (goal ≥ 1.0); and, as before, lmforge's tokens/s ÷ the
-same model generating the prompts one after the other in process (batch 1, no HTTP).
+issue asks for, for each lmforge engine: its single-stream decode ÷ llama.cpp's (goal ≥ 1.0) and its
+tokens/s ÷ ``transformers serve``'s at 8 and 32 clients (goal ≥ 1.0); and, as before, its tokens/s ÷
+the same model generating the prompts one after the other in process (batch 1, no HTTP).
 
-    .venv/bin/python benchmarks/serving.py [--engines lmforge transformers llama.cpp] [--clients 1 8 32] [--max-tokens 64]
+    .venv/bin/python benchmarks/serving.py [--engines lmforge-dynamic lmforge transformers llama.cpp] [--clients 1 8 32] [--max-tokens 64]
 
 llama.cpp: ``llama-cpp-python`` has no wheel on the package index; asking for the ``llama.cpp`` engine
 builds it once from its sdist (gcc and cmake, ~12 minutes on 2 cores, offline) into
@@ -72,9 +73,9 @@ def llama_cpp_python() -> Path:
 
 
 def server_command(engine: str, model_dir: Path, gguf: Path, port: int, max_clients: int) -> list[str]:
-    if engine == "lmforge":
+    if engine.startswith("lmforge"):  # lmforge: continuous batching for greedy requests; lmforge-dynamic: dynamic batches (the default)
         return [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model_dir), "--port", str(port), "--served-name", "bench",
-                "--max-batch-size", str(max_clients)]
+                "--max-batch-size", str(max_clients), "--engine", "dynamic" if engine == "lmforge-dynamic" else "continuous"]
     if engine == "transformers":
         return [str(REPO / ".venv/bin/transformers"), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
@@ -163,7 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="a causal model's Hugging Face directory (default: the champion)")
     parser.add_argument("--gguf", type=Path, default=REPO / "pretrained" / "SmolLM2-135M-Instruct.Q4_1.gguf", help="what llama.cpp serves")
-    parser.add_argument("--engines", nargs="+", default=["lmforge", "transformers", "llama.cpp"], choices=["lmforge", "transformers", "llama.cpp"])
+    parser.add_argument("--engines", nargs="+", default=["lmforge-dynamic", "lmforge", "transformers", "llama.cpp"],
+                        choices=["lmforge", "lmforge-dynamic", "transformers", "llama.cpp"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--total-requests", type=int, default=32, help="requests per client count (a single client sends 6)")
@@ -192,7 +194,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{args.port}"
         try:
             wait_until_up(url, proc)
-            name = "bench" if engine == "lmforge" else str(model_dir) if engine == "transformers" else str(args.gguf)
+            name = "bench" if engine.startswith("lmforge") else str(model_dir) if engine == "transformers" else str(args.gguf)
             results[engine] = {}
             for clients in args.clients:
                 each = 6 if clients == 1 else max(1, args.total_requests // clients)
@@ -213,16 +215,16 @@ def main() -> None:
         row = results.get(engine, {}).get(clients)
         return row["tokens"] / row["seconds"] if row else None
 
-    ours = results.get("lmforge", {})
-    if 1 in ours and 1 in results.get("llama.cpp", {}):
-        print(f"single-stream decode, lmforge ÷ llama.cpp: {ours[1]['decode'] / results['llama.cpp'][1]['decode']:.2f}× (goal ≥ 1.0)")
-    for clients in (8, 32):
-        if rate("lmforge", clients) and rate("transformers", clients):
-            print(f"tokens/s at {clients} clients, lmforge ÷ transformers serve --continuous-batching: "
-                  f"{rate('lmforge', clients) / rate('transformers', clients):.2f}× (goal ≥ 1.0)")
-    for clients in args.clients:
-        if rate("lmforge", clients):
-            print(f"tokens/s at {clients} client(s), lmforge ÷ one-by-one in process: {rate('lmforge', clients) / alone:.2f}×")
+    for ours in [e for e in results if e.startswith("lmforge")]:
+        if 1 in results[ours] and 1 in results.get("llama.cpp", {}):
+            print(f"single-stream decode, {ours} ÷ llama.cpp: {results[ours][1]['decode'] / results['llama.cpp'][1]['decode']:.2f}× (goal ≥ 1.0)")
+        for clients in (8, 32):
+            if rate(ours, clients) and rate("transformers", clients):
+                print(f"tokens/s at {clients} clients, {ours} ÷ transformers serve --continuous-batching: "
+                      f"{rate(ours, clients) / rate('transformers', clients):.2f}× (goal ≥ 1.0)")
+        for clients in args.clients:
+            if rate(ours, clients):
+                print(f"tokens/s at {clients} client(s), {ours} ÷ one-by-one in process: {rate(ours, clients) / alone:.2f}×")
     print(json.dumps({"one_by_one": alone, "results": results, "peak_rss_mib": memory}))
 
 

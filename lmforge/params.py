@@ -594,8 +594,12 @@ class ServeParams:
     model: str | None = None  # a model directory or MLflow URI; None: models:/<registry.name>@champion
     host: str = "127.0.0.1"  # another address needs an API key (--api-key or $LMFORGE_API_KEY)
     port: int = 8000
-    max_batch_size: int = 8  # requests generated together
-    batch_wait_ms: float = 50.0  # how long the first request of a batch waits for others to join
+    # dynamic: requests in dynamic batches; continuous: greedy ones join and leave the running batch at every
+    # step (transformers' continuous batching), sampled ones in dynamic batches (docs/serving.md#batching)
+    engine: Literal["dynamic", "continuous"] = "dynamic"
+    max_batch_size: int = 32  # requests generated together (a dynamic batch; a continuous step)
+    batch_wait_ms: float = 50.0  # how long the first request of a dynamic batch waits for others to join
+    kv_cache_tokens: int = 16384  # the continuous engine's paged KV cache, allocated once (SmolLM2-135M: ~46 KB a token)
     max_tokens: int = 64  # when a request does not say
     max_tokens_limit: int = 512  # the most a request may ask for
     max_request_bytes: int = 1_048_576  # a larger body is refused (413) before it is read
@@ -605,6 +609,8 @@ class ServeParams:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.batch_wait_ms < 0 or not 1 <= self.max_tokens <= self.max_tokens_limit:
             raise ValueError("serve: need max_batch_size ≥ 1, batch_wait_ms ≥ 0, 1 ≤ max_tokens ≤ max_tokens_limit")
+        if self.kv_cache_tokens < 256:
+            raise ValueError(f"serve.kv_cache_tokens: at least one page of 256 tokens, got {self.kv_cache_tokens}")
         if self.max_request_bytes < 1024 or self.max_requests_per_client < 1 or self.follow_seconds < 0:
             raise ValueError("serve: need max_request_bytes ≥ 1024, max_requests_per_client ≥ 1 and follow_seconds ≥ 0")
 

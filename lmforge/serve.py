@@ -6,12 +6,14 @@ Applications, SDKs and tools speak the OpenAI API, so that is what a model in us
 ratings and corrections of answers, the start of the feedback loop).  Responses are the ``openai``
 package's own pydantic types, so what the official client parses is what is sent.
 
-**Batching.**  One thread owns the model (``Batcher``).  The first waiting request opens a batch that
+**Batching.**  ``serve.engine: dynamic`` (the default): the first waiting request opens a batch that
 others may join for ``serve.batch_wait_ms`` (up to ``serve.max_batch_size``; requests with other
-sampling settings wait for the next batch) and the batch generates together (``models.batching``),
-each request streamed and stopped on its own.  On 2 CPU cores a 135 M model generates ~4× more
-tokens per second at batch 8 than at batch 1 (``benchmarks/serving.py``).  This is dynamic batching:
-a batch runs until its longest request ends, and a request arriving meanwhile waits for the next one.
+sampling settings wait for the next batch), and the batch generates together (``models.batching``)
+until its longest request ends (``Batcher``).  ``serve.engine: continuous``: greedy requests join and
+leave the running batch at every step, through transformers' continuous batching
+(``models.batching.ContinuousBatching``, a paged KV cache of ``serve.kv_cache_tokens``); sampled
+requests still go to dynamic batches.  Each request is streamed and stopped on its own either way.
+Which is faster depends on the load (docs/serving.md#speed).
 
 **Why not a serving library.**  LitServe's OpenAI spec (0.2.19) serves chat completions only, assigns
 the response ``id`` in the HTTP process, where the model's code cannot record it (the feedback loop
@@ -49,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.feedback_store import FeedbackStore, UnknownRequest
 from lmforge.params import LmforgeError, SamplingParams, ServeParams
-from models.batching import Completion, generate_together
+from models.batching import Completion, ContinuousBatching, generate_together
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -148,7 +150,7 @@ class _Job:
 
 
 class Batcher:
-    """The thread that owns the model and generates queued requests in batches (module docstring)."""
+    """The thread that generates queued requests in dynamic batches (module docstring)."""
 
     def __init__(self, model, tokenizer, max_batch_size: int, wait_seconds: float):
         self.model, self.tokenizer = model, tokenizer
@@ -218,6 +220,42 @@ class Batcher:
                 job.on_finish(error)
 
 
+class Engine:
+    """Where a request is generated (module docstring, **Batching**): in dynamic batches, or greedy
+    requests by continuous batching when ``serve.engine`` is ``continuous``."""
+
+    def __init__(self, model, tokenizer, settings: ServeParams):
+        self.dynamic = Batcher(model, tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        self.continuous = (ContinuousBatching(model, tokenizer, settings.max_batch_size, settings.kv_cache_tokens)
+                           if settings.engine == "continuous" else None)
+
+    async def warm_up(self) -> None:
+        """A first token through each engine, on the server's event loop (the continuous one delivers there)."""
+        await asyncio.to_thread(self.dynamic.warm_up)
+        if self.continuous:
+            await self.continuous.warm_up()
+
+    def submit(self, job: _Job) -> None:
+        if self.continuous and job.sampling.temperature == 0:
+            self.continuous.submit(job.row, job.on_finish)
+        else:
+            self.dynamic.submit(job)
+
+    def close(self) -> None:
+        self.dynamic.close()
+        if self.continuous:
+            self.continuous.close()
+
+    def stats(self) -> dict[str, Any]:
+        """For ``/health``: requests queued for dynamic batches, batches and requests so far; the continuous
+        engine's requests in progress, steps, requests and the most it held at once."""
+        out: dict[str, Any] = {"queued": self.dynamic.queue.qsize(), "batches": self.dynamic.batches, "requests": self.dynamic.requests}
+        if self.continuous:
+            c = self.continuous
+            out["continuous"] = {"in_progress": c.in_progress(), "steps": c.steps(), "requests": c.requests, "peak_in_progress": c.peak_active}
+        return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------------
@@ -284,9 +322,9 @@ class _Live:
     """The model answering new requests and the thread generating for it; swapped whole when the alias moves."""
 
     served: ServedModel
-    batcher: Batcher
+    engine: Engine
     users: int = 0  # requests admitted on it and not finished
-    retired: bool = False  # swapped out: its batcher closes when its last request has finished
+    retired: bool = False  # swapped out: its engine closes when its last request has finished
 
 
 @dataclass
@@ -313,7 +351,7 @@ def _new_id(prefix: str) -> str:
 def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams, api_key: str | None = None,
                sampling_defaults: SamplingParams | None = None, follow: AliasFollower | None = None):
     """The FastAPI application serving ``served`` with ``settings`` (``params.yaml`` ``serve:``, batch size,
-    window and token limits); a ``Batcher`` thread starts with it and stops with it.  With ``follow``,
+    window and token limits); its ``Engine`` starts with it and stops with it.  With ``follow``,
     the registry is polled every ``serve.follow_seconds`` and a moved alias's version is loaded beside
     the old one and swapped in: requests already queued finish on the old model, new ones go to the
     new one, and every answer records the version that produced it."""
@@ -339,9 +377,9 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
     log = logging.getLogger("lmforge.serve")
 
     async def start(model: ServedModel) -> _Live:
-        batcher = Batcher(model.model, model.tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
-        await asyncio.to_thread(batcher.warm_up)
-        return _Live(model, batcher)
+        engine = await asyncio.to_thread(Engine, model.model, model.tokenizer, settings)
+        await engine.warm_up()
+        return _Live(model, engine)
 
     async def follow_alias() -> None:
         """Poll the alias; load a new version beside the old one, then swap.  A failed poll or load
@@ -363,8 +401,8 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
                 retire(old)
 
     def retire(live: _Live) -> None:
-        """Close a swapped-out version's batcher (in a worker thread: it joins the model thread)."""
-        asyncio.get_running_loop().run_in_executor(None, live.batcher.close)
+        """Close a swapped-out version's engine (in a worker thread: it joins the model threads)."""
+        asyncio.get_running_loop().run_in_executor(None, live.engine.close)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -373,7 +411,7 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
         yield
         if follower is not None:
             follower.cancel()
-        await asyncio.to_thread(state["live"].batcher.close)
+        await asyncio.to_thread(state["live"].engine.close)
 
     app = FastAPI(title="lmforge serve", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
@@ -490,7 +528,7 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
             loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         row = Completion(prompt_ids, max_new, stop, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
-        live.batcher.submit(_Job(row, sampling, on_finish))
+        live.engine.submit(_Job(row, sampling, on_finish))
         try:
             while (piece := await pieces.get()) is not None:
                 yield piece
@@ -527,8 +565,7 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
     @app.get("/health")
     async def health() -> dict[str, Any]:
         live = state["live"]  # set before the first request is served (lifespan)
-        return {"status": "ok", "model": served.name, "version": live.served.version, "queued": live.batcher.queue.qsize(),
-                "batches": live.batcher.batches, "requests": live.batcher.requests}
+        return {"status": "ok", "model": served.name, "version": live.served.version, **live.engine.stats()}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``lmforge serve``: the OpenAI API answered for real (the official ``openai`` client, and raw HTTP for
-the mistakes a client can make), batching of concurrent requests, the API key, the durable request and
-feedback log."""
+the mistakes a client can make), continuous and dynamic batching of concurrent requests, the API key,
+the durable request and feedback log."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(chat_model, tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("server"), chat_model, "--max-batch-size", "8", "--batch-wait-ms", "200")
+    server = Server(tmp_path_factory.mktemp("server"), chat_model, "--engine", "continuous", "--max-batch-size", "8", "--batch-wait-ms", "200")
     yield server
     server.stop()
 
@@ -125,21 +125,57 @@ def test_the_openai_client_gets_completions_and_chats_plain_and_streamed(server)
     assert stopped.choices[0].finish_reason == "stop" and stop_at not in stopped.choices[0].text
 
 
-def test_concurrent_requests_are_generated_in_batches_with_the_answers_they_get_alone(server):
+@pytest.mark.parametrize("engine", ["continuous", "dynamic"])
+def test_concurrent_requests_are_generated_together_with_the_answers_they_get_alone(server, chat_model, tmp_path, engine):
+    """Greedy requests sent together get the text each gets alone, each stopped at its own max_tokens: by
+    continuous batching, where they overlap, and in dynamic batches (the default engine), which they share."""
+    if engine == "dynamic":
+        server = Server(tmp_path, chat_model, "--engine", "dynamic", "--max-batch-size", "8", "--batch-wait-ms", "200")
+    try:
+        client = server.client()
+        prompts = ["the model reads", "language data needs", "engineers want lineage from each", "python packages", "every stage",
+                   "small mistakes spread", "the exact file", "careful validation because"]
+        lengths = [3, 7, 5, 9, 4, 6, 8, 2]
+        alone = [client.completions.create(model="tiny-chat", prompt=p, max_tokens=n, temperature=0) for p, n in zip(prompts, lengths)]
+        before = server.health()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda pn: client.completions.create(model="tiny-chat", prompt=pn[0], max_tokens=pn[1], temperature=0),
+                                     zip(prompts, lengths)))
+        after = server.health()
+        assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
+        assert [r.usage.completion_tokens for r in together] == lengths  # each stopped at its own max_tokens
+        if engine == "dynamic":
+            assert "continuous" not in after and after["requests"] - before["requests"] == 8
+            assert after["batches"] - before["batches"] < 8  # some requests shared a batch (the 200 ms window lets them join)
+        else:
+            assert after["continuous"]["requests"] - before["continuous"]["requests"] == 8 and after["requests"] == before["requests"]
+            assert after["continuous"]["peak_in_progress"] >= 2  # they were generated together
+    finally:
+        if engine == "dynamic":
+            server.stop()
+
+
+def test_a_request_cancelled_mid_stream_frees_its_place_at_once(server):
+    """Continuous batching: a client that closes its stream after a few tokens stops its request at the
+    next step (it does not run to its max_tokens), and the server answers the next one."""
     client = server.client()
-    prompts = ["the model reads", "language data needs", "engineers want lineage from each", "python packages", "every stage",
-               "small mistakes spread", "the exact file", "careful validation because"]
-    lengths = [3, 7, 5, 9, 4, 6, 8, 2]
-    alone = [client.completions.create(model="tiny-chat", prompt=p, max_tokens=n, temperature=0) for p, n in zip(prompts, lengths)]
-    before = server.health()
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda pn: client.completions.create(model="tiny-chat", prompt=pn[0], max_tokens=pn[1], temperature=0),
-                                 zip(prompts, lengths)))
-    after = server.health()
-    assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
-    assert [r.usage.completion_tokens for r in together] == lengths  # each stopped at its own max_tokens
-    assert after["requests"] - before["requests"] == 8
-    assert after["batches"] - before["batches"] < 8  # some requests shared a batch (the 200 ms window lets them join)
+    steps = lambda: server.health()["continuous"]["steps"]  # noqa: E731
+    start = steps()
+    full = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=120, temperature=0)
+    full_steps = steps() - start
+    assert full.usage.completion_tokens == 120 and full_steps >= 100
+    start = steps()
+    stream = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=120, temperature=0, stream=True)
+    for i, _chunk in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while server.health()["continuous"]["in_progress"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["continuous"]["in_progress"] == 0
+    assert steps() - start < full_steps / 2, (steps() - start, full_steps)
+    assert client.completions.create(model="tiny-chat", prompt="after", max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
 @pytest.mark.parametrize("path, body, status, says", [

@@ -26,7 +26,9 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     served_name: Optional[str] = typer.Option(None, "--served-name", help="The model id clients send (default: NAME@ALIAS or the directory's name)."),
     max_batch_size: Optional[int] = typer.Option(None, help="Concurrent requests generated together (default: params.yaml serve.max_batch_size)."),
-    batch_wait_ms: Optional[float] = typer.Option(None, help="How long a batch's first request waits for others (default: params.yaml)."),
+    batch_wait_ms: Optional[float] = typer.Option(None, help="How long a dynamic batch's first request waits for others (default: params.yaml)."),
+    engine: Optional[str] = typer.Option(None, help="dynamic (requests in dynamic batches) or continuous (greedy requests by "
+                                         "continuous batching, sampled ones in dynamic batches); default: params.yaml serve.engine."),
     params: Optional[Path] = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Serve a model behind the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (streaming), /v1/feedback, /health.
@@ -37,7 +39,9 @@ def serve(
     use_params(params)
     try:
         p = load_params()
-        overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms).items() if v is not None}
+        if engine not in (None, "continuous", "dynamic"):
+            fail(f"--engine: continuous or dynamic, not {engine!r}")
+        overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, engine=engine).items() if v is not None}
         try:
             settings = dataclasses.replace(p.serve, **overrides)
         except ValueError as exc:  # e.g. --max-batch-size 0
