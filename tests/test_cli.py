@@ -156,7 +156,7 @@ def test_one_run_builds_every_stage_per_candidate_tracked_in_mlflow(tiny_project
 def test_nothing_changed_nothing_recomputed_and_a_change_recomputes_what_it_affects(tiny_project: Project):
     register = tiny_project.summary("register")
     out = tiny_project.lmforge("run").stdout
-    assert "up to date: 24 of 24 assets; to compute: nothing" in out and "★ champion" in out  # the summary table ends the run
+    assert "up to date: 25 of 25 assets; to compute: nothing" in out and "★ champion" in out  # the summary table ends the run
     assert tiny_project.summary("register") == register
     # a changed parameter makes its stage out of date and what depends on it, nothing else (--dry-run only tells)
     params_file = tiny_project.path / "params.yaml"
@@ -165,7 +165,7 @@ def test_nothing_changed_nothing_recomputed_and_a_change_recomputes_what_it_affe
         data = yaml.safe_load(original)
         data["distil"]["steps"] = 12
         params_file.write_text(yaml.safe_dump(data))
-        assert "up to date: 23 of 24 assets; to compute: distil\n" in tiny_project.lmforge("run", "--dry-run").stdout
+        assert "up to date: 24 of 25 assets; to compute: distil\n" in tiny_project.lmforge("run", "--dry-run").stdout
     finally:
         params_file.write_text(original)
     # a new raw document makes everything from ingest on out of date
@@ -175,7 +175,7 @@ def test_nothing_changed_nothing_recomputed_and_a_change_recomputes_what_it_affe
         out = tiny_project.lmforge("run", "--dry-run").stdout
     finally:
         arrived.unlink()
-    assert "up to date: 2 of 24 assets" in out and "pretrain[a]" in out and "register_quantized" in out
+    assert "up to date: 2 of 25 assets" in out and "pretrain[a]" in out and "register_quantized" in out
     assert "task_data" not in out and "base_models" not in out  # neither the task sets nor the base models come from the raw documents
 
 
