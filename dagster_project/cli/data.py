@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from dagster_project.cli.common import app, fail
-from lmforge.params import REPO_ROOT, LmforgeError
+from lmforge.params import REPO_ROOT, LmforgeError, Params
 
 
 @app.command("demo-corpus")
@@ -45,19 +46,25 @@ def fetch_pretrained(
     typer.echo(f"{path}  sha256 {sha256_file(path)}")
 
 
+def _fetch_into(dest: Optional[Path], configured: Callable[[Params], str], fetch: Callable[..., Path], what: str) -> None:
+    """Run ``fetch`` into ``dest``, or the directory params.yaml names (``configured``); one line on success or failure."""
+    from lmforge.params import load_params
+
+    try:
+        params = load_params()
+        typer.echo(f"{what} in {fetch(dest or params.path(configured(params)), progress=typer.echo)}")
+    except LmforgeError as exc:
+        fail(str(exc))
+
+
 @app.command("fetch-benchmarks")
 def fetch_benchmarks(
     dest: Optional[Path] = typer.Option(None, help="Where to write the benchmark files (default: params.yaml benchmarks.dir)."),
 ) -> None:
     """Fetch the standard benchmark sets (HellaSwag, ARC, PIQA, ...) from the package index, checked against pinned sha256 values."""
     from lmforge.benchdata import fetch_benchmarks as fetch
-    from lmforge.params import load_params
 
-    try:
-        target = dest or load_params().path(load_params().benchmarks.dir)
-        typer.echo(f"benchmark files in {fetch(target, progress=typer.echo)}")
-    except LmforgeError as exc:
-        fail(str(exc))
+    _fetch_into(dest, lambda p: p.benchmarks.dir, fetch, "benchmark files")
 
 
 @app.command("fetch-converter")
@@ -66,10 +73,5 @@ def fetch_converter(
 ) -> None:
     """Fetch llama.cpp's GGUF converter (from llama-cpp-python's source on the package index, pinned by sha256) for `export`."""
     from lmforge.export import fetch_converter as fetch
-    from lmforge.params import load_params
 
-    try:
-        target = dest or load_params().path(load_params().export.converter_dir)
-        typer.echo(f"llama.cpp's converter in {fetch(target, progress=typer.echo)}")
-    except LmforgeError as exc:
-        fail(str(exc))
+    _fetch_into(dest, lambda p: p.export.converter_dir, fetch, "llama.cpp's converter")
