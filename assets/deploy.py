@@ -121,10 +121,11 @@ def register_quantized(context: dg.AssetExecutionContext, lmforge_params: Params
     pool="training",
     code_version=code_version("export"),
     check_specs=[dg.AssetCheckSpec("round_trip_perplexity", asset="export", blocking=True,
-                                   description="Each GGUF file, read back by transformers, scores the champion's test perplexity "
-                                   "within export.max_perplexity_increase of its type.")],
-    description="The champion as GGUF files (export.types, e.g. Q8_0 and a 4-bit type) for llama.cpp and Ollama, written by "
-    "llama.cpp's own converter, read back and scored; logged with their sha256 on the champion's registry version.",
+                                   description="Each GGUF file, read back by transformers, and each ONNX model, read back by ONNX "
+                                   "Runtime, scores the champion's test perplexity within export.max_perplexity_increase of its kind.")],
+    description="The champion as GGUF files (export.types, e.g. Q4_1) for llama.cpp and Ollama, written by llama.cpp's own "
+    "converter, and as ONNX models (export.onnx, e.g. int8) for ONNX Runtime (lmforge serve --engine onnx), written by ONNX "
+    "Runtime GenAI's model builder; each read back and scored; logged with their sha256 on the champion's registry version.",
 )
 def export(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
     params = lmforge_params.load()

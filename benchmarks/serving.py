@@ -1,6 +1,7 @@
 """Serving side by side, in one run: ``lmforge serve`` (``lmforge-dynamic``: its default dynamic batches;
-``lmforge``: ``--engine continuous``), ``transformers serve --continuous-batching`` and llama.cpp on the
-same model, the same prompts, greedy, one engine after the other.
+``lmforge``: ``--engine continuous``; ``lmforge-onnx``: ``--engine onnx``, ONNX Runtime GenAI on the
+model's int8 ONNX twin), ``transformers serve --continuous-batching`` and llama.cpp on the same model,
+the same prompts, greedy, one engine after the other.
 
 The model is the champion's Hugging Face directory (``--model-dir``; default: the one ``select`` chose);
 llama.cpp serves the GGUF it came from (``--gguf``; the demo's SmolLM2-135M-Instruct.Q4_1: the HF
@@ -16,7 +17,7 @@ issue asks for, for each lmforge engine: its single-stream decode ÷ llama.cpp's
 tokens/s ÷ ``transformers serve``'s at 8 and 32 clients (goal ≥ 1.0); and, as before, its tokens/s ÷
 the same model generating the prompts one after the other in process (batch 1, no HTTP).
 
-    .venv/bin/python benchmarks/serving.py [--engines lmforge-dynamic lmforge transformers llama.cpp] [--clients 1 8 32] [--max-tokens 64]
+    .venv/bin/python benchmarks/serving.py [--engines lmforge-dynamic lmforge lmforge-onnx transformers llama.cpp] [--clients 1 8 32] [--max-tokens 64]
 
 llama.cpp: ``llama-cpp-python`` has no wheel on the package index; asking for the ``llama.cpp`` engine
 builds it once from its sdist (gcc and cmake, ~12 minutes on 2 cores, offline) into
@@ -56,6 +57,10 @@ PROMPTS = [
 ]
 
 
+#: ``lmforge serve --engine`` of each lmforge engine name here.
+ENGINES = {"lmforge-dynamic": "dynamic", "lmforge": "continuous", "lmforge-onnx": "onnx"}
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -75,7 +80,7 @@ def llama_cpp_python() -> Path:
 def server_command(engine: str, model_dir: Path, gguf: Path, port: int, max_clients: int) -> list[str]:
     if engine.startswith("lmforge"):  # lmforge: continuous batching for greedy requests; lmforge-dynamic: dynamic batches (the default)
         return [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model_dir), "--port", str(port), "--served-name", "bench",
-                "--max-batch-size", str(max_clients), "--engine", "dynamic" if engine == "lmforge-dynamic" else "continuous"]
+                "--max-batch-size", str(max_clients), "--engine", ENGINES[engine]]
     if engine == "transformers":
         return [str(REPO / ".venv/bin/transformers"), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
@@ -164,8 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="a causal model's Hugging Face directory (default: the champion)")
     parser.add_argument("--gguf", type=Path, default=REPO / "pretrained" / "SmolLM2-135M-Instruct.Q4_1.gguf", help="what llama.cpp serves")
-    parser.add_argument("--engines", nargs="+", default=["lmforge-dynamic", "lmforge", "transformers", "llama.cpp"],
-                        choices=["lmforge", "lmforge-dynamic", "transformers", "llama.cpp"])
+    parser.add_argument("--engines", nargs="+", default=["lmforge-dynamic", "lmforge", "lmforge-onnx", "transformers", "llama.cpp"],
+                        choices=[*ENGINES, "transformers", "llama.cpp"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--total-requests", type=int, default=32, help="requests per client count (a single client sends 6)")

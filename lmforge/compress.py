@@ -228,6 +228,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
     from models.data import PackedBlocks
     from models.distillation import train_student
     from models.generation import load
+    from models.precision import resolve
     from models.training import special_ids
 
     say = report or (lambda _msg: None)
@@ -260,6 +261,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
     teacher_scores = scores(teacher)
     gates, _ = benchmark_gates(params, {"distilled": out / "models" / "distilled"}, ("teacher", source), results, say)
     summary = {"benchmark_gates": gates, "champion": name, "student_preset": p.student_preset, "student_parameters": parameter_count(arch),
+               "teacher_precision": resolve(p.teacher_precision, teacher.device),
                "teacher_parameters": sum(t.numel() for t in teacher.parameters()), "teacher_perplexity": teacher_scores.perplexity,
                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
                "beats_from_scratch": results["distilled"]["perplexity"] < results["from_scratch"]["perplexity"]}

@@ -228,7 +228,9 @@ def _log_method(client, parent_id: str, params: Params, task: str, method: str, 
             if key != "epoch":
                 client.log_metric(run.info.run_id, key, value, step=int(row["epoch"]))
     for key, value in result.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key == "precision":
+            client.log_param(run.info.run_id, "precision_resolved", value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             client.log_metric(run.info.run_id, f"test_{key}" if key in ("accuracy", "macro_f1", "rouge1", "rouge2", "rougeL") else key, value)
     client.set_terminated(run.info.run_id, "FINISHED")
 
@@ -319,7 +321,7 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
             predictions, _ = predict_classes(model, encoded["test"], settings.batch_size, pad)
             results[method] = {**classification_metrics(predictions, targets["test"], len(labels)), "best_epoch": fitted.best_epoch,
                                "epochs": fitted.epochs_run, "val_macro_f1": fitted.best_score, "trainable_parameters": trainable_parameters(model),
-                               "seconds": time.perf_counter() - started}
+                               "seconds": time.perf_counter() - started, "precision": fitted.precision}
             say(f"finetune_classifier {method}: test accuracy {results[method]['accuracy']:.3f}, macro-F1 {results[method]['macro_f1']:.3f}")
             export(model, tokenizer, out / "models" / method, lora=method == "lora")
             _log_method(client, run_id, params, "classification", method, results[method], fitted.history)
@@ -401,7 +403,8 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
             predicted = answers(model)
             results[method] = {**rouge(predicted, references), "best_epoch": fitted.best_epoch, "epochs": fitted.epochs_run,
                                "val_loss": fitted.best_score,
-                               "trainable_parameters": trainable_parameters(model), "seconds": time.perf_counter() - started}
+                               "trainable_parameters": trainable_parameters(model), "seconds": time.perf_counter() - started,
+                               "precision": fitted.precision}
             examples += [{"method": method, "prompt": q[:300], "reference": ref, "zero_shot": z, "fine_tuned": a}
                          for q, ref, z, a in list(zip(prompts["test"], references, zero_shot_answers, predicted))[:5]]
             say(f"finetune_sft {method}: test ROUGE-1 {results[method]['rouge1']:.3f}, ROUGE-2 {results[method]['rouge2']:.3f}, ROUGE-L {results[method]['rougeL']:.3f}")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from models.train_config import VARIANTS, DistilSettings, Scale, TrainConfig, Variant
+from models.train_config import VARIANTS, DistilSettings, MixedPrecision, OnnxPrecision, Scale, TrainConfig, Variant
 
 
 def _find_root() -> Path:
@@ -388,6 +388,7 @@ class FinetuneTrainParams:
     warmup_ratio: float = 0.1
     patience: int = 2  # epochs without a better val score before stopping; 0: off
     max_length: int = 256  # tokens per example (≤ the model's context)
+    precision: MixedPrecision = "auto"  # training steps only; scoring stays in the model's dtype (models/precision.py)
     seed: int = 1337
 
 
@@ -493,16 +494,22 @@ GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 @dataclass
 class ExportParams:
-    """GGUF files of the champion for llama.cpp and Ollama (docs/compression-and-registry.md#export-for-deployment)."""
+    """GGUF files of the champion for llama.cpp and Ollama, and ONNX models for ONNX Runtime
+    (`lmforge serve --engine onnx`) (docs/compression-and-registry.md#export-for-deployment)."""
 
     converter_dir: str = "tools/llama.cpp"  # llama.cpp's convert_hf_to_gguf.py, from `lmforge fetch-converter` (make does)
     types: list[GgufType] = field(default_factory=lambda: ["q8_0", "q4_1"])
-    # blocking check: each file, read back by transformers, scores the champion's test perplexity within
-    # this (relative); a type in `types` needs one
-    max_perplexity_increase: dict[str, float] = field(default_factory=lambda: {"q8_0": 0.01, "q4_1": 0.05})
+    onnx: list[OnnxPrecision] = field(default_factory=lambda: ["int8"])  # ONNX Runtime GenAI's model builder
+    # blocking check: each file, read back (GGUF by transformers, ONNX by ONNX Runtime), scores the champion's
+    # test perplexity within this (relative); each of `types` and `onnx_<precision>` needs one
+    max_perplexity_increase: dict[str, float] = field(default_factory=lambda: {"q8_0": 0.01, "q4_1": 0.05, "onnx_int8": 0.02})
+
+    def kinds(self) -> list[str]:
+        """What the stage writes: the GGUF types, then ``onnx_<precision>`` per ONNX model."""
+        return [*self.types, *(f"onnx_{p}" for p in self.onnx)]
 
     def __post_init__(self) -> None:
-        missing = [t for t in self.types if t not in self.max_perplexity_increase]
+        missing = [t for t in self.kinds() if t not in self.max_perplexity_increase]
         if missing:
             raise ValueError(f"max_perplexity_increase: give a tolerance for {', '.join(missing)} (every type in types needs one)")
 
@@ -596,7 +603,9 @@ class ServeParams:
     port: int = 8000
     # dynamic: requests in dynamic batches; continuous: greedy ones join and leave the running batch at every
     # step (transformers' continuous batching), sampled ones in dynamic batches (docs/serving.md#batching)
-    engine: Literal["dynamic", "continuous"] = "dynamic"
+    # onnx: greedy ones by ONNX Runtime GenAI one at a time, from the model's ONNX twin of onnx_precision (fastest single stream)
+    engine: Literal["dynamic", "continuous", "onnx"] = "dynamic"
+    onnx_precision: OnnxPrecision = "int8"  # the onnx engine's model: the export stage's (tagged on the version), else built once
     max_batch_size: int = 32  # requests generated together (a dynamic batch; a continuous step)
     batch_wait_ms: float = 50.0  # how long the first request of a dynamic batch waits for others to join
     kv_cache_tokens: int = 16384  # the continuous engine's paged KV cache, allocated once (SmolLM2-135M: ~46 KB a token)

@@ -44,6 +44,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Request
@@ -52,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmforge.feedback_store import FeedbackStore, UnknownRequest
 from lmforge.params import LmforgeError, SamplingParams, ServeParams
 from models.batching import Completion, ContinuousBatching, generate_together
+from models.train_config import OnnxPrecision
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -221,38 +223,50 @@ class Batcher:
 
 
 class Engine:
-    """Where a request is generated (module docstring, **Batching**): in dynamic batches, or greedy
-    requests by continuous batching when ``serve.engine`` is ``continuous``."""
+    """Where a request is generated (module docstring, **Batching**): in dynamic batches; greedy requests
+    by continuous batching when ``serve.engine`` is ``continuous``, or by ONNX Runtime GenAI one at a
+    time when it is ``onnx`` (the served model's ONNX twin, ``ServedModel.onnx_dir``)."""
 
-    def __init__(self, model, tokenizer, settings: ServeParams):
+    def __init__(self, served: "ServedModel", settings: ServeParams):
+        from models.onnx_genai import OnnxDecoder
+
+        model, tokenizer = served.model, served.tokenizer
         self.dynamic = Batcher(model, tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.continuous = (ContinuousBatching(model, tokenizer, settings.max_batch_size, settings.kv_cache_tokens)
                            if settings.engine == "continuous" else None)
+        self.onnx = OnnxDecoder(served.onnx_dir, tokenizer) if settings.engine == "onnx" else None
 
     async def warm_up(self) -> None:
         """A first token through each engine, on the server's event loop (the continuous one delivers there)."""
         await asyncio.to_thread(self.dynamic.warm_up)
         if self.continuous:
             await self.continuous.warm_up()
+        if self.onnx:
+            await asyncio.to_thread(self.onnx.warm_up)
 
     def submit(self, job: _Job) -> None:
-        if self.continuous and job.sampling.temperature == 0:
-            self.continuous.submit(job.row, job.on_finish)
+        greedy = self.continuous or self.onnx
+        if greedy and job.sampling.temperature == 0:
+            greedy.submit(job.row, job.on_finish)
         else:
             self.dynamic.submit(job)
 
     def close(self) -> None:
-        self.dynamic.close()
-        if self.continuous:
-            self.continuous.close()
+        for engine in (self.dynamic, self.continuous, self.onnx):
+            if engine:
+                engine.close()
 
     def stats(self) -> dict[str, Any]:
         """For ``/health``: requests queued for dynamic batches, batches and requests so far; the continuous
-        engine's requests in progress, steps, requests and the most it held at once."""
+        engine's requests in progress, steps, requests and the most it held at once; the ONNX engine's
+        queued and finished requests and tokens."""
         out: dict[str, Any] = {"queued": self.dynamic.queue.qsize(), "batches": self.dynamic.batches, "requests": self.dynamic.requests}
         if self.continuous:
             c = self.continuous
             out["continuous"] = {"in_progress": c.in_progress(), "steps": c.steps(), "requests": c.requests, "peak_in_progress": c.peak_active}
+        if self.onnx:
+            o = self.onnx
+            out["onnx"] = {"queued": o.queue.qsize(), "requests": o.requests, "tokens": o.tokens}
         return out
 
 
@@ -270,6 +284,7 @@ class ServedModel:
     version: str | None  # the registry version behind an alias, for the request log
     model: Any
     tokenizer: Any
+    onnx_dir: Path | None = None  # the ONNX model the onnx engine decodes with (``onnx_model``)
 
     @property
     def context_length(self) -> int | None:
@@ -334,6 +349,7 @@ class AliasFollower:
     ref: str
     tracking_uri: str | None
     name: str | None = None
+    onnx: OnnxPrecision | None = None
 
     def version(self) -> str:
         from lmforge.registry import pin_version
@@ -341,7 +357,7 @@ class AliasFollower:
         return pin_version(self.ref, self.tracking_uri)[1].rsplit("/", 1)[-1]
 
     def load(self) -> ServedModel:
-        return load_served(self.ref, self.tracking_uri, self.name)
+        return load_served(self.ref, self.tracking_uri, self.name, self.onnx)
 
 
 def _new_id(prefix: str) -> str:
@@ -377,7 +393,7 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
     log = logging.getLogger("lmforge.serve")
 
     async def start(model: ServedModel) -> _Live:
-        engine = await asyncio.to_thread(Engine, model.model, model.tokenizer, settings)
+        engine = await asyncio.to_thread(Engine, model, settings)
         await engine.warm_up()
         return _Live(model, engine)
 
@@ -657,21 +673,56 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
     return app
 
 
-def load_served(ref: str, tracking_uri: str | None, name: str | None = None) -> ServedModel:
+def load_served(ref: str, tracking_uri: str | None, name: str | None = None, onnx: OnnxPrecision | None = None) -> ServedModel:
     """Load the model ``ref`` (a directory or an MLflow URI) for serving; a clear error if there is none.
-    An alias is pinned to its version first: the version recorded with every answer is the one loaded."""
+    An alias is pinned to its version first: the version recorded with every answer is the one loaded.
+    ``onnx``: also find or build its ONNX model of that precision (``onnx_model``), for the onnx engine."""
     from lmforge.registry import pin_version
-    from models.generation import ModelNotFound, load
+    from models.generation import ModelNotFound, resolve
+    from models.loading import load_dir
 
     pinned, version = pin_version(ref, tracking_uri)
     try:
-        model, tokenizer, objective = load(pinned, tracking_uri=tracking_uri)
+        directory = resolve(pinned, tracking_uri)
     except ModelNotFound as exc:
         raise LmforgeError(f"serve: {exc}") from None
+    model, tokenizer, objective = load_dir(directory)
     if objective != "causal":
         raise LmforgeError(f"serve: {ref} is a {objective} model; the completion API serves causal language models")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     registered = ref.startswith("models:/")
     return ServedModel(name=name or (ref[len("models:/") :] if registered else ref.rstrip("/").rsplit("/", 1)[-1]), ref=ref,
-                       version=version.rsplit("/", 1)[-1] if registered else None, model=model, tokenizer=tokenizer)
+                       version=version.rsplit("/", 1)[-1] if registered else None, model=model, tokenizer=tokenizer,
+                       onnx_dir=onnx_model(pinned, directory, onnx, tracking_uri) if onnx else None)
+
+
+def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_uri: str | None) -> Path:
+    """The ONNX model the onnx engine decodes with.  For a registry version, the one the export stage
+    built, checked and tagged on it (``onnx_<precision>_uri``); otherwise (or without that tag) built
+    here once from ``directory`` and cached by the weights' hash under ``$LMFORGE_CACHE`` (default
+    ``~/.cache/lmforge``): ~10 s for SmolLM2-135M."""
+    import os
+
+    from lmforge.fetch import tree_sha256
+    from models.onnx_genai import CONFIG, OnnxBuildError, build
+
+    if pinned.startswith("models:/") and "@" not in pinned:
+        import mlflow
+
+        from models.generation import use_mlflow_store
+
+        name, version = pinned[len("models:/") :].rsplit("/", 1)
+        tags = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version(name, version).tags
+        if uri := tags.get(f"onnx_{precision}_uri"):
+            use_mlflow_store(tracking_uri)
+            found = sorted(p.parent for p in Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)).rglob(CONFIG))
+            if found:
+                return found[0]
+    cache = Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge") / "onnx" / f"{tree_sha256(directory)[:16]}-{precision}"
+    if not (cache / CONFIG).is_file():
+        try:
+            build(directory, cache, precision)
+        except OnnxBuildError as exc:
+            raise LmforgeError(f"serve --engine onnx: {exc}\n(serve it with --engine dynamic or continuous)") from None
+    return cache

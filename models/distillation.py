@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from models.lightning_module import StreamSampler
 from models.objectives import CausalCollator
+from models.precision import autocast
 from models.train_config import DistilSettings
 
 
@@ -59,7 +60,7 @@ def train_student(student, blocks, pad_id: int, settings: DistilSettings, teache
         batch = {k: v.to(student.device) for k, v in batch.items()}
         teacher_logits = None
         if teacher is not None and settings.alpha > 0:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(settings.teacher_precision, student.device):
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = distillation_loss(logits, teacher_logits, batch["labels"], settings.temperature, settings.alpha)

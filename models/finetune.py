@@ -184,14 +184,18 @@ class FitResult:
     best_epoch: int
     best_score: float
     epochs_run: int
+    precision: str  # what the training steps ran in: "32" or "bf16-mixed"
     history: list[dict[str, float]] = field(default_factory=list)
 
 
 def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, float]], settings, lr: float, pad_id: int,
         score_key: str, higher_is_better: bool = True, desc: str = "fine-tune", log: Callable[[str], None] | None = None) -> FitResult:
     """Train for ``settings.epochs`` epochs (fewer with early stopping); ``validate(model)`` returns
-    the metrics whose ``score_key`` picks the best epoch, whose weights are restored at the end."""
+    the metrics whose ``score_key`` picks the best epoch, whose weights are restored at the end.
+    Training steps run in ``settings.precision`` (``models.precision``); ``validate`` in fp32."""
     from transformers import get_linear_schedule_with_warmup
+
+    from models.precision import autocast, resolve
 
     torch.manual_seed(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,7 +203,7 @@ def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, 
     steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
     schedule = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     sign = 1.0 if higher_is_better else -1.0
-    best = FitResult(best_epoch=0, best_score=-sign * math.inf, epochs_run=0)
+    best = FitResult(best_epoch=0, best_score=-sign * math.inf, epochs_run=0, precision=resolve(settings.precision, model.device))
     best_state = None
     stale = 0
     bar = tqdm(total=steps, desc=desc, unit="step")
@@ -207,7 +211,8 @@ def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, 
         model.train()
         losses = []
         for batch in batches(train, settings.batch_size, pad_id, seed=settings.seed + epoch):
-            loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+            with autocast(settings.precision, model.device):
+                loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
             if not torch.isfinite(loss):  # NaN weights would follow: stop with the cause instead
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} in epoch {epoch}: lower the learning rate, "
                                          "or raise finetune.train.max_length if examples have no target tokens left")

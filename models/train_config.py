@@ -55,6 +55,10 @@ class Scale:
     peak_tflops: float = 0.0  # per device, for MFU (H100 bf16 dense: 989); 0: MFU not reported
 
 
+#: ``auto``: bf16-mixed where the device multiplies bf16 in hardware (``models.precision``), else fp32.
+MixedPrecision = Literal["auto", "32", "bf16-mixed"]
+
+
 @dataclass
 class DistilSettings:
     """How ``models.distillation.train_student`` trains a student (``params.yaml`` → ``distil``)."""
@@ -65,8 +69,12 @@ class DistilSettings:
     warmup_steps: int = 30
     temperature: float = 2.0  # softens the teacher's distribution: its near-misses carry information
     alpha: float = 0.5  # weight of the teacher's (KL) term against the data's cross-entropy
+    teacher_precision: MixedPrecision = "auto"  # the teacher's forward pass (only its logits are used)
     seed: int = 1337
 
+
+#: An ONNX model that ``models.onnx_genai.build`` writes (ONNX Runtime GenAI's model builder precisions).
+OnnxPrecision = Literal["fp32", "int8", "int4"]
 
 #: A variant that ``models.quantization.quantize`` builds (its module docstring says what each is).
 Variant = Literal["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]

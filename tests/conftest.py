@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import socket
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +18,9 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+#: ONNX models `lmforge serve --engine onnx` builds go to a cache of the test session's own (subprocesses inherit it).
+os.environ["LMFORGE_CACHE"] = tempfile.mkdtemp(prefix="lmforge-cache-")
+atexit.register(shutil.rmtree, os.environ["LMFORGE_CACHE"], ignore_errors=True)
 
 #: Ray turns a loopback address into the machine's network address before it connects, except where
 #: its multi-node support is off, as on macOS; off, every Ray node, driver and worker the tests start
@@ -139,7 +145,9 @@ def no_stray_mlflow_store():
 # targeted re-runs) instead of each building the whole graph again.
 # --------------------------------------------------------------------------------------------------
 
-#: What the tiny project changes in params.yaml: two tiny candidates, tiny tokenizer, seconds per stage.
+#: What the tiny project changes in params.yaml: two tiny candidates, tiny tokenizer, seconds per stage;
+#: fp32 training everywhere, so that a test sees the same numbers on every machine (``auto`` picks bf16
+#: where the CPU has it).
 TINY_PARAMS = {
     "clean": {"validation": {"min_rows": 3}},
     "split": {"train": 0.6, "val": 0.2, "test": 0.2},
@@ -150,8 +158,8 @@ TINY_PARAMS = {
     },
     "evaluate": {"speed_new_tokens": 4, "prompts": ["The model"], "sampling": {"max_new_tokens": 8}, "bias": {"max_pairs": 18}},
     "finetune": {"min_examples": 20, "classification": {"labels": ["first", "second"]},
-                 "train": {"epochs": 1, "max_length": 64}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
-    "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2},
+                 "train": {"epochs": 1, "max_length": 64, "precision": "32"}, "sft": {"max_prompt_tokens": 40, "max_new_tokens": 8}},
+    "distil": {"steps": 10, "batch_size": 4, "warmup_steps": 2, "teacher_precision": "32"},
     "benchmarks": {"tasks": ["boolq", "winogrande"], "max_items": 6, "batch_size": 8,
                    "xstest": {"max_prompts": 4, "max_new_tokens": 6}},
     "batch_inference": {"batch_size": 4, "sampling": {"max_new_tokens": 8}},

@@ -47,7 +47,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "artifacts/evaluate/tiny/summary.json").write_text(json.dumps(evaluation))
     write_params(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                  evaluate={"speed_new_tokens": 4, "speed_batch_sizes": [1, 2]},
-                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2}, quantize={"keep_full_precision": []},
+                 distil={"steps": 12, "batch_size": 4, "warmup_steps": 2, "teacher_precision": "32"}, quantize={"keep_full_precision": []},
                  benchmarks={**TINY_BENCHMARKS, "max_items": 4, "xstest": {"max_prompts": 2, "max_new_tokens": 4}})
     monkeypatch.setenv("LMFORGE_PARAMS", str(tmp_path / "params.yaml"))
     # the benchmark items every model here is gated on, and the champion's scores (what benchmark_eval writes)
@@ -170,6 +170,7 @@ def test_distil_compares_with_the_same_student_from_scratch(project: Path):
     assert summary["student_parameters"] > 0 and summary["teacher_parameters"] > 0
     assert {"distilled_perplexity", "from_scratch_perplexity", "beats_from_scratch"} <= set(summary)
     assert (project / "artifacts/distil/models/distilled/config.json").exists()
+    assert summary["teacher_precision"] == "32"  # pinned above: the same numbers on every machine
 
 
 def test_registry_versions_aliases_and_lookups(project: Path):
@@ -232,12 +233,12 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
 
     import mlflow
     from lmforge.export import run_export
-    from lmforge.fetch import sha256_file
+    from lmforge.fetch import sha256_file, tree_sha256
     from lmforge.registry import run_register
 
     params = load_params()
-    params.export.types = ["f32", "q8_0", "q4_1"]
-    params.export.max_perplexity_increase = {"f32": 1e-5, "q8_0": 0.01, "q4_1": 0.5}
+    params.export.types, params.export.onnx = ["f32", "q8_0", "q4_1"], []
+    params.export.max_perplexity_increase = {"f32": 1e-5, "q8_0": 0.01, "q4_1": 0.5, "onnx_fp32": 1e-4, "onnx_int8": 0.5}
     config = project / "artifacts/pretrain/tiny/hf/config.json"
     gelu = json.loads(config.read_text())
     run_register(params)
@@ -247,10 +248,11 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
     assert not list((project / "artifacts/export/gguf").iterdir())
     config.write_text(json.dumps({**gelu, "hidden_act": "silu"}))
     run_register(params)
+    params.export.onnx = ["fp32", "int8"]
     summary = run_export(params, dagster_run_id="run-x")
-    assert summary["passed"] and set(summary["files"]) == {"f32", "q8_0", "q4_1"}, summary
+    assert summary["passed"] and set(summary["files"]) == {"f32", "q8_0", "q4_1", "onnx_fp32", "onnx_int8"}, summary
     assert abs(summary["files"]["f32"]["perplexity_increase"]) < 1e-5  # the tensor layout (e.g. llama.cpp's rope order) round-trips
-    q4 = project / "artifacts/export/gguf" / summary["files"]["q4_1"]["file"]
+    q4 = project / "artifacts/export" / summary["files"]["q4_1"]["file"]
     reader = gguf.GGUFReader(q4)
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
     types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -259,6 +261,15 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
     tags = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version("lmforge", summary["version"]).tags
     assert tags["gguf_q4_1_sha256"] == sha256_file(q4) == summary["files"]["q4_1"]["sha256"]
     assert tags["gguf_q8_0_uri"].startswith(f"runs:/{summary['mlflow_run_id']}/gguf/")
+    # ONNX Runtime reads the fp32 ONNX model back to the same perplexity (the graph is the same model), and
+    # the onnx engine finds the int8 one on the registry version
+    assert abs(summary["files"]["onnx_fp32"]["perplexity_increase"]) < 1e-4
+    onnx_int8 = project / "artifacts/export" / summary["files"]["onnx_int8"]["file"]
+    assert (onnx_int8 / "genai_config.json").is_file() and tags["onnx_int8_sha256"] == tree_sha256(onnx_int8)
+    from lmforge.serve import onnx_model
+
+    found = onnx_model(f"models:/lmforge/{summary['version']}", project / "unused", "int8", f"sqlite:///{project / 'mlflow.db'}")
+    assert tree_sha256(found) == tags["onnx_int8_sha256"]
 
 
 def test_export_refuses_a_tokenizer_llama_cpp_cannot_reproduce(project: Path, tmp_path: Path):

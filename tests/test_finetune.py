@@ -174,7 +174,7 @@ def tiny_champion(tmp_path: Path) -> Path:
 def test_fine_tuning_beats_the_baselines_on_a_tiny_task(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = task_params(tmp_path, classification_rows(120), sft_rows(80),
-                         train={"epochs": 6, "lr": 0.01, "lora_lr": 0.03, "batch_size": 8, "max_length": 64, "patience": 0},
+                         train={"epochs": 6, "lr": 0.01, "lora_lr": 0.03, "batch_size": 8, "max_length": 64, "patience": 0, "precision": "32"},
                          sft={"max_prompt_tokens": 40, "max_new_tokens": 10})
     run_task_data(params)
     tiny_champion(tmp_path)
@@ -355,3 +355,52 @@ def test_generate_chat_uses_the_template_and_batches(tmp_path: Path, monkeypatch
     refused = cli("-m", str(plain), "--chat")
     assert refused.exit_code == 1 and "--chat:" in refused.output and "has no chat template" in refused.output
     assert "--no-chat" in CliRunner().invoke(app, ["generate", "--help"]).output
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_training_steps_run_in_the_asked_precision_and_validation_in_fp32(precision: str):
+    """bf16-mixed: the forward passes of training steps under bf16 autocast (weights stay fp32, so the
+    optimiser's updates do too); validation, the yardstick, in fp32; the run records what ran."""
+    from types import SimpleNamespace
+
+    from models.finetune import fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    seen: dict[str, set] = {"train": set(), "validate": set()}
+    phase = ["train"]
+    model.register_forward_hook(lambda _m, _i, out: seen[phase[0]].add(out.dtype))
+
+    class Regressor(torch.nn.Module):  # what fit expects of a Hugging Face model: .device and .loss
+        device = torch.device("cpu")
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, labels, **_):
+            return SimpleNamespace(loss=(self.inner(input_ids.float()).float().squeeze(-1) - labels.float()).pow(2).mean())
+
+    def validate(m):
+        phase[0] = "validate"
+        with torch.no_grad():
+            loss = m(input_ids=torch.ones(2, 4), labels=torch.zeros(2)).loss.item()
+        phase[0] = "train"
+        return {"val_loss": loss}
+
+    examples = [{"input_ids": [1, 2, 3, 4], "labels": 0} for _ in range(4)]
+    settings = SimpleNamespace(seed=0, weight_decay=0.0, epochs=1, batch_size=2, warmup_ratio=0.0, patience=0, precision=precision)
+    result = fit(Regressor(), examples, validate, settings, 1e-2, pad_id=0, score_key="val_loss", higher_is_better=False)
+    assert result.precision == precision
+    assert seen["train"] == {torch.bfloat16 if precision == "bf16-mixed" else torch.float32}
+    assert seen["validate"] == {torch.float32} and model.weight.dtype == torch.float32
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    import models.precision as precision
+
+    assert precision.resolve("32", "cpu") == "32" and precision.resolve("bf16-mixed", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(precision, "native_bf16", lambda _device: False)
+    assert precision.resolve("auto", "cpu") == "32"
+    monkeypatch.setattr(precision, "native_bf16", lambda _device: True)
+    assert precision.resolve("auto", "cpu") == "bf16-mixed"

@@ -21,17 +21,21 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfo
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory) -> Path:
+def tiny_chat_model(out: Path, heads: int = 4) -> Path:
     """The tiny Llama of test_pretrained, with a chat template."""
     from test_pretrained import save_tiny_llama
     from transformers import AutoTokenizer
 
-    path = save_tiny_llama(tmp_path_factory.mktemp("serve") / "tiny-chat")
+    path = save_tiny_llama(out, heads=heads)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    return tiny_chat_model(tmp_path_factory.mktemp("serve") / "tiny-chat")
 
 
 class Server:
@@ -125,12 +129,17 @@ def test_the_openai_client_gets_completions_and_chats_plain_and_streamed(server)
     assert stopped.choices[0].finish_reason == "stop" and stop_at not in stopped.choices[0].text
 
 
-@pytest.mark.parametrize("engine", ["continuous", "dynamic"])
+@pytest.mark.parametrize("engine", ["continuous", "dynamic", "onnx"])
 def test_concurrent_requests_are_generated_together_with_the_answers_they_get_alone(server, chat_model, tmp_path, engine):
     """Greedy requests sent together get the text each gets alone, each stopped at its own max_tokens: by
-    continuous batching, where they overlap, and in dynamic batches (the default engine), which they share."""
+    continuous batching, where they overlap, in dynamic batches (the default engine), which they share, and
+    by ONNX Runtime GenAI one after the other (its fp32 model gives PyTorch's greedy text)."""
     if engine == "dynamic":
         server = Server(tmp_path, chat_model, "--engine", "dynamic", "--max-batch-size", "8", "--batch-wait-ms", "200")
+    elif engine == "onnx":  # ONNX Runtime's attention takes heads of 16 dimensions or more: the same tiny model with 2 heads
+        chat_model = tiny_chat_model(tmp_path / "tiny-chat", heads=2)
+        reference = Server(tmp_path / "torch", chat_model, "--engine", "dynamic")  # PyTorch
+        server = Server(tmp_path / "onnx", chat_model, "--engine", "onnx", serve={"onnx_precision": "fp32"})
     try:
         client = server.client()
         prompts = ["the model reads", "language data needs", "engineers want lineage from each", "python packages", "every stage",
@@ -147,12 +156,19 @@ def test_concurrent_requests_are_generated_together_with_the_answers_they_get_al
         if engine == "dynamic":
             assert "continuous" not in after and after["requests"] - before["requests"] == 8
             assert after["batches"] - before["batches"] < 8  # some requests shared a batch (the 200 ms window lets them join)
+        elif engine == "onnx":
+            assert after["onnx"]["requests"] - before["onnx"]["requests"] == 8 and after["requests"] == before["requests"]
+            torch_answers = [reference.client().completions.create(model="tiny-chat", prompt=p, max_tokens=n, temperature=0).choices[0].text
+                             for p, n in zip(prompts, lengths)]
+            assert [r.choices[0].text for r in alone] == torch_answers
         else:
             assert after["continuous"]["requests"] - before["continuous"]["requests"] == 8 and after["requests"] == before["requests"]
             assert after["continuous"]["peak_in_progress"] >= 2  # they were generated together
     finally:
-        if engine == "dynamic":
+        if engine != "continuous":
             server.stop()
+        if engine == "onnx":
+            reference.stop()
 
 
 def test_a_request_cancelled_mid_stream_frees_its_place_at_once(server):

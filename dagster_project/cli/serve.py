@@ -27,8 +27,9 @@ def serve(
     served_name: Optional[str] = typer.Option(None, "--served-name", help="The model id clients send (default: NAME@ALIAS or the directory's name)."),
     max_batch_size: Optional[int] = typer.Option(None, help="Concurrent requests generated together (default: params.yaml serve.max_batch_size)."),
     batch_wait_ms: Optional[float] = typer.Option(None, help="How long a dynamic batch's first request waits for others (default: params.yaml)."),
-    engine: Optional[str] = typer.Option(None, help="dynamic (requests in dynamic batches) or continuous (greedy requests by "
-                                         "continuous batching, sampled ones in dynamic batches); default: params.yaml serve.engine."),
+    engine: Optional[str] = typer.Option(None, help="dynamic (requests in dynamic batches), continuous (greedy requests by "
+                                         "continuous batching, sampled ones in dynamic batches) or onnx (greedy requests by ONNX "
+                                         "Runtime GenAI, the fastest single stream); default: params.yaml serve.engine."),
     params: Optional[Path] = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Serve a model behind the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (streaming), /v1/feedback, /health.
@@ -39,8 +40,8 @@ def serve(
     use_params(params)
     try:
         p = load_params()
-        if engine not in (None, "continuous", "dynamic"):
-            fail(f"--engine: continuous or dynamic, not {engine!r}")
+        if engine not in (None, "continuous", "dynamic", "onnx"):
+            fail(f"--engine: dynamic, continuous or onnx, not {engine!r}")
         overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, engine=engine).items() if v is not None}
         try:
             settings = dataclasses.replace(p.serve, **overrides)
@@ -59,11 +60,14 @@ def serve(
 
         ref = model or settings.model or f"models:/{p.registry.name}@champion"
         typer.echo(f"loading {ref} ...")
-        served = load_served(ref, tracking_uri(p), served_name)
+        onnx = settings.onnx_precision if settings.engine == "onnx" else None
+        if onnx:
+            typer.echo(f"engine onnx: the {onnx} ONNX model of {ref} (built once if the registry version has none) ...")
+        served = load_served(ref, tracking_uri(p), served_name, onnx)
         store = FeedbackStore(p.path(p.feedback.store))
         follows = is_alias(ref) and settings.follow_seconds > 0
         app_ = create_app(served, store, settings, api_key=api_key, sampling_defaults=p.evaluate.sampling,
-                          follow=AliasFollower(ref, tracking_uri(p), served_name) if follows else None)
+                          follow=AliasFollower(ref, tracking_uri(p), served_name, onnx) if follows else None)
         where = f"http://{host}:{port or settings.port}"
         typer.echo(f"serving '{served.name}'{f' (version {served.version})' if served.version else ''} at {where}/v1 "
                    f"(feedback store {store.path}){'; API key required' if api_key else ''}"
