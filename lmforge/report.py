@@ -86,7 +86,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     add("register", "registry", lambda d: f"models:/{d['registered_model']}@candidate (v{d['candidate_version']})"
         + (f" · @champion (v{d['champion_version']})" if d.get("champion_version") else ""))
     add("register_quantized", "registry", lambda d: f"models:/{d['registered_model']}@quantized (v{d['quantized_version']}, {d['variant']})")
-    add("export", "GGUF", _export)
+    add("export", "GGUF, ONNX", _export)
     add("batch_inference", "completions", lambda d: f"{d['completed']} of {d['prompts']} prompts ({d['quarantined']} quarantined"
         + (f", {d['resumed']} kept from an earlier run" if d["resumed"] else "") + ")"
         + (f" · {d['generated_tokens']:,} tokens at {d['tokens_per_second']:.1f} tokens/s, batches of {d['batch_size']}" if d["generated_tokens"] else ""))
