@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import gguf_convert
-from lmforge.artifacts import fresh_dir, read_summary, write_params, write_summary
-from lmforge.fetch import check_hash, download_sdist, sha256_file, tree_sha256
+from lmforge.artifacts import fresh_dir, read_summary, weights_sha256, write_params, write_summary
+from lmforge.fetch import check_hash, download_sdist, sha256_file
 from lmforge.finetune import champion
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.tracking import tracked_run
@@ -135,13 +135,15 @@ def run_export(params: Params, dagster_run_id: str = "", report=None) -> dict[st
     files: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"champion": name, "converter": CONVERTER, "reference_perplexity": base, "files": files,
                                "registered_model": params.registry.name, "version": registered["candidate_version"]}
+
     def check(kind: str, path: Path, model, seconds: float) -> None:
         """Score what was read back beside the champion, and record it."""
         perplexity = scores(model).perplexity
         increase = perplexity / base - 1
         tolerance = params.export.max_perplexity_increase[kind]
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-        files[kind] = {"file": str(path.relative_to(out)), "bytes": size, "sha256": tree_sha256(path), "perplexity": perplexity,
+        size, sha256 = ((sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), weights_sha256(path)) if path.is_dir()
+                        else (path.stat().st_size, sha256_file(path)))
+        files[kind] = {"file": str(path.relative_to(out)), "bytes": size, "sha256": sha256, "perplexity": perplexity,
                        "perplexity_increase": increase, "max_perplexity_increase": tolerance, "within": increase <= tolerance,
                        "convert_seconds": seconds}
         say(f"export {kind}: {path.relative_to(out)} ({size / 1e6:.0f} MB), read back: perplexity {perplexity:.2f} "

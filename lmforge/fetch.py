@@ -51,14 +51,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_sha256(path: Path) -> str:
-    """A file's sha256; a directory's: the sha256 of its files' relative paths and sha256s, in order."""
-    if path.is_file():
-        return sha256_file(path)
-    lines = "".join(f"{f.relative_to(path).as_posix()} {sha256_file(f)}\n" for f in sorted(path.rglob("*")) if f.is_file())
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def fetch_smollm2(dest: Path | None = None, progress: Callable[[str], object] = print) -> Path:
     """The pinned SmolLM2-135M-Instruct GGUF at ``dest`` (default ``pretrained/`` in the project).
 

@@ -511,7 +511,7 @@ class ExportParams:
     def __post_init__(self) -> None:
         missing = [t for t in self.kinds() if t not in self.max_perplexity_increase]
         if missing:
-            raise ValueError(f"max_perplexity_increase: give a tolerance for {', '.join(missing)} (every type in types needs one)")
+            raise ValueError(f"max_perplexity_increase: give a tolerance for {', '.join(missing)} (every type in types and every onnx_<precision> needs one)")
 
 
 @dataclass

@@ -704,7 +704,7 @@ def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_
     ``~/.cache/lmforge``): ~10 s for SmolLM2-135M."""
     import os
 
-    from lmforge.fetch import tree_sha256
+    from lmforge.artifacts import weights_sha256
     from models.onnx_genai import CONFIG, OnnxBuildError, build
 
     if pinned.startswith("models:/") and "@" not in pinned:
@@ -719,7 +719,7 @@ def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_
             found = sorted(p.parent for p in Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)).rglob(CONFIG))
             if found:
                 return found[0]
-    cache = Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge") / "onnx" / f"{tree_sha256(directory)[:16]}-{precision}"
+    cache = Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge") / "onnx" / f"{weights_sha256(directory)[:16]}-{precision}"
     if not (cache / CONFIG).is_file():
         try:
             build(directory, cache, precision)

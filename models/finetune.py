@@ -203,7 +203,8 @@ def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, 
     steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
     schedule = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     sign = 1.0 if higher_is_better else -1.0
-    best = FitResult(best_epoch=0, best_score=-sign * math.inf, epochs_run=0, precision=resolve(settings.precision, model.device))
+    precision = resolve(settings.precision, model.device)
+    best = FitResult(best_epoch=0, best_score=-sign * math.inf, epochs_run=0, precision=precision)
     best_state = None
     stale = 0
     bar = tqdm(total=steps, desc=desc, unit="step")
@@ -211,7 +212,7 @@ def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, 
         model.train()
         losses = []
         for batch in batches(train, settings.batch_size, pad_id, seed=settings.seed + epoch):
-            with autocast(settings.precision, model.device):
+            with autocast(precision, model.device):
                 loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
             if not torch.isfinite(loss):  # NaN weights would follow: stop with the cause instead
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} in epoch {epoch}: lower the learning rate, "

@@ -6,8 +6,9 @@ step is Python and framework overhead around small matrix products, not arithmet
 ~110 tokens/s on the same machine).  ONNX Runtime runs the whole step as one optimised graph (fused
 attention with a KV cache it owns, int8 matrix products with VNNI), driven by a C++ loop.  Measured
 side by side on the demo champion (64 greedy tokens, 2 threads): PyTorch fp32 14 tokens/s, ONNX fp32
-~45, ONNX int8 ~95-135, with the int8 model's greedy text identical to PyTorch fp32's for all 64
-tokens; int4 reaches ~150-200 but changes the text (this model's weights were already 4-bit once).
+~45 with PyTorch's greedy text, ONNX int8 ~95-135 (+1.1% test perplexity; its greedy text matched
+PyTorch's on two of three chat prompts tried, docs/serving.md); int4 reaches ~150-200 but changes the
+text more (this model's weights were already 4-bit once).
 
 - ``build``: ``python -m onnxruntime_genai.models.builder`` in its own process (it imports the whole
   Hugging Face model and writes ``model.onnx`` + ``model.onnx.data`` + ``genai_config.json`` +
@@ -31,6 +32,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+
 import numpy as np
 
 from models.batching import Completion
@@ -70,15 +72,12 @@ class OnnxCausalLM:
     """The ONNX graph over whole sequences (an empty KV cache), for scoring: ``model(input_ids,
     attention_mask).logits`` as ``transformers`` returns them."""
 
-    def __init__(self, onnx_dir: Path, threads: int | None = None):
+    def __init__(self, onnx_dir: Path):
         import onnxruntime as ort
         import torch
 
         decoder = _decoder_config(onnx_dir)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(Path(onnx_dir) / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(Path(onnx_dir) / decoder["filename"]), providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
         self.kv_dtype = np.float16 if any("float16" in i.type for n, i in self.inputs.items() if n.startswith("past_")) else np.float32
@@ -104,23 +103,16 @@ class OnnxCausalLM:
         return SimpleNamespace(logits=torch.cat(rows))
 
 
-def load_genai(onnx_dir: Path, threads: int | None = None):
-    """An ``onnxruntime_genai.Model`` on the CPU with ``threads`` intra-op threads (None: ONNX Runtime's choice)."""
-    import onnxruntime_genai as og
-
-    config = og.Config(str(onnx_dir))
-    config.clear_providers()
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    return og.Model(config)
-
-
 class OnnxDecoder:
     """The thread that generates greedy requests with ONNX Runtime GenAI, one at a time (one stream is
     what it is fastest at; docs/serving.md#speed has the measurements under load)."""
 
-    def __init__(self, onnx_dir: Path, tokenizer, threads: int | None = None):
-        self.model = load_genai(onnx_dir, threads)
+    def __init__(self, onnx_dir: Path, tokenizer):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(onnx_dir))
+        config.clear_providers()  # the CPU
+        self.model = og.Model(config)
         self.tokenizer = tokenizer
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.queue: queue.Queue[tuple[Completion, Callable[[BaseException | None], None]] | None] = queue.Queue()

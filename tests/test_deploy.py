@@ -233,7 +233,8 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
 
     import mlflow
     from lmforge.export import run_export
-    from lmforge.fetch import sha256_file, tree_sha256
+    from lmforge.artifacts import weights_sha256
+    from lmforge.fetch import sha256_file
     from lmforge.registry import run_register
 
     params = load_params()
@@ -265,11 +266,11 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
     # the onnx engine finds the int8 one on the registry version
     assert abs(summary["files"]["onnx_fp32"]["perplexity_increase"]) < 1e-4
     onnx_int8 = project / "artifacts/export" / summary["files"]["onnx_int8"]["file"]
-    assert (onnx_int8 / "genai_config.json").is_file() and tags["onnx_int8_sha256"] == tree_sha256(onnx_int8)
+    assert (onnx_int8 / "genai_config.json").is_file() and tags["onnx_int8_sha256"] == weights_sha256(onnx_int8)
     from lmforge.serve import onnx_model
 
     found = onnx_model(f"models:/lmforge/{summary['version']}", project / "unused", "int8", f"sqlite:///{project / 'mlflow.db'}")
-    assert tree_sha256(found) == tags["onnx_int8_sha256"]
+    assert weights_sha256(found) == tags["onnx_int8_sha256"]
 
 
 def test_export_refuses_a_tokenizer_llama_cpp_cannot_reproduce(project: Path, tmp_path: Path):
