@@ -1,7 +1,7 @@
 """Quantization: size, CPU generation speed and perplexity of each variant against full precision,
 measured side by side in one run.
 
-For every variant (default: int8 dynamic and int8 weight-only, bf16) it prints the linear-weight size
+For every variant (default: int8 dynamic and int8 weight-only, bf16, and ONNX Runtime's int8 graph) it prints the linear-weight size
 ratio (fp32 bytes / variant bytes), the speedup of greedy generation with the KV cache at batch 1 and
 8 (tokens/s variant / tokens/s fp32 within each round, median and spread over the rounds; the
 rounds time every model in turn, as the quantize stage does, so that machine noise hits all of
@@ -11,6 +11,7 @@ generation at batch 1 and 8 in the slowest round, ≤ 2% perplexity increase.
     .venv/bin/python benchmarks/quantization.py                      # the demo champion (after `make demo`)
     .venv/bin/python benchmarks/quantization.py --preset 125m        # + a randomly initialised 125m model:
                                                                       #   speed at a realistic matrix size
+    .venv/bin/python benchmarks/quantization.py --model-dir DIR      # another model directory: size and speed only
 
 Small models are dominated by per-token overheads (Python, attention, sampling), so int8 kernels only
 pay off once the linear layers are large: ``--preset`` shows where the crossover lies on this machine.
@@ -62,12 +63,13 @@ def compare(source: Path, variants: list[str], rounds: int, new_tokens: int, sco
             change = score(model) / base_ppl - 1 if score else None
             goals = ("yes" if min(slowest) >= 1.5 and change <= 0.02 else "no") if score else "n/a"
             print(f"{variant:>18} | {ratio:9.2f}× | {cells[0]:>27} | {cells[1]:>27} | "
-                  f"{f'{change:+.2%}' if score else 'n/a (random weights)':>17} | {goals}")
+                  f"{f'{change:+.2%}' if score else 'n/a (no test split)':>17} | {goals}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["int8_dynamic", "int8_weight_only", "bf16"])
+    parser.add_argument("--variants", nargs="+", default=["int8_dynamic", "int8_weight_only", "bf16", "onnx_int8"])
+    parser.add_argument("--model-dir", type=Path, help="measure this model directory instead of the champion (no test split: no perplexity)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--preset", help="also measure a randomly initialised model of this preset (e.g. 125m)")
@@ -77,12 +79,14 @@ def main() -> None:
     from lmforge.params import load_params
 
     params = load_params()
+    keep = tuple(params.quantize.keep_full_precision)  # as the quantize asset builds int8_dynamic
+    if args.model_dir:
+        return compare(args.model_dir, args.variants, args.rounds, args.new_tokens, None, keep)
     select = params.stage_dir("select") / "summary.json"
     if not select.exists():
         sys.exit("no champion yet: run `make demo` (or lmforge run) first")
     champion = params.path(json.loads(select.read_text())["champion_dir"])
     score, _ = _scorer(params, champion)
-    keep = tuple(params.quantize.keep_full_precision)  # as the quantize asset builds int8_dynamic
     compare(champion, args.variants, args.rounds, args.new_tokens, lambda m: score(m).perplexity, keep)
     if args.preset:
         from transformers import AutoTokenizer

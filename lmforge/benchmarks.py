@@ -155,6 +155,7 @@ def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: di
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    shared = shared and hasattr(model, "base_model")  # an ONNX graph (``OnnxCausalLM``) shows no hidden states to share
     lm = shared_context_lm(model, tokenizer, batch_size) if shared else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="lmforge-tasks-") as tmp:
         too_long = fit_to_context(tasks_dir, names, lambda text: len(lm.tok_encode(text)), lm.max_length, Path(tmp))

@@ -603,10 +603,10 @@ class ServeParams:
     port: int = 8000
     # dynamic: requests in dynamic batches; continuous: greedy ones join and leave the running batch at every
     # step (transformers' continuous batching), sampled ones in dynamic batches (docs/serving.md#batching)
-    # onnx: greedy ones by ONNX Runtime GenAI one at a time, from the model's ONNX twin of onnx_precision (fastest single stream)
+    # onnx: greedy ones by continuous batching over the model's ONNX twin of onnx_precision in ONNX Runtime (fastest here)
     engine: Literal["dynamic", "continuous", "onnx"] = "dynamic"
     onnx_precision: OnnxPrecision = "int8"  # the onnx engine's model: the export stage's (tagged on the version), else built once
-    max_batch_size: int = 32  # requests generated together (a dynamic batch; a continuous step)
+    max_batch_size: int = 32  # requests generated together (a dynamic batch; a continuous or onnx step)
     batch_wait_ms: float = 50.0  # how long the first request of a dynamic batch waits for others to join
     kv_cache_tokens: int = 16384  # the continuous engine's paged KV cache, allocated once (SmolLM2-135M: ~46 KB a token)
     max_tokens: int = 64  # when a request does not say

@@ -58,10 +58,16 @@ def _input_example() -> tuple[list[str], dict[str, Any]]:
     return ["The model"], dict(SamplingParams().__dict__)
 
 
-def _requirements() -> list[str]:
+def _requirements(model_dir: Path) -> list[str]:
+    """The packages the pyfunc model needs, at the versions here (ONNX Runtime for an ONNX graph)."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow", "pyyaml")]
+    from models.loading import RECIPE
+
+    names = ["torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow", "pyyaml"]
+    if (model_dir / RECIPE).is_file() and json.loads((model_dir / RECIPE).read_text()).get("runtime") == "onnxruntime":
+        names.append("onnxruntime")
+    return [f"{name}=={version(name)}" for name in names]
 
 
 def log_and_register(params: Params, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
@@ -77,7 +83,7 @@ def log_and_register(params: Params, run_id: str, model_dir: Path, tags: dict[st
             artifacts={"model": str(model_dir)},
             code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "lmforge")],
             input_example=_input_example(),
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(model_dir),
         )
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags).version
     return str(version)

@@ -11,8 +11,9 @@ others may join for ``serve.batch_wait_ms`` (up to ``serve.max_batch_size``; req
 sampling settings wait for the next batch), and the batch generates together (``models.batching``)
 until its longest request ends (``Batcher``).  ``serve.engine: continuous``: greedy requests join and
 leave the running batch at every step, through transformers' continuous batching
-(``models.batching.ContinuousBatching``, a paged KV cache of ``serve.kv_cache_tokens``); sampled
-requests still go to dynamic batches.  Each request is streamed and stopped on its own either way.
+(``models.batching.ContinuousBatching``, a paged KV cache of ``serve.kv_cache_tokens``);
+``serve.engine: onnx``: the same over the model's ONNX twin in ONNX Runtime (``models.onnx_genai``),
+the fastest here by far.  Sampled requests still go to dynamic batches.  Each request is streamed and stopped on its own either way.
 Which is faster depends on the load (docs/serving.md#speed).
 
 **Why not a serving library.**  LitServe's OpenAI spec (0.2.19) serves chat completions only, assigns
@@ -224,17 +225,21 @@ class Batcher:
 
 class Engine:
     """Where a request is generated (module docstring, **Batching**): in dynamic batches; greedy requests
-    by continuous batching when ``serve.engine`` is ``continuous``, or by ONNX Runtime GenAI one at a
-    time when it is ``onnx`` (the served model's ONNX twin, ``ServedModel.onnx_dir``)."""
+    by continuous batching when ``serve.engine`` is ``continuous`` (transformers') or ``onnx`` (over the
+    served model's ONNX twin in ONNX Runtime, ``ServedModel.onnx_dir``).  A served model that is an ONNX
+    graph (the ``onnx_int8`` variant) has no PyTorch model for transformers' batching: the onnx engine
+    takes its greedy requests whatever ``serve.engine`` says."""
 
     def __init__(self, served: "ServedModel", settings: ServeParams):
-        from models.onnx_genai import OnnxDecoder
+        from models.onnx_genai import Graph, OnnxDecoder
 
         model, tokenizer = served.model, served.tokenizer
         self.dynamic = Batcher(model, tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.continuous = (ContinuousBatching(model, tokenizer, settings.max_batch_size, settings.kv_cache_tokens)
-                           if settings.engine == "continuous" else None)
-        self.onnx = OnnxDecoder(served.onnx_dir, tokenizer) if settings.engine == "onnx" else None
+                           if settings.engine == "continuous" and not served.onnx_dir else None)
+        # a served ONNX model shares its graph (ONNX Runtime sessions may run from several threads)
+        graph = getattr(model, "graph", None) or (Graph(served.onnx_dir) if served.onnx_dir else None)
+        self.onnx = OnnxDecoder(graph, tokenizer, settings.max_batch_size) if graph else None
 
     async def warm_up(self) -> None:
         """A first token through each engine, on the server's event loop (the continuous one delivers there)."""
@@ -258,15 +263,16 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """For ``/health``: requests queued for dynamic batches, batches and requests so far; the continuous
-        engine's requests in progress, steps, requests and the most it held at once; the ONNX engine's
-        queued and finished requests and tokens."""
+        engines' requests in progress, steps, requests and the most they held at once (the ONNX one also
+        its queue and tokens)."""
         out: dict[str, Any] = {"queued": self.dynamic.queue.qsize(), "batches": self.dynamic.batches, "requests": self.dynamic.requests}
         if self.continuous:
             c = self.continuous
             out["continuous"] = {"in_progress": c.in_progress(), "steps": c.steps(), "requests": c.requests, "peak_in_progress": c.peak_active}
         if self.onnx:
             o = self.onnx
-            out["onnx"] = {"queued": o.queue.qsize(), "requests": o.requests, "tokens": o.tokens}
+            out["onnx"] = {"queued": o.queue.qsize(), "in_progress": o.in_progress(), "steps": o.steps, "requests": o.requests,
+                           "tokens": o.tokens, "peak_in_progress": o.peak_running}
         return out
 
 
@@ -284,7 +290,7 @@ class ServedModel:
     version: str | None  # the registry version behind an alias, for the request log
     model: Any
     tokenizer: Any
-    onnx_dir: Path | None = None  # the ONNX model the onnx engine decodes with (``onnx_model``)
+    onnx_dir: Path | None = None  # the ONNX model the onnx engine decodes with (``onnx_model``, or the served model itself)
 
     @property
     def context_length(self) -> int | None:
@@ -676,7 +682,10 @@ def create_app(served: ServedModel, store: FeedbackStore, settings: ServeParams,
 def load_served(ref: str, tracking_uri: str | None, name: str | None = None, onnx: OnnxPrecision | None = None) -> ServedModel:
     """Load the model ``ref`` (a directory or an MLflow URI) for serving; a clear error if there is none.
     An alias is pinned to its version first: the version recorded with every answer is the one loaded.
-    ``onnx``: also find or build its ONNX model of that precision (``onnx_model``), for the onnx engine."""
+    ``onnx``: also find or build its ONNX model of that precision (``onnx_model``), for the onnx engine.
+    A model that is an ONNX graph already (the ``onnx_int8`` quantized variant) is served by the onnx
+    engine whatever ``serve.engine`` says: its greedy requests by continuous batching, its sampled
+    ones in dynamic batches of the same graph (``OnnxCausalLM.generate``)."""
     from lmforge.registry import pin_version
     from models.generation import ModelNotFound, resolve
     from models.loading import load_dir
@@ -694,7 +703,7 @@ def load_served(ref: str, tracking_uri: str | None, name: str | None = None, onn
     registered = ref.startswith("models:/")
     return ServedModel(name=name or (ref[len("models:/") :] if registered else ref.rstrip("/").rsplit("/", 1)[-1]), ref=ref,
                        version=version.rsplit("/", 1)[-1] if registered else None, model=model, tokenizer=tokenizer,
-                       onnx_dir=onnx_model(pinned, directory, onnx, tracking_uri) if onnx else None)
+                       onnx_dir=getattr(model, "onnx_dir", None) or (onnx_model(pinned, directory, onnx, tracking_uri) if onnx else None))
 
 
 def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_uri: str | None) -> Path:

@@ -2,11 +2,13 @@
 model of each objective, and how to read every directory format lmforge writes.
 
 Every format but one is a plain Hugging Face directory that ``from_pretrained`` opens (lmforge's own
-models, fine-tuned and pruned ones, the bf16/fp16 casts and torchao's weight-only quantization).  The
-exception is ``int8_dynamic`` (``models.quantization``): PyTorch's dynamically quantized modules are
-not a ``transformers`` format, so the directory holds the config, the quantized state dict and a
-recipe (``RECIPE``) naming the linear layers left in full precision, and ``load_dir`` rebuilds the
-model from them.  That reader lives here rather than in ``models.quantization`` so that loading any
+models, fine-tuned and pruned ones, the bf16/fp16 casts and torchao's weight-only quantization).  Two
+exceptions carry a recipe (``RECIPE``) beside their config (``models.quantization``).
+``int8_dynamic``: PyTorch's dynamically quantized modules are not a ``transformers`` format, so the
+directory holds the quantized state dict and the recipe names the linear layers left in full
+precision; ``load_dir`` rebuilds the model from them.  ``onnx_int8``: an ONNX graph that ONNX
+Runtime runs (``models.onnx_genai.OnnxCausalLM``, which generates and scores like a ``transformers``
+model); the recipe names its folder.  That reader lives here rather than in ``models.quantization`` so that loading any
 model never depends on the code that builds the variants.
 
 Nothing here imports torch or ``transformers`` at module level: importing ``models.generation`` (the
@@ -24,7 +26,8 @@ from typing import Any
 #: How a model predicts tokens → the ``transformers`` Auto class that loads it with that head.
 AUTO_CLASSES = {"causal": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
 
-#: Beside an ``int8_dynamic`` model's config: the variant and the linear layers kept in fp32.
+#: Beside an ``int8_dynamic`` model's config: the variant and the linear layers kept in fp32; beside an
+#: ``onnx_int8`` one: the variant, ``runtime: onnxruntime`` and the folder of its graph (``onnx``).
 RECIPE = "lmforge_quantization.json"
 #: The ``int8_dynamic`` model's weights (``torch.save`` of its state dict: quantized tensors are not safetensors).
 QUANTIZED_STATE = "quantized_state_dict.pt"
@@ -105,12 +108,19 @@ def _load_int8_dynamic(path: Path):
 
 def load_dir(path: Path, device: str | None = None) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, objective) of the model directory ``path``.  ``device``: None
-    picks CUDA when there is one; an ``int8_dynamic`` model stays on the CPU (its kernels are CPU ones)."""
+    picks CUDA when there is one; ``int8_dynamic`` and ``onnx_int8`` models stay on the CPU (their
+    kernels are CPU ones)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    objective = objective_of(AutoConfig.from_pretrained(path))
-    if (path / RECIPE).exists():
+    config = AutoConfig.from_pretrained(path)
+    objective = objective_of(config)
+    recipe = json.loads((path / RECIPE).read_text()) if (path / RECIPE).exists() else None
+    if recipe and recipe.get("runtime") == "onnxruntime":
+        from models.onnx_genai import OnnxCausalLM
+
+        model = OnnxCausalLM(path / recipe["onnx"], config)
+    elif recipe:
         model = _load_int8_dynamic(path)
     else:
         model = load_model(path, objective)

@@ -1,10 +1,10 @@
 """A causal LM as an ONNX model for fast CPU decoding: ONNX Runtime GenAI's model builder writes it,
-ONNX Runtime scores it, ONNX Runtime GenAI generates with it.
+ONNX Runtime scores it and generates with it.
 
 Why: one request through PyTorch on a 2-core CPU decodes SmolLM2-135M at ~14 tokens/s; most of each
 step is Python and framework overhead around small matrix products, not arithmetic (llama.cpp does
 ~110 tokens/s on the same machine).  ONNX Runtime runs the whole step as one optimised graph (fused
-attention with a KV cache it owns, int8 matrix products with VNNI), driven by a C++ loop.  Measured
+attention over a KV cache, int8 matrix products with VNNI), one call per token.  Measured
 side by side on the demo champion (64 greedy tokens, 2 threads): PyTorch fp32 14 tokens/s, ONNX fp32
 ~45 with PyTorch's greedy text, ONNX int8 ~95-135 (+1.1% test perplexity; its greedy text matched
 PyTorch's on two of three chat prompts tried, docs/serving.md); int4 reaches ~150-200 but changes the
@@ -13,11 +13,23 @@ text more (this model's weights were already 4-bit once).
 - ``build``: ``python -m onnxruntime_genai.models.builder`` in its own process (it imports the whole
   Hugging Face model and writes ``model.onnx`` + ``model.onnx.data`` + ``genai_config.json`` +
   the tokenizer files).  It knows the usual decoder families (Llama, Mistral, Qwen, Phi, Gemma...).
-- ``OnnxCausalLM``: the built graph over whole sequences, shaped like a ``transformers`` causal LM
-  (``model(input_ids=...).logits``), so ``models.evaluation.lm_scores`` scores it exactly like the
-  PyTorch model: the export stage's read-back check.
-- ``OnnxDecoder``: a thread that generates queued requests one at a time with
-  ``onnxruntime_genai``, streaming each through ``models.batching.Completion`` like the other engines.
+- ``Graph``: the built graph in an ONNX Runtime session: one forward step over a batch, with the keys
+  and values of the tokens before it.
+- ``KVBatch``: rows of different lengths decoded together over the graph, each exactly as alone.
+- ``OnnxCausalLM``: the graph behind a ``transformers`` causal LM's interface (``model(...).logits``,
+  ``generate``), so lmforge scores, benchmarks, times and serves it like the PyTorch model: the
+  export stage's read-back check and the ``onnx_int8`` quantized variant (``models.loading``).
+- ``OnnxDecoder``: a thread that generates greedy requests by continuous batching over the graph,
+  streaming each through ``models.batching.Completion`` like the other engines.
+
+Why lmforge drives the graph itself rather than through ``onnxruntime_genai``: on a CPU its
+``Generator`` pads a batch's prompts on the left, which its attention kernel (``GroupQueryAttention``,
+which reads each row's length from the attention mask) does not read as the row alone: 1 of 8 chat
+prompts kept its single-stream text.  Its ``Engine`` (continuous batching) needs a PagedAttention
+graph, which the builder makes for CUDA only, and on a CPU runs one request per slot, four at a time
+(~65-95 tokens/s at 8-32 requests).  Rows padded on the *right* are what the kernel is made for:
+every row then gets exactly its single-stream text (8/8, fp32 and int8), and one step for 32 rows
+costs ~6× one row's (int8: 9 ms for one, 60 ms for 32).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,99 +81,289 @@ def _decoder_config(onnx_dir: Path) -> dict:
     return json.loads((Path(onnx_dir) / CONFIG).read_text())["model"]["decoder"]
 
 
-class OnnxCausalLM:
-    """The ONNX graph over whole sequences (an empty KV cache), for scoring: ``model(input_ids,
-    attention_mask).logits`` as ``transformers`` returns them."""
+class Graph:
+    """The model builder's decoder graph in an ONNX Runtime session.
+
+    Its inputs: ``input_ids`` [batch, new tokens], ``attention_mask`` [batch, past + new] (each row's
+    ones first: the kernel takes a row's length from the mask's sum, its new tokens' positions from
+    it too) and per layer ``past_key_values.<i>.key/value`` [batch, kv heads, past, head size]; its
+    outputs: ``logits`` and the ``present`` keys and values, the past of the next step."""
 
     def __init__(self, onnx_dir: Path):
         import onnxruntime as ort
-        import torch
 
         decoder = _decoder_config(onnx_dir)
         self.session = ort.InferenceSession(str(Path(onnx_dir) / decoder["filename"]), providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        names = [i.name for i in self.session.get_inputs()]
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        self.outputs = ["logits", *(n.replace("past_key_values.", "present.") for n in self.past_names)]
         self.kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
-        self.kv_dtype = np.float16 if any("float16" in i.type for n, i in self.inputs.items() if n.startswith("past_")) else np.float32
+        kv_types = {i.type for i in self.session.get_inputs() if i.name in self.past_names}
+        self.kv_dtype = np.float16 if "tensor(float16)" in kv_types else np.float32
+
+    def empty_past(self, rows: int) -> list[np.ndarray]:
+        return [np.zeros((rows, *self.kv_shape[:1], 0, self.kv_shape[1]), self.kv_dtype) for _ in self.past_names]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits [batch, new tokens, vocabulary] and the keys and values of past + new tokens."""
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **dict(zip(self.past_names, past))}
+        logits, *present = self.session.run(self.outputs, feed)
+        return logits, present
+
+
+class KVBatch:
+    """Rows of different lengths decoded together over a ``Graph``, one token per row and step.
+
+    A row's prompt runs alone (no padding rule to get wrong) and its keys and values join the batch's:
+    one array per layer, the rows padded on the *right* to the longest.  At every step a row's mask
+    covers its own tokens and its new token goes at its own length, so each row gets exactly its
+    single-stream logits whatever runs beside it.  Rows leave with ``keep``; the cache is then cut to
+    the longest row left.  Used by ``OnnxDecoder`` (the server) and ``OnnxCausalLM.generate``."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.past: list[np.ndarray] = []
+        self.lengths = np.zeros(0, np.int64)  # tokens of each row in the cache
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, prompt_ids: list[int]) -> np.ndarray:
+        """Run a prompt alone and add it as the last row; the logits [vocabulary] of its next token."""
+        prompt = np.asarray([prompt_ids])
+        logits, present = self.graph.run(prompt, np.ones_like(prompt), self.graph.empty_past(1))
+        if len(self):
+            width = max(present[0].shape[2], self.past[0].shape[2])
+            pad = lambda a: np.pad(a, ((0, 0), (0, 0), (0, width - a.shape[2]), (0, 0)))  # noqa: E731
+            self.past = [np.concatenate([pad(old), pad(new)]) for old, new in zip(self.past, present)]
+        else:
+            self.past = present
+        self.lengths = np.append(self.lengths, len(prompt_ids))
+        return logits[0, -1]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Run one new token per row; the logits [rows, vocabulary] of each row's next token."""
+        width = self.past[0].shape[2] + 1
+        mask = np.arange(width)[None, :] < (self.lengths + 1)[:, None]
+        logits, self.past = self.graph.run(np.asarray(tokens)[:, None], mask, self.past)
+        self.lengths = self.lengths + 1
+        return logits[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices, in order); the cache shrinks to the longest of them."""
+        self.lengths = self.lengths[rows]
+        longest = int(self.lengths.max()) if len(rows) else 0
+        self.past = [np.ascontiguousarray(p[rows, :, :longest]) for p in self.past] if len(rows) else []
+
+
+class OnnxCausalLM:
+    """The ONNX graph behind the interface of a ``transformers`` causal LM, where lmforge uses one.
+
+    ``model(input_ids, attention_mask).logits`` over whole sequences scores it exactly like the
+    PyTorch model (``models.evaluation.lm_scores``: the export stage's read-back check; lm-eval for
+    the benchmark gate); ``generate`` (``KVBatch``) takes the arguments lmforge passes to
+    ``transformers``' (greedy or sampled, per-row stopping criteria, a streamer), with transformers'
+    own logits processors, so ``models.generation``, ``models.batching`` and the speed measurements
+    run it unchanged.  ``config``: the Hugging Face config of the model it was built from (what
+    callers read: context length, pad token); the ``onnx_int8`` quantized variant keeps it beside
+    the graph (``models.loading``)."""
+
+    def __init__(self, onnx_dir: Path, config=None):
+        import torch
+
+        self.graph = Graph(onnx_dir)
+        self.onnx_dir = Path(onnx_dir)
+        self.config = config
         self.device = torch.device("cpu")
 
     def eval(self):
         return self
 
+    def tie_weights(self) -> None:
+        """Nothing to tie in a built graph (lm-eval calls it on every model)."""
+
+    def linear_weight_bytes(self) -> int:
+        """Bytes of the graph's matrix-product weights (int8 blocks with their scales), the output head
+        left out when the model ties it to the embedding: ``models.quantization.linear_weight_bytes``."""
+        import onnx
+
+        graph = onnx.load(str(self.onnx_dir / _decoder_config(self.onnx_dir)["filename"]), load_external_data=False).graph
+        sizes = {t.name: int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize for t in graph.initializer}
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        return sum(sizes.get(name, 0) for node in graph.node if node.op_type in ("MatMul", "MatMulNBits")
+                   and not (tied and "lm_head" in node.name) for name in node.input[1:])
+
     def __call__(self, input_ids, attention_mask=None, **_ignored):
-        """Row by row: padded rows would need the graph's own padding rules, one row never does."""
+        """Row by row: a row alone needs no padding rule."""
         import torch
 
         masks = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        rows = []
-        for ids, mask in zip(input_ids, masks):
-            feed = {"input_ids": ids[None].numpy().astype(np.int64), "attention_mask": mask[None].numpy().astype(np.int64)}
-            if "position_ids" in self.inputs:
-                feed["position_ids"] = np.arange(ids.shape[0], dtype=np.int64)[None]
-            for name in self.inputs:
-                if name.startswith("past_key_values."):
-                    feed[name] = np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), self.kv_dtype)
-            rows.append(torch.from_numpy(self.session.run(["logits"], feed)[0]).float())
-        return SimpleNamespace(logits=torch.cat(rows))
+        rows = [self.graph.run(ids[None].numpy(), mask[None].numpy(), self.graph.empty_past(1))[0] for ids, mask in zip(input_ids, masks)]
+        return SimpleNamespace(logits=torch.from_numpy(np.concatenate(rows)).float())
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, pad_token_id: int | None = None, eos_token_id=None,
+                 stopping_criteria=None, streamer=None, max_length: int | None = None, **_ignored):
+        """The prompts (left-padded, as ``transformers`` takes them) followed by their new tokens, a row
+        that ended padded with ``pad_token_id``; what ``transformers``' ``generate`` returns.
+        ``max_length`` (prompt and new tokens, as lm-eval asks) stands for ``max_new_tokens``."""
+        import torch
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        eos = eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None)
+        eos_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        masks = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        processors = LogitsProcessorList()
+        if repetition_penalty not in (None, 1.0):
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if do_sample:
+            processors.extend([TemperatureLogitsWarper(temperature or 1.0), *([TopKLogitsWarper(top_k)] if top_k else []),
+                               *([TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1.0 else [])])
+        if max_length is not None:
+            max_new_tokens = max_length - input_ids.shape[1]
+        ids = input_ids.cpu()
+        if streamer is not None:
+            streamer.put(ids)
+        batch = KVBatch(self.graph)
+        logits = np.stack([batch.add(row[mask.bool()].tolist()) for row, mask in zip(ids, masks.cpu())])
+        active = list(range(len(ids)))  # the rows still generating, in the batch's order
+        for step in range(max_new_tokens):
+            if step < min_new_tokens:  # no end of sequence yet (transformers' MinNewTokensLengthLogitsProcessor, without its per-step isin)
+                logits[:, eos_ids] = -np.inf
+            scores = processors(ids[active], torch.from_numpy(logits).float())
+            chosen = torch.multinomial(scores.softmax(-1), 1)[:, 0] if do_sample else scores.argmax(-1)
+            tokens = torch.full((len(ids),), pad, dtype=torch.long)
+            tokens[active] = chosen
+            ids = torch.cat([ids, tokens[:, None]], 1)
+            if streamer is not None:
+                streamer.put(tokens)
+            done = torch.isin(tokens, torch.tensor(eos_ids, dtype=torch.long))
+            if stopping_criteria is not None:
+                done |= torch.as_tensor(stopping_criteria(ids, None), dtype=torch.bool).reshape(-1).expand(len(ids))
+            staying = [i for i, row in enumerate(active) if not done[row]]
+            if not staying:
+                break
+            if len(staying) < len(active):
+                batch.keep(staying)
+                active = [active[i] for i in staying]
+                chosen = chosen[staying]
+            logits = batch.step(chosen.numpy())
+        if streamer is not None:
+            streamer.end()
+        return ids
+
+
+@dataclass
+class _Running:
+    row: Completion
+    on_finish: Callable[[BaseException | None], None]
 
 
 class OnnxDecoder:
-    """The thread that generates greedy requests with ONNX Runtime GenAI, one at a time (one stream is
-    what it is fastest at; docs/serving.md#speed has the measurements under load)."""
+    """Requests generated by continuous batching over the ONNX graph (``KVBatch``), on a thread of its own.
 
-    def __init__(self, onnx_dir: Path, tokenizer):
-        import onnxruntime_genai as og
+    Every step runs one new token of each running request through the graph together.  A request
+    that arrives is run through its prompt alone and joins the batch at the next step, up to
+    ``max_batch_size`` at once; one that finishes (its own rules, ``Completion.take``, a stop string,
+    a client gone) leaves it at once.  Each request gets its single-stream greedy text whatever runs
+    beside it (tested).  Cost: ONNX Runtime's graph without a shared KV buffer copies the cache into
+    each step's output (~46 KB a token for SmolLM2-135M), which at chat lengths is small beside the
+    matrix products."""
 
-        config = og.Config(str(onnx_dir))
-        config.clear_providers()  # the CPU
-        self.model = og.Model(config)
+    def __init__(self, graph: Graph, tokenizer, max_batch_size: int):
+        self.graph = graph
         self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.queue: queue.Queue[tuple[Completion, Callable[[BaseException | None], None]] | None] = queue.Queue()
-        self.requests = self.tokens = 0
+        self.batch = KVBatch(self.graph)
+        self.running: list[_Running] = []  # the batch's rows, in its order
+        self.next_tokens = np.zeros(0, np.int64)
+        self.requests = self.tokens = self.steps = self.peak_running = 0
         self.thread = threading.Thread(target=self._loop, name="lmforge-onnx", daemon=True)
         self.thread.start()
 
-    def generate(self, row: Completion) -> None:
-        """Greedy tokens for ``row`` until it finishes by its own rules (``Completion.take``)."""
-        import onnxruntime_genai as og
-
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(row.prompt_ids) + row.max_new_tokens)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(np.asarray(row.prompt_ids, dtype=np.int32))
-        while not generator.is_done():
-            generator.generate_next_token()
-            self.tokens += 1
-            if row.take(int(generator.get_next_tokens()[0]), self.tokenizer, self.eos_ids):
-                return
-        row.run_out(self.tokenizer)
-
     def warm_up(self) -> None:
-        """One token before the first request (the first run allocates its buffers); a model ONNX Runtime
-        cannot run (e.g. its attention kernel needs heads of a multiple of 16 dimensions) fails here, once."""
+        """One prompt token through the graph before the first request (the first run allocates its
+        buffers); a model ONNX Runtime cannot run (e.g. its attention kernel needs heads of a multiple
+        of 16 dimensions) fails here, once."""
         first = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         try:
-            self.generate(Completion([first], 1))
+            self.graph.run(np.array([[first]]), np.ones((1, 1)), self.graph.empty_past(1))
         except Exception as exc:
-            raise OnnxBuildError(f"ONNX Runtime GenAI cannot run this model: {str(exc).strip()}") from None
+            raise OnnxBuildError(f"ONNX Runtime cannot run this model: {str(exc).strip()}") from None
 
     def submit(self, row: Completion, on_finish: Callable[[BaseException | None], None]) -> None:
         self.queue.put((row, on_finish))
+
+    def in_progress(self) -> int:
+        return len(self.running)
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=60)
 
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            row, on_finish = item
-            error = None
-            if row.cancelled.is_set():
-                row.finish_reason = "cancelled"
+    def _finish(self, job: _Running, error: BaseException | None) -> None:
+        if error is None:
+            job.row.run_out(self.tokenizer)  # no-op for a row that finished by its own rules
+        self.requests += 1
+        job.on_finish(error)
+
+    def _admit(self, row: Completion, on_finish: Callable[[BaseException | None], None]) -> None:
+        """Run a new request's prompt and add it to the batch with its first token."""
+        job = _Running(row, on_finish)
+        if row.cancelled.is_set():
+            row.finish_reason = "cancelled"
+            return self._finish(job, None)
+        try:
+            token = int(self.batch.add(row.prompt_ids).argmax())
+        except Exception as exc:  # one bad request must not kill the server: it gets the error
+            return self._finish(job, exc)
+        self.tokens += 1
+        if row.take(token, self.tokenizer, self.eos_ids):
+            self.batch.keep(list(range(len(self.running))))
+            return self._finish(job, None)
+        self.running.append(job)
+        self.next_tokens = np.append(self.next_tokens, token)
+        self.peak_running = max(self.peak_running, len(self.running))
+
+    def _step(self) -> None:
+        """One token for every running request; those that finish leave the batch."""
+        try:
+            self.next_tokens = self.batch.step(self.next_tokens).argmax(-1)
+        except Exception as exc:  # the batch's requests get the error; the decoder goes on with the next ones
+            for job in self.running:
+                self._finish(job, exc)
+            self.running, self.batch, self.next_tokens = [], KVBatch(self.graph), np.zeros(0, np.int64)
+            return
+        self.steps += 1
+        self.tokens += len(self.running)
+        keep = []
+        for i, job in enumerate(self.running):
+            if job.row.take(int(self.next_tokens[i]), self.tokenizer, self.eos_ids):
+                self._finish(job, None)
             else:
+                keep.append(i)
+        if len(keep) < len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.next_tokens = self.next_tokens[keep]
+            self.batch.keep(keep)
+
+    def _loop(self) -> None:
+        while True:
+            while len(self.running) < self.max_batch_size:  # admit what waits (block only when idle)
                 try:
-                    self.generate(row)
-                except Exception as exc:  # one bad request must not kill the server: it gets the error
-                    error = exc
-            self.requests += 1
-            on_finish(error)
+                    item = self.queue.get(block=not self.running)
+                except queue.Empty:
+                    break
+                if item is None:
+                    for job in self.running:
+                        job.row.finish_reason = job.row.finish_reason or "cancelled"
+                        self._finish(job, None)
+                    return
+                self._admit(*item)
+            if self.running:
+                self._step()

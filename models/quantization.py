@@ -10,6 +10,11 @@ pruning.  Every variant is saved in a directory that ``models.loading.load_dir``
 - ``int8_weight_only`` / ``int4_weight_only``: torchao weight-only quantization through
   ``transformers``' ``TorchAoConfig`` (saved and reloaded by ``from_pretrained``); int4 needs kernels
   some devices lack, and is then reported as unsupported rather than faked.
+- ``onnx_int8``: the model as an ONNX graph with int8 weights (ONNX Runtime GenAI's model builder,
+  ``models.onnx_genai``), run by ONNX Runtime: one compiled graph per token instead of a Python step
+  through every layer, which is what holds a small model back on a CPU.  Saved as the graph in
+  ``onnx/`` with the config, the tokenizer and the recipe; a model the builder or ONNX Runtime cannot
+  take (another architecture, attention heads under 16 dimensions) is reported as unsupported.
 
 Embeddings and the output head stay in full precision (quantizing them costs the most accuracy), so
 the whole-model size shrinks less than the linear layers do: both are reported.
@@ -84,6 +89,21 @@ def quantize(source: Path, variant: str, out: Path, keep_full_precision: tuple[s
         except Exception as exc:  # torchao raises several types for a kernel this device lacks
             raise UnsupportedVariant(f"{variant}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
         model.save_pretrained(str(out), safe_serialization=False)  # torchao tensors are not safetensors
+    elif variant == "onnx_int8":
+        from transformers import AutoConfig
+
+        from models.onnx_genai import OnnxBuildError, OnnxCausalLM, build
+
+        config = AutoConfig.from_pretrained(source)
+        try:
+            build(source, out / "onnx", "int8")
+            model = OnnxCausalLM(out / "onnx", config)
+            model(input_ids=torch.tensor([[1, 2, 3]]))  # fail here, not at generation time, if ONNX Runtime cannot run it
+        except Exception as exc:  # the builder's error, or ONNX Runtime's for a graph it cannot run
+            message = str(exc) if isinstance(exc, OnnxBuildError) else f"ONNX Runtime cannot run it: {str(exc).strip().splitlines()[0][:200]}"
+            raise UnsupportedVariant(f"{variant}: {message}") from None
+        config.save_pretrained(str(out))
+        (out / RECIPE).write_text(json.dumps({"variant": variant, "runtime": "onnxruntime", "onnx": "onnx"}, indent=2) + "\n")
     else:
         raise ValueError(f"unknown variant '{variant}' (variants: {', '.join(VARIANTS)})")
     AutoTokenizer.from_pretrained(source).save_pretrained(str(out))
@@ -105,6 +125,8 @@ def tensor_bytes(t: Any) -> int:
 
 def linear_weight_bytes(model) -> int:
     """Bytes of the weights of every linear layer (quantized or not), tied output heads excluded."""
+    if hasattr(model, "linear_weight_bytes"):  # an ONNX graph counts its own (``OnnxCausalLM``)
+        return model.linear_weight_bytes()
     total = 0
     embedding = model.get_input_embeddings().weight
     for module in model.modules():
@@ -116,9 +138,9 @@ def linear_weight_bytes(model) -> int:
 
 
 def disk_bytes(path: Path) -> int:
-    """Size of the saved weights (every file but the tokenizer's and the configs)."""
-    skip = ("tokenizer", "config", "generation_config", "special_tokens", RECIPE)
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.name.startswith(skip))
+    """Size of the saved weights (every file but the tokenizer's and the configs, in subfolders too)."""
+    skip = ("tokenizer", "config", "generation_config", "genai_config", "special_tokens", "chat_template", "vocab", "merges", RECIPE)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.name.startswith(skip))
 
 
 def prune(model, sparsity: float, structured: bool) -> float:

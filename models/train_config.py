@@ -77,5 +77,5 @@ class DistilSettings:
 OnnxPrecision = Literal["fp32", "int8", "int4"]
 
 #: A variant that ``models.quantization.quantize`` builds (its module docstring says what each is).
-Variant = Literal["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]
+Variant = Literal["bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only", "onnx_int8"]
 VARIANTS: tuple[str, ...] = typing.get_args(Variant)

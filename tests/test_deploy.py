@@ -70,11 +70,13 @@ def test_quantized_variants_are_smaller_measured_and_loadable(project: Path):
     assert rows["fp32"]["linear_size_ratio"] == 1.0
     assert rows["int8_dynamic"]["linear_size_ratio"] > 3.5 and rows["int8_weight_only"]["linear_size_ratio"] > 3.5  # int8 vs fp32
     assert math.isclose(rows["bf16"]["linear_size_ratio"], 2.0, rel_tol=1e-6)
-    for variant in ("bf16", "fp16", "int8_dynamic", "int8_weight_only"):
+    assert rows["onnx_int8"]["linear_size_ratio"] > 3.5  # int8 blocks and their scales, in ONNX Runtime's graph
+    for variant in ("bf16", "fp16", "int8_dynamic", "int8_weight_only", "onnx_int8"):
         assert abs(rows[variant]["perplexity_increase"]) < 0.02, (variant, rows[variant])
         assert rows[variant]["tokens_per_second_b2"] > 0 and rows[variant]["disk_bytes"] < rows["fp32"]["disk_bytes"]
         model, tok, _ = load(project / "artifacts/quantize/models" / variant)
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(tok)
+        assert summary["benchmark_gates"][variant]["passed"] in (True, False)  # scored on the benchmarks like the others
     assert "int4_weight_only" in rows or summary["unsupported"]["int4_weight_only"]  # measured, or said why not
     for variant in rows:  # the median round's ratio lies within the rounds' spread
         assert all(rows[variant][f"speedup_b{b}_min"] <= rows[variant][f"speedup_b{b}"] <= rows[variant][f"speedup_b{b}_max"] for b in (1, 2))
@@ -271,6 +273,37 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
 
     found = onnx_model(f"models:/lmforge/{summary['version']}", project / "unused", "int8", f"sqlite:///{project / 'mlflow.db'}")
     assert weights_sha256(found) == tags["onnx_int8_sha256"]
+
+
+def test_the_onnx_graph_generates_what_transformers_generates(tmp_path: Path):
+    """``OnnxCausalLM.generate`` over the fp32 graph, for a left-padded batch of prompts of different
+    lengths: PyTorch's greedy tokens, and each row's tokens as alone (its rows are padded on the right
+    inside, ``KVBatch``); sampled with a seed, the same tokens again."""
+    from test_pretrained import save_tiny_llama
+
+    from models.loading import load_model
+    from models.onnx_genai import OnnxCausalLM, build
+
+    source = save_tiny_llama(tmp_path / "llama", heads=2)
+    build(source, tmp_path / "onnx", "fp32")
+    reference = load_model(source, "causal").eval()
+    onnx = OnnxCausalLM(tmp_path / "onnx", reference.config)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    ids = torch.tensor([[0] * (7 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (7 - len(p)) + [1] * len(p) for p in prompts])
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, temperature=None, top_k=None, top_p=None)
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, attention_mask=mask, **greedy)
+    together = onnx.generate(input_ids=ids, attention_mask=mask, **greedy)
+    assert torch.equal(together, expected)
+    for i, prompt in enumerate(prompts):
+        alone = onnx.generate(input_ids=torch.tensor([prompt]), **greedy)[0, len(prompt):]
+        assert torch.equal(alone, together[i, 7 : 7 + len(alone)])
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        sampled.append(onnx.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9, pad_token_id=0))
+    assert torch.equal(*sampled) and not torch.equal(sampled[0][:, 7:], together[:, 7:15])
 
 
 def test_export_refuses_a_tokenizer_llama_cpp_cannot_reproduce(project: Path, tmp_path: Path):

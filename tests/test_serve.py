@@ -132,8 +132,8 @@ def test_the_openai_client_gets_completions_and_chats_plain_and_streamed(server)
 @pytest.mark.parametrize("engine", ["continuous", "dynamic", "onnx"])
 def test_concurrent_requests_are_generated_together_with_the_answers_they_get_alone(server, chat_model, tmp_path, engine):
     """Greedy requests sent together get the text each gets alone, each stopped at its own max_tokens: by
-    continuous batching, where they overlap, in dynamic batches (the default engine), which they share, and
-    by ONNX Runtime GenAI one after the other (its fp32 model gives PyTorch's greedy text)."""
+    continuous batching, where they overlap (transformers', or the onnx engine's over the ONNX graph, whose fp32
+    model gives PyTorch's greedy text), and in dynamic batches (the default engine), which they share."""
     if engine == "dynamic":
         server = Server(tmp_path, chat_model, "--engine", "dynamic", "--max-batch-size", "8", "--batch-wait-ms", "200")
     elif engine == "onnx":  # ONNX Runtime's attention takes heads of 16 dimensions or more: the same tiny model with 2 heads
@@ -158,9 +158,11 @@ def test_concurrent_requests_are_generated_together_with_the_answers_they_get_al
             assert after["batches"] - before["batches"] < 8  # some requests shared a batch (the 200 ms window lets them join)
         elif engine == "onnx":
             assert after["onnx"]["requests"] - before["onnx"]["requests"] == 8 and after["requests"] == before["requests"]
+            assert after["onnx"]["peak_in_progress"] >= 2  # they were generated together
             torch_answers = [reference.client().completions.create(model="tiny-chat", prompt=p, max_tokens=n, temperature=0).choices[0].text
                              for p, n in zip(prompts, lengths)]
             assert [r.choices[0].text for r in alone] == torch_answers
+            assert_cancelled_stream_frees_its_place(server, "onnx", max_tokens=240)  # the context holds 256
         else:
             assert after["continuous"]["requests"] - before["continuous"]["requests"] == 8 and after["requests"] == before["requests"]
             assert after["continuous"]["peak_in_progress"] >= 2  # they were generated together
@@ -171,27 +173,56 @@ def test_concurrent_requests_are_generated_together_with_the_answers_they_get_al
             reference.stop()
 
 
-def test_a_request_cancelled_mid_stream_frees_its_place_at_once(server):
-    """Continuous batching: a client that closes its stream after a few tokens stops its request at the
-    next step (it does not run to its max_tokens), and the server answers the next one."""
+def assert_cancelled_stream_frees_its_place(server, engine: str, max_tokens: int = 120) -> None:
+    """A client that closes its stream after a few tokens stops its request at the next step of the
+    ``engine``'s batch (it does not run to its max_tokens), and the server answers the next one.  A fast
+    engine needs a long request: the server notices a closed stream some tens of steps later."""
     client = server.client()
-    steps = lambda: server.health()["continuous"]["steps"]  # noqa: E731
+    steps = lambda: server.health()[engine]["steps"]  # noqa: E731
     start = steps()
-    full = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=120, temperature=0)
+    full = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=max_tokens, temperature=0)
     full_steps = steps() - start
-    assert full.usage.completion_tokens == 120 and full_steps >= 100
+    assert full.usage.completion_tokens == max_tokens and full_steps >= max_tokens - 20
     start = steps()
-    stream = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=120, temperature=0, stream=True)
+    stream = client.completions.create(model="tiny-chat", prompt="the model reads", max_tokens=max_tokens, temperature=0, stream=True)
     for i, _chunk in enumerate(stream):
         if i == 2:
             break
     stream.close()
     deadline = time.monotonic() + 30
-    while server.health()["continuous"]["in_progress"] and time.monotonic() < deadline:
+    while server.health()[engine]["in_progress"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server.health()["continuous"]["in_progress"] == 0
+    assert server.health()[engine]["in_progress"] == 0
     assert steps() - start < full_steps / 2, (steps() - start, full_steps)
     assert client.completions.create(model="tiny-chat", prompt="after", max_tokens=3, temperature=0).usage.completion_tokens == 3
+
+
+def test_a_request_cancelled_mid_stream_frees_its_place_at_once(server):
+    """Continuous batching (the onnx engine: in the test above)."""
+    assert_cancelled_stream_frees_its_place(server, "continuous")
+
+
+def test_an_onnx_model_is_served_by_the_onnx_engine(tmp_path):
+    """The ``onnx_int8`` quantized variant is an ONNX graph with no PyTorch model: whatever ``serve.engine``
+    says, its greedy requests go to the onnx engine, its sampled ones to dynamic batches of the same
+    graph (with a seed: the same text again)."""
+    from models.quantization import quantize
+
+    variant = tmp_path / "onnx_int8"
+    quantize(tiny_chat_model(tmp_path / "tiny-chat", heads=2), "onnx_int8", variant)
+    server = Server(tmp_path / "serve", variant, "--engine", "continuous")
+    try:
+        client = server.client()
+        chat = client.chat.completions.create(model="onnx_int8", messages=[{"role": "user", "content": "the model"}], max_tokens=6, temperature=0)
+        assert chat.choices[0].message.content and chat.usage.completion_tokens <= 6
+        sampled = [client.completions.create(model="onnx_int8", prompt="the model reads", max_tokens=8, temperature=0.9, seed=11).choices[0].text
+                   for _ in range(2)]
+        assert sampled[0] and sampled[0] == sampled[1]
+        health = server.health()
+        assert health["onnx"]["requests"] == 1 and "continuous" not in health  # the chat; no transformers engine
+        assert health["requests"] == 2  # the sampled ones
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("path, body, status, says", [
