@@ -1,6 +1,6 @@
 """Serving side by side, in one run: ``lmforge serve`` (``lmforge-dynamic``: its default dynamic batches;
-``lmforge``: ``--engine continuous``; ``lmforge-onnx``: ``--engine onnx``, ONNX Runtime GenAI on the
-model's int8 ONNX twin), ``transformers serve --continuous-batching`` and llama.cpp on the same model,
+``lmforge``: ``--engine continuous``; ``lmforge-onnx``: ``--engine onnx``, continuous batching over the
+model's int8 ONNX twin in ONNX Runtime), ``transformers serve --continuous-batching`` and llama.cpp on the same model,
 the same prompts, greedy, one engine after the other.
 
 The model is the champion's Hugging Face directory (``--model-dir``; default: the one ``select`` chose);
