@@ -37,6 +37,12 @@ from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A pyfunc model: prompts in, completions out; sampling options (``SamplingParams``) as params."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the loaded model.  MLflow loads it (``load_context``) to check the input example,
+        then pickles this object: the weights are the ``model`` artifact already (the pickled copy
+        doubled every version: 540 MB more for SmolLM2-135M), and ONNX Runtime's session cannot be pickled."""
+        return {}
+
     def load_context(self, context) -> None:
         from models.generation import load
 
