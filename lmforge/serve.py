@@ -231,7 +231,8 @@ class Engine:
     takes its greedy requests whatever ``serve.engine`` says."""
 
     def __init__(self, served: "ServedModel", settings: ServeParams):
-        from models.onnx_genai import Graph, OnnxDecoder
+        from models.batching import OnnxDecoder
+        from models.onnx_genai import Graph
 
         model, tokenizer = served.model, served.tokenizer
         self.dynamic = Batcher(model, tokenizer, settings.max_batch_size, settings.batch_wait_ms / 1000)
