@@ -68,10 +68,10 @@ def _requirements(model_dir: Path) -> list[str]:
     """The packages the pyfunc model needs, at the versions here (ONNX Runtime for an ONNX graph)."""
     from importlib.metadata import version
 
-    from models.loading import RECIPE
+    from models.loading import read_recipe
 
     names = ["torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow", "pyyaml"]
-    if (model_dir / RECIPE).is_file() and json.loads((model_dir / RECIPE).read_text()).get("runtime") == "onnxruntime":
+    if (read_recipe(model_dir) or {}).get("runtime") == "onnxruntime":
         names.append("onnxruntime")
     return [f"{name}=={version(name)}" for name in names]
 

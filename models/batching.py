@@ -285,7 +285,7 @@ class OnnxDecoder:
 
         first = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         try:
-            self.graph.run(np.array([[first]]), np.ones((1, 1)), self.graph.empty_past(1))
+            self.graph.run(np.array([[first]]), np.ones((1, 1)), self.graph.empty_past())
         except Exception as exc:
             raise OnnxBuildError(f"ONNX Runtime cannot run this model: {str(exc).strip()}") from None
 
@@ -319,7 +319,7 @@ class OnnxDecoder:
             return self._finish(job, exc)
         self.tokens += 1
         if row.take(token, self.tokenizer, self.eos_ids):
-            self.batch.keep(list(range(len(self.running))))
+            self.batch.keep(list(range(len(self.running))))  # the row just added leaves at once
             return self._finish(job, None)
         self.running.append(job)
         self.next_tokens = np.append(self.next_tokens, token)

@@ -1,7 +1,7 @@
 """Loading a saved model directory: the one place that knows which ``transformers`` Auto class opens a
 model of each objective, and how to read every directory format lmforge writes.
 
-Every format but one is a plain Hugging Face directory that ``from_pretrained`` opens (lmforge's own
+Every format but two is a plain Hugging Face directory that ``from_pretrained`` opens (lmforge's own
 models, fine-tuned and pruned ones, the bf16/fp16 casts and torchao's weight-only quantization).  Two
 exceptions carry a recipe (``RECIPE``) beside their config (``models.quantization``).
 ``int8_dynamic``: PyTorch's dynamically quantized modules are not a ``transformers`` format, so the
@@ -106,6 +106,11 @@ def _load_int8_dynamic(path: Path):
     return model.eval()
 
 
+def read_recipe(path: Path) -> dict[str, Any] | None:
+    """The recipe beside a model that is not a plain ``transformers`` directory (``RECIPE``); None for one that is."""
+    return json.loads((path / RECIPE).read_text()) if (path / RECIPE).is_file() else None
+
+
 def load_dir(path: Path, device: str | None = None) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, objective) of the model directory ``path``.  ``device``: None
     picks CUDA when there is one; ``int8_dynamic`` and ``onnx_int8`` models stay on the CPU (their
@@ -115,7 +120,7 @@ def load_dir(path: Path, device: str | None = None) -> tuple[Any, Any, str]:
 
     config = AutoConfig.from_pretrained(path)
     objective = objective_of(config)
-    recipe = json.loads((path / RECIPE).read_text()) if (path / RECIPE).exists() else None
+    recipe = read_recipe(path)
     if recipe and recipe.get("runtime") == "onnxruntime":
         from models.onnx_genai import OnnxCausalLM
 

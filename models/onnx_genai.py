@@ -89,19 +89,23 @@ class Graph:
 
         decoder = _decoder_config(onnx_dir)
         self.session = ort.InferenceSession(str(Path(onnx_dir) / decoder["filename"]), providers=["CPUExecutionProvider"])
-        names = [i.name for i in self.session.get_inputs()]
-        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.takes_positions = "position_ids" in inputs  # some families' graphs take them; Llama's read the mask
         self.outputs = ["logits", *(n.replace("past_key_values.", "present.") for n in self.past_names)]
         self.kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
-        kv_types = {i.type for i in self.session.get_inputs() if i.name in self.past_names}
-        self.kv_dtype = np.float16 if "tensor(float16)" in kv_types else np.float32
+        self.kv_dtype = np.float16 if any(inputs[n] == "tensor(float16)" for n in self.past_names) else np.float32
 
-    def empty_past(self, rows: int) -> list[np.ndarray]:
-        return [np.zeros((rows, *self.kv_shape[:1], 0, self.kv_shape[1]), self.kv_dtype) for _ in self.past_names]
+    def empty_past(self) -> list[np.ndarray]:
+        """No tokens before: the past of one row's first run."""
+        return [np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), self.kv_dtype) for _ in self.past_names]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits [batch, new tokens, vocabulary] and the keys and values of past + new tokens."""
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **dict(zip(self.past_names, past))}
+        if self.takes_positions:  # each row's new tokens follow its own tokens (the mask's ones)
+            new = input_ids.shape[1]
+            feed["position_ids"] = attention_mask.sum(-1, keepdims=True).astype(np.int64) - new + np.arange(new)
         logits, *present = self.session.run(self.outputs, feed)
         return logits, present
 
@@ -126,7 +130,7 @@ class KVBatch:
     def add(self, prompt_ids: list[int]) -> np.ndarray:
         """Run a prompt alone and add it as the last row; the logits [vocabulary] of its next token."""
         prompt = np.asarray([prompt_ids])
-        logits, present = self.graph.run(prompt, np.ones_like(prompt), self.graph.empty_past(1))
+        logits, present = self.graph.run(prompt, np.ones_like(prompt), self.graph.empty_past())
         if len(self):
             width = max(present[0].shape[2], self.past[0].shape[2])
             pad = lambda a: np.pad(a, ((0, 0), (0, 0), (0, width - a.shape[2]), (0, 0)))  # noqa: E731
@@ -193,7 +197,7 @@ class OnnxCausalLM:
         import torch
 
         masks = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        rows = [self.graph.run(ids[None].numpy(), mask[None].numpy(), self.graph.empty_past(1))[0] for ids, mask in zip(input_ids, masks)]
+        rows = [self.graph.run(ids[None].numpy(), mask[None].numpy(), self.graph.empty_past())[0] for ids, mask in zip(input_ids, masks)]
         return SimpleNamespace(logits=torch.from_numpy(np.concatenate(rows)).float())
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
