@@ -88,12 +88,17 @@ def _params_in_force() -> Params:
     return load_params()
 
 
-#: Stages that dvc.yaml leaves out, with the params keys their code version includes: the feedback loop
-#: reads the live feedback store (``lmforge serve`` writes it), which DVC cannot version; its sensor runs it.
+#: Stages that dvc.yaml leaves out, with the params keys their code version includes: the feedback and
+#: preference loops read the live feedback store (``lmforge serve`` writes it), which DVC cannot version
+#: (their sensor runs them); a hyper-parameter search resumes from its own study, off the default run.
 NOT_IN_DVC = {
     "feedback_examples": ["feedback"],
     "feedback_finetune": ["feedback", "finetune", "registry", "evaluate.sampling", "benchmarks"],
     "feedback_register": ["feedback", "registry"],
+    "feedback_preferences": ["feedback", "preference"],
+    "preference_tune": ["feedback", "preference", "finetune", "registry", "benchmarks"],
+    "preference_register": ["feedback", "preference", "registry"],
+    "hpsearch": ["hpsearch", "pretrain", "tokenizer"],  # a study that resumes: its state is its own SQLite file, not DVC's
 }
 
 

@@ -11,13 +11,16 @@ import dagster as dg
 
 from dagster_project.resources import TIER_TAG
 
-#: The feedback loop's assets: its sensor runs them when users' feedback arrives, not when data changes.
+#: The feedback and preference loops' assets: their sensor runs them when users' feedback arrives, not when data changes.
 FEEDBACK = dg.AssetSelection.groups("feedback")
+PREFERENCE = dg.AssetSelection.groups("preference")
+#: The hyper-parameter search: launched by hand (or `lmforge run --select hpsearch`); it writes a params overlay.
+HPSEARCH = dg.AssetSelection.groups("hpsearch")
 #: Every asset of the pipeline, raw documents to registered model (the raw-data source is observed, not
-#: materialized; the feedback loop runs on its own).
-EVERYTHING = dg.AssetSelection.all() - FEEDBACK
+#: materialized; the feedback and preference loops run on their own, the search when asked).
+EVERYTHING = dg.AssetSelection.all() - FEEDBACK - PREFERENCE - HPSEARCH
 #: From the vocabulary onward: what a retrain recomputes when the validated splits stand.
-FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer", "base_models").downstream()
+FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer", "base_models").downstream() - HPSEARCH
 
 #: Raw documents → validated splits.  The checks of the selected assets run with them.
 data_job = dg.define_asset_job(
@@ -107,4 +110,20 @@ feedback_job = dg.define_asset_job(
     "(feedback_finetune) and, only if it beats that model on the held-out sft test part, register it and move the alias.",
 )
 
-JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, rag_job, full_job, retrain_job, tiny_job, gpu_job, feedback_job]
+#: Users' preferences → pairs → DPO → a new version that takes the alias only when it ranks held-out pairs better.
+preference_job = dg.define_asset_job(
+    "preference_job",
+    selection=PREFERENCE,
+    description="Preference tuning: collect and validate chosen/rejected pairs (feedback_preferences), tune the aliased model on them "
+    "with DPO (preference_tune) and, only if it ranks held-out pairs better and keeps its benchmarks, register it and move the alias.",
+)
+
+#: An Optuna study over a pretraining candidate's settings; its best trial becomes a params overlay.
+hpsearch_job = dg.define_asset_job(
+    "hpsearch_job",
+    selection=HPSEARCH,
+    description="Hyper-parameter search (hpsearch): an Optuna study over hpsearch.space, resumable; writes best_params.yaml for `lmforge run --params`.",
+)
+
+JOBS = [data_job, tokenizer_job, pretrain_job, evaluation_job, finetune_job, deploy_job, rag_job, full_job, retrain_job, tiny_job, gpu_job,
+        feedback_job, preference_job, hpsearch_job]

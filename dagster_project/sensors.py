@@ -1,6 +1,6 @@
 """Sensors: new or changed raw documents start the pipeline; failures are recorded where users look;
 registry versions made outside Dagster show up on the `register` asset; enough new user feedback starts the
-feedback loop."""
+feedback or the preference loop."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import dagster as dg
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
 from dagster_project.errors import root_cause
-from dagster_project.jobs import data_job, feedback_job
+from dagster_project.jobs import data_job, feedback_job, preference_job
 from dagster_project.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import AUTOMATION, THEN_DOWNSTREAM, THEN_TAG
 from lmforge.ingest import source_fingerprint
@@ -155,26 +155,41 @@ def _feedback_interval() -> int:
         return 60  # the sensor's ticks report the params error
 
 
+def _loop_cursor(cursor: str | None) -> dict[str, list[str]]:
+    """What the feedback_arrived sensor has started runs for: example ids and pair ids (an older cursor: example ids)."""
+    data = json.loads(cursor) if cursor else {}
+    return {"examples": data, "pairs": []} if isinstance(data, list) else {"examples": data.get("examples", []), "pairs": data.get("pairs", [])}
+
+
 @dg.sensor(
-    job=feedback_job,
+    jobs=[feedback_job, preference_job],
     minimum_interval_seconds=_feedback_interval(),
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Counts the accepted examples in users' feedback (lmforge serve's store and feedback.inbox) and starts "
-    "feedback_job when at least feedback.min_new_examples arrived since its last run (the cursor: the examples already used).",
+    description="Counts the accepted examples and the preference pairs in users' feedback (lmforge serve's store, feedback.inbox, "
+    "preference.files) and starts feedback_job when at least feedback.min_new_examples new examples arrived, preference_job when at "
+    "least preference.min_new_pairs new pairs did (the cursor: the examples and pairs already used).",
 )
 def feedback_arrived(context: dg.SensorEvaluationContext, lmforge_params: ParamsResource):
-    from lmforge.feedback import collect
+    from lmforge import feedback, preference
 
     params = lmforge_params.load()
-    ids = collect(params).ids
-    used = set(json.loads(context.cursor)) if context.cursor else set()
-    new = [i for i in ids if i not in used]
-    needed = params.feedback.min_new_examples
-    if len(new) < needed:
-        return dg.SkipReason(f"{len(new)} new accepted feedback example(s); feedback.min_new_examples is {needed}")
-    context.update_cursor(json.dumps(sorted(used | set(ids))))
-    return dg.RunRequest(run_key=f"feedback-{len(used | set(ids))}-{new[-1]}", tags={"lmforge/trigger": "feedback_arrived",
-                                                                                      "lmforge/new_examples": str(len(new))})
+    cursor = _loop_cursor(context.cursor)
+    loops = (("examples", feedback_job, feedback.collect(params).ids, params.feedback.min_new_examples, "feedback.min_new_examples"),
+             ("pairs", preference_job, preference.collect(params)[0].ids, params.preference.min_new_pairs, "preference.min_new_pairs"))
+    requests, waiting = [], []
+    for kind, job, ids, needed, setting in loops:
+        used = set(cursor[kind])
+        new = [i for i in ids if i not in used]
+        if len(new) < needed:
+            waiting.append(f"{len(new)} new {kind} ({setting} is {needed})")
+            continue
+        cursor[kind] = sorted(used | set(ids))
+        requests.append(dg.RunRequest(run_key=f"{kind}-{len(cursor[kind])}-{new[-1]}", job_name=job.name,
+                                      tags={"lmforge/trigger": "feedback_arrived", f"lmforge/new_{kind}": str(len(new))}))
+    if not requests:
+        return dg.SkipReason("; ".join(waiting))
+    context.update_cursor(json.dumps(cursor))
+    return requests
 
 
 SENSORS = [raw_data_changed, continue_downstream, record_run_failure, registry_versions, feedback_arrived]

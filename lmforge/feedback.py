@@ -79,9 +79,20 @@ def _example(example_id: str, source: str, prompt: str, answer: str | None, rati
     return {"example_id": example_id, "prompt": prompt, "response": response, "rating": rating, "source": source, "request_id": request_id}
 
 
-def collect(params: Params) -> Collected:
-    """Every feedback of the store and the inbox as candidate examples (the sensor counts these; the
-    asset validates them).  Malformed inbox lines are quarantined here, with the file and line."""
+@dataclass
+class FeedbackRead:
+    """Every feedback of the store and the inbox, the latest per request: what the users said, not yet
+    turned into examples or preference pairs."""
+
+    items: list[dict[str, Any]]  # example_id, source, prompt, answer, rating, correction
+    quarantined: list[dict[str, Any]]  # malformed inbox lines and feedback on unknown requests
+    superseded: int  # earlier feedback on a request rated again
+    feedback: int  # every feedback read
+
+
+def read_feedback(params: Params) -> FeedbackRead:
+    """The store's feedback joined with the requests it rates, and the inbox's JSONL lines.  Malformed
+    inbox lines are quarantined here, with the file and line."""
     f = params.feedback
     store = FeedbackStore(params.path(f.store))
     latest: dict[str, dict[str, Any]] = {}  # request id → its latest feedback
@@ -121,17 +132,26 @@ def collect(params: Params) -> Collected:
                                        "rating": record.get("rating"), "correction": record.get("correction")})
             else:
                 quarantined.append({"example_id": where, "record": record, "reason": "no_prompt: needs request_id, or prompt (and answer or correction)"})
+    return FeedbackRead([*latest.values(), *inbox_examples], quarantined, superseded, total)
+
+
+def collect(params: Params) -> Collected:
+    """Every feedback of the store and the inbox as candidate examples (the sensor counts these; the
+    asset validates them)."""
+    read = read_feedback(params)
+    quarantined = list(read.quarantined)
     examples, not_used = [], 0
-    for item in [*latest.values(), *inbox_examples]:
+    for item in read.items:
         if item["rating"] not in RATINGS:  # also a rating that is not an integer: the example could not be judged
             quarantined.append({"example_id": item["example_id"], "record": item, "reason": f"bad_rating: {item['rating']!r} (1-5)"})
             continue
-        example = _example(item["example_id"], item["source"], item["prompt"], item["answer"], item["rating"], item["correction"], f.min_rating)
+        example = _example(item["example_id"], item["source"], item["prompt"], item["answer"], item["rating"], item["correction"],
+                           params.feedback.min_rating)
         if example is None:
             not_used += 1
         else:
             examples.append(example)
-    return Collected(examples, quarantined, not_used, superseded, total)
+    return Collected(examples, quarantined, not_used, read.superseded, read.feedback)
 
 
 def expectations(params: Params) -> list[tuple[str, str, Any]]:
@@ -152,22 +172,9 @@ def expectations(params: Params) -> list[tuple[str, str, Any]]:
 def run_feedback_examples(params: Params) -> dict[str, Any]:
     """Collect, validate (quarantining failing rows) and write the examples; the summary says whether
     the blocking check passed."""
-    import pandas as pd
-
-    from lmforge.validation import validate_frame
-
     collected = collect(params)
-    frame = pd.DataFrame([{k: e[k] for k in COLUMNS} for e in collected.examples], columns=list(COLUMNS))
-    frame["prompt"] = frame["prompt"].map(lambda v: v if isinstance(v, str) and v.strip() else None)
-    frame["response"] = frame["response"].map(lambda v: v if isinstance(v, str) and v.strip() else None)
-    failing: dict[int, list[str]] = {}
-    outcomes = validate_frame("feedback", frame, expectations(params), result_format="COMPLETE") if len(frame) else []
-    for outcome in outcomes:
-        for i in outcome.rows:
-            failing.setdefault(i, []).append(outcome.name)
-    quarantined = collected.quarantined + [{"example_id": e["example_id"], "record": e, "reason": "failed: " + ", ".join(failing[i])}
-                                           for i, e in enumerate(collected.examples) if i in failing]
-    kept = [e for i, e in enumerate(collected.examples) if i not in failing]
+    kept, failed = validate_rows("feedback", collected.examples, COLUMNS, ("prompt", "response"), expectations(params))
+    quarantined = collected.quarantined + [{"example_id": e["example_id"], "record": e, "reason": reason} for e, reason in failed]
     judged = len(kept) + len(quarantined)
     ratio = len(quarantined) / judged if judged else 0.0
     limit = params.feedback.max_rejection_ratio
@@ -187,6 +194,25 @@ def run_feedback_examples(params: Params) -> dict[str, Any]:
     write_params(out, params.feedback)
     write_summary(out, summary)
     return summary
+
+
+def validate_rows(name: str, rows: list[dict[str, Any]], columns: tuple[str, ...], texts: tuple[str, ...],
+                  checks: list[tuple[str, str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """Run great-expectations ``checks`` over ``rows`` (their ``columns``; blank or non-string ``texts``
+    read as missing): the rows that pass every check, and each failing row with the checks it broke."""
+    import pandas as pd
+
+    from lmforge.validation import validate_frame
+
+    frame = pd.DataFrame([{k: r[k] for k in columns} for r in rows], columns=list(columns))
+    for column in texts:
+        frame[column] = frame[column].map(lambda v: v if isinstance(v, str) and v.strip() else None)
+    failing: dict[int, list[str]] = {}
+    for outcome in validate_frame(name, frame, checks, result_format="COMPLETE") if len(frame) else []:
+        for i in outcome.rows:
+            failing.setdefault(i, []).append(outcome.name)
+    return ([r for i, r in enumerate(rows) if i not in failing],
+            [(r, "failed: " + ", ".join(failing[i])) for i, r in enumerate(rows) if i in failing])
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -272,29 +298,43 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
 
 def run_feedback_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Register the fine-tuned model and move the alias to it (only reached when ``beats_current`` passed)."""
-    from mlflow import MlflowClient
-
-    from lmforge.registry import register_once
-    from lmforge.tracking import lineage_tags, tracking_uri
-
-    say = report or (lambda _msg: None)
     tuned = read_summary(params.stage_dir("feedback_finetune"))
     if not tuned["beats_current"]:
         raise LmforgeError("feedback_register: the fine-tuned model is not better than the current one (feedback_finetune's beats_current)")
+    tags = {"kind": "feedback", "rougeL": str(tuned["rougeL"]), "base_rougeL": str(tuned["current_rougeL"]),
+            "feedback_examples": str(tuned["feedback_examples"]), "feedback_examples_sha256": tuned["examples_sha256"]}
+    return register_tuned(params, "feedback_finetune", "feedback_register", tags, f"ROUGE-L {tuned['rougeL']:.3f} vs {tuned['current_rougeL']:.3f}",
+                          dagster_run_id, report)
+
+
+def register_tuned(params: Params, tuned_stage: str, stage: str, tags: dict[str, str], why: str, dagster_run_id: str = "",
+                   report=None) -> dict[str, Any]:
+    """Register ``<tuned_stage>/model/hf`` as a new version (tagged with its base version) and move
+    ``feedback.alias`` to it: the last step of both loops, behind their blocking checks.  Refused when
+    the model failed its benchmark gate, or when the alias moved since tuning started (the other loop,
+    or a new champion, got there first: tune again from the new version rather than undo it)."""
+    from mlflow import MlflowClient
+
+    from lmforge.registry import current, register_once
+    from lmforge.tracking import lineage_tags, tracking_uri
+
+    say = report or (lambda _msg: None)
+    tuned = read_summary(params.stage_dir(tuned_stage))
     if not tuned["kept_benchmarks"]:
-        raise LmforgeError(f"feedback_register: the fine-tuned model failed its benchmark gate ({tuned['benchmark_gate']['reason']}): the alias stays")
-    tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "kind": "feedback", "base_version": tuned["base_version"],
-            "rougeL": str(tuned["rougeL"]), "base_rougeL": str(tuned["current_rougeL"]), "feedback_examples": str(tuned["feedback_examples"]),
-            "feedback_examples_sha256": tuned["examples_sha256"]}
-    version, run_id, _new = register_once(params, params.stage_dir("feedback_finetune") / "model" / "hf", tags, "register feedback model",
-                                          {"stage": "feedback_register", "dagster_run_id": dagster_run_id}, tuned["mlflow_run_id"])
-    uri = tracking_uri(params)
-    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(params.registry.name, params.feedback.alias, version)
-    say(f"feedback_register: {params.registry.name} version {version} is now @{params.feedback.alias} "
-        f"(ROUGE-L {tuned['rougeL']:.3f} vs {tuned['current_rougeL']:.3f} of version {tuned['base_version']})")
-    summary = {"registered_model": params.registry.name, "version": version, "alias": params.feedback.alias,
-               "replaced_version": tuned["base_version"], "mlflow_run_id": run_id}
-    out = params.stage_dir("feedback_register")
+        raise LmforgeError(f"{stage}: the tuned model failed its benchmark gate ({tuned['benchmark_gate']['reason']}): the alias stays")
+    uri, name, alias = tracking_uri(params), params.registry.name, params.feedback.alias
+    client = MlflowClient(uri, registry_uri=uri)
+    now = current(client, name, alias)
+    if now is not None and str(now.version) != tuned["base_version"]:
+        raise LmforgeError(f"{stage}: @{alias} moved to version {now.version} since {tuned_stage} started from version {tuned['base_version']}: "
+                           f"materialize {tuned_stage} again to tune the new version")
+    tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "base_version": tuned["base_version"], **tags}
+    version, run_id, _new = register_once(params, params.stage_dir(tuned_stage) / "model" / "hf", tags, f"register {tags['kind']} model",
+                                          {"stage": stage, "dagster_run_id": dagster_run_id}, tuned["mlflow_run_id"])
+    client.set_registered_model_alias(name, alias, version)
+    say(f"{stage}: {name} version {version} is now @{alias} ({why} of version {tuned['base_version']})")
+    summary = {"registered_model": name, "version": version, "alias": alias, "replaced_version": tuned["base_version"], "mlflow_run_id": run_id}
+    out = params.stage_dir(stage)
     out.mkdir(parents=True, exist_ok=True)
     write_summary(out, summary)
     return summary

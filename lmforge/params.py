@@ -647,6 +647,79 @@ class FeedbackParams:
             raise ValueError("feedback: need 1 ≤ min_rating ≤ 5, min_new_examples ≥ 1, epochs ≥ 1, lr ≥ 0")
 
 
+#: TRL's DPO losses (trl.DPOConfig.loss_type): sigmoid is the DPO paper's; ipo, hinge and robust are its common variants.
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "exo_pair", "nca_pair", "bco_pair",
+                         "sppo_hard", "aot", "discopop"]
+
+
+@dataclass
+class PreferenceParams:
+    """What users prefer → chosen/rejected pairs → DPO (TRL) → held-out preference accuracy and benchmark gates →
+    the alias moves only when both pass (docs/preference-and-search.md).  The store, inbox, ratings, alias and
+    rejection limit are the feedback section's."""
+
+    files: list[str] = field(default_factory=list)  # your own pairs: JSONL globs, rows {prompt, chosen, rejected} or chat messages
+    max_rejected_rating: int = 2  # for one prompt, an answer rated feedback.min_rating+ is preferred to one rated at most this
+    heldout_fraction: float = 0.25  # pairs (by a hash of the prompt) kept out of training for the accuracy gate
+    min_pairs: int = 4  # blocking check: at least this many training pairs and one held-out pair
+    min_new_pairs: int = 20  # the feedback_arrived sensor starts preference_job at this many new pairs
+    method: Literal["full", "lora"] = "lora"  # lora: the reference model is the same weights with the adapter switched off
+    reference: str | None = None  # the DPO reference model (a directory or MLflow URI); None: the model tuned from (feedback.alias)
+    beta: float = 0.1  # how far the tuned model may move from the reference (the KL penalty's inverse temperature)
+    loss_type: PreferenceLoss = "sigmoid"
+    epochs: int = 2
+    lr: float = 0.0005  # LoRA; full tuning wants ~1e-6..1e-5
+    batch_size: int = 4  # pairs per step
+    max_length: int = 256  # tokens of prompt + answer (a long prompt keeps its start)
+    seed: int = 1337
+    min_improvement: float = 0.0  # held-out preference accuracy the tuned model must gain over the current one (strictly more)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_rejected_rating <= 5 or not 0 < self.heldout_fraction < 1 or self.min_pairs < 1 or self.min_new_pairs < 1:
+            raise ValueError("preference: need 1 ≤ max_rejected_rating ≤ 5, 0 < heldout_fraction < 1, min_pairs ≥ 1, min_new_pairs ≥ 1")
+        if self.beta <= 0 or self.epochs < 1 or self.lr < 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("preference: need beta > 0, epochs ≥ 1, lr ≥ 0, batch_size ≥ 1, max_length ≥ 8")
+
+
+@dataclass
+class SearchDimension:
+    """One searched setting: a float (log scale for rates), an int, or one of a list."""
+
+    type: Literal["float", "int", "categorical"] = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("a categorical dimension needs choices")
+        if self.type != "categorical" and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError(f"a {self.type} dimension needs low ≤ high")
+
+
+@dataclass
+class HpsearchParams:
+    """An Optuna study over settings of a pretraining candidate (docs/preference-and-search.md#hyper-parameter-search)."""
+
+    candidate: str = "llama-rope"  # the pretrain candidate each trial trains (from scratch, or `use: adapt`)
+    # dotted params keys → dimensions, e.g. pretrain.train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}
+    space: dict[str, SearchDimension] = field(default_factory=dict)
+    max_steps: int | None = None  # each trial's training steps; None: the candidate's own (then the overlay run repeats the best trial)
+    trials: int = 8  # the study's size: a resumed study runs only the trials it still lacks
+    max_minutes: float | None = None  # this materialization's wall-clock budget (a trial running at the limit finishes)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "none"] = "median"  # stop a trial whose validation curve is below the median of earlier ones
+    startup_trials: int = 2  # trials before the sampler and the pruner use what earlier ones learned
+    engine: Literal["local", "ray"] = "local"  # ray: trials as Ray tasks on the cluster below, sharing the study's storage
+    parallel: int = 2  # trials at once on Ray
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.startup_trials < 0 or self.parallel < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("hpsearch: need trials ≥ 1, startup_trials ≥ 0, parallel ≥ 1, max_steps ≥ 1 or null")
+
+
 @dataclass
 class ClusterParams:
     """A Ray cluster that pretraining (``pretrain.scale.engine: ray``) and the data stages
@@ -689,6 +762,8 @@ class Params:
     automation: AutomationParams = field(default_factory=AutomationParams)
     serve: ServeParams = field(default_factory=ServeParams)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
+    preference: PreferenceParams = field(default_factory=PreferenceParams)
+    hpsearch: HpsearchParams = field(default_factory=HpsearchParams)
     cluster: ClusterParams = field(default_factory=ClusterParams)
 
     def path(self, value: str | os.PathLike) -> Path:
@@ -751,10 +826,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if tp is Any:
+        return value
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
-        return dict(value)
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{where}: expected a list, got {_describe(value)}")
@@ -786,12 +863,13 @@ def current_tier() -> str:
     return os.environ.get("LMFORGE_TIER") or BASE_TIER
 
 
-def load_params(path: str | os.PathLike | None = None, tier: str | None = None) -> Params:
+def load_params(path: str | os.PathLike | None = None, tier: str | None = None, overrides: dict[str, Any] | None = None) -> Params:
     """The params file as typed dataclasses, with the overlay of a size ``tier`` applied.
 
     ``tiers:`` in the file maps a tier name (tiny, gpu, ...) to overrides of any section, merged key
     by key (lists replace).  Every tier is validated on every load, so a typo in a tier nobody runs
-    today is still reported at once, with its path.
+    today is still reported at once, with its path.  ``overrides`` (nested, like the file) are merged
+    over the tier's params last: a search trial's settings, exactly as its overlay file gives them.
     """
     path = Path(path) if path is not None else params_file()
     tier = tier or current_tier()
@@ -817,6 +895,8 @@ def load_params(path: str | os.PathLike | None = None, tier: str | None = None) 
     for name in {tier, built[BASE_TIER].automation.retrain_tier}:
         if name not in built:
             raise ParamsError(f"unknown tier '{name}' (tiers in {path.name}: {', '.join(built)})")
+    if overrides:
+        return build(Params, deep_merge(deep_merge(data, tiers.get(tier) or {}), overrides), "")
     return built[tier]
 
 

@@ -171,6 +171,28 @@ class History(pl.Callback):
         return sum(self.speeds) / len(self.speeds) if self.speeds else 0.0
 
 
+class StepPruning(pl.Callback):
+    """Report each validation loss to an Optuna trial, at its training step, and stop the trial when
+    the study's pruner says its curve is below the others' (``optuna.TrialPruned`` ends ``fit``).
+
+    Optuna's own ``PyTorchLightningPruningCallback`` does this per epoch and for the ``lightning``
+    package; lmforge trains by steps inside one epoch (``val_every``) with ``pytorch_lightning``, so
+    its reports would all land on step 0, and its import would fail."""
+
+    def __init__(self, trial: Any, monitor: str = "val/loss") -> None:
+        self.trial, self.monitor = trial, monitor
+
+    def on_validation_end(self, trainer, module) -> None:
+        import optuna
+
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.trial.report(float(value), step=trainer.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {trainer.global_step}: {self.monitor} {float(value):.4f}")
+
+
 def special_ids(tokenizer) -> SpecialIds:
     return SpecialIds(pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
 
@@ -203,11 +225,13 @@ def pretrain(
     report: Any = None,
     init_from: Path | None = None,
     ray_world: int = 0,
+    callbacks: list[pl.Callback] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``arch`` from scratch, or the causal model in ``init_from`` further, on
     ``packed_dir``; export to ``out_dir/hf``; return the summary.  ``report`` (e.g. a Dagster
     logger's ``info``) receives a progress line at each validation.  ``ray_world`` > 0: this process
-    is a Ray Train worker of a group of that size (``models.ray_training``)."""
+    is a Ray Train worker of a group of that size (``models.ray_training``).  ``callbacks``: more
+    Lightning callbacks (a search trial's ``StepPruning``)."""
     import json
 
     from transformers import AutoTokenizer
@@ -238,7 +262,7 @@ def pretrain(
         dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint_every, save_top_k=2, monitor="step", mode="max",
     )
-    callbacks: list[pl.Callback] = [checkpoints, history]
+    callbacks = [checkpoints, history, *(callbacks or [])]
     if cfg.early_stopping_patience:
         callbacks.append(pl.callbacks.EarlyStopping("val/loss", patience=cfg.early_stopping_patience, mode="min"))
     plugins: list[Any] = [AtomicCheckpointIO()]

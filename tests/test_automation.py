@@ -22,9 +22,10 @@ def test_jobs_cover_the_stages_users_launch():
         return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.selected_asset_keys}
 
     feedback = {"feedback_examples", "feedback_finetune", "feedback_register"}  # the feedback loop runs on its own
-    everything = {k.to_user_string() for k in defs.resolve_asset_graph().materializable_asset_keys} - feedback
+    preference = {"feedback_preferences", "preference_tune", "preference_register"}  # so does the preference loop
+    everything = {k.to_user_string() for k in defs.resolve_asset_graph().materializable_asset_keys} - feedback - preference - {"hpsearch"}
     assert keys("full_job") == keys("tiny_job") == keys("gpu_job") == everything
-    assert keys("feedback_job") == feedback
+    assert keys("feedback_job") == feedback and keys("preference_job") == preference and keys("hpsearch_job") == {"hpsearch"}
     assert keys("data_job") == {"ingest", "clean", "split"}
     assert keys("retrain_job") == everything - {"ingest", "clean", "split", "task_data", "benchmark_data"}  # made from the data, not retrained
     assert keys("rag_job") == {"retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"}

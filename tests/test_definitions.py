@@ -13,13 +13,22 @@ def test_asset_graph_snapshot():
         **dict.fromkeys(("quantize", "prune", "distil", "register", "register_quantized", "export", "batch_inference"), "deploy"),
         **dict.fromkeys(("retrieval_index", "rag_eval", "prompt_eval", "sampling_sweep"), "rag"),
         **dict.fromkeys(("feedback_examples", "feedback_finetune", "feedback_register"), "feedback"),
+        **dict.fromkeys(("feedback_preferences", "preference_tune", "preference_register"), "preference"), "hpsearch": "hpsearch",
     }
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("feedback_finetune")).parent_keys) == ["feedback_examples", "task_data"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("feedback_register")).parent_keys] == ["feedback_finetune"]
     # the feedback loop runs from its sensor, not with the pipeline
     feedback = {"feedback_examples", "feedback_finetune", "feedback_register"}
     assert {k.to_user_string() for k in defs.get_job_def("feedback_job").asset_layer.selected_asset_keys} == feedback
-    assert not feedback & {k.to_user_string() for k in defs.get_job_def("full_job").asset_layer.selected_asset_keys}
+    preference = {"feedback_preferences", "preference_tune", "preference_register"}
+    assert {k.to_user_string() for k in defs.get_job_def("preference_job").asset_layer.selected_asset_keys} == preference
+    assert [p.to_user_string() for p in graph.get(dg.AssetKey("preference_register")).parent_keys] == ["preference_tune"]
+    # so do the preference loop and the search (launched by hand)
+    assert {k.to_user_string() for k in defs.get_job_def("hpsearch_job").asset_layer.selected_asset_keys} == {"hpsearch"}
+    assert [p.to_user_string() for p in graph.get(dg.AssetKey("hpsearch")).parent_keys] == ["packed"]
+    assert graph.get(dg.AssetKey("hpsearch")).pools == graph.get(dg.AssetKey("preference_tune")).pools == {"training"}
+    for job in ("full_job", "tiny_job", "gpu_job"):
+        assert not (feedback | preference | {"hpsearch"}) & {k.to_user_string() for k in defs.get_job_def(job).asset_layer.selected_asset_keys}
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("batch_inference")).parent_keys] == ["register"]
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("export")).parent_keys) == ["packed", "register"]
@@ -53,7 +62,8 @@ def test_checks_are_blocking():
         ("task_data", "classification_known_labels"), ("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"),
         ("finetune_sft", "kept_benchmarks"), ("quantize", "perplexity_within_threshold"), ("distil", "beats_from_scratch"), ("retrieval_index", "finds_known_items"),
         ("feedback_examples", "feedback_valid"), ("feedback_finetune", "beats_current"), ("feedback_finetune", "kept_benchmarks"), ("quantize", "kept_benchmarks"),
-        ("export", "round_trip_perplexity"),
+        ("export", "round_trip_perplexity"), ("feedback_preferences", "preferences_valid"), ("preference_tune", "beats_current"),
+        ("preference_tune", "kept_benchmarks"),
     }
     # a fine-tuned or distilled model below its baseline is a warning to read, not a gate
     warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch"),

@@ -101,7 +101,7 @@ def test_a_champion_tuned_on_feedback_yields_only_to_a_better_pretrained_model()
 
 
 #: Runs in the tiny project: evaluate the feedback sensor against the project's Dagster instance and, when it
-#: asks for a run, execute feedback_job there; print what happened as JSON.
+#: asks for runs, execute their jobs there (feedback_job, preference_job); print what happened as JSON.
 DRIVER = textwrap.dedent('''
     import json, sys
     import dagster as dg
@@ -114,7 +114,8 @@ DRIVER = textwrap.dedent('''
         tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lmforge_params": ParamsResource()}))
         out = {"cursor": tick.cursor, "skip": tick.skip_message, "runs": len(tick.run_requests or [])}
         for request in tick.run_requests or []:
-            result = defs.get_job_def("feedback_job").execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
+            result = defs.get_job_def(request.job_name).execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
+            out["jobs"] = out.get("jobs", []) + [request.job_name]
             out["success"] = result.success
             out["materialized"] = sorted(e.asset_key.to_user_string() for e in result.get_asset_materialization_events())
             out["checks"] = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed

@@ -14,7 +14,7 @@ from lmforge.params import REPO_ROOT, LmforgeError, Params
 
 @app.command("demo-corpus")
 def demo_corpus(
-    data: Path = typer.Option(REPO_ROOT / "data", help="Where to write raw/, finetune/ and prompts/."),
+    data: Path = typer.Option(REPO_ROOT / "data", help="Where to write raw/, finetune/, prompts/ and preferences/."),
     force: bool = typer.Option(False, help="Rewrite even if raw/ already holds files."),
 ) -> None:
     """Write the offline demo corpus (installed packages' descriptions, stdlib docstrings, HTML pages)."""

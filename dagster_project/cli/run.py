@@ -31,9 +31,10 @@ def stages() -> dict[str, bool]:
             for key in graph.toposorted_asset_keys if graph.get(key).is_materializable}
 
 
-#: What ``lmforge run`` computes without --select: every asset but the feedback loop's, which runs on users'
-#: feedback (its sensor, or ``--select group:feedback``), not on the data (dagster_project.jobs.EVERYTHING).
-PIPELINE = "not group:feedback"
+#: What ``lmforge run`` computes without --select: every asset but the feedback and preference loops', which run
+#: on users' feedback (their sensor, or ``--select group:preference``), not on the data, and the search, which runs
+#: when asked (``--select hpsearch``) (dagster_project.jobs.EVERYTHING).
+PIPELINE = "not group:feedback and not group:preference and not group:hpsearch"
 
 
 @app.command()
@@ -53,7 +54,7 @@ def run(
 ) -> None:
     """Materialize assets (with their checks) and print each stage's summary.
 
-    Without --select, the pipeline (every asset but the feedback loop's: `--select group:feedback` runs that);
+    Without --select, the pipeline (every asset but the feedback and preference loops' and the search: `--select group:preference` runs one);
     only what is out of date in this params file's artifacts directory is
     recomputed (a change of code, parameters or raw documents; see dagster_project.staleness), and
     the run ends with the pipeline's summary table.  The unpartitioned assets the partitioned ones need run first, in one run; then each

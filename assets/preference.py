@@ -1,0 +1,77 @@
+"""Assets of the group ``preference``: ``feedback_preferences``, ``preference_tune`` and
+``preference_register`` (preference tuning, lmforge/preference.py).  ``preference_job`` runs them; the
+``feedback_arrived`` sensor starts it when enough new preference pairs arrived."""
+
+import dagster as dg
+
+import lmforge.benchmarks
+import lmforge.preference
+from assets.common import code_version, materialized, md_table, summary_metadata
+from dagster_project.resources import ParamsResource
+
+
+@dg.asset(
+    group_name="preference",
+    kinds={"python", "sqlite", "great_expectations"},
+    code_version=code_version("feedback_preferences"),
+    check_specs=[dg.AssetCheckSpec(name, asset="feedback_preferences", blocking=True, description=d)
+                 for name, d in lmforge.preference.CHECK_NAMES.items()],
+    description="Chosen/rejected answer pairs: a correction over the answer it corrects, a well- over a poorly-rated answer to one "
+    "prompt (lmforge serve's feedback store and feedback.inbox), and your own files (preference.files); validated with "
+    "great-expectations, failing rows quarantined, a hashed share of the prompts held out.",
+)
+def feedback_preferences(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
+    params = lmforge_params.load()
+    summary = lmforge.preference.run_feedback_preferences(params)
+    context.log.info(f"feedback_preferences: {summary['check']}")
+    yield materialized("feedback_preferences", params, {
+        **summary_metadata(summary),
+        "path": dg.MetadataValue.path(str(params.stage_dir("feedback_preferences") / "pairs.jsonl")),
+    })
+    yield dg.AssetCheckResult(check_name="preferences_valid", passed=summary["passed"], description=summary["check"])
+
+
+@dg.asset(
+    group_name="preference",
+    kinds={"python", "pytorch", "trl", "mlflow"},
+    deps=["feedback_preferences"],
+    pool="training",
+    code_version=code_version("preference_tune"),
+    check_specs=[dg.AssetCheckSpec("beats_current", asset="preference_tune", blocking=True,
+                                   description="On the held-out pairs, the tuned model prefers the chosen answer more often than the "
+                                   "current aliased model does, by more than preference.min_improvement."),
+                 dg.AssetCheckSpec("kept_benchmarks", asset="preference_tune", blocking=True,
+                                   description="No benchmark task lost more than benchmarks.max_regression points against the current "
+                                   "aliased model (beyond 2 paired standard errors).")],
+    description="The model behind models:/<registry.name>@<feedback.alias>, tuned with DPO (TRL) on the preference pairs, "
+    "and its held-out preference accuracy against that model's.",
+)
+def preference_tune(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
+    params = lmforge_params.load()
+    summary = lmforge.preference.run_preference_tune(params, dagster_run_id=context.run_id, report=context.log.info)
+    rows = [{"model": f"current (version {summary['base_version']})", "held-out preference accuracy": f"{summary['current_accuracy']:.0%}",
+             "mean log-prob margin": f"{summary['current_margin']:.2f}"},
+            {"model": f"DPO ({summary['loss_type']}, beta {summary['beta']:g})", "held-out preference accuracy": f"{summary['accuracy']:.0%}",
+             "mean log-prob margin": f"{summary['margin']:.2f}"}]
+    yield materialized("preference_tune", params, {**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
+                                                   "mlflow_run_id": summary["mlflow_run_id"]})
+    yield dg.AssetCheckResult(check_name="beats_current", passed=summary["beats_current"],
+                              description=f"held-out preference accuracy {summary['accuracy']:.0%} vs {summary['current_accuracy']:.0%} "
+                              f"(needs more than +{summary['min_improvement']:g})")
+    yield dg.AssetCheckResult(check_name="kept_benchmarks", passed=summary["kept_benchmarks"], description=summary["benchmark_gate"]["reason"],
+                              metadata={"tasks": dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(summary["benchmark_gate"]))})
+
+
+@dg.asset(
+    group_name="preference",
+    kinds={"python", "mlflow"},
+    deps=["preference_tune"],
+    code_version=code_version("preference_register"),
+    description="The preference-tuned model as a new registry version (kind preference, its base version and the pairs' hash "
+    "in its tags); the alias feedback.alias moves to it (only after preference_tune's blocking checks passed).",
+)
+def preference_register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    params = lmforge_params.load()
+    summary = lmforge.preference.run_preference_register(params, dagster_run_id=context.run_id, report=context.log.info)
+    return materialized("preference_register", params, {**summary_metadata(summary),
+                                                        "uri": f"models:/{params.registry.name}@{summary['alias']}"})

@@ -1,0 +1,251 @@
+"""Hyper-parameter search: an Optuna study over a pretraining candidate's settings, whose best trial
+becomes a params overlay that ``lmforge run --params`` takes (docs/preference-and-search.md).
+
+Every learning rate, warm-up and batch size in params.yaml is a hand-picked number; this searches
+them.  ``hpsearch.space`` maps dotted params keys (``pretrain.train.lr``, ``pretrain.adapt.lr``,
+``pretrain.train.batch_size``, ...) to ranges.  Each trial is the pretraining of
+``hpsearch.candidate`` with the trial's values merged into the params file in force (exactly what
+the overlay file will give), for ``hpsearch.max_steps`` steps or the candidate's own, scored by its
+final validation loss; its validation curve goes to the study as it trains, and the pruner stops a
+trial whose curve falls below the median of the earlier ones' (``models.training.StepPruning``).
+
+The study lives in SQLite beside the artifacts (``<artifacts>/hpsearch/study.db``), named after the
+search's settings, so a killed search resumes where it stopped: the trials it finished stay, the
+one it was running is run again with the same values, and the sampler is seeded by the number of
+finished trials, so that the resumed search proposes what an uninterrupted one would have.  Every
+materialization is an MLflow run with a nested run per trial.  With ``hpsearch.engine: ray`` the
+trials run as Ray tasks on the cluster, ``hpsearch.parallel`` at a time, sharing the study's storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.artifacts import write_params, write_summary
+from lmforge.params import BASE_TIER, LmforgeError, Params, ParamsError, current_tier, deep_merge, load_params, params_file
+
+#: Optuna's trial states that end a trial for good (an interrupted trial is FAIL with the user attribute below).
+INTERRUPTED = "interrupted"
+
+
+def nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"pretrain.train.lr": 0.01}`` → ``{"pretrain": {"train": {"lr": 0.01}}}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _trial_params(values: dict[str, Any]) -> Params:
+    """The params file in force, at the tier in force, with a trial's values merged in."""
+    try:
+        return load_params(tier=current_tier(), overrides=nested(values))
+    except ParamsError as exc:
+        raise LmforgeError(f"hpsearch.space: {exc}") from None
+
+
+def study_name(params: Params) -> str:
+    """The candidate and a hash of everything that makes trials comparable: another space, step
+    budget, sampler or pruner starts another study (in the same file)."""
+    h = params.hpsearch
+    key = json.dumps({"space": {k: dataclasses.asdict(v) for k, v in sorted(h.space.items())}, "max_steps": h.max_steps,
+                      "sampler": h.sampler, "pruner": h.pruner, "startup_trials": h.startup_trials, "seed": h.seed,
+                      "tier": current_tier()}, sort_keys=True)
+    return f"{h.candidate}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def storage_url(params: Params) -> str:
+    return f"sqlite:///{params.stage_dir('hpsearch') / 'study.db'}"
+
+
+def _sampler(params: Params, finished: int):
+    """A sampler seeded by the number of finished trials: the same history proposes the same values,
+    resumed or not."""
+    import optuna
+
+    h = params.hpsearch
+    if h.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=h.seed + finished)
+    return optuna.samplers.TPESampler(seed=h.seed + finished, n_startup_trials=h.startup_trials)
+
+
+def _pruner(params: Params):
+    import optuna
+
+    h = params.hpsearch
+    return optuna.pruners.MedianPruner(n_startup_trials=h.startup_trials) if h.pruner == "median" else optuna.pruners.NopPruner()
+
+
+def _suggest(trial, key: str, dim) -> Any:
+    if dim.type == "categorical":
+        return trial.suggest_categorical(key, dim.choices)
+    if dim.type == "int":
+        return trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log)
+    return trial.suggest_float(key, dim.low, dim.high, log=dim.log)
+
+
+def _finished(study) -> list:
+    """Trials that count toward the budget: completed, pruned, or failed on their own (a trial that
+    diverged), but not one a killed search left behind."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))]
+
+
+def _retry_interrupted(study, say) -> int:
+    """A trial still RUNNING in the file was killed with its search (one search runs a study at a
+    time: the asset's pool): mark it failed and queue its values to run first."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.trials if t.state == TrialState.RUNNING]
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        say(f"hpsearch: trial {t.number} was interrupted: it runs again with the same values")
+    return len(stale)
+
+
+def run_trial(values: dict[str, Any], trial, out_dir: Path, mlflow_parent: str | None, report=None) -> float:
+    """Pretrain the candidate with ``values`` in ``out_dir`` (fresh), reporting its validation curve
+    to ``trial`` (pruning raises ``optuna.TrialPruned``); its final validation loss."""
+    import optuna
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from lmforge.candidates import get, packed_dir, tokenizer_dir
+    from lmforge.tracking import artifact_location, tracking_uri
+    from models.training import StepPruning, pretrain
+
+    params = _trial_params(values)
+    h = params.hpsearch
+    cand = get(params, h.candidate, "hpsearch")
+    if cand.kind == "as_is":
+        raise LmforgeError(f"hpsearch.candidate: '{h.candidate}' is used as is: nothing trains (search a scratch or `use: adapt` candidate)")
+    train = cand.train
+    if h.max_steps is not None:
+        train = dataclasses.replace(train, max_steps=h.max_steps, val_every=min(train.val_every, h.max_steps),
+                                    checkpoint_every=min(train.checkpoint_every, h.max_steps))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # an interrupted trial starts over: its values, not its half-trained weights
+    out_dir.mkdir(parents=True)
+    logger = MLFlowLogger(experiment_name=params.mlflow.experiment, run_name=f"trial {trial.number}", tracking_uri=tracking_uri(params),
+                          tags={"stage": "hpsearch", "optuna_trial": str(trial.number), "study": trial.study.study_name,
+                                **({"mlflow.parentRunId": mlflow_parent} if mlflow_parent else {})},
+                          artifact_location=artifact_location(params))
+    logger.log_hyperparams({**values, "max_steps": train.max_steps})
+    status = "FAILED"
+    try:
+        result = pretrain(cand.arch, train, packed_dir(params, cand.tokenizer), tokenizer_dir(params, cand.tokenizer), out_dir,
+                          params.pretrain.scale, logger=logger, progress=False, report=report,
+                          init_from=tokenizer_dir(params, cand.tokenizer) if cand.kind == "adapt" else None,
+                          callbacks=[StepPruning(trial)])
+        status = "FINISHED"
+    except optuna.TrialPruned:
+        status = "KILLED"
+        raise
+    finally:
+        logger.experiment.set_terminated(logger.run_id, status)
+        for bulky in ("checkpoints", "hf"):  # the weights of a trial: the overlay run trains the best one again
+            shutil.rmtree(out_dir / bulky, ignore_errors=True)
+    logger.experiment.log_metric(logger.run_id, "final_val_loss", result["final_val_loss"])
+    (out_dir / "history.json").write_text(json.dumps({"train": result["train_losses"], "val": result["val_losses"]}) + "\n")
+    return float(result["final_val_loss"])
+
+
+def overlay(params: Params, best: dict[str, Any]) -> dict[str, Any]:
+    """The params file in force with the best values written in: at the top level for the base tier,
+    in the tier's overrides for another, so that ``lmforge run --params FILE [--tier T]`` uses them."""
+    data = yaml.safe_load(params_file().read_text(encoding="utf-8")) or {}
+    tier = current_tier()
+    if tier == BASE_TIER:
+        return deep_merge(data, nested(best))
+    data.setdefault("tiers", {})[tier] = deep_merge(data["tiers"].get(tier) or {}, nested(best))
+    return data
+
+
+def _trial_row(t) -> dict[str, Any]:
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None}
+
+
+def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    """Run (or resume) the study until it holds ``hpsearch.trials`` finished trials or
+    ``hpsearch.max_minutes`` pass; write the best trial's overlay (``best_params.yaml``) and summary."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lmforge.tracking import tracked_run
+
+    say = report or (lambda _msg: None)
+    h = params.hpsearch
+    if not h.space:
+        raise LmforgeError("hpsearch.space is empty: name the settings to search, e.g. pretrain.train.lr: {type: float, low: 0.0003, high: 0.01, log: true}")
+    for key, dim in h.space.items():  # a bad key or a value of the wrong type fails here, by name
+        _trial_params({key: dim.choices[0] if dim.type == "categorical" else int(dim.low) if dim.type == "int" else dim.low})
+    out = params.stage_dir("hpsearch")
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = study_name(params)
+    study = optuna.create_study(study_name=name, storage=storage_url(params), direction="minimize", load_if_exists=True, pruner=_pruner(params))
+    retried = _retry_interrupted(study, say)
+    started = time.monotonic()
+    deadline = started + h.max_minutes * 60 if h.max_minutes else None
+    ran, stopped_by_budget = 0, False
+    with tracked_run(params, "hpsearch", {"stage": "hpsearch", "study": name, "dagster_run_id": dagster_run_id}) as (client, parent):
+        while len(_finished(study)) < h.trials:
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped_by_budget = True
+                break
+            done = len(_finished(study))
+            study.sampler = _sampler(params, done)
+            trial = study.ask()
+            values = {key: _suggest(trial, key, dim) for key, dim in h.space.items()}
+            say(f"hpsearch: trial {trial.number} ({done + 1}/{h.trials}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                                                      for k, v in values.items()))
+            try:
+                value = run_trial(values, trial, out / "trials" / str(trial.number), parent, report)
+            except optuna.TrialPruned as exc:
+                study.tell(trial, state=TrialState.PRUNED)
+                say(f"hpsearch: trial {trial.number} {exc}")
+            except FloatingPointError as exc:  # a diverging trial is a result of the search, not a failure of it
+                study.tell(trial, state=TrialState.FAIL)
+                say(f"hpsearch: trial {trial.number} failed: {exc}")
+            else:
+                study.tell(trial, value)
+                say(f"hpsearch: trial {trial.number}: final val loss {value:.4f}")
+            ran += 1
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            raise LmforgeError(f"hpsearch: no trial of study {name} completed yet" + (" (hpsearch.max_minutes ran out)" if stopped_by_budget else ""))
+        best = study.best_trial
+        for key, value in best.params.items():
+            client.log_param(parent, f"best.{key}", value)
+        client.log_metric(parent, "best_val_loss", best.value)
+        client.set_tag(parent, "best_trial", str(best.number))
+    (out / "best_params.yaml").write_text(
+        f"# {params_file().name} with the best values of hpsearch study {name} (trial {best.number}, final val loss {best.value:.4f}).\n"
+        "# Use it: lmforge run --params " + str(out / "best_params.yaml") + (f" --tier {current_tier()}" if current_tier() != BASE_TIER else "") + "\n"
+        + yaml.safe_dump(overlay(params, best.params), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    trials = [_trial_row(t) for t in study.trials]
+    summary = {"study": name, "storage": storage_url(params), "candidate": h.candidate, "trials": len(_finished(study)), "budget_trials": h.trials,
+               "ran_now": ran, "retried": retried, "stopped_by_budget": stopped_by_budget,
+               "pruned": sum(t["state"] == "PRUNED" for t in trials), "failed": sum(t["state"] == "FAIL" for t in trials),
+               "best_trial": best.number, "best_value": best.value, "best_params": best.params, "metric": "final_val_loss",
+               "overlay": str(out / "best_params.yaml"), "seconds": time.monotonic() - started, "mlflow_run_id": parent, "trial_log": trials}
+    write_params(out, h)
+    write_summary(out, summary)
+    return summary
