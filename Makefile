@@ -56,6 +56,7 @@ $(CHROMIUM):
 demo: install $(PRETRAINED) $(BENCHMARKS) $(CONVERTER)
 	@if [ -z "$$(ls -A data/raw 2>/dev/null)" ]; then $(BIN)/lmforge demo-corpus; fi
 	$(BIN)/lmforge run
+	$(BIN)/lmforge run --stale --select 'group:preference or key:hpsearch'  # a DPO round on the shipped pairs; a 4-trial search
 	@echo "More: 'dvc repro' with the venv active (source $(VENV)/bin/activate); per-stage numbers: lmforge summary --stages;"
 	@echo "      rejected inputs: artifacts/<stage>/quarantine.jsonl; Data Docs: artifacts/clean/data_docs/index.html."
 

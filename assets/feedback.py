@@ -4,9 +4,9 @@ starts it when enough new accepted feedback arrived."""
 
 import dagster as dg
 
-import lmforge.benchmarks
 import lmforge.feedback
 from assets.common import code_version, materialized, md_table, summary_metadata
+from assets.gates import tuned_checks, tuned_results
 from dagster_project.resources import ParamsResource
 
 
@@ -36,12 +36,8 @@ def feedback_examples(context: dg.AssetExecutionContext, lmforge_params: ParamsR
     deps=["feedback_examples", "task_data"],
     pool="training",
     code_version=code_version("feedback_finetune"),
-    check_specs=[dg.AssetCheckSpec("beats_current", asset="feedback_finetune", blocking=True,
-                                   description="On the sft task set's held-out test part, ROUGE-L above the current aliased model's "
-                                   "by more than feedback.min_improvement."),
-                 dg.AssetCheckSpec("kept_benchmarks", asset="feedback_finetune", blocking=True,
-                                   description="No benchmark task lost more than benchmarks.max_regression points against the current "
-                                   "aliased model (beyond 2 paired standard errors).")],
+    check_specs=tuned_checks("feedback_finetune", "On the sft task set's held-out test part, ROUGE-L above the current aliased model's "
+                             "by more than feedback.min_improvement."),
     description="The model behind models:/<registry.name>@<feedback.alias>, fine-tuned on the feedback examples, "
     "and scored against it on the sft task set's test part.",
 )
@@ -52,11 +48,7 @@ def feedback_finetune(context: dg.AssetExecutionContext, lmforge_params: ParamsR
             {"model": "fine-tuned on feedback", "ROUGE-L": f"{summary['rougeL']:.3f}"}]
     yield materialized("feedback_finetune", params, {**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
                                                      "mlflow_run_id": summary["mlflow_run_id"]})
-    yield dg.AssetCheckResult(check_name="beats_current", passed=summary["beats_current"],
-                              description=f"ROUGE-L {summary['rougeL']:.3f} vs {summary['current_rougeL']:.3f} "
-                              f"(needs more than +{summary['min_improvement']:g})")
-    yield dg.AssetCheckResult(check_name="kept_benchmarks", passed=summary["kept_benchmarks"], description=summary["benchmark_gate"]["reason"],
-                              metadata={"tasks": dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(summary["benchmark_gate"]))})
+    yield from tuned_results(summary, f"ROUGE-L {summary['rougeL']:.3f} vs {summary['current_rougeL']:.3f} (needs more than +{summary['min_improvement']:g})")
 
 
 @dg.asset(

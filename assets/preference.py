@@ -4,9 +4,9 @@
 
 import dagster as dg
 
-import lmforge.benchmarks
 import lmforge.preference
 from assets.common import code_version, materialized, md_table, summary_metadata
+from assets.gates import tuned_checks, tuned_results
 from dagster_project.resources import ParamsResource
 
 
@@ -37,12 +37,8 @@ def feedback_preferences(context: dg.AssetExecutionContext, lmforge_params: Para
     deps=["feedback_preferences"],
     pool="training",
     code_version=code_version("preference_tune"),
-    check_specs=[dg.AssetCheckSpec("beats_current", asset="preference_tune", blocking=True,
-                                   description="On the held-out pairs, the tuned model prefers the chosen answer more often than the "
-                                   "current aliased model does, by more than preference.min_improvement."),
-                 dg.AssetCheckSpec("kept_benchmarks", asset="preference_tune", blocking=True,
-                                   description="No benchmark task lost more than benchmarks.max_regression points against the current "
-                                   "aliased model (beyond 2 paired standard errors).")],
+    check_specs=tuned_checks("preference_tune", "On the held-out pairs, the tuned model prefers the chosen answer more often than the "
+                             "current aliased model does, by more than preference.min_improvement."),
     description="The model behind models:/<registry.name>@<feedback.alias>, tuned with DPO (TRL) on the preference pairs, "
     "and its held-out preference accuracy against that model's.",
 )
@@ -55,11 +51,8 @@ def preference_tune(context: dg.AssetExecutionContext, lmforge_params: ParamsRes
              "mean log-prob margin": f"{summary['margin']:.2f}"}]
     yield materialized("preference_tune", params, {**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
                                                    "mlflow_run_id": summary["mlflow_run_id"]})
-    yield dg.AssetCheckResult(check_name="beats_current", passed=summary["beats_current"],
-                              description=f"held-out preference accuracy {summary['accuracy']:.0%} vs {summary['current_accuracy']:.0%} "
-                              f"(needs more than +{summary['min_improvement']:g})")
-    yield dg.AssetCheckResult(check_name="kept_benchmarks", passed=summary["kept_benchmarks"], description=summary["benchmark_gate"]["reason"],
-                              metadata={"tasks": dg.MetadataValue.md(lmforge.benchmarks.gate_markdown(summary["benchmark_gate"]))})
+    yield from tuned_results(summary, f"held-out preference accuracy {summary['accuracy']:.0%} vs {summary['current_accuracy']:.0%} "
+                             f"(needs more than +{summary['min_improvement']:g})")
 
 
 @dg.asset(

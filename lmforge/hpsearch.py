@@ -32,7 +32,7 @@ import yaml
 from lmforge.artifacts import write_params, write_summary
 from lmforge.params import BASE_TIER, LmforgeError, Params, ParamsError, current_tier, deep_merge, load_params, params_file
 
-#: Optuna's trial states that end a trial for good (an interrupted trial is FAIL with the user attribute below).
+#: The user attribute of a trial a killed search left behind: it runs again, and does not count toward the budget.
 INTERRUPTED = "interrupted"
 
 
@@ -67,7 +67,7 @@ def study_name(params: Params) -> str:
 
 
 def storage_url(params: Params) -> str:
-    return f"sqlite:///{params.stage_dir('hpsearch') / 'study.db'}"
+    return params.hpsearch.storage or f"sqlite:///{params.stage_dir('hpsearch') / 'study.db'}"
 
 
 def _sampler(params: Params, finished: int):
@@ -182,6 +182,90 @@ def _trial_row(t) -> dict[str, Any]:
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None}
 
 
+def _outcome(values: dict[str, Any], trial, out_dir: Path, parent: str | None, report) -> tuple[str, float | None, str]:
+    """(state, value, what happened) of one trial: COMPLETE with its loss, PRUNED, or FAIL when it
+    diverged (a result of the search, not a failure of it)."""
+    import optuna
+
+    try:
+        value = run_trial(values, trial, out_dir, parent, report)
+    except optuna.TrialPruned as exc:
+        return "PRUNED", None, str(exc)
+    except FloatingPointError as exc:
+        return "FAIL", None, f"failed: {exc}"
+    return "COMPLETE", value, f"final val loss {value:.4f}"
+
+
+def _propose(params: Params, study, pending: int, say) -> tuple[Any, dict[str, Any]]:
+    """The next trial and its values, from a sampler seeded by the trials finished or under way."""
+    h = params.hpsearch
+    study.sampler = _sampler(params, len(_finished(study)) + pending)
+    trial = study.ask()
+    values = {key: _suggest(trial, key, dim) for key, dim in h.space.items()}
+    say(f"hpsearch: trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    return trial, values
+
+
+def _tell(study, trial, outcome: tuple[str, float | None, str], say) -> None:
+    from optuna.trial import TrialState
+
+    state, value, message = outcome
+    study.tell(trial, value) if state == "COMPLETE" else study.tell(trial, state=TrialState[state])
+    say(f"hpsearch: trial {trial.number}: {message}")
+
+
+def _run_here(params: Params, study, over_budget, trials_dir: Path, parent: str, say) -> tuple[int, bool]:
+    """Trials one after another in this process; (trials run, stopped by the time budget)."""
+    ran = 0
+    while len(_finished(study)) < params.hpsearch.trials:
+        if over_budget():
+            return ran, True
+        trial, values = _propose(params, study, 0, say)
+        _tell(study, trial, _outcome(values, trial, trials_dir / str(trial.number), parent, say), say)
+        ran += 1
+    return ran, False
+
+
+def _ray_trial(values: dict[str, Any], name: str, storage: str, trial_id: int, out_dir: str, parent: str) -> tuple[str, float | None, str]:
+    """One trial in a Ray task: the study from its storage and the trial by id, so that its reports and
+    the pruner's decisions go through the storage the driver reads."""
+    import optuna
+
+    params = _trial_params(values)
+    study = optuna.load_study(study_name=name, storage=storage, pruner=_pruner(params))
+    return _outcome(values, optuna.trial.Trial(study, trial_id), Path(out_dir), parent, print)
+
+
+def _run_on_ray(params: Params, study, over_budget, trials_dir: Path, parent: str, say) -> tuple[int, bool]:
+    """Trials as Ray tasks on ``cluster``, ``hpsearch.parallel`` at a time; the driver asks and tells.
+    The tasks read the params file, the data and the study where the driver does: on a cluster they
+    must be on storage every node reaches (``hpsearch.storage``: a database server)."""
+    import ray
+
+    from lmforge.cluster import connected
+    from lmforge.params import REPO_ROOT
+
+    h, resources = params.hpsearch, params.cluster.resources_per_worker
+    env = {"LMFORGE_ROOT": str(REPO_ROOT), "LMFORGE_PARAMS": str(params_file()), "LMFORGE_TIER": current_tier()}
+    ran, stopped = 0, False
+    with connected(params.cluster, say):
+        task = ray.remote(_ray_trial).options(num_cpus=resources.get("CPU", 1.0), num_gpus=resources.get("GPU", 0.0), max_retries=0,
+                                              runtime_env={"env_vars": env})
+        pending: dict[Any, Any] = {}
+        while True:
+            while len(pending) < h.parallel and len(_finished(study)) + len(pending) < h.trials:
+                if over_budget():
+                    stopped = True
+                    break
+                trial, values = _propose(params, study, len(pending), say)
+                pending[task.remote(values, study.study_name, storage_url(params), trial._trial_id, str(trials_dir / str(trial.number)), parent)] = trial
+            if not pending:
+                return ran, stopped
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            _tell(study, pending.pop(ready), ray.get(ready), say)
+            ran += 1
+
+
 def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Run (or resume) the study until it holds ``hpsearch.trials`` finished trials or
     ``hpsearch.max_minutes`` pass; write the best trial's overlay (``best_params.yaml``) and summary."""
@@ -204,30 +288,9 @@ def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[
     retried = _retry_interrupted(study, say)
     started = time.monotonic()
     deadline = started + h.max_minutes * 60 if h.max_minutes else None
-    ran, stopped_by_budget = 0, False
     with tracked_run(params, "hpsearch", {"stage": "hpsearch", "study": name, "dagster_run_id": dagster_run_id}) as (client, parent):
-        while len(_finished(study)) < h.trials:
-            if deadline is not None and time.monotonic() >= deadline:
-                stopped_by_budget = True
-                break
-            done = len(_finished(study))
-            study.sampler = _sampler(params, done)
-            trial = study.ask()
-            values = {key: _suggest(trial, key, dim) for key, dim in h.space.items()}
-            say(f"hpsearch: trial {trial.number} ({done + 1}/{h.trials}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                                                      for k, v in values.items()))
-            try:
-                value = run_trial(values, trial, out / "trials" / str(trial.number), parent, report)
-            except optuna.TrialPruned as exc:
-                study.tell(trial, state=TrialState.PRUNED)
-                say(f"hpsearch: trial {trial.number} {exc}")
-            except FloatingPointError as exc:  # a diverging trial is a result of the search, not a failure of it
-                study.tell(trial, state=TrialState.FAIL)
-                say(f"hpsearch: trial {trial.number} failed: {exc}")
-            else:
-                study.tell(trial, value)
-                say(f"hpsearch: trial {trial.number}: final val loss {value:.4f}")
-            ran += 1
+        run = _run_on_ray if h.engine == "ray" else _run_here
+        ran, stopped_by_budget = run(params, study, lambda: deadline is not None and time.monotonic() >= deadline, out / "trials", parent, say)
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if not complete:
             raise LmforgeError(f"hpsearch: no trial of study {name} completed yet" + (" (hpsearch.max_minutes ran out)" if stopped_by_budget else ""))

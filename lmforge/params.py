@@ -713,6 +713,7 @@ class HpsearchParams:
     startup_trials: int = 2  # trials before the sampler and the pruner use what earlier ones learned
     engine: Literal["local", "ray"] = "local"  # ray: trials as Ray tasks on the cluster below, sharing the study's storage
     parallel: int = 2  # trials at once on Ray
+    storage: str = ""  # the study's database URL; "": SQLite at <artifacts>/hpsearch/study.db (a cluster's nodes need a shared one)
     seed: int = 1337
 
     def __post_init__(self) -> None:

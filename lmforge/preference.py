@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -281,7 +282,7 @@ def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -
     seconds = time.perf_counter() - started
     after = preference_accuracy(model, tokenizer, heldout, p.max_length)
     export(model, tokenizer, out / "model", lora=p.method == "lora")
-    fresh_dir(out / "trainer")  # TRL's scratch files: nothing in it is read again
+    shutil.rmtree(out / "trainer", ignore_errors=True)  # TRL's scratch files: nothing in them is read again
     report_as = lambda msg: say(f"preference_tune: {msg}")  # noqa: E731
     verdict = score_and_gate(params, out / "model" / "hf", score_model(params, source, report_as), report_as)["gate"]
     beats = after["accuracy"] > before["accuracy"] + p.min_improvement

@@ -180,21 +180,28 @@ def bias_tags(evaluation: dict[str, Any]) -> dict[str, str]:
     return number_tags(evaluation, ("crows_pairs_",))
 
 
+#: Registry versions made by tuning a registered version (their ``base_version`` tag): the feedback and preference loops.
+TUNED_KINDS = ("feedback", "preference")
+
+
 def _promote(client, registry: str, reigning, version: str, data_md5: str, bits_per_byte: float) -> bool:
     """Whether the newly registered ``version`` becomes the champion instead of ``reigning``.
 
     Bits per byte decide on the same data; on other data the new model wins (scores do not compare).
-    A champion fine-tuned on users' feedback (``kind=feedback``, ``lmforge.feedback``) has no bits per
-    byte of its own: the candidate is judged against the pretrained version it was tuned from, and
-    that version itself never displaces it (the tuning made it better on held-out examples), so a
-    pipeline re-run on the same data keeps the tuned champion."""
+    A champion tuned on users' feedback or preferences (``kind`` feedback or preference, ``lmforge.feedback``,
+    ``lmforge.preference``) has no bits per byte of its own: the candidate is judged against the
+    pretrained version its chain of tunings started from, and no version of that chain displaces it
+    (each tuning was better on held-out data), so a pipeline re-run on the same data keeps the tuned champion."""
     if reigning is None or str(reigning.version) == version or reigning.tags.get("dvc_data_md5") != data_md5:
         return True
     judge = reigning
-    if reigning.tags.get("kind") == "feedback":
-        if reigning.tags.get("base_version") == version:
+    if reigning.tags.get("kind") in TUNED_KINDS:
+        chain = set()
+        while judge.tags.get("kind") in TUNED_KINDS:
+            chain.add(judge.tags["base_version"])
+            judge = client.get_model_version(registry, judge.tags["base_version"])
+        if version in chain:
             return False
-        judge = client.get_model_version(registry, reigning.tags["base_version"])
         return bits_per_byte < float(judge.tags.get("bits_per_byte", "inf"))  # strictly better than what the tuning started from
     return bits_per_byte <= float(judge.tags.get("bits_per_byte", "inf"))
 
@@ -236,7 +243,7 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
         client.set_registered_model_alias(registry, "champion", version)
         say(f"register: {registry} version {version} ({name}) is the champion")
     else:
-        why = (f"is version {reigning.tags['base_version']} fine-tuned on users' feedback" if reigning.tags.get("kind") == "feedback"
+        why = (f"is version {reigning.tags['base_version']} tuned on users' {reigning.tags['kind']}" if reigning.tags.get("kind") in TUNED_KINDS
                else f"has {reigning.tags['bits_per_byte']} bits/byte on the same data")
         say(f"register: {registry} version {version} ({name}) stays a candidate: champion version {reigning.version} {why}")
     summary["champion_version"] = version if promote else str(reigning.version)

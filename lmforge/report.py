@@ -95,6 +95,9 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
         + (f"summaries ROUGE-L {d['rougeL_without']:.3f} → {d['rougeL_with']:.3f}" if "rougeL_without" in d else d["summaries_skipped"]))
     add("prompt_eval", "best prompts", _prompts)
     add("sampling_sweep", "best sampling", lambda d: f"{d['best']} (score {d['best_score']:.3f}) on {d['registered_model']} v{d['tagged_version']}")
+    for stage, item, render in (("preference_tune", "held-out pairs", _preference), ("hpsearch", "best trial", _hpsearch)):
+        if summary_of(stage):  # off the default run: a row once it ran
+            add(stage, item, render)
     failures = params.artifacts / "run_failures.jsonl"
     if failures.exists() and failures.read_text().strip():
         last = json.loads(failures.read_text().strip().splitlines()[-1])
@@ -102,6 +105,18 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     out.append(("UIs", "open", UI_COMMANDS))
     out.append(("serve", "OpenAI API", SERVE_COMMAND))
     return out
+
+
+def _preference(d: dict[str, Any]) -> str:
+    return (f"DPO ({d['loss_type']}, beta {d['beta']:g}, {d['method']}) on {d['train_pairs']} pairs: preference accuracy "
+            f"{d['current_accuracy']:.0%} → {d['accuracy']:.0%} on {d['heldout_pairs']} held out · benchmark gate "
+            + ("passed" if d["kept_benchmarks"] else "FAILED") + (" · alias moves" if d["beats_current"] and d["kept_benchmarks"] else " · alias stays"))
+
+
+def _hpsearch(d: dict[str, Any]) -> str:
+    values = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]} {v}" for k, v in d["best_params"].items())
+    return (f"trial {d['best_trial']} of {d['trials']} ({d['pruned']} pruned): val loss {d['best_value']:.3f} with {values} "
+            f"→ lmforge run --params {Path(d['overlay']).name}")
 
 
 def _export(d: dict[str, Any]) -> str:

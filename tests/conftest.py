@@ -166,6 +166,7 @@ TINY_PARAMS = {
     "batch_inference": {"batch_size": 4, "sampling": {"max_new_tokens": 8}},
     "rag": {"chunk_words": 40, "overlap_words": 10, "queries": 20, "continuations": 6, "continuation_words": 10, "eval_examples": 8,
             "sweep": {"temperature": [0.0, 0.9], "top_k": [0], "top_p": [1.0], "examples": 6, "max_new_tokens": 6}},
+    "hpsearch": {"candidate": "a", "max_steps": None, "trials": 3, "startup_trials": 1},  # trials of the candidate's own 60 steps
 }
 
 #: The tiny benchmark settings for a params file outside the checkout: the pinned files read from it.

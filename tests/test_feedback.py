@@ -182,7 +182,7 @@ def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only
         server.stop()
     # the pipeline registers its (unchanged) champion again: the version tuned on feedback stays @champion
     registered = project.lmforge("run", "--select", "register")
-    assert "fine-tuned on users' feedback" in registered.stdout + registered.stderr and champion_version(project) == after
+    assert "tuned on users' feedback" in registered.stdout + registered.stderr and champion_version(project) == after
     assert project.summary("register")["promoted"] is False
 
     # the same examples again: the sensor waits; more feedback with a learning rate of 0 gives the same model,

@@ -94,16 +94,17 @@ def test_preferences_through_the_server_tune_with_dpo_and_move_the_alias_only_wh
     project = copy_project(tiny_project, tmp_path / "copy")
     params = project.params()
     params["feedback"]["min_new_examples"] = 1000  # only the preference loop starts here
-    params["preference"].update({"files": [], "min_new_pairs": 8, "min_pairs": 3, "heldout_fraction": 0.5, "lr": 0.005, "epochs": 3,
-                                 "batch_size": 2, "max_length": 64})
+    # a tiny model's own answers are a token or two: a correction starts ~50 nats less likely; beta 0.02 lets DPO go that far
+    params["preference"].update({"files": [], "min_new_pairs": 10, "min_pairs": 3, "heldout_fraction": 0.3, "lr": 0.01, "epochs": 4,
+                                 "batch_size": 4, "beta": 0.02, "max_length": 64})
     (project.path / "params.yaml").write_text(yaml.safe_dump(params))
-    before = champion(project).version
+    before = str(champion(project).version)
 
     # users correct the served champion's answers (a tiny scratch model: plain completions) and rate two answers to one prompt
     server = Server(tmp_path / "server", "models:/lmforge@champion", project=project)
     try:
         client = server.client()
-        for i in range(8):
+        for i in range(16):
             answer = client.completions.create(model="lmforge@champion", prompt=f"words of document {i}\nSummary:", max_tokens=6, temperature=0)
             assert server.post("/v1/feedback", {"request_id": answer.id, "rating": 1, "correction": "a python package for language data"}).status_code == 200
         rated = [client.completions.create(model="lmforge@champion", prompt="words of page 1\nSummary:", max_tokens=6, temperature=1.0, seed=s)
@@ -119,10 +120,10 @@ def test_preferences_through_the_server_tune_with_dpo_and_move_the_alias_only_wh
     assert first["checks"] == {"preferences_valid": True, "beats_current": True, "kept_benchmarks": True}
     assert first["materialized"] == ["feedback_preferences", "preference_register", "preference_tune"]
     pairs, tuned = project.summary("feedback_preferences"), project.summary("preference_tune")
-    assert (pairs["from_correction"], pairs["from_ratings"], pairs["rows_in_pairs"]) == (8, 1, 10)
+    assert (pairs["from_correction"], pairs["from_ratings"], pairs["rows_in_pairs"]) == (16, 1, 18)
     assert tuned["accuracy"] > tuned["current_accuracy"] and tuned["base_version"] == before and tuned["steps"] > 0
     version = champion(project)
-    assert version.version != before and version.version == project.summary("preference_register")["version"]
+    assert str(version.version) != before and str(version.version) == project.summary("preference_register")["version"]
     assert version.tags["kind"] == "preference" and version.tags["base_version"] == before
     assert version.tags["preference_pairs_sha256"] == pairs["pairs_sha256"] == tuned["pairs_sha256"]
 
@@ -135,10 +136,10 @@ def test_preferences_through_the_server_tune_with_dpo_and_move_the_alias_only_wh
     inbox.mkdir(parents=True, exist_ok=True)
     (inbox / "reviewed.jsonl").write_text("".join(json.dumps({"prompt": f"words of file {i}\nSummary:", "answer": "words words words",
                                                               "correction": "a python package for language data", "rating": 1}) + "\n"
-                                                  for i in range(8)))
+                                                  for i in range(10)))
     second = tick(project, first["cursor"])
     assert second["runs"] == 1 and second["checks"]["beats_current"] is False, second
     assert "preference_register" not in second["materialized"]
     again = project.summary("preference_tune")
-    assert again["accuracy"] == again["current_accuracy"] and again["base_version"] == version.version
+    assert again["accuracy"] == again["current_accuracy"] and again["base_version"] == str(version.version)
     assert champion(project).version == version.version

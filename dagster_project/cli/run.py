@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,7 @@ def run(
         None, "--partition", "-p", help="Candidate(s) to pretrain (partitioned assets); default: every candidate."
     ),
     force: bool = typer.Option(False, "--force", help="Recompute every selected asset, even those that are up to date."),
+    stale: bool = typer.Option(False, "--stale", help="With --select: only the selected assets that are out of date (as without --select)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print what is out of date and would be computed."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Dagster's debug events too and tracebacks."),
 ) -> None:
@@ -71,11 +73,48 @@ def run(
         fail(str(exc))
     except (OSError, yaml.YAMLError) as exc:
         fail(f"cannot read run config {config}: {exc}")
-    ok = _materialize(select or PIPELINE, run_config or {}, verbose, partition, stale_only=select is None and not force, dry_run=dry_run)
+    ok = _materialize(select or PIPELINE, run_config or {}, verbose, partition, stale_only=(select is None or stale) and not force, dry_run=dry_run)
     if select is None and not dry_run:
         _print_table(load_params())
     if not ok:
         raise typer.Exit(1)
+
+
+#: The tag with which ``lmforge run`` marks its runs: this host and process, so that a later ``lmforge run`` can tell a
+#: run whose process was killed (it never ended, and still holds its ``training`` pool slot) from one still going.
+PROCESS_TAG = "lmforge/process"
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _release_dead_runs(instance) -> None:
+    """Mark the runs an ``lmforge run`` of this host started, whose process is gone without ending them
+    (killed, out of memory), as failed, and free the pool slots they held: else the next run of a
+    ``training`` asset (a resumed search, a resumed pretraining) would wait for them forever."""
+    import dagster as dg
+
+    host = socket.gethostname()
+    alive = (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED)
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=list(alive))):
+        run = record.dagster_run
+        where, _, pid = run.tags.get(PROCESS_TAG, "").rpartition(":")
+        if where != host or not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        instance.report_run_failed(run, f"its process ({pid}) ended without finishing it (killed?): marked failed by a later `lmforge run`")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        typer.echo(f"note: run {run.run_id[:8]} died with its process {pid}; marked failed and its pool slots freed")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool, dry_run: bool = False) -> bool:
@@ -108,6 +147,7 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     job = defs.resolve_implicit_global_asset_job_def()
     failed = False
     with dg.DagsterInstance.get() as instance:
+        _release_dead_runs(instance)
         _observe_raw_documents(instance)  # ingest records the raw files' version it read
         todo = _out_of_date(instance, graph, keys, known) if stale_only else {(k, p) for k in partitioned for p in known} | {(k, None) for k in plain}
         if stale_only or dry_run:
@@ -125,7 +165,7 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
         for selection, partition_key in [(s, p) for s, p in runs if s]:
             result = job.execute_in_process(
                 run_config=run_config, instance=instance, asset_selection=selection, partition_key=partition_key,
-                raise_on_error=False, tags={TIER_TAG: tier} if tier else None,
+                raise_on_error=False, tags={PROCESS_TAG: _this_process(), **({TIER_TAG: tier} if tier else {})},
             )
             ok = _report(result, partition_key)
             failed |= not ok

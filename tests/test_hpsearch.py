@@ -1,0 +1,100 @@
+"""The hyper-parameter search: an Optuna study over a candidate's settings, each trial a nested MLflow run, resumable
+after a kill, its best trial written as a params overlay that reproduces the trial's metric."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Project, copy_project
+
+from lmforge.hpsearch import nested
+
+
+def test_dotted_keys_become_the_params_file_nesting():
+    assert nested({"pretrain.train.lr": 0.01, "pretrain.train.warmup_steps": 5, "pretrain.adapt.lr": 1e-4}) == {
+        "pretrain": {"train": {"lr": 0.01, "warmup_steps": 5}, "adapt": {"lr": 1e-4}}}
+
+
+def test_a_key_outside_the_params_is_refused_by_name(tmp_path: Path, monkeypatch):
+    from conftest import write_params
+
+    from lmforge.hpsearch import run_hpsearch
+    from lmforge.params import LmforgeError, load_params
+
+    path = write_params(tmp_path, hpsearch={"space": {"pretrain.train.learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}})
+    monkeypatch.setenv("LMFORGE_PARAMS", str(path))
+    with pytest.raises(LmforgeError, match=r"hpsearch.space: unknown key 'pretrain.train.learning_rate' \(known keys: .*\blr\b"):
+        run_hpsearch(load_params(path))
+
+
+def running_trial(db: Path) -> int | None:
+    """The number of the trial the study is running (None before the study exists, or between trials)."""
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT max(number) FROM trials WHERE state = 'RUNNING'").fetchone()
+    except sqlite3.OperationalError:  # the tables are being created
+        return None
+    return row[0] if row else None
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_to_the_same_best_trial_and_its_overlay_reproduces_it(tiny_project: Project, tmp_path: Path):
+    from mlflow import MlflowClient
+
+    whole, killed = copy_project(tiny_project, tmp_path / "whole"), copy_project(tiny_project, tmp_path / "killed")
+    whole.lmforge("run", "--select", "hpsearch")
+    best = whole.summary("hpsearch")
+    assert best["trials"] == 3 and best["ran_now"] == 3 and best["retried"] == 0
+    assert sum(t["state"] == "COMPLETE" for t in best["trial_log"]) >= 1 and best["pruned"] + best["failed"] <= 2
+    client = MlflowClient(whole.mlflow_uri)
+    trials = client.search_runs([client.get_run(best["mlflow_run_id"]).info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{best['mlflow_run_id']}'")
+    assert sorted(r.data.tags["optuna_trial"] for r in trials) == ["0", "1", "2"]  # one nested run per trial
+
+    # the same search, killed in the middle of a trial after its first (SIGKILL: no clean-up), then started again
+    db = killed.artifacts / "hpsearch" / "study.db"
+    proc = subprocess.Popen([str(REPO / ".venv/bin/lmforge"), "run", "--select", "hpsearch"], cwd=killed.path, env=killed.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not running_trial(db) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = running_trial(db)
+    assert interrupted in (1, 2), "the search was not killed in a trial after its first"
+    resumed_run = killed.lmforge("run", "--select", "hpsearch")  # the killed run still held the `training` pool: it is released
+    assert "died with its process" in resumed_run.stdout
+    resumed = killed.summary("hpsearch")
+    assert resumed["retried"] == 1 and resumed["ran_now"] == 3 - interrupted and resumed["trials"] == 3
+    assert resumed["best_params"] == best["best_params"] and resumed["best_value"] == pytest.approx(best["best_value"], abs=1e-6)
+    assert [(t["state"], t["params"]) for t in resumed["trial_log"] if t["state"] != "FAIL"] == [(t["state"], t["params"]) for t in best["trial_log"]]
+
+    # the overlay: the candidate pretrained with it (the trials ran the candidate's own steps) scores what its best trial did
+    overlay = whole.artifacts / "hpsearch" / "best_params.yaml"
+    assert "lmforge run --params" in overlay.read_text().splitlines()[1]
+    whole.lmforge("run", "--params", str(overlay), "--select", "pretrain", "--partition", "a")
+    assert whole.summary("pretrain/a")["final_val_loss"] == pytest.approx(best["best_value"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_project: Project, tmp_path: Path):
+    import yaml
+
+    project = copy_project(tiny_project, tmp_path / "ray")
+    params = project.params()
+    params["hpsearch"].update({"engine": "ray", "parallel": 2, "trials": 2, "pruner": "none"})
+    (project.path / "params.yaml").write_text(yaml.safe_dump(params))
+    project.lmforge("run", "--select", "hpsearch", env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    summary = project.summary("hpsearch")
+    assert summary["trials"] == 2 and summary["ran_now"] == 2
+    # each task reported its validation curve to the study the driver reads (the pruner's input), at its steps
+    assert all(t["state"] == "COMPLETE" and t["last_step"] == 60 for t in summary["trial_log"]), summary["trial_log"]
+    assert summary["best_value"] == min(t["value"] for t in summary["trial_log"])
