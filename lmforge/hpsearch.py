@@ -136,7 +136,8 @@ def run_trial(values: dict[str, Any], trial, out_dir: Path, mlflow_parent: str |
         raise LmforgeError(f"hpsearch.candidate: '{h.candidate}' is used as is: nothing trains (search a scratch or `use: adapt` candidate)")
     train = cand.train
     if h.max_steps is not None:
-        train = dataclasses.replace(train, max_steps=h.max_steps, val_every=min(train.val_every, h.max_steps),
+        # at least one validation before the end: the pruner's input
+        train = dataclasses.replace(train, max_steps=h.max_steps, val_every=min(train.val_every, max(1, h.max_steps // 2)),
                                     checkpoint_every=min(train.checkpoint_every, h.max_steps))
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an interrupted trial starts over: its values, not its half-trained weights

@@ -173,7 +173,8 @@ class History(pl.Callback):
 
 class StepPruning(pl.Callback):
     """Report each validation loss to an Optuna trial, at its training step, and stop the trial when
-    the study's pruner says its curve is below the others' (``optuna.TrialPruned`` ends ``fit``).
+    the study's pruner says its curve is below the others' (``optuna.TrialPruned`` ends ``fit``); a
+    trial at its last step completes.
 
     Optuna's own ``PyTorchLightningPruningCallback`` does this per epoch and for the ``lightning``
     package; lmforge trains by steps inside one epoch (``val_every``) with ``pytorch_lightning``, so
@@ -189,7 +190,7 @@ class StepPruning(pl.Callback):
         if value is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.trial.report(float(value), step=trainer.global_step)
-        if self.trial.should_prune():
+        if trainer.global_step < trainer.max_steps and self.trial.should_prune():  # a finished trial completes
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step}: {self.monitor} {float(value):.4f}")
 
 
