@@ -301,10 +301,17 @@ def run_feedback_register(params: Params, dagster_run_id: str = "", report=None)
     tuned = read_summary(params.stage_dir("feedback_finetune"))
     if not tuned["beats_current"]:
         raise LmforgeError("feedback_register: the fine-tuned model is not better than the current one (feedback_finetune's beats_current)")
+    refuse_failed_gate(tuned, "feedback_register")
     tags = {"kind": "feedback", "rougeL": str(tuned["rougeL"]), "base_rougeL": str(tuned["current_rougeL"]),
             "feedback_examples": str(tuned["feedback_examples"]), "feedback_examples_sha256": tuned["examples_sha256"]}
     return register_tuned(params, "feedback_finetune", "feedback_register", tags, f"ROUGE-L {tuned['rougeL']:.3f} vs {tuned['current_rougeL']:.3f}",
                           dagster_run_id, report)
+
+
+def refuse_failed_gate(tuned: dict[str, Any], stage: str) -> None:
+    """A tuned model that failed its benchmark gate is never registered (the blocking check stops the job; this stops a direct call)."""
+    if not tuned["kept_benchmarks"]:
+        raise LmforgeError(f"{stage}: the tuned model failed its benchmark gate ({tuned['benchmark_gate']['reason']}): the alias stays")
 
 
 def register_tuned(params: Params, tuned_stage: str, stage: str, tags: dict[str, str], why: str, dagster_run_id: str = "",
@@ -320,8 +327,7 @@ def register_tuned(params: Params, tuned_stage: str, stage: str, tags: dict[str,
 
     say = report or (lambda _msg: None)
     tuned = read_summary(params.stage_dir(tuned_stage))
-    if not tuned["kept_benchmarks"]:
-        raise LmforgeError(f"{stage}: the tuned model failed its benchmark gate ({tuned['benchmark_gate']['reason']}): the alias stays")
+    refuse_failed_gate(tuned, stage)
     uri, name, alias = tracking_uri(params), params.registry.name, params.feedback.alias
     client = MlflowClient(uri, registry_uri=uri)
     now = current(client, name, alias)
