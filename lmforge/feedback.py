@@ -298,36 +298,36 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
 
 def run_feedback_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Register the fine-tuned model and move the alias to it (only reached when ``beats_current`` passed)."""
-    tuned = read_summary(params.stage_dir("feedback_finetune"))
-    if not tuned["beats_current"]:
-        raise LmforgeError("feedback_register: the fine-tuned model is not better than the current one (feedback_finetune's beats_current)")
-    refuse_failed_gate(tuned, "feedback_register")
+    tuned = gated_summary(params, "feedback_finetune", "feedback_register", "the fine-tuned model is not better than the current one")
     tags = {"kind": "feedback", "rougeL": str(tuned["rougeL"]), "base_rougeL": str(tuned["current_rougeL"]),
             "feedback_examples": str(tuned["feedback_examples"]), "feedback_examples_sha256": tuned["examples_sha256"]}
-    return register_tuned(params, "feedback_finetune", "feedback_register", tags, f"ROUGE-L {tuned['rougeL']:.3f} vs {tuned['current_rougeL']:.3f}",
+    return register_tuned(params, tuned, "feedback_finetune", "feedback_register", tags, f"ROUGE-L {tuned['rougeL']:.3f} vs {tuned['current_rougeL']:.3f}",
                           dagster_run_id, report)
 
 
-def refuse_failed_gate(tuned: dict[str, Any], stage: str) -> None:
-    """A tuned model that failed its benchmark gate is never registered (the blocking check stops the job; this stops a direct call)."""
+def gated_summary(params: Params, tuned_stage: str, stage: str, not_better: str) -> dict[str, Any]:
+    """The tuning stage's summary, or the reason its model is not registered: not better than the current
+    one, or failed its benchmark gate (the blocking checks stop the job; this stops a direct call)."""
+    tuned = read_summary(params.stage_dir(tuned_stage))
+    if not tuned["beats_current"]:
+        raise LmforgeError(f"{stage}: {not_better} ({tuned_stage}'s beats_current)")
     if not tuned["kept_benchmarks"]:
         raise LmforgeError(f"{stage}: the tuned model failed its benchmark gate ({tuned['benchmark_gate']['reason']}): the alias stays")
+    return tuned
 
 
-def register_tuned(params: Params, tuned_stage: str, stage: str, tags: dict[str, str], why: str, dagster_run_id: str = "",
+def register_tuned(params: Params, tuned: dict[str, Any], tuned_stage: str, stage: str, tags: dict[str, str], why: str, dagster_run_id: str = "",
                    report=None) -> dict[str, Any]:
-    """Register ``<tuned_stage>/model/hf`` as a new version (tagged with its base version) and move
-    ``feedback.alias`` to it: the last step of both loops, behind their blocking checks.  Refused when
-    the model failed its benchmark gate, or when the alias moved since tuning started (the other loop,
-    or a new champion, got there first: tune again from the new version rather than undo it)."""
+    """Register ``<tuned_stage>/model/hf`` (``tuned``: its ``gated_summary``) as a new version (tagged with its
+    base version) and move ``feedback.alias`` to it: the last step of both loops, behind their blocking checks.
+    Refused when the alias moved since tuning started (the other loop, or a new champion, got there first:
+    tune again from the new version rather than undo it)."""
     from mlflow import MlflowClient
 
     from lmforge.registry import current, register_once
     from lmforge.tracking import lineage_tags, tracking_uri
 
     say = report or (lambda _msg: None)
-    tuned = read_summary(params.stage_dir(tuned_stage))
-    refuse_failed_gate(tuned, stage)
     uri, name, alias = tracking_uri(params), params.registry.name, params.feedback.alias
     client = MlflowClient(uri, registry_uri=uri)
     now = current(client, name, alias)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
-from lmforge.feedback import read_feedback, refuse_failed_gate, register_tuned, validate_rows
+from lmforge.feedback import gated_summary, read_feedback, register_tuned, validate_rows
 from lmforge.feedback_store import RATINGS
 from lmforge.params import LmforgeError, Params
 
@@ -315,12 +315,10 @@ def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -
 
 def run_preference_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
     """Register the preference-tuned model and move the alias to it (only reached when ``beats_current`` passed)."""
-    tuned = read_summary(params.stage_dir("preference_tune"))
-    if not tuned["beats_current"]:
-        raise LmforgeError("preference_register: the tuned model does not rank held-out pairs better than the current one (preference_tune's beats_current)")
-    refuse_failed_gate(tuned, "preference_register")
+    tuned = gated_summary(params, "preference_tune", "preference_register",
+                          "the tuned model does not rank held-out pairs better than the current one")
     tags = {"kind": "preference", "preference_accuracy": str(tuned["accuracy"]), "base_preference_accuracy": str(tuned["current_accuracy"]),
             "preference_pairs": str(tuned["train_pairs"]), "preference_pairs_sha256": tuned["pairs_sha256"], "dpo_loss": tuned["loss_type"],
             "dpo_beta": str(tuned["beta"])}
     why = f"held-out preference accuracy {tuned['accuracy']:.0%} vs {tuned['current_accuracy']:.0%}"
-    return register_tuned(params, "preference_tune", "preference_register", tags, why, dagster_run_id, report)
+    return register_tuned(params, tuned, "preference_tune", "preference_register", tags, why, dagster_run_id, report)
