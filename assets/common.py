@@ -98,7 +98,7 @@ NOT_IN_DVC = {
     "feedback_preferences": ["feedback", "preference"],
     "preference_tune": ["feedback", "preference", "finetune", "registry", "benchmarks"],
     "preference_register": ["feedback", "preference", "registry"],
-    "hpsearch": ["hpsearch", "pretrain", "tokenizer"],  # a study that resumes: its state is its own SQLite file, not DVC's
+    "hpsearch": ["hpsearch", "pretrain", "tokenizer", "finetune"],  # a study that resumes: its state is its own SQLite file, not DVC's
 }
 
 

@@ -1,5 +1,5 @@
-"""The asset of the group ``hpsearch``: an Optuna study over a pretraining candidate's settings
-(lmforge/hpsearch.py).  Off the default run: ``hpsearch_job``, or ``lmforge run --select hpsearch``."""
+"""The asset of the group ``hpsearch``: an Optuna study over the settings of pretraining or SFT
+fine-tuning (lmforge/hpsearch.py).  Off the default run: ``hpsearch_job``, or ``lmforge run --select hpsearch``."""
 
 import dagster as dg
 
@@ -11,17 +11,17 @@ from dagster_project.resources import ParamsResource
 @dg.asset(
     group_name="hpsearch",
     kinds={"python", "optuna", "pytorch", "mlflow"},
-    deps=["packed"],
+    deps=["packed", "select", "task_data"],  # pretraining trials read the packed data; fine-tuning ones the champion and the task set
     pool="training",
     code_version=code_version("hpsearch"),
-    description="An Optuna study over hpsearch.space (each trial: hpsearch.candidate pretrained with the trial's values, pruned by its "
-    "validation curve, a nested MLflow run), stored in SQLite so that a killed search resumes; the best trial's values as a params "
+    description="An Optuna study over hpsearch.space (each trial: hpsearch.candidate pretrained, or the champion fine-tuned on the SFT "
+    "task set, with the trial's values, pruned by its validation curve, a nested MLflow run), stored in SQLite so that a killed search resumes; the best trial's values as a params "
     "overlay (best_params.yaml) for `lmforge run --params`.",
 )
 def hpsearch(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
     params = lmforge_params.load()
     summary = lmforge.hpsearch.run_hpsearch(params, dagster_run_id=context.run_id, report=context.log.info)
-    rows = [{"trial": t["number"], "state": t["state"], "final val loss": "" if t["value"] is None else f"{t['value']:.4f}",
+    rows = [{"trial": t["number"], "state": t["state"], "val loss": "" if t["value"] is None else f"{t['value']:.4f}",
              **{k.rsplit(".", 1)[-1]: v for k, v in t["params"].items()}} for t in summary["trial_log"]]
     return materialized("hpsearch", params, {**summary_metadata(summary),
                                              "trials_table": dg.MetadataValue.md(md_table(rows)),

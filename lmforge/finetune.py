@@ -349,13 +349,72 @@ def sft_answers(params: Params, model, tokenizer, prompts: list[str]) -> list[st
                                             chat=has_chat_template(tokenizer))]
 
 
-def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
-    import torch
+@dataclasses.dataclass
+class SftTask:
+    """The SFT task set as the champion reads it: what the stage and a search trial both train on."""
+
+    name: str  # the champion
+    source: Path  # its model directory
+    parent: str  # its pretraining MLflow run
+    tokenizer: Any
+    prompts: dict[str, list[str]]  # per split, as the model is asked them
+    encoded: dict[str, list[dict[str, Any]]]  # per split, token ids with the loss on the response
+    references: list[str]  # the test part's responses
+
+    @property
+    def chat(self) -> bool:
+        """An instruct champion: trained (``encode_sft``) and asked in its chat format."""
+        from models.generation import has_chat_template
+
+        return has_chat_template(self.tokenizer)
+
+
+def sft_task(params: Params) -> SftTask:
+    """The validated SFT task set, prompted and encoded for the champion of ``select``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from models.finetune import encode_sft, export, fit, mean_loss, rouge, sft_prompt, trainable_parameters, with_lora
-    from models.generation import has_chat_template
-    from models.loading import load_model, objective_of
+    from models.finetune import encode_sft, sft_prompt
+    from models.loading import objective_of
+
+    settings, task = params.finetune.train, params.finetune.sft
+    data = load_task(params, "sft")
+    name, source, parent = champion(params)
+    if objective_of(AutoConfig.from_pretrained(source)) != "causal":
+        raise LmforgeError(f"finetune_sft: the champion '{name}' is not a causal language model; SFT fine-tunes causal models only")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    prompts = {s: [sft_prompt(tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows] for s, rows in data.items()}
+    encoded = {s: encode_sft(tokenizer, prompts[s], [r["response"] for r in data[s]], settings.max_length) for s in SPLITS}
+    return SftTask(name, source, parent, tokenizer, prompts, encoded, [r["response"] for r in data["test"]])
+
+
+def train_sft(params: Params, task: SftTask, method: str, say, on_epoch=None):
+    """Fine-tune the champion on the task's train part with ``method`` (full or LoRA), the epoch of
+    the lowest validation loss kept: (model, ``models.finetune.FitResult``).  ``on_epoch`` sees each
+    epoch's validation loss (a search trial's pruner)."""
+    import torch
+
+    from models.finetune import fit, mean_loss, with_lora
+    from models.loading import load_model
+
+    settings, pad = params.finetune.train, task.tokenizer.pad_token_id
+    torch.manual_seed(settings.seed)  # LoRA's initial update: the same in the stage and in a search trial
+    model = load_model(task.source, "causal")
+    if method == "lora":
+        model = with_lora(model, params.finetune.lora, "CAUSAL_LM")
+
+    def validate(m) -> dict[str, float]:
+        return {"val_loss": mean_loss(m, task.encoded["val"], settings.batch_size, pad)}
+
+    fitted = fit(model, task.encoded["train"], validate, settings, settings.lora_lr if method == "lora" else settings.lr, pad,
+                 "val_loss", higher_is_better=False, desc=f"sft {method}", log=say, on_epoch=on_epoch)
+    return model, fitted
+
+
+def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+    import torch
+
+    from models.finetune import export, rouge, trainable_parameters
+    from models.loading import load_model
 
     say = report or (lambda _msg: None)
     reason = not_configured(params, "sft")
@@ -363,56 +422,39 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
         summary = skip(params, "finetune_sft", reason, say)
         (params.stage_dir("finetune_sft") / "examples.json").write_text("[]\n")  # a DVC output like the models
         return summary
-    p, settings, task = params.finetune, params.finetune.train, params.finetune.sft
-    data = load_task(params, "sft")
-    name, source, parent = champion(params)
-    if objective_of(AutoConfig.from_pretrained(source)) != "causal":
-        raise LmforgeError(f"finetune_sft: the champion '{name}' is not a causal language model; SFT fine-tunes causal models only")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    pad = tokenizer.pad_token_id
-    prompts = {s: [sft_prompt(tokenizer, r["prompt"], task.template, task.max_prompt_tokens) for r in rows] for s, rows in data.items()}
-    references = [r["response"] for r in data["test"]]
-    encoded = {s: encode_sft(tokenizer, prompts[s], [r["response"] for r in data[s]], settings.max_length) for s in SPLITS}
-    chat = has_chat_template(tokenizer)  # an instruct champion: trained (encode_sft) and asked in its chat format
+    p, settings = params.finetune, params.finetune.train
+    task = sft_task(params)
+    name, source, references = task.name, task.source, task.references
 
     def answers(model) -> list[str]:
-        return sft_answers(params, model, tokenizer, prompts["test"])
+        return sft_answers(params, model, task.tokenizer, task.prompts["test"])
 
     torch.manual_seed(settings.seed)
     zero_shot_answers = answers(load_model(source, "causal").eval())
     baseline = rouge(zero_shot_answers, references)
-    say(f"finetune_sft: champion {name}{' (chat template)' if chat else ''}; train/val/test {'/'.join(str(len(encoded[s])) for s in SPLITS)}; "
+    say(f"finetune_sft: champion {name}{' (chat template)' if task.chat else ''}; train/val/test {'/'.join(str(len(task.encoded[s])) for s in SPLITS)}; "
         f"zero-shot ROUGE-1 {baseline['rouge1']:.3f}, ROUGE-L {baseline['rougeL']:.3f}")
     out = params.stage_dir("finetune_sft")
     fresh_dir(out / "models")
     results: dict[str, dict[str, Any]] = {}
     examples = []
-    with tracked_run(params, "finetune sft", {"stage": "finetune_sft", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "finetune sft", {"stage": "finetune_sft", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=task.parent) as (client, run_id):
         for method in p.methods:
-            model = load_model(source, "causal")
-            if method == "lora":
-                model = with_lora(model, p.lora, "CAUSAL_LM")
-
-            def validate(m) -> dict[str, float]:
-                loss = mean_loss(m, encoded["val"], settings.batch_size, pad)
-                return {"val_loss": loss}
-
             started = time.perf_counter()
-            fitted = fit(model, encoded["train"], validate, settings, settings.lora_lr if method == "lora" else settings.lr, pad,
-                         "val_loss", higher_is_better=False, desc=f"sft {method}", log=say)
+            model, fitted = train_sft(params, task, method, say)
             predicted = answers(model)
             results[method] = {**rouge(predicted, references), "best_epoch": fitted.best_epoch, "epochs": fitted.epochs_run,
                                "val_loss": fitted.best_score,
                                "trainable_parameters": trainable_parameters(model), "seconds": time.perf_counter() - started,
                                "precision": fitted.precision}
             examples += [{"method": method, "prompt": q[:300], "reference": ref, "zero_shot": z, "fine_tuned": a}
-                         for q, ref, z, a in list(zip(prompts["test"], references, zero_shot_answers, predicted))[:5]]
+                         for q, ref, z, a in list(zip(task.prompts["test"], references, zero_shot_answers, predicted))[:5]]
             say(f"finetune_sft {method}: test ROUGE-1 {results[method]['rouge1']:.3f}, ROUGE-2 {results[method]['rouge2']:.3f}, ROUGE-L {results[method]['rougeL']:.3f}")
-            export(model, tokenizer, out / "models" / method, lora=method == "lora")
+            export(model, task.tokenizer, out / "models" / method, lora=method == "lora")
             _log_method(client, run_id, params, "sft", method, results[method], fitted.history)
         # What tuning on one task cost on everything else: each method gated on the champion.
         gates, benchmarks = benchmark_gates(params, {m: out / "models" / m / "hf" for m in results}, ("champion", source), results, say)
-        summary: dict[str, Any] = {"champion": name, "chat_template": chat, "test_examples": len(references), "benchmark_gates": gates,
+        summary: dict[str, Any] = {"champion": name, "chat_template": task.chat, "test_examples": len(references), "benchmark_gates": gates,
                                    "benchmarks": benchmarks}
         _methods_summary(summary, results, ("rouge1", "rouge2", "rougeL"), baseline, "val_loss", higher_is_better=False)
         (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")

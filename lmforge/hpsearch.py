@@ -1,13 +1,16 @@
-"""Hyper-parameter search: an Optuna study over a pretraining candidate's settings, whose best trial
-becomes a params overlay that ``lmforge run --params`` takes (docs/preference-and-search.md).
+"""Hyper-parameter search: an Optuna study over the settings of pretraining or of SFT fine-tuning,
+whose best trial becomes a params overlay that ``lmforge run --params`` takes
+(docs/preference-and-search.md).
 
-Every learning rate, warm-up and batch size in params.yaml is a hand-picked number; this searches
-them.  ``hpsearch.space`` maps dotted params keys (``pretrain.train.lr``, ``pretrain.adapt.lr``,
-``pretrain.train.batch_size``, ...) to ranges.  Each trial is the pretraining of
-``hpsearch.candidate`` with the trial's values merged into the params file in force (exactly what
-the overlay file will give), for ``hpsearch.max_steps`` steps or the candidate's own, scored by its
-final validation loss; its validation curve goes to the study as it trains, and the pruner stops a
-trial whose curve falls below the median of the earlier ones' (``models.training.StepPruning``).
+Every learning rate, warm-up, LoRA rank and batch size in params.yaml is a hand-picked number; this
+searches them.  ``hpsearch.space`` maps dotted params keys (``pretrain.train.lr``,
+``finetune.train.lora_lr``, ``finetune.lora.r``, ...) to ranges.  Each trial trains
+``hpsearch.stage`` with the trial's values merged into the params file in force (exactly what the
+overlay file will give): ``pretrain``, the candidate ``hpsearch.candidate`` for ``hpsearch.max_steps``
+steps or its own, scored by its final validation loss; ``finetune_sft``, the champion fine-tuned on
+the SFT task set with ``hpsearch.method``, scored by its best epoch's validation loss.  Its validation
+curve goes to the study as it trains (by step, or by epoch), and the pruner stops a trial whose curve
+falls below the median of the earlier ones' (``models.training.StepPruning``, or ``fit``'s ``on_epoch``).
 
 The study lives in SQLite beside the artifacts (``<artifacts>/hpsearch/study.db``), named after the
 search's settings, so a killed search resumes where it stopped: the trials it finished stay, the
@@ -56,14 +59,27 @@ def _trial_params(values: dict[str, Any]) -> Params:
         raise LmforgeError(f"hpsearch.space: {exc}") from None
 
 
+#: ``hpsearch.stage`` → the metric its trials are scored by (minimized).
+METRICS = {"pretrain": "final_val_loss", "finetune_sft": "best_val_loss"}
+#: ``hpsearch.stage`` → the params section its trials read: a key elsewhere would change nothing they train.
+SECTIONS = {"pretrain": "pretrain", "finetune_sft": "finetune"}
+
+
+def target(params: Params) -> str:
+    """What the trials train, in words and names: the candidate, or finetune_sft and its method."""
+    h = params.hpsearch
+    return h.candidate if h.stage == "pretrain" else f"finetune_sft-{h.method}"
+
+
 def study_name(params: Params) -> str:
-    """The candidate and a hash of everything that makes trials comparable: another space, step
+    """The target and a hash of everything that makes trials comparable: another space, step
     budget, sampler or pruner starts another study (in the same file)."""
     h = params.hpsearch
-    key = json.dumps({"space": {k: dataclasses.asdict(v) for k, v in sorted(h.space.items())}, "max_steps": h.max_steps,
+    key = json.dumps({"space": {k: dataclasses.asdict(v) for k, v in sorted(h.space.items())},
+                      "max_steps": h.max_steps if h.stage == "pretrain" else None,
                       "sampler": h.sampler, "pruner": h.pruner, "startup_trials": h.startup_trials, "seed": h.seed,
                       "tier": current_tier()}, sort_keys=True)
-    return f"{h.candidate}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return f"{target(params)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def storage_url(params: Params) -> str:
@@ -119,17 +135,11 @@ def _retry_interrupted(study, say) -> int:
     return len(stale)
 
 
-def run_trial(values: dict[str, Any], trial, out_dir: Path, mlflow_parent: str | None, report=None) -> float:
-    """Pretrain the candidate with ``values`` in ``out_dir`` (fresh), reporting its validation curve
-    to ``trial`` (pruning raises ``optuna.TrialPruned``); its final validation loss."""
-    import optuna
-    from pytorch_lightning.loggers import MLFlowLogger
-
+def _pretrain_trial(params: Params, trial, out_dir: Path, logger, report) -> float:
+    """Pretrain the candidate, its validation curve reported to ``trial`` by step; its final validation loss."""
     from lmforge.candidates import get, packed_dir, tokenizer_dir
-    from lmforge.tracking import artifact_location, tracking_uri
     from models.training import StepPruning, pretrain
 
-    params = _trial_params(values)
     h = params.hpsearch
     cand = get(params, h.candidate, "hpsearch")
     if cand.kind == "as_is":
@@ -139,6 +149,53 @@ def run_trial(values: dict[str, Any], trial, out_dir: Path, mlflow_parent: str |
         # at least one validation before the end: the pruner's input
         train = dataclasses.replace(train, max_steps=h.max_steps, val_every=min(train.val_every, max(1, h.max_steps // 2)),
                                     checkpoint_every=min(train.checkpoint_every, h.max_steps))
+    logger.log_hyperparams({"max_steps": train.max_steps})
+    try:
+        result = pretrain(cand.arch, train, packed_dir(params, cand.tokenizer), tokenizer_dir(params, cand.tokenizer), out_dir,
+                          params.pretrain.scale, logger=logger, progress=False, report=report,
+                          init_from=tokenizer_dir(params, cand.tokenizer) if cand.kind == "adapt" else None,
+                          callbacks=[StepPruning(trial)])
+    finally:
+        for bulky in ("checkpoints", "hf"):  # the weights of a trial: the overlay run trains the best one again
+            shutil.rmtree(out_dir / bulky, ignore_errors=True)
+    (out_dir / "history.json").write_text(json.dumps({"train": result["train_losses"], "val": result["val_losses"]}) + "\n")
+    return float(result["final_val_loss"])
+
+
+def _finetune_sft_trial(params: Params, trial, out_dir: Path, logger, report) -> float:
+    """Fine-tune the champion on the SFT task set with ``hpsearch.method``, each epoch's validation
+    loss reported to ``trial`` (the pruner stops it between epochs); the best epoch's validation loss,
+    which ``finetune_sft`` run with the overlay scores again (``<method>_val_loss`` in its summary)."""
+    import optuna
+
+    from lmforge.finetune import sft_task, train_sft
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if key != "epoch":
+                logger.experiment.log_metric(logger.run_id, key, value, step=epoch)
+        trial.report(metrics["val_loss"], step=epoch)
+        if epoch < params.finetune.train.epochs and trial.should_prune():  # a trial at its last epoch completes
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: val loss {metrics['val_loss']:.4f}")
+
+    _model, fitted = train_sft(params, sft_task(params), params.hpsearch.method, report or (lambda _msg: None), on_epoch)
+    (out_dir / "history.json").write_text(json.dumps({"epochs": fitted.history, "best_epoch": fitted.best_epoch}) + "\n")
+    return float(fitted.best_score)
+
+
+#: ``hpsearch.stage`` → a trial of it: (params, trial, its fresh directory, its MLflow logger, report) → the value to minimize.
+TRIALS = {"pretrain": _pretrain_trial, "finetune_sft": _finetune_sft_trial}
+
+
+def run_trial(values: dict[str, Any], trial, out_dir: Path, mlflow_parent: str | None, report=None) -> float:
+    """Train ``hpsearch.stage`` with ``values`` in ``out_dir`` (fresh), as a nested MLflow run, reporting
+    its validation curve to ``trial`` (pruning raises ``optuna.TrialPruned``); the value it scored."""
+    import optuna
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from lmforge.tracking import artifact_location, tracking_uri
+
+    params = _trial_params(values)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an interrupted trial starts over: its values, not its half-trained weights
     out_dir.mkdir(parents=True)
@@ -146,24 +203,18 @@ def run_trial(values: dict[str, Any], trial, out_dir: Path, mlflow_parent: str |
                           tags={"stage": "hpsearch", "optuna_trial": str(trial.number), "study": trial.study.study_name,
                                 **({"mlflow.parentRunId": mlflow_parent} if mlflow_parent else {})},
                           artifact_location=artifact_location(params))
-    logger.log_hyperparams({**values, "max_steps": train.max_steps})
+    logger.log_hyperparams(values)
     status = "FAILED"
     try:
-        result = pretrain(cand.arch, train, packed_dir(params, cand.tokenizer), tokenizer_dir(params, cand.tokenizer), out_dir,
-                          params.pretrain.scale, logger=logger, progress=False, report=report,
-                          init_from=tokenizer_dir(params, cand.tokenizer) if cand.kind == "adapt" else None,
-                          callbacks=[StepPruning(trial)])
+        value = TRIALS[params.hpsearch.stage](params, trial, out_dir, logger, report)
         status = "FINISHED"
     except optuna.TrialPruned:
         status = "KILLED"
         raise
     finally:
         logger.experiment.set_terminated(logger.run_id, status)
-        for bulky in ("checkpoints", "hf"):  # the weights of a trial: the overlay run trains the best one again
-            shutil.rmtree(out_dir / bulky, ignore_errors=True)
-    logger.experiment.log_metric(logger.run_id, "final_val_loss", result["final_val_loss"])
-    (out_dir / "history.json").write_text(json.dumps({"train": result["train_losses"], "val": result["val_losses"]}) + "\n")
-    return float(result["final_val_loss"])
+    logger.experiment.log_metric(logger.run_id, METRICS[params.hpsearch.stage], value)
+    return value
 
 
 def overlay(params: Params, best: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +245,7 @@ def _outcome(values: dict[str, Any], trial, out_dir: Path, parent: str | None, r
         return "PRUNED", None, str(exc)
     except FloatingPointError as exc:
         return "FAIL", None, f"failed: {exc}"
-    return "COMPLETE", value, f"final val loss {value:.4f}"
+    return "COMPLETE", value, f"val loss {value:.4f}"
 
 
 def _propose(params: Params, study, pending: int, say) -> tuple[Any, dict[str, Any]]:
@@ -281,6 +332,14 @@ def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[
         raise LmforgeError("hpsearch.space is empty: name the settings to search, e.g. pretrain.train.lr: {type: float, low: 0.0003, high: 0.01, log: true}")
     for key, dim in h.space.items():  # a bad key or a value of the wrong type fails here, by name
         _trial_params({key: dim.choices[0] if dim.type == "categorical" else int(dim.low) if dim.type == "int" else dim.low})
+    outside = [key for key in h.space if key.split(".")[0] != SECTIONS[h.stage]]
+    if outside:
+        raise LmforgeError(f"hpsearch.space: {', '.join(outside)}: nothing a {h.stage} trial trains reads it "
+                           f"(hpsearch.stage: {h.stage} searches {SECTIONS[h.stage]}.* keys)")
+    if h.stage == "finetune_sft":  # no champion or no valid task set: said once, before any trial
+        from lmforge.finetune import sft_task
+
+        sft_task(params)
     out = params.stage_dir("hpsearch")
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -301,14 +360,14 @@ def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[
         client.log_metric(parent, "best_val_loss", best.value)
         client.set_tag(parent, "best_trial", str(best.number))
     (out / "best_params.yaml").write_text(
-        f"# {params_file().name} with the best values of hpsearch study {name} (trial {best.number}, final val loss {best.value:.4f}).\n"
+        f"# {params_file().name} with the best values of hpsearch study {name} (trial {best.number}, {METRICS[h.stage]} {best.value:.4f}).\n"
         "# Use it: lmforge run --params " + str(out / "best_params.yaml") + (f" --tier {current_tier()}" if current_tier() != BASE_TIER else "") + "\n"
         + yaml.safe_dump(overlay(params, best.params), sort_keys=False, allow_unicode=True), encoding="utf-8")
     trials = [_trial_row(t) for t in study.trials]
-    summary = {"study": name, "storage": storage_url(params), "candidate": h.candidate, "trials": len(_finished(study)), "budget_trials": h.trials,
+    summary = {"study": name, "storage": storage_url(params), "stage": h.stage, "target": target(params), "trials": len(_finished(study)), "budget_trials": h.trials,
                "ran_now": ran, "retried": retried, "stopped_by_budget": stopped_by_budget,
                "pruned": sum(t["state"] == "PRUNED" for t in trials), "failed": sum(t["state"] == "FAIL" for t in trials),
-               "best_trial": best.number, "best_value": best.value, "best_params": best.params, "metric": "final_val_loss",
+               "best_trial": best.number, "best_value": best.value, "best_params": best.params, "metric": METRICS[h.stage],
                "overlay": str(out / "best_params.yaml"), "seconds": time.monotonic() - started, "mlflow_run_id": parent, "trial_log": trials}
     write_params(out, h)
     write_summary(out, summary)

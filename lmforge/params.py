@@ -700,12 +700,17 @@ class SearchDimension:
 
 @dataclass
 class HpsearchParams:
-    """An Optuna study over settings of a pretraining candidate (docs/preference-and-search.md#hyper-parameter-search)."""
+    """An Optuna study over the settings of a pretraining candidate or of SFT fine-tuning
+    (docs/preference-and-search.md#hyper-parameter-search)."""
 
-    candidate: str = "llama-rope"  # the pretrain candidate each trial trains (from scratch, or `use: adapt`)
+    # what each trial trains: pretrain: `candidate` (from scratch, or `use: adapt`), scored by its final
+    # val loss; finetune_sft: the champion fine-tuned on the SFT task set with `method`, scored by its best epoch's val loss
+    stage: Literal["pretrain", "finetune_sft"] = "pretrain"
+    candidate: str = "llama-rope"
+    method: Literal["lora", "full"] = "lora"
     # dotted params keys → dimensions, e.g. pretrain.train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}
     space: dict[str, SearchDimension] = field(default_factory=dict)
-    max_steps: int | None = None  # each trial's training steps; None: the candidate's own (then the overlay run repeats the best trial)
+    max_steps: int | None = None  # a pretraining trial's steps; None: the candidate's own (then the overlay run repeats the best trial)
     trials: int = 8  # the study's size: a resumed study runs only the trials it still lacks
     max_minutes: float | None = None  # this materialization's wall-clock budget (a trial running at the limit finishes)
     sampler: Literal["tpe", "random"] = "tpe"

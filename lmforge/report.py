@@ -115,7 +115,7 @@ def _preference(d: dict[str, Any]) -> str:
 
 def _hpsearch(d: dict[str, Any]) -> str:
     values = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]} {v}" for k, v in d["best_params"].items())
-    return (f"trial {d['best_trial']} of {d['trials']} ({d['pruned']} pruned): val loss {d['best_value']:.3f} with {values} "
+    return (f"{d['target']}: trial {d['best_trial']} of {d['trials']} ({d['pruned']} pruned): val loss {d['best_value']:.3f} with {values} "
             f"→ lmforge run --params {Path(d['overlay']).name}")
 
 

@@ -189,10 +189,13 @@ class FitResult:
 
 
 def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, float]], settings, lr: float, pad_id: int,
-        score_key: str, higher_is_better: bool = True, desc: str = "fine-tune", log: Callable[[str], None] | None = None) -> FitResult:
+        score_key: str, higher_is_better: bool = True, desc: str = "fine-tune", log: Callable[[str], None] | None = None,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
     """Train for ``settings.epochs`` epochs (fewer with early stopping); ``validate(model)`` returns
     the metrics whose ``score_key`` picks the best epoch, whose weights are restored at the end.
-    Training steps run in ``settings.precision`` (``models.precision``); ``validate`` in fp32."""
+    Training steps run in ``settings.precision`` (``models.precision``); ``validate`` in fp32.
+    ``on_epoch(epoch, metrics)`` sees each epoch's metrics: a search's pruner, which stops the run by
+    raising."""
     from transformers import get_linear_schedule_with_warmup
 
     from models.precision import autocast, resolve
@@ -230,6 +233,8 @@ def fit(model, train: list[dict[str, Any]], validate: Callable[[Any], dict[str, 
         best.epochs_run = epoch
         if log:
             log(f"{desc}: epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        if on_epoch:
+            on_epoch(epoch, metrics)
         if sign * metrics[score_key] > sign * best.best_score:
             best.best_epoch, best.best_score, stale = epoch, metrics[score_key], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

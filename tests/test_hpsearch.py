@@ -1,5 +1,6 @@
-"""The hyper-parameter search: an Optuna study over a candidate's settings, each trial a nested MLflow run, resumable
-after a kill, its best trial written as a params overlay that reproduces the trial's metric."""
+"""The hyper-parameter search: an Optuna study over a candidate's pretraining or the champion's SFT fine-tuning, each
+trial a nested MLflow run, resumable after a kill, its best trial written as a params overlay that reproduces the
+trial's metric."""
 
 from __future__ import annotations
 
@@ -30,6 +31,20 @@ def test_a_key_outside_the_params_is_refused_by_name(tmp_path: Path, monkeypatch
     path = write_params(tmp_path, hpsearch={"space": {"pretrain.train.learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}})
     monkeypatch.setenv("LMFORGE_PARAMS", str(path))
     with pytest.raises(LmforgeError, match=r"hpsearch.space: unknown key 'pretrain.train.learning_rate' \(known keys: .*\blr\b"):
+        run_hpsearch(load_params(path))
+
+
+def test_a_key_the_searched_stage_does_not_read_is_refused(tmp_path: Path, monkeypatch):
+    from conftest import write_params
+
+    from lmforge.hpsearch import run_hpsearch
+    from lmforge.params import LmforgeError, load_params
+
+    path = write_params(tmp_path, hpsearch={"stage": "finetune_sft",
+                                            "space": {"finetune.train.lora_lr": {"type": "float", "low": 0.001, "high": 0.01},
+                                                      "pretrain.train.lr": {"type": "float", "low": 0.001, "high": 0.01}}})
+    monkeypatch.setenv("LMFORGE_PARAMS", str(path))
+    with pytest.raises(LmforgeError, match=r"hpsearch.space: pretrain.train.lr: nothing a finetune_sft trial trains reads it"):
         run_hpsearch(load_params(path))
 
 
@@ -98,3 +113,36 @@ def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_projec
     # each task reported its validation curve to the study the driver reads (the pruner's input), at its steps
     assert all(t["state"] == "COMPLETE" and t["last_step"] == 60 for t in summary["trial_log"]), summary["trial_log"]
     assert summary["best_value"] == min(t["value"] for t in summary["trial_log"])
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_search_prunes_by_epoch_and_its_overlay_reproduces_the_best_trial(tiny_project: Project, tmp_path: Path):
+    import yaml
+    from mlflow import MlflowClient
+
+    project = copy_project(tiny_project, tmp_path / "sft")
+    params = project.params()
+    params["finetune"]["methods"] = ["lora"]
+    params["finetune"]["train"]["epochs"] = 3  # the pruner sees epochs 1 and 2 before a trial completes
+    params["hpsearch"] = {**params["hpsearch"], "stage": "finetune_sft", "method": "lora", "trials": 4, "startup_trials": 1,
+                          "space": {"finetune.train.lora_lr": {"type": "float", "low": 0.0001, "high": 0.02, "log": True},
+                                    "finetune.lora.r": {"type": "categorical", "choices": [2, 8]}}}
+    (project.path / "params.yaml").write_text(yaml.safe_dump(params))
+    project.lmforge("run", "--select", "hpsearch")
+    summary = project.summary("hpsearch")
+    assert summary["target"] == "finetune_sft-lora" and summary["metric"] == "best_val_loss" and summary["trials"] == 4
+    log = summary["trial_log"]
+    # each trial reported its validation loss per epoch: a completed one all 3, a pruned one stopped before its last
+    assert all(t["state"] == "COMPLETE" and t["last_step"] == 3 or t["state"] == "PRUNED" and t["last_step"] < 3 for t in log), log
+    assert set(summary["best_params"]) == {"finetune.train.lora_lr", "finetune.lora.r"}
+    assert summary["best_value"] == min(t["value"] for t in log if t["state"] == "COMPLETE")
+    client = MlflowClient(project.mlflow_uri)
+    trials = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
+    assert len(trials) == 4 and all(len(client.get_metric_history(r.info.run_id, "val_loss")) >= 1 for r in trials)
+
+    # the overlay: finetune_sft with it scores the best trial's validation loss again
+    overlay = project.artifacts / "hpsearch" / "best_params.yaml"
+    assert yaml.safe_load(overlay.read_text())["finetune"]["lora"]["r"] == summary["best_params"]["finetune.lora.r"]
+    project.lmforge("run", "--params", str(overlay), "--select", "finetune_sft")
+    assert project.summary("finetune_sft")["lora_val_loss"] == pytest.approx(summary["best_value"], abs=1e-5)
