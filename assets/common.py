@@ -161,10 +161,10 @@ def md_table(rows: list[dict[str, Any]] | dict[str, Any], headers: tuple[str, st
         rows = [{headers[0]: k, headers[1]: v} for k, v in rows.items()]
     if not rows:
         return "_none_"
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # rows may differ: a search trial killed before its values were drawn has none
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -146,3 +146,12 @@ def test_a_fine_tuning_search_prunes_by_epoch_and_its_overlay_reproduces_the_bes
     assert yaml.safe_load(overlay.read_text())["finetune"]["lora"]["r"] == summary["best_params"]["finetune.lora.r"]
     project.lmforge("run", "--params", str(overlay), "--select", "finetune_sft")
     assert project.summary("finetune_sft")["lora_val_loss"] == pytest.approx(summary["best_value"], abs=1e-5)
+
+
+def test_the_trials_table_holds_a_trial_killed_before_its_values_were_drawn():
+    """A search killed between asking Optuna for a trial and drawing its values leaves a trial without params:
+    the asset's table shows it with empty cells instead of failing on the missing column."""
+    from assets.common import md_table
+
+    table = md_table([{"trial": 0, "state": "COMPLETE", "lr": 0.01}, {"trial": 1, "state": "FAIL"}])
+    assert table.splitlines()[0] == "| trial | state | lr |" and table.splitlines()[-1] == "| 1 | FAIL |  |"
