@@ -6,8 +6,8 @@ A module of its own rather than part of ``assets/deploy.py``: a module's assets 
 
 import dagster as dg
 
-from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import BatchInferenceParams
 
 # lmforge.batch_inference is imported inside the function: it imports torch, and the code location loads faster without it.
@@ -17,11 +17,9 @@ BatchInferenceConfig.__doc__ = "Overrides of params.yaml `batch_inference` for o
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("batch_inference"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["register"],
     pool="training",
-    code_version=code_version("batch_inference"),
     description="Completions for every prompt of batch_inference.file (JSONL or CSV) with the registered champion "
     "(or batch_inference.model), in batches, resumable: a killed run continues where it stopped. Bad rows are "
     "quarantined; the summary gives counts and tokens/s.",

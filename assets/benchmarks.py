@@ -5,16 +5,14 @@ import dagster as dg
 
 import lmforge.benchdata
 import lmforge.benchmarks
-from assets.common import code_version, materialized, md_table, summary_metadata
+from assets.common import declared, materialized, md_table, summary_metadata
 from assets.pretrain import candidates
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 
 
 @dg.asset(
-    group_name="evaluation",
+    **declared("benchmark_data"),
     kinds={"python", "lm_eval"},
-    deps=["split"],
-    code_version=code_version("benchmark_data"),
     description="The standard benchmark sets (pinned files of benchmarks.dir) and the user's own (benchmarks.user, bad rows "
     "quarantined), checked for 13-gram contamination by the training split, cut into the seeded subset every model is "
     "scored on, with lm-evaluation-harness task YAMLs over them.",
@@ -28,12 +26,10 @@ def benchmark_data(context: dg.AssetExecutionContext, lmforge_params: ParamsReso
 
 
 @dg.asset(
-    group_name="evaluation",
+    **declared("benchmark_eval"),
     kinds={"python", "pytorch", "lm_eval", "mlflow"},
-    deps=["pretrain", "benchmark_data", "base_models"],
     partitions_def=candidates,
     pool="training",
-    code_version=code_version("benchmark_eval"),
     check_specs=[dg.AssetCheckSpec("kept_base_knowledge", asset="benchmark_eval", blocking=True,
                                    description="An adapted candidate lost no more than benchmarks.max_regression points on any task "
                                    "against its base model (beyond 2 paired standard errors).")],

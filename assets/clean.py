@@ -3,8 +3,8 @@
 import dagster as dg
 
 import lmforge.clean
-from assets.common import code_version, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.artifacts import load_dataset_dir
 from lmforge.params import CleanParams
 
@@ -13,10 +13,8 @@ CleanConfig.__doc__ = "Overrides of params.yaml `clean` for one run. Used by: cl
 
 
 @dg.asset(
-    group_name="data",
+    **declared("clean"),
     kinds={"python", "arrow"},
-    deps=["ingest"],
-    code_version=code_version("clean"),
     description="Ordered cleaning steps, Gopher-style quality filters, exact and MinHash near "
     "deduplication. Gated by the great-expectations suite (blocking checks).",
 )

@@ -12,9 +12,8 @@ from typing import Any, Literal, Optional
 
 import dagster as dg
 import pydantic
-import yaml
 
-from lmforge import codegraph
+from lmforge import codegraph, stages
 from lmforge.params import REPO_ROOT, LmforgeError, Params, load_params, to_dict, with_overrides
 
 
@@ -78,48 +77,37 @@ def _drop_empty(d: dict) -> dict:
 
 
 @functools.cache
-def _dvc_stages() -> dict[str, Any]:
-    return (yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
-
-
-@functools.cache
 def _params_in_force() -> Params:
     """params.yaml as the code location loads it (once: every asset's decorator asks for it)."""
     return load_params()
 
 
-#: Stages that dvc.yaml leaves out, with the params keys their code version includes: the feedback and
-#: preference loops read the live feedback store (``lmforge serve`` writes it), which DVC cannot version
-#: (their sensor runs them); a hyper-parameter search resumes from its own study, off the default run.
-NOT_IN_DVC = {
-    "feedback_examples": ["feedback"],
-    "feedback_finetune": ["feedback", "finetune", "registry", "evaluate.sampling", "benchmarks"],
-    "feedback_register": ["feedback", "registry"],
-    "feedback_preferences": ["feedback", "preference"],
-    "preference_tune": ["feedback", "preference", "finetune", "registry", "benchmarks"],
-    "preference_register": ["feedback", "preference", "registry"],
-    "hpsearch": ["hpsearch", "pretrain", "tokenizer", "finetune"],  # a study that resumes: its state is its own SQLite file, not DVC's
-}
+def declared(stage: str, *observed: Any) -> dict[str, Any]:
+    """The arguments of ``@dg.asset`` that the stage's declaration (``Stage(...)``, ``lmforge.stages``)
+    settles: its group, its upstream assets (``observed``: source assets it reads, such as the raw
+    documents, then the stages it reads) and its code version."""
+    spec = stages.get(stage)
+    return {"group_name": spec.group, "deps": [*observed, *spec.upstream], "code_version": code_version(stage)}
 
 
 def code_version(stage: str, params: Params | None = None) -> str:
     """A hash of everything but data that the stage ``stage`` depends on: the project files its code
     imports (``lmforge.codegraph``: the import closure of its asset and check functions), the other
-    files ``dvc.yaml`` lists for it outside ``data/`` and ``artifacts/`` (prompt templates), and the
-    values of its ``params`` keys in ``dvc.yaml``, plus ``paths``.
+    repository files it declares outside ``data/`` (prompt templates), and the values of its declared
+    ``params`` keys, plus ``paths``.
 
     ``params`` are the values a run used (its tier, its run config); by default, ``params.yaml`` with
     the size tier in force (``$LMFORGE_TIER``).  Dagster marks an asset stale when its code version
     changes, so an edit of the code or of params.yaml shows up in the UI (after "Reload definitions");
-    ``dvc.yaml`` lists the same files (a test keeps them equal), so both front doors agree on "changed".
+    ``dvc.yaml`` is written from the same declaration and import closure, so both front doors agree on
+    "changed".
     """
-    spec = _dvc_stages()[stage] if stage not in NOT_IN_DVC else {"params": NOT_IN_DVC[stage]}
-    spec = spec.get("do", spec)  # foreach stages (one per candidate) share one template
+    spec = stages.get(stage)
     h = hashlib.sha256()
     for path in codegraph.stage_files(stage):
         h.update(codegraph.relative([path])[0].encode() + b"\0" + path.read_bytes())
-    for dep in spec.get("deps", []):
-        if dep.endswith(".py") or dep.startswith(("artifacts/", "data/")):
+    for dep in spec.files:
+        if dep.startswith("data/"):
             continue
         path = REPO_ROOT / dep
         for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -129,7 +117,7 @@ def code_version(stage: str, params: Params | None = None) -> str:
         values = to_dict(params if params is not None else _params_in_force())
     except LmforgeError as exc:  # the run reports it; the version just has to differ from a valid one
         return "invalid-params-" + hashlib.sha256(str(exc).encode()).hexdigest()[:8]
-    for key in ["paths", *spec.get("params", [])]:
+    for key in ["paths", *spec.params]:
         value: Any = values
         for part in key.split("."):
             value = value[part]

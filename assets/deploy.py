@@ -4,8 +4,8 @@ import dagster as dg
 
 import lmforge.compress
 from assets.gates import kept_benchmarks
-from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import DistilParams, PruneParams, QuantizeParams
 
 QuantizeConfig = overrides_config(QuantizeParams, "QuantizeConfig")
@@ -22,11 +22,9 @@ def _variants_metadata(summary: dict, out) -> dict:
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("quantize"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["select", "packed", "benchmark_data"],
     pool="training",
-    code_version=code_version("quantize"),
     check_specs=[dg.AssetCheckSpec("perplexity_within_threshold", asset="quantize", blocking=True,
                                    description="A quantized variant's test perplexity rose by at most quantize.max_perplexity_increase "
                                    "and it kept the champion's benchmark accuracy (benchmarks.max_regression, paired)."),
@@ -48,11 +46,9 @@ def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("prune"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["select", "packed", "benchmark_data"],
     pool="training",
-    code_version=code_version("prune"),
     description="Magnitude pruning of the champion's linear layers (unstructured and structured), scored like quantize.",
 )
 def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
@@ -62,11 +58,9 @@ def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("distil"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["select", "packed", "benchmark_data"],
     pool="training",
-    code_version=code_version("distil"),
     check_specs=[dg.AssetCheckSpec("beats_from_scratch", asset="distil", description="The distilled student beats the same student trained from scratch.")],
     description="A smaller student trained on the champion's logits (KL + CE), against the same student trained from scratch.",
 )
@@ -82,10 +76,8 @@ def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_para
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("register"),
     kinds={"python", "mlflow"},
-    deps=["select", "evaluate", "benchmark_eval"],
-    code_version=code_version("register"),
     description="The champion as a new version of the MLflow registered model (registry.name), tagged with its lineage; "
     "aliases `candidate`, and `champion` when at least as good as the reigning one on the same data.",
 )
@@ -100,10 +92,8 @@ def register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) 
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("register_quantized"),
     kinds={"python", "mlflow"},
-    deps=["register", "quantize"],
-    code_version=code_version("register_quantized"),
     description="The chosen quantized variant of the registered champion as a new version; alias `quantized`.",
 )
 def register_quantized(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
@@ -115,11 +105,9 @@ def register_quantized(context: dg.AssetExecutionContext, lmforge_params: Params
 
 
 @dg.asset(
-    group_name="deploy",
+    **declared("export"),
     kinds={"python", "gguf", "mlflow"},
-    deps=["register", "packed"],
     pool="training",
-    code_version=code_version("export"),
     check_specs=[dg.AssetCheckSpec("round_trip_perplexity", asset="export", blocking=True,
                                    description="Each GGUF file, read back by transformers, and each ONNX model, read back by ONNX "
                                    "Runtime, scores the champion's test perplexity within export.max_perplexity_increase of its kind.")],

@@ -4,9 +4,9 @@ import dagster as dg
 
 import lmforge.evaluate
 import lmforge.select
-from assets.common import code_version, inline_png, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.common import declared, inline_png, materialized, md_table, overrides_config, stage_params, summary_metadata
 from assets.pretrain import candidates
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 from lmforge.params import EvaluateParams, SelectParams
 
 EvaluateConfig = overrides_config(EvaluateParams, "EvaluateConfig")
@@ -16,12 +16,10 @@ SelectConfig.__doc__ = "Overrides of params.yaml `select` for one run (weights: 
 
 
 @dg.asset(
-    group_name="evaluation",
+    **declared("evaluate"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["pretrain", "packed"],
     partitions_def=candidates,
     pool="training",
-    code_version=code_version("evaluate"),
     check_specs=[
         dg.AssetCheckSpec("metrics_finite", asset="evaluate", blocking=True, description="Perplexity is finite on every evaluated split."),
     ],
@@ -52,10 +50,8 @@ def evaluate(context: dg.AssetExecutionContext, config: EvaluateConfig, lmforge_
 
 
 @dg.asset(
-    group_name="evaluation",
+    **declared("select"),
     kinds={"python", "mlflow"},
-    deps=["evaluate", "benchmark_eval"],
-    code_version=code_version("select"),
     description="Weighted factor matrix over the evaluated candidates (quality, benchmark accuracy, speed, size, training cost, "
     "context extrapolation, CrowS-Pairs and XSTest; weights in params.yaml); names the champion.",
 )

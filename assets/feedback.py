@@ -5,15 +5,14 @@ starts it when enough new accepted feedback arrived."""
 import dagster as dg
 
 import lmforge.feedback
-from assets.common import code_version, materialized, md_table, summary_metadata
+from assets.common import declared, materialized, md_table, summary_metadata
 from assets.gates import tuned_checks, tuned_results
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 
 
 @dg.asset(
-    group_name="feedback",
+    **declared("feedback_examples"),
     kinds={"python", "sqlite", "great_expectations"},
-    code_version=code_version("feedback_examples"),
     check_specs=[dg.AssetCheckSpec(name, asset="feedback_examples", blocking=True, description=d)
                  for name, d in lmforge.feedback.CHECK_NAMES.items()],
     description="Users' feedback on served answers (POST /v1/feedback, and JSONL files in feedback.inbox) as SFT examples: "
@@ -31,11 +30,9 @@ def feedback_examples(context: dg.AssetExecutionContext, lmforge_params: ParamsR
 
 
 @dg.asset(
-    group_name="feedback",
+    **declared("feedback_finetune"),
     kinds={"python", "pytorch", "peft", "mlflow"},
-    deps=["feedback_examples", "task_data"],
     pool="training",
-    code_version=code_version("feedback_finetune"),
     check_specs=tuned_checks("feedback_finetune", "On the sft task set's held-out test part, ROUGE-L above the current aliased model's "
                              "by more than feedback.min_improvement."),
     description="The model behind models:/<registry.name>@<feedback.alias>, fine-tuned on the feedback examples, "
@@ -52,10 +49,8 @@ def feedback_finetune(context: dg.AssetExecutionContext, lmforge_params: ParamsR
 
 
 @dg.asset(
-    group_name="feedback",
+    **declared("feedback_register"),
     kinds={"python", "mlflow"},
-    deps=["feedback_finetune"],
-    code_version=code_version("feedback_register"),
     description="The model fine-tuned on feedback as a new registry version; the alias feedback.alias moves to it "
     "(only runs when feedback_finetune's blocking check beats_current passed).",
 )

@@ -6,8 +6,8 @@ import dagster as dg
 
 import lmforge.finetune
 from assets.gates import kept_benchmarks
-from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import FinetuneParams
 
 FinetuneConfig = overrides_config(FinetuneParams, "FinetuneConfig")
@@ -15,9 +15,8 @@ FinetuneConfig.__doc__ = "Overrides of params.yaml `finetune` for one run. Used 
 
 
 @dg.asset(
-    group_name="finetune",
+    **declared("task_data"),
     kinds={"python", "great_expectations"},
-    code_version=code_version("task_data"),
     check_specs=[dg.AssetCheckSpec(name, asset="task_data", blocking=True, description=d) for name, d in lmforge.finetune.CHECK_NAMES.items()],
     description="The fine-tuning task sets of finetune.tasks under paths.finetune (JSONL/CSV), validated with "
     "great-expectations (blocking: enough examples, no empty field, known labels) and split train/val/test by group.",
@@ -51,11 +50,9 @@ def _results_table(summary: dict, metrics: tuple[str, ...], models: dict[str, st
 
 
 @dg.asset(
-    group_name="finetune",
+    **declared("finetune_classifier"),
     kinds={"python", "pytorch", "peft", "mlflow"},
-    deps=["task_data", "select"],
     pool="training",
-    code_version=code_version("finetune_classifier"),
     check_specs=[
         dg.AssetCheckSpec("beats_majority_baseline", asset="finetune_classifier",
                           description="Test accuracy and macro-F1 above the majority class's."),
@@ -86,11 +83,9 @@ def finetune_classifier(context: dg.AssetExecutionContext, config: FinetuneConfi
 
 
 @dg.asset(
-    group_name="finetune",
+    **declared("finetune_sft"),
     kinds={"python", "pytorch", "peft", "mlflow"},
-    deps=["task_data", "select", "benchmark_data"],
     pool="training",
-    code_version=code_version("finetune_sft"),
     check_specs=[dg.AssetCheckSpec("beats_zero_shot", asset="finetune_sft", description="Test ROUGE-1/2/L above the pretrained model's zero-shot answers."),
                  dg.AssetCheckSpec("kept_benchmarks", asset="finetune_sft",
                                    description="Each tuned model's benchmark gate against the champion (benchmarks.max_regression, paired).")],

@@ -4,16 +4,14 @@ fine-tuning (lmforge/hpsearch.py).  Off the default run: ``hpsearch_job``, or ``
 import dagster as dg
 
 import lmforge.hpsearch
-from assets.common import code_version, materialized, md_table, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, summary_metadata
+from assets.resources import ParamsResource
 
 
 @dg.asset(
-    group_name="hpsearch",
+    **declared("hpsearch"),
     kinds={"python", "optuna", "pytorch", "mlflow"},
-    deps=["packed", "select", "task_data"],  # pretraining trials read the packed data; fine-tuning ones the champion and the task set
     pool="training",
-    code_version=code_version("hpsearch"),
     description="An Optuna study over hpsearch.space (each trial: hpsearch.candidate pretrained, or the champion fine-tuned on the SFT "
     "task set, with the trial's values, pruned by its validation curve, a nested MLflow run), stored in SQLite so that a killed search resumes; the best trial's values as a params "
     "overlay (best_params.yaml) for `lmforge run --params`.",

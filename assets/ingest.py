@@ -6,8 +6,8 @@ import dagster as dg
 
 import lmforge.ingest
 import lmforge.params
-from assets.common import code_version, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.artifacts import load_dataset_dir
 
 IngestConfig = overrides_config(lmforge.params.IngestParams, "IngestConfig")
@@ -30,10 +30,8 @@ with warnings.catch_warnings():
 
 
 @dg.asset(
-    group_name="data",
-    deps=[raw_documents],
+    **declared("ingest", raw_documents),
     kinds={"python", "arrow"},
-    code_version=code_version("ingest"),
     description="Every configured source (files of many formats, Hugging Face datasets) converted to "
     "plain-text documents with provenance; unreadable inputs go to quarantine.jsonl.",
 )

@@ -5,15 +5,14 @@
 import dagster as dg
 
 import lmforge.preference
-from assets.common import code_version, materialized, md_table, summary_metadata
+from assets.common import declared, materialized, md_table, summary_metadata
 from assets.gates import tuned_checks, tuned_results
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 
 
 @dg.asset(
-    group_name="preference",
+    **declared("feedback_preferences"),
     kinds={"python", "sqlite", "great_expectations"},
-    code_version=code_version("feedback_preferences"),
     check_specs=[dg.AssetCheckSpec(name, asset="feedback_preferences", blocking=True, description=d)
                  for name, d in lmforge.preference.CHECK_NAMES.items()],
     description="Chosen/rejected answer pairs: a correction over the answer it corrects, a well- over a poorly-rated answer to one "
@@ -32,11 +31,9 @@ def feedback_preferences(context: dg.AssetExecutionContext, lmforge_params: Para
 
 
 @dg.asset(
-    group_name="preference",
+    **declared("preference_tune"),
     kinds={"python", "pytorch", "trl", "mlflow"},
-    deps=["feedback_preferences"],
     pool="training",
-    code_version=code_version("preference_tune"),
     check_specs=tuned_checks("preference_tune", "On the held-out pairs, the tuned model prefers the chosen answer more often than the "
                              "current aliased model does, by more than preference.min_improvement."),
     description="The model behind models:/<registry.name>@<feedback.alias>, tuned with DPO (TRL) on the preference pairs, "
@@ -56,10 +53,8 @@ def preference_tune(context: dg.AssetExecutionContext, lmforge_params: ParamsRes
 
 
 @dg.asset(
-    group_name="preference",
+    **declared("preference_register"),
     kinds={"python", "mlflow"},
-    deps=["preference_tune"],
-    code_version=code_version("preference_register"),
     description="The preference-tuned model as a new registry version (kind preference, its base version and the pairs' hash "
     "in its tags); the alias feedback.alias moves to it (only after preference_tune's blocking checks passed).",
 )

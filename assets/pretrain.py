@@ -5,8 +5,8 @@ import json
 import dagster as dg
 
 import lmforge.pretrain
-from assets.common import code_version, inline_png, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, inline_png, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import ParamsError, PretrainParams, load_params
 
 PretrainConfig = overrides_config(PretrainParams, "PretrainConfig")
@@ -25,9 +25,8 @@ candidates = dg.StaticPartitionsDefinition(_candidates())
 
 
 @dg.asset(
-    group_name="tokenizer",  # a base model brings its own tokenizer: packed needs it
+    **declared("base_models"),
     kinds={"python", "huggingface"},
-    code_version=code_version("base_models"),
     description="The existing models that candidates name as their source (GGUF file, local Hugging Face "
     "directory or hub id), checked (safetensors or GGUF only; no remote code) and cached as safetensors "
     "directories with their tokenizer, sha256 and licence.",
@@ -40,12 +39,10 @@ def base_models(context: dg.AssetExecutionContext, lmforge_params: ParamsResourc
 
 
 @dg.asset(
-    group_name="pretrain",
+    **declared("pretrain"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["packed", "base_models"],
     partitions_def=candidates,
     pool="training",  # dagster.yaml limits the pool to one run at a time on this machine
-    code_version=code_version("pretrain"),
     check_specs=[
         dg.AssetCheckSpec("weights_finite", asset="pretrain", blocking=True, description="Every exported weight is finite."),
         dg.AssetCheckSpec(

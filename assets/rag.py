@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import RagParams
 
 # lmforge.rag is imported inside the functions: it imports torch, and the code location loads faster without it.
@@ -21,10 +21,8 @@ def _retrieval_table(summary: dict) -> str:
 
 
 @dg.asset(
-    group_name="rag",
+    **declared("retrieval_index"),
     kinds={"python", "bm25s", "pytorch"},
-    deps=["split", "select"],
-    code_version=code_version("retrieval_index"),
     check_specs=[dg.AssetCheckSpec("finds_known_items", asset="retrieval_index", blocking=True,
                                    description="The best method's recall@k is above chance (k / number of chunks).")],
     description="The cleaned corpus in overlapping chunks with a BM25 index and a dense index (the champion's "
@@ -44,10 +42,8 @@ def retrieval_index(context: dg.AssetExecutionContext, config: RagConfig, lmforg
 
 
 @dg.asset(
-    group_name="rag",
+    **declared("rag_eval"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["retrieval_index", "finetune_sft"],
-    code_version=code_version("rag_eval"),
     description="With and without retrieved chunks: the champion's perplexity on held-out continuations, and "
     "ROUGE of the fine-tuned summariser on the summarisation test set.",
 )
@@ -60,10 +56,8 @@ def rag_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_param
 
 
 @dg.asset(
-    group_name="rag",
+    **declared("prompt_eval"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["task_data", "select"],
-    code_version=code_version("prompt_eval"),
     description="The prompt templates (prompts/) zero-shot and few-shot (fixed or retrieved examples) on the "
     "fine-tuning task sets, with the champion: macro-F1 of label likelihoods, ROUGE of summaries.",
 )
@@ -81,10 +75,8 @@ def prompt_eval(context: dg.AssetExecutionContext, config: RagConfig, lmforge_pa
 
 
 @dg.asset(
-    group_name="rag",
+    **declared("sampling_sweep"),
     kinds={"python", "pytorch", "mlflow"},
-    deps=["register", "task_data"],
-    code_version=code_version("sampling_sweep"),
     description="Temperature × top-k × top-p, scored on the task sets' val parts (ROUGE-L, macro-F1, distinct-2, "
     "repetition); the best setting is tagged `sampling_best` on the champion's registry version.",
 )

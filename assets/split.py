@@ -3,8 +3,8 @@
 import dagster as dg
 
 import lmforge.split
-from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import SplitParams
 
 SplitConfig = overrides_config(SplitParams, "SplitConfig")
@@ -12,10 +12,8 @@ SplitConfig.__doc__ = "Overrides of params.yaml `split` for one run. Used by: sp
 
 
 @dg.asset(
-    group_name="data",
+    **declared("split"),
     kinds={"python", "arrow"},
-    deps=["clean"],
-    code_version=code_version("split"),
     description="Hash-based train/val/test split; near-duplicate clusters stay in one split.",
 )
 def split(context: dg.AssetExecutionContext, config: SplitConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:

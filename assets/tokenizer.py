@@ -3,8 +3,8 @@
 import dagster as dg
 
 import lmforge.vocabulary
-from assets.common import code_version, materialized, md_table, overrides_config, stage_params, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
+from assets.resources import ParamsResource
 from lmforge.params import TokenizerParams
 
 TokenizerConfig = overrides_config(TokenizerParams, "TokenizerConfig")
@@ -12,10 +12,8 @@ TokenizerConfig.__doc__ = "Overrides of params.yaml `tokenizer` for one run. Use
 
 
 @dg.asset(
-    group_name="tokenizer",
+    **declared("tokenizer"),
     kinds={"python", "huggingface"},
-    deps=["split"],
-    code_version=code_version("tokenizer"),
     description="Tokenizer trained on the train split only (byte-level BPE, WordPiece, Unigram or "
     "characters), saved as a PreTrainedTokenizerFast directory; measured on val.",
 )
@@ -36,10 +34,8 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, lmforg
 
 
 @dg.asset(
-    group_name="tokenizer",
+    **declared("packed"),
     kinds={"python", "numpy"},
-    deps=["tokenizer", "split", "base_models"],
-    code_version=code_version("packed"),
     description="Every split tokenized in parallel with each tokenizer a candidate reads (the trained one, "
     "each base model's own), documents separated by EOS/SEP, packed into fixed-length blocks in "
     "memory-mappable token files under packed/<tokenizer>.",

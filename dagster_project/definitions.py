@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import (batch_inference, benchmarks, clean, deploy, evaluate, feedback, finetune, hpsearch, ingest, preference, pretrain, rag, split,
-                    tokenizer)
+import assets
 from dagster_project.checks import data_quality, leakage, vocabulary
 from dagster_project.jobs import JOBS
 from dagster_project.loggers import console
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 from dagster_project.schedules import SCHEDULES
 from dagster_project.sensors import SENSORS
 
-ASSETS = dg.load_assets_from_modules([ingest, clean, split, tokenizer, pretrain, evaluate, benchmarks, finetune, deploy, batch_inference, rag, feedback,
-                                      preference, hpsearch])
+ASSETS = dg.load_assets_from_package_module(assets)  # every module of assets/: a new stage's asset module needs no edit here
 CHECKS = dg.load_asset_checks_from_modules([data_quality, leakage, vocabulary])
 
 defs = dg.Definitions(

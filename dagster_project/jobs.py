@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import dagster as dg
 
-from dagster_project.resources import TIER_TAG
+from assets.resources import TIER_TAG
+from lmforge import stages
 
 #: The feedback and preference loops' assets: their sensor runs them when users' feedback arrives, not when data changes.
 FEEDBACK = dg.AssetSelection.groups("feedback")
 PREFERENCE = dg.AssetSelection.groups("preference")
 #: The hyper-parameter search: launched by hand (or `lmforge run --select hpsearch`); it writes a params overlay.
 HPSEARCH = dg.AssetSelection.groups("hpsearch")
-#: Every asset of the pipeline, raw documents to registered model (the raw-data source is observed, not
-#: materialized; the feedback and preference loops run on their own, the search when asked).
-EVERYTHING = dg.AssetSelection.all() - FEEDBACK - PREFERENCE - HPSEARCH
+#: Every asset of the pipeline, raw documents to registered model: the stages dvc.yaml holds too (the
+#: raw-data source is observed, not materialized; the stages declared ``in_dvc=False``, the feedback and
+#: preference loops and the search, run on their own or when asked).
+EVERYTHING = dg.AssetSelection.all() - dg.AssetSelection.assets(*(name for name, stage in stages.stages().items() if not stage.in_dvc))
 #: From the vocabulary onward: what a retrain recomputes when the validated splits stand.
 FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer", "base_models").downstream() - HPSEARCH
 

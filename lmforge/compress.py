@@ -30,7 +30,32 @@ from lmforge.benchmarks import benchmark_gates
 from lmforge.candidates import champion_packed_dir
 from lmforge.finetune import champion
 from lmforge.params import LmforgeError, Params
+from lmforge.stages import Out, Stage
 from lmforge.tracking import log_numbers, tracked_run
+
+
+QUANTIZE = Stage(
+    "quantize", group="deploy",
+    params=("benchmarks", "quantize", "evaluate.batch_size", "evaluate.max_blocks", "evaluate.speed_batch_sizes", "evaluate.speed_new_tokens",
+            "evaluate.speed_rounds"),
+    reads=("benchmark_data/tasks", "select/summary.json", "packed"),
+    outs=("models", Out("variants.md", cache=False), Out("params.json", cache=False)),
+    note="speed is measured on the machine at hand: the summary's speed-ups vary from run to run",
+)
+PRUNE = Stage(
+    "prune", group="deploy",
+    params=("benchmarks", "prune", "evaluate.batch_size", "evaluate.max_blocks", "evaluate.speed_batch_sizes", "evaluate.speed_new_tokens",
+            "evaluate.speed_rounds"),
+    reads=("benchmark_data/tasks", "select/summary.json", "packed"),
+    outs=("models", Out("variants.md", cache=False), Out("params.json", cache=False)),
+)
+DISTIL = Stage(
+    "distil", group="deploy",
+    params=("benchmarks", "distil"),
+    reads=("benchmark_data/tasks", "select/summary.json", "packed"),
+    outs=("models", Out("params.json", cache=False)),
+)
+
 
 
 def _scorer(params: Params, source: Path):

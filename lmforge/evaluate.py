@@ -21,7 +21,20 @@ from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.params import LmforgeError, Params
 from lmforge.candidates import get, packed_dir
 from lmforge.sources import source_tags
+from lmforge.stages import Out, Stage
 from lmforge.tracking import log_numbers, tracked_run
+
+
+EVALUATE = Stage(
+    "evaluate", group="evaluation",
+    params=("evaluate", "pretrain.candidates"),
+    reads=("pretrain/{candidate}/hf", "pretrain/{candidate}/summary.json", "packed"),
+    files=("evalsets/crows_pairs/crows_pairs_anonymized.csv",),
+    outs=("samples.json", "crows_pairs.jsonl", Out("context_curve.png", cache=False)),
+    per_candidate=True,
+    note="speed is measured on the machine at hand: the summary's speed figures vary from run to run",
+)
+
 
 
 def _finite(x: float | None) -> float | None:

@@ -41,8 +41,20 @@ from lmforge.artifacts import fresh_dir, read_summary, weights_sha256, write_par
 from lmforge.fetch import check_hash, download_sdist, sha256_file
 from lmforge.finetune import champion
 from lmforge.params import REPO_ROOT, LmforgeError, Params
+from lmforge.stages import Stage
 from lmforge.tracking import tracked_run
 from models import onnx_genai
+
+
+EXPORT = Stage(
+    "export", group="deploy",
+    params=("export", "registry", "evaluate.batch_size", "evaluate.max_blocks"),
+    reads=("register/summary.json", "select/summary.json", "packed"),
+    files=("tools/llama.cpp",),
+    outs=("gguf",),
+    note="GGUF files of the champion, read back and scored (the registry version gets their sha256)",
+)
+
 
 CONVERTER_PACKAGE = "llama-cpp-python==0.3.36"
 #: sha256 of llama_cpp_python-0.3.36.tar.gz, as PyPI publishes it.

@@ -35,6 +35,16 @@ from typing import Any
 from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.feedback_store import RATINGS, FeedbackStore
 from lmforge.params import LmforgeError, Params
+from lmforge.stages import Stage
+
+
+FEEDBACK_EXAMPLES = Stage("feedback_examples", group="feedback", params=("feedback",), in_dvc=False,
+                          note="the feedback loop reads the live feedback store (`lmforge serve` writes it), which DVC cannot version: its sensor runs it")
+FEEDBACK_FINETUNE = Stage("feedback_finetune", group="feedback", params=("feedback", "finetune", "registry", "evaluate.sampling", "benchmarks"),
+                          reads=("feedback_examples/examples.jsonl", "task_data/sft"), in_dvc=False, note="the feedback loop reads the live feedback store (`lmforge serve` writes it), which DVC cannot version: its sensor runs it")
+FEEDBACK_REGISTER = Stage("feedback_register", group="feedback", params=("feedback", "registry"), reads=("feedback_finetune",), in_dvc=False,
+                          note="the feedback loop reads the live feedback store (`lmforge serve` writes it), which DVC cannot version: its sensor runs it")
+
 
 #: Check name → what it guarantees (the Dagster check specs are declared from this).
 CHECK_NAMES = {

@@ -35,8 +35,31 @@ from typing import Any
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_params, write_summary
 from lmforge.benchmarks import benchmark_gates
 from lmforge.params import LmforgeError, Params
+from lmforge.stages import Out, Stage
 from lmforge.tracking import log_numbers, tracked_run
 from lmforge.validation import CheckOutcome, validate_frame
+
+
+TASK_DATA = Stage(
+    "task_data", group="finetune",
+    params=("paths.finetune", "finetune.tasks", "finetune.min_examples", "finetune.val_fraction", "finetune.test_fraction",
+            "finetune.classification", "finetune.sft"),
+    files=("data/finetune",),
+    outs=("classification", "sft", Out("params.json", cache=False)),
+)
+FINETUNE_CLASSIFIER = Stage(
+    "finetune_classifier", group="finetune",
+    params=("finetune.tasks", "finetune.methods", "finetune.train", "finetune.lora", "finetune.classification"),
+    reads=("task_data/classification", "select/summary.json"),
+    outs=("models", Out("params.json", cache=False)),
+)
+FINETUNE_SFT = Stage(
+    "finetune_sft", group="finetune",
+    params=("finetune.tasks", "finetune.methods", "finetune.train", "finetune.lora", "finetune.sft", "evaluate.sampling", "benchmarks"),
+    reads=("task_data/sft", "select/summary.json", "benchmark_data/tasks"),
+    outs=("models", Out("examples.json", cache=False), Out("params.json", cache=False)),
+)
+
 
 #: Task name → (params section, the standard column names ← the params fields naming them).
 TASKS = {

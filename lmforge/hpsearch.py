@@ -34,6 +34,13 @@ import yaml
 
 from lmforge.artifacts import write_params, write_summary
 from lmforge.params import BASE_TIER, LmforgeError, Params, ParamsError, current_tier, deep_merge, load_params, params_file
+from lmforge.stages import Stage
+
+
+HPSEARCH = Stage("hpsearch", group="hpsearch", params=("hpsearch", "pretrain", "tokenizer", "finetune"),
+                 reads=("packed", "select/summary.json", "task_data/sft"), in_dvc=False,
+                 note="a study that resumes: its state is its own SQLite file (hpsearch.storage), not DVC's; off the default run")
+
 
 #: The user attribute of a trial a killed search left behind: it runs again, and does not count toward the budget.
 INTERRUPTED = "interrupted"

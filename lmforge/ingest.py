@@ -41,6 +41,16 @@ from lmforge.artifacts import (
 from lmforge.cluster import connected
 from lmforge.formats import Record, detect_format, read_records
 from lmforge.params import IngestParams, LmforgeError, Params, SourceParams, build
+from lmforge.stages import Out, Stage
+
+
+INGEST = Stage(
+    "ingest", group="data",
+    params=("paths", "ingest"),
+    files=("data/raw",),
+    outs=("dataset", "quarantine.jsonl", Out("params.json", cache=False)),
+)
+
 
 COLUMNS = ("id", "source", "path", "record", "format", "text", "bytes", "sha256", "file_sha256")
 

@@ -38,6 +38,15 @@ from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_jsonl, 
 from lmforge.feedback import gated_summary, read_feedback, register_tuned, validate_rows
 from lmforge.feedback_store import RATINGS
 from lmforge.params import LmforgeError, Params
+from lmforge.stages import Stage
+
+
+FEEDBACK_PREFERENCES = Stage("feedback_preferences", group="preference", params=("feedback", "preference"), in_dvc=False, note="the preference loop reads the live feedback store (`lmforge serve` writes it), which DVC cannot version: its sensor runs it")
+PREFERENCE_TUNE = Stage("preference_tune", group="preference", params=("feedback", "preference", "finetune", "registry", "benchmarks"),
+                        reads=("feedback_preferences",), in_dvc=False, note="the preference loop reads the live feedback store (`lmforge serve` writes it), which DVC cannot version: its sensor runs it")
+PREFERENCE_REGISTER = Stage("preference_register", group="preference", params=("feedback", "preference", "registry"), reads=("preference_tune",),
+                            in_dvc=False, note="the preference loop reads the live feedback store (`lmforge serve` writes it), which DVC cannot version: its sensor runs it")
+
 
 #: Check name → what it guarantees (the Dagster check specs are declared from this).
 CHECK_NAMES = {

@@ -21,8 +21,28 @@ from lmforge.artifacts import write_params, write_summary
 from lmforge.candidates import Candidate, base_model_dir, get, packed_dir, sources_in_use, tokenizer_dir
 from lmforge.params import LmforgeError, Params
 from lmforge.sources import link_or_copy, source_tags
+from lmforge.stages import Out, Stage
 from lmforge.tracking import artifact_location, lineage_tags, tracking_uri
 from models.train_config import Scale
+
+
+BASE_MODELS = Stage(
+    "base_models", group="tokenizer",  # a base model brings its own tokenizer: packed needs it
+    params=("paths.artifacts", "pretrain.candidates"),
+    outs=(Out("", cache=False),),
+    note="existing models named by candidates' `source`; the weights stay outside DVC's cache (they are\n"
+         "derived from the source, whose sha256 is recorded in base_models/<name>/source.json)",
+)
+PRETRAIN = Stage(
+    "pretrain", group="pretrain",
+    params=("pretrain.train", "pretrain.scale", "pretrain.adapt", "pretrain.candidates", "cluster.workers"),
+    reads=("packed", "tokenizer/hf", "base_models"),
+    outs=("hf", Out("loss_curve.png", cache=False)),
+    per_candidate=True,
+    note="one stage per candidate of params.yaml (pretrain.candidates); a killed run resumes from the\n"
+         "checkpoints under artifacts/pretrain/<name>/runs/, which DVC leaves in place",
+)
+
 
 
 def checkpoint_format(scale: Scale) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from lmforge.artifacts import fresh_dir, load_dataset_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
 from lmforge.finetune import TASKS, champion, load_task, not_configured
 from lmforge.params import LmforgeError, Params
+from lmforge.stages import Out, Stage
 from lmforge.tracking import log_numbers, tracked_run, tracking_uri
 from models.retrieval import (
     LexicalIndex,
@@ -40,6 +41,37 @@ from models.retrieval import (
     sentences,
     truncate_left,
 )
+
+
+RETRIEVAL_INDEX = Stage(
+    "retrieval_index", group="rag",
+    params=("rag.chunk_words", "rag.overlap_words", "rag.encoder", "rag.encoder_max_tokens", "rag.queries", "rag.recall_at", "rag.seed"),
+    reads=("split/train", "split/val", "split/test", "select/summary.json"),
+    outs=("chunks.jsonl", "bm25", "embeddings.npy", "known_items.jsonl", Out("meta.json", cache=False), Out("params.json", cache=False)),
+)
+RAG_EVAL = Stage(
+    "rag_eval", group="rag",
+    params=("rag", "finetune.tasks", "finetune.sft"),
+    reads=("retrieval_index/chunks.jsonl", "retrieval_index/bm25", "retrieval_index/embeddings.npy", "finetune_sft/models",
+           "finetune_sft/summary.json", "select/summary.json", "task_data/classification", "task_data/sft"),
+    files=("prompts/rag.txt",),
+    outs=(Out("examples.json", cache=False), Out("comparison.md", cache=False), Out("params.json", cache=False)),
+)
+PROMPT_EVAL = Stage(
+    "prompt_eval", group="rag",
+    params=("rag.templates", "rag.few_shot", "rag.eval_examples", "finetune.tasks", "finetune.classification.labels", "finetune.sft.max_new_tokens"),
+    reads=("select/summary.json", "task_data/classification", "task_data/sft"),
+    files=("prompts",),
+    outs=(Out("examples.json", cache=False), Out("params.json", cache=False)),
+)
+SAMPLING_SWEEP = Stage(
+    "sampling_sweep", group="rag",
+    params=("rag.sweep", "rag.few_shot", "rag.templates", "finetune.tasks"),
+    reads=("register/summary.json", "select/summary.json", "task_data/classification", "task_data/sft"),
+    files=("prompts",),
+    outs=(Out("sweep.md", cache=False), Out("params.json", cache=False)),
+)
+
 
 #: The placeholders each template must hold (and may only hold).
 TEMPLATE_FIELDS = {"rag": {"context", "prompt"}, "summarise": {"document"}, "classify": {"text"}}

@@ -31,7 +31,22 @@ import mlflow.pyfunc
 from lmforge.artifacts import read_summary, weights_sha256, write_summary
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.sources import source_tags
+from lmforge.stages import Stage
 from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
+
+
+REGISTER = Stage(
+    "register", group="deploy",
+    params=("registry",),
+    reads=("benchmark_eval", "select/summary.json", "evaluate"),
+    note="a new registry version each time the champion or its evaluation changes",
+)
+REGISTER_QUANTIZED = Stage(
+    "register_quantized", group="deploy",
+    params=("registry",),
+    reads=("register/summary.json", "quantize/summary.json", "quantize/models"),
+)
+
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):

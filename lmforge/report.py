@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge import stages
 from lmforge.params import Params
 
 UI_COMMANDS = "make ui  →  Dagster http://127.0.0.1:3000 · MLflow http://127.0.0.1:5000"
@@ -98,6 +99,10 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     for stage, item, render in (("preference_tune", "held-out pairs", _preference), ("hpsearch", "best trial", _hpsearch)):
         if summary_of(stage):  # off the default run: a row once it ran
             add(stage, item, render)
+    shown = {row[0] for row in out} | {"pretrain", "evaluate", "benchmark_eval"}  # the candidate rows
+    for name, spec in stages.stages().items():  # a pipeline stage without a line of its own above (a new one): its numbers
+        if name not in shown and spec.in_dvc and not spec.per_candidate:
+            add(name, "figures", _figures)
     failures = params.artifacts / "run_failures.jsonl"
     if failures.exists() and failures.read_text().strip():
         last = json.loads(failures.read_text().strip().splitlines()[-1])
@@ -105,6 +110,13 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     out.append(("UIs", "open", UI_COMMANDS))
     out.append(("serve", "OpenAI API", SERVE_COMMAND))
     return out
+
+
+def _figures(d: dict[str, Any]) -> str:
+    """The numbers of a summary (a new stage's row until it gets a line of its own)."""
+    numbers = [f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in d.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return " · ".join(numbers[:8]) or "done"
 
 
 def _preference(d: dict[str, Any]) -> str:

@@ -21,7 +21,17 @@ from typing import Any
 from lmforge.artifacts import write_params, write_summary
 from lmforge.candidates import TRAINED
 from lmforge.params import SELECT_FACTORS, LmforgeError, Params
+from lmforge.stages import Out, Stage
 from lmforge.tracking import tracked_run
+
+
+SELECT = Stage(
+    "select", group="evaluation",
+    params=("select", "pretrain.candidates"),
+    reads=("evaluate", "benchmark_eval"),
+    outs=(Out("factors.md", cache=False), Out("scores.png", cache=False)),
+)
+
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,16 @@ import numpy as np
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, save_dataset, write_params, write_summary
 from lmforge.params import Params, SplitParams
+from lmforge.stages import Out, Stage
+
+
+SPLIT = Stage(
+    "split", group="data",
+    params=("paths.artifacts", "split"),
+    reads=("clean/dataset",),
+    outs=("train", "val", "test", Out("params.json", cache=False)),
+)
+
 
 SPLITS = ("train", "val", "test")
 

@@ -11,6 +11,25 @@ from lmforge.artifacts import fresh_dir, load_dataset_dir, worker_friendly_signa
 from lmforge.candidates import TRAINED, packed_dir, scratch_archs, tokenizer_dir, tokenizers_in_use
 from lmforge.params import LmforgeError, Params
 from lmforge.split import SPLITS
+from lmforge.stages import Out, Stage
+
+
+TOKENIZER = Stage(
+    "tokenizer", group="tokenizer",
+    params=("paths.artifacts", "tokenizer.algorithm", "tokenizer.vocab_size", "tokenizer.min_frequency", "tokenizer.normalizer",
+            "tokenizer.extra_ids", "tokenizer.max_unk_rate", "tokenizer.block_size", "pretrain.candidates"),
+    reads=("split/train", "split/val"),
+    outs=("hf", Out("params.json", cache=False)),
+)
+PACKED = Stage(
+    "packed", group="tokenizer",
+    params=("paths.artifacts", "tokenizer", "pretrain.candidates"),
+    reads=("split/train", "split/val", "split/test", "tokenizer/hf", "base_models"),
+    outs=("",),
+    note="packed/<tokenizer>/{train,val,test}.bin and meta.json, one folder per tokenizer (summary.json,\n"
+         "inside it, is listed under metrics at the top)",
+)
+
 
 
 def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:

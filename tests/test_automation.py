@@ -11,7 +11,7 @@ import yaml
 from conftest import write_params
 
 from dagster_project.definitions import defs
-from dagster_project.resources import TIER_TAG, ParamsResource
+from assets.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import THEN_DOWNSTREAM, THEN_TAG, weekly_retrain
 from dagster_project.sensors import RAW_DOCUMENTS, continue_downstream, raw_data_changed, record_run_failure, registry_versions
 from lmforge.params import ParamsError, load_params

@@ -31,7 +31,7 @@ def test_asset_graph_snapshot():
         assert not (feedback | preference | {"hpsearch"}) & {k.to_user_string() for k in defs.get_job_def(job).asset_layer.selected_asset_keys}
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("register_quantized")).parent_keys) == ["quantize", "register"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("batch_inference")).parent_keys] == ["register"]
-    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("export")).parent_keys) == ["packed", "register"]
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("export")).parent_keys) == ["packed", "register", "select"]
     assert graph.get(dg.AssetKey("batch_inference")).pools == {"training"}
     for name in ("pretrain", "evaluate", "benchmark_eval"):
         node = graph.get(dg.AssetKey(name))

@@ -106,7 +106,7 @@ DRIVER = textwrap.dedent('''
     import json, sys
     import dagster as dg
     from dagster_project.definitions import defs
-    from dagster_project.resources import ParamsResource
+    from assets.resources import ParamsResource
 
     cursor = sys.argv[1] or None
     with dg.DagsterInstance.get() as instance:

@@ -238,7 +238,7 @@ def test_a_classification_only_task_set_with_its_own_fields_and_labels(tmp_path:
     import dagster as dg
 
     from assets.finetune import finetune_classifier, finetune_sft, task_data
-    from dagster_project.resources import ParamsResource
+    from assets.resources import ParamsResource
     from lmforge.report import rows as report_rows
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,4 +1,4 @@
-"""The layering of the code, read from its imports: ``assets/`` → ``lmforge/`` → ``models/``.
+"""The layering of the code, read from its imports: ``dagster_project/`` → ``assets/`` → ``lmforge/`` → ``models/``.
 
 ``models/`` is plain torch / transformers code usable from a notebook: it imports neither ``lmforge``
 nor Dagster.  ``lmforge/`` holds the stage logic, callable without Dagster.  Imports inside functions
@@ -109,6 +109,15 @@ def test_lmforge_does_not_import_dagster():
         if _top(name) == "lmforge":
             wrong = sorted(n for n in imported_names(name, path) if _dagster(n))
             assert not wrong, f"{name} imports {', '.join(wrong)}: lmforge/ is stage logic callable without Dagster"
+
+
+def test_assets_do_not_import_the_code_location():
+    """``dagster_project/`` wires the assets into Definitions; an asset module reaching back up into it
+    would make a cycle the day the wiring imports the asset by name."""
+    for name, path in module_files().items():
+        if _top(name) == "assets":
+            wrong = sorted(n for n in imported_names(name, path) if _top(n) == "dagster_project")
+            assert not wrong, f"{name} imports {', '.join(wrong)}: assets/ is imported by dagster_project/, not the other way"
 
 
 def test_every_module_of_models_and_lmforge_imports_in_a_fresh_interpreter():

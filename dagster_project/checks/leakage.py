@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 from lmforge.split import leakage
 
 

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 from lmforge.artifacts import read_params, read_summary
 
 

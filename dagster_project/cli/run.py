@@ -121,7 +121,7 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     import dagster as dg
 
     from dagster_project.definitions import defs
-    from dagster_project.resources import TIER_TAG
+    from assets.resources import TIER_TAG
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster")))
     home.mkdir(parents=True, exist_ok=True)

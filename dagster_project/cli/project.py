@@ -1,0 +1,28 @@
+"""``lmforge dvc-yaml``: ``dvc.yaml`` written from the stages' declarations (``lmforge/stages.py``)."""
+
+from __future__ import annotations
+
+import typer
+
+from dagster_project.cli.common import app, fail
+from lmforge.params import REPO_ROOT, LmforgeError
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(check: bool = typer.Option(False, "--check", help="Write nothing: exit 1 if dvc.yaml differs from the declarations.")) -> None:
+    """Write dvc.yaml from the stages' declarations (Stage(...) in lmforge/*.py) and their code's imports."""
+    from lmforge.stages import dvc_yaml as render
+
+    path = REPO_ROOT / "dvc.yaml"
+    try:
+        text = render(REPO_ROOT)
+    except LmforgeError as exc:
+        fail(str(exc))
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if check:
+        if current != text:
+            fail(f"{path} differs from the stages' declarations: run `lmforge dvc-yaml`")
+        typer.echo(f"{path} is current")
+        return
+    path.write_text(text, encoding="utf-8")
+    typer.echo(f"{path}: " + ("unchanged" if current == text else "written") + f" ({text.count(chr(10) + '    cmd:') + text.count(chr(10) + '      cmd:')} stages)")
