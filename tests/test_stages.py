@@ -63,7 +63,7 @@ def test_a_declaration_that_does_not_fit_is_refused_with_where_and_why(tmp_path:
 
 TOY_LOGIC = '''"""A toy stage: the number of words in the train split."""
 
-from lmforge.artifacts import load_dataset_dir, write_summary
+from lmforge.artifacts import fresh_dir, load_dataset_dir, write_summary
 from lmforge.params import Params
 from lmforge.stages import Stage
 
@@ -73,7 +73,7 @@ TOY = Stage("toy", group="toy", params=("split",), reads=("split/train",), note=
 def run_toy(params: Params) -> dict:
     words = sum(len(t.split()) for t in load_dataset_dir(params.stage_dir("split") / "train", "split")["text"])
     summary = {"words": words}
-    write_summary(params.stage_dir("toy"), summary)
+    write_summary(fresh_dir(params.stage_dir("toy")), summary)
     return summary
 '''
 
@@ -83,7 +83,7 @@ import dagster as dg
 
 import lmforge.toy
 from assets.common import declared, materialized, summary_metadata
-from dagster_project.resources import ParamsResource
+from assets.resources import ParamsResource
 
 
 @dg.asset(**declared("toy"), description="Words in the train split.")
