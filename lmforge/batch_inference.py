@@ -221,17 +221,11 @@ def load_model(ref: str, tracking_uri: str | None) -> tuple[Any, Any, str]:
     """(model, tokenizer, resolved version) for a model directory or MLflow URI; a clear error for a
     missing registry entry or a masked LM (it cannot generate)."""
     from lmforge.artifacts import weights_sha256
-    from models.generation import ModelNotFound, load, resolve
+    from lmforge.registry import model_directory
+    from models.generation import load
 
-    from lmforge.registry import pin_version
-
-    to_load, version = pin_version(ref, tracking_uri)
-    try:
-        directory = resolve(to_load, tracking_uri)
-        model, tokenizer, objective = load(directory)
-    except ModelNotFound as exc:
-        hint = "; run `lmforge run --select register` first" if ref.startswith("models:/") else ""
-        raise LmforgeError(f"{exc}{hint}") from None
+    directory, version = model_directory(ref, tracking_uri)
+    model, tokenizer, objective = load(directory)
     if objective == "mlm":
         raise LmforgeError(f"{ref} is a masked language model: it fills in blanks and cannot generate text")
     if not ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
@@ -239,23 +233,28 @@ def load_model(ref: str, tracking_uri: str | None) -> tuple[Any, Any, str]:
     return model, tokenizer, version
 
 
-def chat_mode(setting: Any, tokenizer, ref: str) -> bool:
-    """``batch_inference.chat`` (auto, true, false; run config may pass it as a string) for this tokenizer."""
+def chat_mode(setting: Any, tokenizer, ref: str, option: str = "batch_inference.chat") -> bool:
+    """``batch_inference.chat`` or ``lmforge generate --chat`` (``option``: auto, true, false; run config
+    may pass it as a string) for this tokenizer: auto is on for an instruct model (a chat template)."""
     from models.generation import has_chat_template
 
     text = str(setting).lower()
     if text not in ("auto", "true", "false"):
-        raise LmforgeError(f"batch_inference.chat: expected auto, true or false, got {setting!r}")
+        raise LmforgeError(f"{option}: expected auto, true or false, got {setting!r}")
     if text == "auto":
         return has_chat_template(tokenizer)
     if text == "true" and not has_chat_template(tokenizer):
-        raise LmforgeError(f"chat: {ref} has no chat template (tokenizer.chat_template): it completes text; set chat to auto or false")
+        raise LmforgeError(f"{option}: {ref} has no chat template (tokenizer.chat_template): it completes text, so {option} cannot be on")
     return text == "true"
 
 
-# --------------------------------------------------------------------------------------------------
-# Resuming
-# --------------------------------------------------------------------------------------------------
+def complete_prompts(model, tokenizer, prompts: list[str], sampling, batch_size: int = 8, chat: bool = False,
+                     on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Completions of a few prompts held in memory (``lmforge generate``), streamed through ``on_text(i, piece)``
+    if given; a file of prompts goes through ``run_batch`` (resumable, quarantined)."""
+    from models.generation import generate
+
+    return generate(model, tokenizer, prompts, sampling, batch_size, on_text=on_text, chat=chat)
 
 
 def _fingerprint(details: dict[str, Any]) -> str:

@@ -161,6 +161,19 @@ def pin_version(ref: str, tracking_uri: str | None) -> tuple[str, str]:
     return ref, ref
 
 
+def model_directory(ref: str, tracking_uri: str | None) -> tuple[Path, str]:
+    """(local directory, version) of a model reference: a directory, or an MLflow URI whose alias is
+    pinned first (``pin_version``) and whose artifacts are downloaded; a clear error when it is missing."""
+    from models.generation import ModelNotFound, resolve
+
+    pinned, version = pin_version(ref, tracking_uri)
+    try:
+        return resolve(pinned, tracking_uri), version
+    except ModelNotFound as exc:
+        hint = "; run `lmforge run --select register` first" if ref.startswith("models:/") else ""
+        raise LmforgeError(f"{exc}{hint}") from None
+
+
 def current(client, name: str, alias: str):
     """The version behind ``name@alias``, or None."""
     from mlflow.exceptions import MlflowException

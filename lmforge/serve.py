@@ -687,14 +687,12 @@ def load_served(ref: str, tracking_uri: str | None, name: str | None = None, onn
     A model that is an ONNX graph already (the ``onnx_int8`` quantized variant) is served by the onnx
     engine whatever ``serve.engine`` says: its greedy requests by continuous batching, its sampled
     ones in dynamic batches of the same graph (``OnnxCausalLM.generate``)."""
-    from lmforge.registry import pin_version
-    from models.generation import ModelNotFound, resolve
+    from lmforge.registry import model_directory
     from models.loading import load_dir
 
-    pinned, version = pin_version(ref, tracking_uri)
     try:
-        directory = resolve(pinned, tracking_uri)
-    except ModelNotFound as exc:
+        directory, version = model_directory(ref, tracking_uri)
+    except LmforgeError as exc:
         raise LmforgeError(f"serve: {exc}") from None
     model, tokenizer, objective = load_dir(directory)
     if objective != "causal":
@@ -704,7 +702,7 @@ def load_served(ref: str, tracking_uri: str | None, name: str | None = None, onn
     registered = ref.startswith("models:/")
     return ServedModel(name=name or (ref[len("models:/") :] if registered else ref.rstrip("/").rsplit("/", 1)[-1]), ref=ref,
                        version=version.rsplit("/", 1)[-1] if registered else None, model=model, tokenizer=tokenizer,
-                       onnx_dir=getattr(model, "onnx_dir", None) or (onnx_model(pinned, directory, onnx, tracking_uri) if onnx else None))
+                       onnx_dir=getattr(model, "onnx_dir", None) or (onnx_model(version, directory, onnx, tracking_uri) if onnx else None))
 
 
 def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_uri: str | None) -> Path:

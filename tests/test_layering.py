@@ -120,6 +120,15 @@ def test_assets_do_not_import_the_code_location():
             assert not wrong, f"{name} imports {', '.join(wrong)}: assets/ is imported by dagster_project/, not the other way"
 
 
+def test_the_command_line_calls_stage_functions_only():
+    """``lmforge generate``, ``eval``, ... parse options and call ``lmforge/``: loading and checking a
+    model is stage logic the assets share, not something each front door does its own way."""
+    for name, path in module_files().items():
+        if name.startswith("dagster_project.cli"):
+            wrong = sorted(n for n in imported_names(name, path) if _top(n) == "models")
+            assert not wrong, f"{name} imports {', '.join(wrong)}: the CLI calls lmforge/ (stage functions), which calls models/"
+
+
 def test_every_module_of_models_and_lmforge_imports_in_a_fresh_interpreter():
     names = sorted(n for n in module_files() if _top(n) in ("models", "lmforge"))
     code = "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)

@@ -27,8 +27,8 @@ def evaluate(
     from lmforge.benchdata import run_benchmark_data
     from lmforge.benchmarks import score_model, scores_markdown
     from lmforge.params import load_params
+    from lmforge.registry import model_directory
     from lmforge.tracking import tracking_uri
-    from models.generation import resolve
 
     use_params(params, tier)
     try:
@@ -39,7 +39,7 @@ def evaluate(
             p.benchmarks.tasks = [t for t in tasks if t not in {u.name for u in p.benchmarks.user}]
             p.benchmarks.user = [u for u in p.benchmarks.user if u.name in tasks]
             p.benchmarks.__post_init__()
-        directory = resolve(model, tracking_uri(p))
+        directory, _version = model_directory(model, tracking_uri(p))
         with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
             run_benchmark_data(p, typer.echo, out=Path(tmp) / "benchmark_data", require_split=False)
             result = score_model(p, Path(directory), typer.echo, data=Path(tmp) / "benchmark_data")

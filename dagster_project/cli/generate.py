@@ -82,23 +82,15 @@ def generate(
             sampling = dataclasses.replace(p.evaluate.sampling, **overrides)
         except ValueError as exc:
             fail(str(exc))
+        from lmforge.batch_inference import chat_mode, complete_prompts, load_model
         from lmforge.finetune import champion
         from lmforge.tracking import tracking_uri
-        from models.generation import ModelNotFound, has_chat_template, load
-        from models.generation import generate as run_generate
 
         if model is None and not (p.stage_dir("select") / "summary.json").exists():
             fail("no --model given and no champion yet: materialize 'select' (lmforge run --select select) or pass --model")
         ref = model or str(champion(p)[1])
-        try:
-            lm, tokenizer, objective = load(ref, tracking_uri=tracking_uri(p))
-        except ModelNotFound as exc:
-            fail(str(exc))
-        if objective == "mlm":
-            fail(f"{ref} is a masked language model: it fills in blanks and cannot generate text")
-        if chat and not has_chat_template(tokenizer):
-            fail(f"--chat: {ref} has no chat template (tokenizer.chat_template): it completes text; leave out --chat")
-        chat = has_chat_template(tokenizer) if chat is None else chat
+        lm, tokenizer, _version = load_model(ref, tracking_uri(p))
+        chat = chat_mode("auto" if chat is None else chat, tokenizer, ref, option="--chat")
         sources: list[list[dict]] = [[] for _ in texts]
         questions = texts
         if rag:
@@ -116,11 +108,11 @@ def generate(
                     typer.secho(("" if i == 0 else "\n") + questions[i], bold=True, nl=bool(chat))
                 typer.echo(piece, nl=False)
 
-            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size or 8, on_text=show, chat=chat)
+            outputs = complete_prompts(lm, tokenizer, texts, sampling, batch_size or 8, chat=chat, on_text=show)
             typer.echo()
             _cite(sources[0] if len(texts) == 1 else [])
         else:
-            outputs = run_generate(lm, tokenizer, texts, sampling, batch_size or 8, chat=chat)
+            outputs = complete_prompts(lm, tokenizer, texts, sampling, batch_size or 8, chat=chat)
         if as_json:
             for prompt, completion, used in zip(questions, outputs, sources):
                 record = {"prompt": prompt, "completion": completion}
