@@ -5,10 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 import assets
+from assets.resources import ParamsResource
 from dagster_project.checks import data_quality, leakage, vocabulary
 from dagster_project.jobs import JOBS
 from dagster_project.loggers import console
-from assets.resources import ParamsResource
 from dagster_project.schedules import SCHEDULES
 from dagster_project.sensors import SENSORS
 

@@ -20,7 +20,7 @@ HPSEARCH = dg.AssetSelection.groups("hpsearch")
 #: Every asset of the pipeline, raw documents to registered model: the stages dvc.yaml holds too (the
 #: raw-data source is observed, not materialized; the stages declared ``in_dvc=False``, the feedback and
 #: preference loops and the search, run on their own or when asked).
-EVERYTHING = dg.AssetSelection.all() - dg.AssetSelection.assets(*(name for name, stage in stages.stages().items() if not stage.in_dvc))
+EVERYTHING = dg.AssetSelection.all() - dg.AssetSelection.assets(*stages.off_the_pipeline())
 #: From the vocabulary onward: what a retrain recomputes when the validated splits stand.
 FROM_VOCABULARY = dg.AssetSelection.assets("tokenizer", "base_models").downstream() - HPSEARCH
 

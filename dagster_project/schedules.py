@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from dagster_project.jobs import data_job
 from assets.resources import TIER_TAG
+from dagster_project.jobs import data_job
 from lmforge.params import AutomationParams, ParamsError, load_params
 
 #: A run carrying this tag is followed, once it succeeds, by a backfill of everything downstream of

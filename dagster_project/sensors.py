@@ -13,9 +13,9 @@ import dagster as dg
 # Sensors launch backfills with RunRequest.for_asset_graph_subset; its argument has no public constructor in 1.13
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
+from assets.resources import TIER_TAG, ParamsResource
 from dagster_project.errors import root_cause
 from dagster_project.jobs import data_job, feedback_job, preference_job
-from assets.resources import TIER_TAG, ParamsResource
 from dagster_project.schedules import AUTOMATION, THEN_DOWNSTREAM, THEN_TAG
 from lmforge.ingest import source_fingerprint
 from lmforge.params import REPO_ROOT, LmforgeError, load_params

@@ -57,7 +57,6 @@ DISTIL = Stage(
 )
 
 
-
 def _scorer(params: Params, source: Path):
     """A function scoring a model on the test split the way ``evaluate`` does (same blocks)."""
     from models.data import PackedBlocks

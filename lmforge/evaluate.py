@@ -36,7 +36,6 @@ EVALUATE = Stage(
 )
 
 
-
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 

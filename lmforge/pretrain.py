@@ -44,7 +44,6 @@ PRETRAIN = Stage(
 )
 
 
-
 def checkpoint_format(scale: Scale) -> str:
     """What a resume reads back: one file, or a directory of shards (FSDP's sharded state)."""
     sharded = scale.strategy == "fsdp2" or (scale.strategy == "fsdp" and scale.state_dict == "sharded")

@@ -48,7 +48,6 @@ REGISTER_QUANTIZED = Stage(
 )
 
 
-
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A pyfunc model: prompts in, completions out; sampling options (``SamplingParams``) as params."""
 

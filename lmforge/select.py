@@ -33,7 +33,6 @@ SELECT = Stage(
 )
 
 
-
 @dataclass(frozen=True)
 class Factor:
     name: str

@@ -134,6 +134,12 @@ def stages(root: Path = codegraph.CODE_ROOT) -> dict[str, Stage]:
     return ordered
 
 
+def off_the_pipeline(root: Path = codegraph.CODE_ROOT) -> list[str]:
+    """The stages declared ``in_dvc=False`` (the feedback and preference loops, the search): neither in
+    ``dvc.yaml`` nor in what ``lmforge run`` and ``full_job`` compute; they run on their own or when asked."""
+    return [name for name, stage in stages(root).items() if not stage.in_dvc]
+
+
 def get(name: str, root: Path = codegraph.CODE_ROOT) -> Stage:
     try:
         return stages(root)[name]

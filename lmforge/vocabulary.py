@@ -31,7 +31,6 @@ PACKED = Stage(
 )
 
 
-
 def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:
     """Texts of a dataset in lists of ``size``, read from the memory-mapped Arrow table."""
     for batch in ds.data.select(["text"]).to_batches(max_chunksize=size):

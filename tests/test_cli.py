@@ -190,7 +190,7 @@ def test_an_edited_module_makes_exactly_the_stages_that_import_it_out_of_date(ti
     from dagster_project.definitions import defs
     from lmforge import codegraph, stages
 
-    NOT_IN_DVC = {n for n, s in stages.stages().items() if not s.in_dvc}  # the loops and the search: off the pipeline `lmforge run` computes
+    NOT_IN_DVC = set(stages.off_the_pipeline())  # the loops and the search: off the pipeline `lmforge run` computes
 
     code = tmp_path / "code"
     for package in codegraph.PACKAGES:

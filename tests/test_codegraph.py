@@ -14,7 +14,7 @@ from lmforge import codegraph, stages
 
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 #: The stages off the DVC pipeline: the feedback and preference loops (they read a live database) and the search.
-NOT_IN_DVC = [name for name, stage in stages.stages().items() if not stage.in_dvc]
+NOT_IN_DVC = stages.off_the_pipeline()
 #: Every stage: DVC's and the others.
 ALL_STAGES = STAGES + NOT_IN_DVC
 

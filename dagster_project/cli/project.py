@@ -11,7 +11,7 @@ from lmforge.params import REPO_ROOT, LmforgeError
 @app.command("dvc-yaml")
 def dvc_yaml(check: bool = typer.Option(False, "--check", help="Write nothing: exit 1 if dvc.yaml differs from the declarations.")) -> None:
     """Write dvc.yaml from the stages' declarations (Stage(...) in lmforge/*.py) and their code's imports."""
-    from lmforge.stages import dvc_yaml as render
+    from lmforge.stages import dvc_yaml as render, off_the_pipeline, stages
 
     path = REPO_ROOT / "dvc.yaml"
     try:
@@ -25,4 +25,5 @@ def dvc_yaml(check: bool = typer.Option(False, "--check", help="Write nothing: e
         typer.echo(f"{path} is current")
         return
     path.write_text(text, encoding="utf-8")
-    typer.echo(f"{path}: " + ("unchanged" if current == text else "written") + f" ({text.count(chr(10) + '    cmd:') + text.count(chr(10) + '      cmd:')} stages)")
+    in_dvc = len(stages(REPO_ROOT)) - len(off_the_pipeline(REPO_ROOT))
+    typer.echo(f"{path}: " + ("unchanged" if current == text else "written") + f" ({in_dvc} stages)")

@@ -15,6 +15,7 @@ import typer
 
 from dagster_project.cli.common import app, PARAMS_HELP, TIER_HELP, fail, use_params
 from dagster_project.errors import root_cause
+from lmforge import stages as declared_stages
 from lmforge.params import REPO_ROOT, LmforgeError, load_params
 
 #: The instance settings lmforge ships (this checkout's .dagster/dagster.yaml), copied into new homes.
@@ -34,8 +35,8 @@ def stages() -> dict[str, bool]:
 
 #: What ``lmforge run`` computes without --select: every asset but the feedback and preference loops', which run
 #: on users' feedback (their sensor, or ``--select group:preference``), not on the data, and the search, which runs
-#: when asked (``--select hpsearch``) (dagster_project.jobs.EVERYTHING).
-PIPELINE = "not group:feedback and not group:preference and not group:hpsearch"
+#: when asked (``--select hpsearch``): the stages declared ``in_dvc=False`` (dagster_project.jobs.EVERYTHING).
+PIPELINE = " and ".join(f"not key:{name}" for name in declared_stages.off_the_pipeline())
 
 
 @app.command()
@@ -120,8 +121,8 @@ def _process_exists(pid: int) -> bool:
 def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool, dry_run: bool = False) -> bool:
     import dagster as dg
 
-    from dagster_project.definitions import defs
     from assets.resources import TIER_TAG
+    from dagster_project.definitions import defs
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster")))
     home.mkdir(parents=True, exist_ok=True)
