@@ -3,6 +3,12 @@
 Every stage goes through these helpers so that the same artifact contract holds everywhere: each
 stage writes one directory of its own (``<artifacts>/<stage>/``), with a ``summary.json`` that DVC
 reads as the stage's metrics and one quarantine record per rejected input.
+
+What a summary measured on this machine (wall times, throughput, latency, memory, speed-ups) goes to
+``timings.json`` beside it, which ``.dvcignore`` hides from DVC: the same data, code and parameters
+then give the same hashed outputs on every machine and every run, so ``dvc status`` stays clean
+after a rerun and a clone does not redo stages because a laptop was slower.  ``read_summary`` gives
+both back as one dict, so readers never care which file a figure lives in.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -24,6 +31,9 @@ from lmforge.params import LmforgeError
 
 QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
+TIMINGS = "timings.json"
+#: Summary keys whose values depend on the machine and its load rather than on data, code and params.
+MEASURED = re.compile(r"(^|_)(seconds|latency_ms|memory_mb|tokens_per_second|speedup|speed_goal_met)(_|$)")
 PARAMS = "params.json"
 
 
@@ -82,9 +92,38 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _split(summary: Any) -> tuple[Any, Any]:
+    """(what the data, code and params decide, what this machine measured) of a summary, same nesting."""
+    if not isinstance(summary, dict):
+        return summary, None
+    stable, measured = {}, {}
+    for key, value in summary.items():
+        if MEASURED.search(key):
+            measured[key] = value
+            continue
+        stable[key], inner = _split(value)
+        if inner:
+            measured[key] = inner
+    return stable, measured
+
+
+def _merge(stable: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(stable)
+    for key, value in measured.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def write_summary(stage_dir: Path, summary: dict[str, Any]) -> Path:
+    """``summary.json`` (hashed by DVC) and, when the stage measured anything, ``timings.json`` (not)."""
+    stable, measured = _split(summary)
     path = stage_dir / SUMMARY
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(stable, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    timings = stage_dir / TIMINGS
+    if measured:
+        timings.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    else:
+        timings.unlink(missing_ok=True)
     return path
 
 
@@ -105,11 +144,16 @@ def read_params(stage_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_summary(stage_dir: Path) -> dict[str, Any]:
+def read_summary(stage_dir: Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """A stage's summary with its timings merged back; a missing one is an error (None if ``missing_ok``)."""
     path = stage_dir / SUMMARY
     if not path.exists():
+        if missing_ok:
+            return None
         raise LmforgeError(f"{path} not found: run the '{stage_dir.name}' stage first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    timings = stage_dir / TIMINGS
+    return _merge(summary, json.loads(timings.read_text(encoding="utf-8"))) if timings.exists() else summary
 
 
 def fresh_dir(path: Path) -> Path:

@@ -42,7 +42,7 @@ import numpy as np
 
 from lmforge.artifacts import QuarantineWriter, fresh_dir, load_dataset_dir, write_jsonl, write_params, write_summary
 from lmforge.fetch import check_hash, download_wheel, sha256_file
-from lmforge.params import LmforgeError, Params, UserBenchmarkParams
+from lmforge.params import REPO_ROOT, LmforgeError, Params, UserBenchmarkParams
 from lmforge.stages import Out, Stage
 
 
@@ -373,13 +373,20 @@ def xstest_prompts(path: Path, max_prompts: int, seed: int) -> list[dict[str, st
 GENERATION_STOPS = ["Question:", "</s>", "<|im_end|>", "\n\n"]
 
 
+def _from_root(path: Path) -> str:
+    """``path`` relative to the repository (what ``lm_eval --include_path`` run from there resolves, and
+    the same bytes, so the same DVC hash, in every checkout); absolute when it lies outside."""
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def task_config(spec: TaskSpec, folder: Path, num_fewshot: int, max_gen_tokens: int) -> dict[str, Any]:
     """lm-evaluation-harness's task configuration (its YAML) over the task's local JSONL files
     (``dataset_path: json``, the harness's "Using Local Datasets"), in the format of the harness's own
     task of that name: the prompt is already in ``query``/``contexts``/``question``."""
     test, fewshot = folder / "test.jsonl", folder / "fewshot.jsonl"
     has_pool = fewshot.is_file() and fewshot.stat().st_size > 0
-    files = {"test": str(test.resolve()), **({"fewshot": str(fewshot.resolve())} if has_pool else {})}
+    files = {"test": _from_root(test), **({"fewshot": _from_root(fewshot)} if has_pool else {})}
     config: dict[str, Any] = {
         "task": f"lmforge_{spec.name}", "dataset_path": "json", "dataset_kwargs": {"data_files": files},
         "test_split": "test", "num_fewshot": num_fewshot, "metadata": {"version": 1.0, "lmforge_metric": spec.metric},

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import read_jsonl, read_summary, weights_sha256, write_jsonl, write_summary
-from lmforge.params import LmforgeError, Params
+from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Out, Stage
 
 
@@ -73,7 +73,8 @@ def _stderr(values: list[float]) -> float:
 
 
 def fit_to_context(tasks_dir: Path, names: list[str], count_tokens, max_length: int, out: Path) -> dict[str, int]:
-    """Copies in ``out`` of the tasks without the items whose answer does not fit ``max_length`` tokens;
+    """Copies in ``out`` of the tasks (their files made absolute: lm-eval resolves them from any working
+    directory) without the items whose answer does not fit ``max_length`` tokens;
     the number left out per task.
 
     lm-eval cuts a long question from the left, but stops on an answer (a choice, WinoGrande's rest of
@@ -86,7 +87,8 @@ def fit_to_context(tasks_dir: Path, names: list[str], count_tokens, max_length: 
     dropped = {}
     for name in names:
         config = yaml.safe_load((tasks_dir / f"lmforge_{name}.yaml").read_text())
-        files = config["dataset_kwargs"]["data_files"]
+        files = {split: str(REPO_ROOT / path) for split, path in config["dataset_kwargs"]["data_files"].items()}  # absolute, for any cwd
+        config["dataset_kwargs"]["data_files"] = files
         docs = read_jsonl(Path(files["test"]))
         if config["output_type"] == "generate_until":
             fits = lambda d: config["generation_kwargs"]["max_gen_toks"] < max_length  # noqa: E731
@@ -175,7 +177,7 @@ def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: di
         if any(too_long.values()):
             say("left out, their answers longer than the model's context of "
                 f"{lm.max_length} tokens: " + ", ".join(f"{n} {k} item(s)" for n, k in too_long.items() if k))
-            tasks_dir = Path(tmp)
+        tasks_dir = Path(tmp)
         names = [n for n in names if (tasks_dir / f"lmforge_{n}.yaml").is_file()]  # a task left with no item is not scored
         manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
         result = simple_evaluate(model=lm, tasks=[f"lmforge_{n}" for n in names], task_manager=manager, log_samples=True,
@@ -234,7 +236,9 @@ def score_model(params: Params, model_dir: Path, say=lambda _msg: None, data: Pa
 
     data = data or data_dir(params)
     fingerprint = read_summary(data)["fingerprint"]
-    cache = params.stage_dir("benchmark_eval") / "cache" / _cache_key(params, model_dir, fingerprint)
+    # a cache, not a stage's output: under no stage's directory, so no DVC stage that reads benchmark_eval
+    # sees it change when fine-tuning or compression score their models
+    cache = params.artifacts / "cache" / "benchmark_scores" / _cache_key(params, model_dir, fingerprint)
     if (cache / "scores.json").is_file():
         return json.loads((cache / "scores.json").read_text())
     from models.generation import load
@@ -249,7 +253,7 @@ def score_model(params: Params, model_dir: Path, say=lambda _msg: None, data: Pa
     safety, answers = xstest(model, tokenizer, read_jsonl(data / "xstest.jsonl"), params.benchmarks.xstest.max_new_tokens,
                              params.benchmarks.batch_size)
     standard = [t for t in tasks if t in STANDARD]
-    result = {"model_dir": str(model_dir), "tasks": tasks, "items": items, "xstest": safety, "seconds": time.perf_counter() - started,
+    result = {"tasks": tasks, "items": items, "xstest": safety, "seconds": time.perf_counter() - started,
               "accuracy": sum(tasks[t]["value"] for t in standard) / len(standard) if standard else None, "data_fingerprint": fingerprint}
     result["summary"] = flat(result)
     cache.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,6 @@ def sources_in_use(params: Params) -> dict[str, Source]:
 
 def champion_packed_dir(params: Params) -> Path:
     """The packed data of the champion's tokenizer (what compression, distillation and RAG score on)."""
-    import json
+    from lmforge.artifacts import read_summary
 
-    summary = params.stage_dir("select") / "summary.json"
-    if not summary.is_file():
-        raise LmforgeError(f"{summary} not found: materialize 'select' first")
-    return packed_dir(params, json.loads(summary.read_text()).get("champion_tokenizer", TRAINED))
+    return packed_dir(params, read_summary(params.stage_dir("select")).get("champion_tokenizer", TRAINED))

@@ -39,7 +39,7 @@ QUANTIZE = Stage(
     params=("benchmarks", "quantize", "evaluate.batch_size", "evaluate.max_blocks", "evaluate.speed_batch_sizes", "evaluate.speed_new_tokens",
             "evaluate.speed_rounds"),
     reads=("benchmark_data/tasks", "select/summary.json", "packed"),
-    outs=("models", Out("variants.md", cache=False), Out("params.json", cache=False)),
+    outs=("models", Out("params.json", cache=False)),  # variants.md: timings, kept out of DVC like timings.json
     note="speed is measured on the machine at hand: the summary's speed-ups vary from run to run",
 )
 PRUNE = Stage(
@@ -47,7 +47,7 @@ PRUNE = Stage(
     params=("benchmarks", "prune", "evaluate.batch_size", "evaluate.max_blocks", "evaluate.speed_batch_sizes", "evaluate.speed_new_tokens",
             "evaluate.speed_rounds"),
     reads=("benchmark_data/tasks", "select/summary.json", "packed"),
-    outs=("models", Out("variants.md", cache=False), Out("params.json", cache=False)),
+    outs=("models", Out("params.json", cache=False)),  # variants.md: timings, kept out of DVC like timings.json
 )
 DISTIL = Stage(
     "distil", group="deploy",

@@ -34,7 +34,7 @@ from typing import Any
 
 from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.feedback_store import RATINGS, FeedbackStore
-from lmforge.params import LmforgeError, Params
+from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Stage
 
 
@@ -281,7 +281,7 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     beats = new_score > current_score + f.min_improvement
     out = params.stage_dir("feedback_finetune")
     fresh_dir(out / "model")
-    export(model, tokenizer, out / "model", lora=f.method == "lora")
+    export(model, tokenizer, out / "model", lora=f.method == "lora", root=REPO_ROOT)
     from lmforge.benchmarks import score_and_gate, score_model
 
     report_as = lambda msg: say(f"feedback_finetune: {msg}")  # noqa: E731

@@ -34,7 +34,7 @@ from typing import Any
 
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_params, write_summary
 from lmforge.benchmarks import benchmark_gates
-from lmforge.params import LmforgeError, Params
+from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Out, Stage
 from lmforge.tracking import log_numbers, tracked_run
 from lmforge.validation import CheckOutcome, validate_frame
@@ -346,7 +346,7 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
                                "epochs": fitted.epochs_run, "val_macro_f1": fitted.best_score, "trainable_parameters": trainable_parameters(model),
                                "seconds": time.perf_counter() - started, "precision": fitted.precision}
             say(f"finetune_classifier {method}: test accuracy {results[method]['accuracy']:.3f}, macro-F1 {results[method]['macro_f1']:.3f}")
-            export(model, tokenizer, out / "models" / method, lora=method == "lora")
+            export(model, tokenizer, out / "models" / method, lora=method == "lora", root=REPO_ROOT)
             _log_method(client, run_id, params, "classification", method, results[method], fitted.history)
         summary: dict[str, Any] = {"champion": name, "labels": labels, "test_examples": len(encoded["test"])}
         _methods_summary(summary, results, ("accuracy", "macro_f1"), baseline, "val_macro_f1")
@@ -473,7 +473,7 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
             examples += [{"method": method, "prompt": q[:300], "reference": ref, "zero_shot": z, "fine_tuned": a}
                          for q, ref, z, a in list(zip(task.prompts["test"], references, zero_shot_answers, predicted))[:5]]
             say(f"finetune_sft {method}: test ROUGE-1 {results[method]['rouge1']:.3f}, ROUGE-2 {results[method]['rouge2']:.3f}, ROUGE-L {results[method]['rougeL']:.3f}")
-            export(model, task.tokenizer, out / "models" / method, lora=method == "lora")
+            export(model, task.tokenizer, out / "models" / method, lora=method == "lora", root=REPO_ROOT)
             _log_method(client, run_id, params, "sft", method, results[method], fitted.history)
         # What tuning on one task cost on everything else: each method gated on the champion.
         gates, benchmarks = benchmark_gates(params, {m: out / "models" / m / "hf" for m in results}, ("champion", source), results, say)

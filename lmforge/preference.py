@@ -37,7 +37,7 @@ from typing import Any
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
 from lmforge.feedback import gated_summary, read_feedback, register_tuned, validate_rows
 from lmforge.feedback_store import RATINGS
-from lmforge.params import LmforgeError, Params
+from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Stage
 
 
@@ -290,7 +290,7 @@ def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -
                          ref_model=reference, log=say)
     seconds = time.perf_counter() - started
     after = preference_accuracy(model, tokenizer, heldout, p.max_length)
-    export(model, tokenizer, out / "model", lora=p.method == "lora")
+    export(model, tokenizer, out / "model", lora=p.method == "lora", root=REPO_ROOT)
     shutil.rmtree(out / "trainer", ignore_errors=True)  # TRL's scratch files: nothing in them is read again
     report_as = lambda msg: say(f"preference_tune: {msg}")  # noqa: E731
     verdict = score_and_gate(params, out / "model" / "hf", score_model(params, source, report_as), report_as)["gate"]

@@ -185,8 +185,8 @@ def current(client, name: str, alias: str):
 
 def candidate_source_tags(params: Params, candidate: str) -> dict[str, str]:
     """Source, sha256 and licence of the base model a candidate descends from (none for scratch models)."""
-    summary = params.stage_dir("pretrain") / candidate / "summary.json"
-    source = json.loads(summary.read_text()).get("source") if summary.is_file() else None
+    summary = read_summary(params.stage_dir("pretrain") / candidate, missing_ok=True)
+    source = summary.get("source") if summary else None
     return source_tags(source) if source else {}
 
 

@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import stages
+from lmforge.artifacts import read_summary
 from lmforge.params import Params
 
 UI_COMMANDS = "make ui  →  Dagster http://127.0.0.1:3000 · MLflow http://127.0.0.1:5000"
 SERVE_COMMAND = "lmforge serve  →  http://127.0.0.1:8000/v1 (docs/serving.md)"
 
-
-def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _reasons(by_reason: dict[str, int]) -> str:
@@ -29,7 +27,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
 
     @functools.cache
     def summary_of(stage: str) -> dict[str, Any] | None:
-        return _load(params.stage_dir(stage) / "summary.json")
+        return read_summary(params.stage_dir(stage), missing_ok=True)
 
     out: list[tuple[str, str, str]] = []
 
@@ -50,8 +48,8 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
     champion = (summary_of("select") or {}).get("champion")
     scores = (summary_of("select") or {}).get("scores", {})
     for c in params.pretrain.candidates:
-        pre = _load(params.stage_dir("pretrain") / c.name / "summary.json")
-        ev = _load(params.stage_dir("evaluate") / c.name / "summary.json")
+        pre = read_summary(params.stage_dir("pretrain") / c.name, missing_ok=True)
+        ev = read_summary(params.stage_dir("evaluate") / c.name, missing_ok=True)
         if not pre:
             out.append(("pretrain", c.name, "not materialized"))
             continue
@@ -61,7 +59,7 @@ def rows(params: Params) -> list[tuple[str, str, str]]:
             text += f" · test {ev['bits_per_byte']:.3f} bits/byte · ppl {ev['perplexity']:.1f} ({ev.get('tokenizer', 'trained')} tokens)"
             if ev.get("crows_pairs_bias") is not None:  # 50%: no measured preference for the stereotyping sentence
                 text += f" · stereotype preference {ev['crows_pairs_bias']:.0%} ± {ev['crows_pairs_bias_se']:.0%}"
-        bench = _load(params.stage_dir("benchmark_eval") / c.name / "summary.json")
+        bench = read_summary(params.stage_dir("benchmark_eval") / c.name, missing_ok=True)
         if bench and bench.get("bench_accuracy") is not None:
             text += f" · benchmarks {100 * bench['bench_accuracy']:.1f}% mean (" + ", ".join(
                 f"{t} {100 * r['value']:.0f}" for t, r in bench["tasks"].items()) + ")"

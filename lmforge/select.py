@@ -13,12 +13,11 @@ Output ``<artifacts>/select/``: ``summary.json`` (``champion``, its model direct
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.artifacts import write_params, write_summary
+from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.candidates import TRAINED
 from lmforge.params import SELECT_FACTORS, LmforgeError, Params
 from lmforge.stages import Out, Stage
@@ -111,15 +110,14 @@ def ethics_risk(summary: dict[str, Any]) -> float | None:
 
 def eligibility(params: Params, candidate: str) -> tuple[dict[str, Any] | None, str]:
     """(evaluation and benchmark summary, "") for an eligible candidate, else (summary or None, the reason)."""
-    evaluation = params.stage_dir("evaluate") / candidate / "summary.json"
-    benchmarks = params.stage_dir("benchmark_eval") / candidate / "summary.json"
-    pretrained = params.stage_dir("pretrain") / candidate / "summary.json"
-    if not evaluation.exists() or not pretrained.exists():
+    summary = read_summary(params.stage_dir("evaluate") / candidate, missing_ok=True)
+    bench = read_summary(params.stage_dir("benchmark_eval") / candidate, missing_ok=True)
+    pretrained = read_summary(params.stage_dir("pretrain") / candidate, missing_ok=True)
+    if summary is None or pretrained is None:
         return None, "not evaluated"
-    if not benchmarks.exists():
+    if bench is None:
         return None, "not benchmarked: materialize benchmark_eval"
-    summary, bench = json.loads(evaluation.read_text()), json.loads(benchmarks.read_text())
-    fingerprint = json.loads(pretrained.read_text()).get("fingerprint")
+    fingerprint = pretrained.get("fingerprint")
     if summary.get("pretrain_fingerprint") != fingerprint:
         return summary, "stale evaluation (the model was retrained since): re-run evaluate"
     if bench.get("pretrain_fingerprint") != fingerprint:
@@ -221,7 +219,7 @@ def run_select(params: Params, dagster_run_id: str = "") -> dict[str, Any]:
         "scores": {n: r["total"] for n, r in rows.items()},
         "factors": {n: {"values": r["values"], "scores": r["scores"]} for n, r in rows.items()},
         "not_eligible": reasons,
-        "champion_pretrain_run_id": json.loads((params.stage_dir("pretrain") / champion / "summary.json").read_text())["mlflow_run_id"],
+        "champion_pretrain_run_id": read_summary(params.stage_dir("pretrain") / champion)["mlflow_run_id"],
     }
     with tracked_run(params, "select", {"stage": "select", "champion": champion, "dagster_run_id": dagster_run_id}) as (client, run_id):
         for name, total in result["scores"].items():

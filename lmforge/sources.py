@@ -44,6 +44,7 @@ class Source:
     kind: str  # gguf | hf_dir | hub
     location: str  # an absolute path, or the hub id
     slug: str  # its directory name under <artifacts>/base_models (and the name of its tokenizer)
+    written: str  # as params.yaml writes it (a path relative to the repository, or the hub id): what records keep
     revision: str | None = None
     sha256: str | None = None  # pinned by the user
     licence: str | None = None  # declared by the user
@@ -55,7 +56,7 @@ def resolve_source(params: Params, candidate: CandidateParams) -> Source:
     """The ``Source`` a candidate names, or a one-line error saying what a source may be."""
     text = candidate.source or ""
     path = params.path(text)
-    common = dict(revision=candidate.revision, sha256=candidate.sha256, licence=candidate.licence,
+    common = dict(written=text, revision=candidate.revision, sha256=candidate.sha256, licence=candidate.licence,
                   allow_pickle=candidate.allow_pickle, trust_remote_code=candidate.trust_remote_code)
     if text.endswith(".gguf"):
         if not path.is_file():
@@ -165,7 +166,7 @@ def materialize(source: Source, out: Path, report=None) -> dict[str, Any]:
     record_file = out / "source.json"
     if record_file.is_file():
         record = json.loads(record_file.read_text())
-        if record.get("sha256") == digest and record.get("settings") == asdict(source):
+        if record.get("sha256") == digest and record.get("settings") == _settings(source):
             say(f"base model {source.slug}: up to date ({record['kind']}, sha256 {digest[:12]}…)")
             return record
     if out.exists():
@@ -196,15 +197,21 @@ def materialize(source: Source, out: Path, report=None) -> dict[str, Any]:
         tokenizer.save_pretrained(str(work))
         config = model.config
     record = {
-        "source": source.location, "kind": source.kind, "slug": source.slug, "revision": source.revision, "sha256": digest,
+        "source": source.written, "kind": source.kind, "slug": source.slug, "revision": source.revision, "sha256": digest,
         "licence": source.licence or _licence_of(directory, gguf) or "unknown",
         "model_type": config.model_type, "architectures": getattr(config, "architectures", None),
-        "context_window": getattr(config, "max_position_embeddings", None), "settings": asdict(source),
+        "context_window": getattr(config, "max_position_embeddings", None), "settings": _settings(source),
     }
     (work / "source.json").write_text(json.dumps(record, indent=2) + "\n")
     os.replace(work, out)
     say(f"base model {source.slug}: ready ({record['model_type']}, licence {record['licence']})")
     return record
+
+
+def _settings(source: Source) -> dict[str, Any]:
+    """What decides the directory's contents, without the checkout's absolute path: the same record
+    (and the same DVC hash) on every machine."""
+    return {k: v for k, v in asdict(source).items() if k != "location"}
 
 
 def source_tags(record: dict[str, Any]) -> dict[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,8 +157,10 @@ HEADER = """\
 # edit those and run it again, not this file (a test compares them).
 # `dvc repro` runs the very same Dagster assets as the UI (`lmforge run --select <asset>`), so both
 # front doors produce the same artifacts from the same params.yaml.  Each stage lists exactly its own
-# data, code (the import closure of its asset and checks), parameters, outputs and metrics.  Outputs are
-# byte-identical for identical inputs, so a fresh clone's `dvc repro` leaves dvc.lock unchanged.
+# data, code (the import closure of its asset and checks), parameters, outputs and metrics.  What a stage
+# measures on the machine (timings) goes to timings.json, which .dvcignore hides, and artifacts name
+# paths relative to the repository; `lmforge run` records the stages it ran in dvc.lock (`dvc commit`),
+# so after it `dvc status` is clean and `dvc repro` runs nothing.
 # Run it with the project's venv active (`make demo` builds it).
 """
 
@@ -208,3 +211,20 @@ def dvc_yaml(root: Path = codegraph.CODE_ROOT) -> str:
             lines += [f"    {line}" for line in body]
         lines.append("")
     return "\n".join(lines)
+
+
+def dvc_addresses(ran: Iterable[tuple[str, str | None]], candidates: list[str], root: Path = codegraph.CODE_ROOT) -> list[str]:
+    """The ``dvc.yaml`` stages that (stage, partition) pairs a run materialized are: ``name``, or
+    ``name@<index>`` for a candidate's (DVC names a ``foreach`` item by its index in the list); a stage
+    not in DVC, or a candidate no longer in ``pretrain.candidates``, has none."""
+    declared = stages(root)
+    addresses = []
+    for name, partition in ran:
+        stage = declared.get(name)
+        if stage is None or not stage.in_dvc:
+            continue
+        if not stage.per_candidate:
+            addresses.append(name)
+        elif partition in candidates:
+            addresses.append(f"{name}@{candidates.index(partition)}")
+    return list(dict.fromkeys(addresses))

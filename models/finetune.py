@@ -24,6 +24,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -280,11 +281,18 @@ def first_line(text: str) -> str:
     return stripped.splitlines()[0].strip() if stripped else ""
 
 
-def export(model, tokenizer, method_dir, lora: bool) -> None:
+def export(model, tokenizer, method_dir, lora: bool, root: Path | None = None) -> None:
     """Save the model in Hugging Face format under ``method_dir/hf``.  A LoRA model is also saved as
     its adapter (``method_dir/adapter``, small, loadable with peft) and exported merged into full
-    weights, so every fine-tuned model loads the same way."""
+    weights, so every fine-tuned model loads the same way.  The adapter names its base model relative
+    to ``root`` (the repository) when it lies there: the same files, and DVC hash, in every checkout."""
     if lora:
+        config = model.peft_config["default"]
+        base = Path(config.base_model_name_or_path or "")
+        if root is not None and base.is_absolute() and base.is_relative_to(root):
+            config.base_model_name_or_path = str(base.relative_to(root))  # adapter_config.json
+            base_model = model.get_base_model()  # the model card (README.md) names it from these two
+            base_model.config.name_or_path = base_model.name_or_path = config.base_model_name_or_path
         model.save_pretrained(str(method_dir / "adapter"))
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(str(method_dir / "hf"), safe_serialization=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import multiprocess
 
-from lmforge.artifacts import save_generated, shards, worker_friendly_signals
+from lmforge.artifacts import read_summary, save_generated, shards, worker_friendly_signals, write_summary
 from lmforge.ingest import features
 
 
@@ -40,3 +40,24 @@ def test_pool_teardown_does_not_hang_under_a_sigterm_handler():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the caller's handler is back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_what_a_stage_measured_goes_beside_its_summary_and_reads_back_as_one(tmp_path: Path):
+    """Timings live in timings.json (hidden from DVC by .dvcignore): summary.json is the same on every
+    machine and run, and read_summary gives both back as the dict the stage wrote."""
+    import json
+
+    summary = {"perplexity": 3.5, "seconds": 1.2, "tokens_per_second_b1": 800.0, "speed_goal_met": True,
+               "variants": {"bf16": {"accuracy": 0.5, "latency_ms_b8": 12.0, "speedup_b1_min": 1.4}, "fp32": {"accuracy": 0.5}},
+               "speedup_spread_b1": [1.1, 1.3], "champion_score": 0.9}
+    write_summary(tmp_path, summary)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "perplexity": 3.5, "variants": {"bf16": {"accuracy": 0.5}, "fp32": {"accuracy": 0.5}}, "champion_score": 0.9}
+    assert json.loads((tmp_path / "timings.json").read_text()) == {
+        "seconds": 1.2, "tokens_per_second_b1": 800.0, "speed_goal_met": True, "speedup_spread_b1": [1.1, 1.3],
+        "variants": {"bf16": {"latency_ms_b8": 12.0, "speedup_b1_min": 1.4}}}
+    assert read_summary(tmp_path) == summary
+    write_summary(tmp_path, {"rows": 3})  # nothing measured this time: no stale timings survive
+    assert not (tmp_path / "timings.json").exists() and read_summary(tmp_path) == {"rows": 3}
+    assert read_summary(tmp_path / "missing", missing_ok=True) is None
+    assert "timings.json" in (Path(__file__).resolve().parents[1] / ".dvcignore").read_text().split()

@@ -17,6 +17,7 @@ from test_pretrained import save_tiny_llama
 from typer.testing import CliRunner
 
 from dagster_project.cli import app
+from lmforge.artifacts import read_summary
 from lmforge.batch_inference import Outputs, read_prompts, run_batch, run_batch_inference
 from lmforge.params import BatchInferenceParams, LmforgeError, SamplingParams, load_params
 
@@ -213,8 +214,10 @@ def test_the_stage_writes_its_directory_and_skips_without_a_prompt_file(tmp_path
     write_jsonl(tmp_path / "prompts.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:4])])
     summary = run_batch_inference(params)
     out = params.stage_dir("batch_inference")
-    assert summary["completed"] == 4 and json.loads((out / "summary.json").read_text()) == summary
-    assert {p.name for p in out.iterdir()} == {"completions.jsonl", "quarantine.jsonl", "state.json", "summary.json", "params.json"}
+    assert summary["completed"] == 4 and read_summary(out) == summary
+    assert "tokens_per_second" in json.loads((out / "timings.json").read_text())  # measured here: out of what DVC hashes
+    assert "tokens_per_second" not in json.loads((out / "summary.json").read_text())
+    assert {p.name for p in out.iterdir()} == {"completions.jsonl", "quarantine.jsonl", "state.json", "summary.json", "timings.json", "params.json"}
     assert json.loads((out / "params.json").read_text())["batch_size"] == 3
 
 

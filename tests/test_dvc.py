@@ -27,7 +27,7 @@ def dvc_stages(project: Project) -> list[str]:
 @pytest.mark.slow
 @needs_dvc
 def test_dvc_repro_agrees_that_the_pipeline_dagster_built_is_up_to_date(tiny_project: Project):
-    """The session's pipeline was built by `lmforge run` and recorded by `dvc commit`: `dvc repro` runs
+    """The session's pipeline was built by `lmforge run`, which recorded it in dvc.lock: `dvc repro` runs
     nothing, so both front doors name the same code, parameters, inputs and outputs for every stage."""
     lock = (tiny_project.path / "dvc.lock").read_text()
     proc = tiny_project.run("dvc", "repro")
@@ -37,6 +37,36 @@ def test_dvc_repro_agrees_that_the_pipeline_dagster_built_is_up_to_date(tiny_pro
         assert f"Stage '{stage}' didn't change, skipping" in out
     assert (tiny_project.path / "dvc.lock").read_text() == lock
     assert tiny_project.summary("split")["documents_in"] == 20 and tiny_project.summary("pretrain/a")["steps"] == 60
+
+
+@pytest.mark.slow
+@needs_dvc
+def test_lmforge_run_records_its_stages_and_nothing_dvc_hashes_names_the_checkout_or_a_timing(tiny_project: Project):
+    """No `dvc commit` by hand: `lmforge run` recorded every DVC stage it ran, so `dvc status` is clean.
+    What DVC hashes is the same in a checkout at another path and on a slower machine: no file of a
+    stage's outputs holds the checkout's absolute path, and no summary a timing (those are in the
+    timings.json beside it, which .dvcignore hides)."""
+    from lmforge.artifacts import MEASURED
+
+    recorded = next(line for line in tiny_project.first_run.stdout.splitlines() if line.startswith("recorded in dvc.lock: "))
+    assert {"ingest", "pretrain@0", "pretrain@1", "select", "quantize"} <= set(recorded.split(": ", 1)[1].split(", "))
+    assert json.loads(tiny_project.run("dvc", "status", "--json").stdout) == {}
+    lock = yaml.safe_load((tiny_project.path / "dvc.lock").read_text())["stages"]
+    assert {name.split("@")[0] for name in lock} == set(yaml.safe_load((tiny_project.path / "dvc.yaml").read_text())["stages"])
+    hashed = {tiny_project.path / out["path"] for stage in lock.values() for out in stage.get("outs", [])}
+    files = {f for path in hashed for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file() and f.name != "timings.json"}
+    text = [f for f in files if f.suffix in (".json", ".yaml", ".md", ".jsonl", ".txt")]
+    assert len(text) > 50 and [f for f in text if str(tiny_project.path) in f.read_text(errors="replace")] == []
+
+    def keys(value, prefix=""):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield f"{prefix}{k}"
+                yield from keys(v, f"{prefix}{k}.")
+
+    summaries = [f for f in files if f.name == "summary.json"]
+    assert [(f, k) for f in summaries for k in keys(json.loads(f.read_text())) if MEASURED.search(k.rsplit(".", 1)[-1])] == []
+    assert tiny_project.summary("quantize")["variants"]["bf16"]["tokens_per_second_b1"] > 0  # read back from timings.json
 
 
 @pytest.mark.slow

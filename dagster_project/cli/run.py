@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,8 @@ import typer
 from dagster_project.cli.common import app, PARAMS_HELP, TIER_HELP, fail, use_params
 from dagster_project.errors import root_cause
 from lmforge import stages as declared_stages
-from lmforge.params import REPO_ROOT, LmforgeError, load_params
+from lmforge.artifacts import read_summary
+from lmforge.params import BASE_TIER, REPO_ROOT, LmforgeError, current_tier, load_params, params_file
 
 #: The instance settings lmforge ships (this checkout's .dagster/dagster.yaml), copied into new homes.
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[2] / ".dagster" / "dagster.yaml"
@@ -74,7 +76,8 @@ def run(
         fail(str(exc))
     except (OSError, yaml.YAMLError) as exc:
         fail(f"cannot read run config {config}: {exc}")
-    ok = _materialize(select or PIPELINE, run_config or {}, verbose, partition, stale_only=(select is None or stale) and not force, dry_run=dry_run)
+    ok = _materialize(select or PIPELINE, run_config or {}, verbose, partition, stale_only=(select is None or stale) and not force, dry_run=dry_run,
+                      record=not run_config)
     if select is None and not dry_run:
         _print_table(load_params())
     if not ok:
@@ -118,7 +121,9 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool, dry_run: bool = False) -> bool:
+def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[str] | None, stale_only: bool, dry_run: bool = False,
+                 record: bool = False) -> bool:
+    """Run the selection (see ``run``); with ``record``, write what succeeded into dvc.lock (``_record_in_dvc``)."""
     import dagster as dg
 
     from assets.resources import TIER_TAG
@@ -147,6 +152,7 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     tier = os.environ.get("LMFORGE_TIER")
     job = defs.resolve_implicit_global_asset_job_def()
     failed = False
+    ran: list[tuple[str, str | None]] = []  # (stage, partition) materialized by a run that succeeded
     with dg.DagsterInstance.get() as instance:
         _release_dead_runs(instance)
         _observe_raw_documents(instance)  # ingest records the raw files' version it read
@@ -170,9 +176,46 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
             )
             ok = _report(result, partition_key)
             failed |= not ok
-            if not ok and partition_key is None:  # a failed partition does not stop the others; the rest does
+            if ok:
+                ran += [(e.asset_key.to_user_string(), partition_key) for e in result.get_asset_materialization_events()]
+            elif partition_key is None:  # a failed partition does not stop the others; the rest does
                 break
+    if record:
+        _record_in_dvc(ran)
     return not failed
+
+
+def _record_in_dvc(ran: list[tuple[str, str | None]]) -> None:
+    """Record the DVC stages a run materialized in ``dvc.lock``, as ``dvc commit`` (and ``dvc repro``)
+    would: the hashes of their deps, params and outs now.  Then ``dvc status`` is clean after
+    ``lmforge run`` (``make demo`` on a fresh clone included) and ``dvc repro`` runs only what changed
+    since.  Ingest's run records the data it read (``data.dvc``) too.
+
+    Only a run that ``dvc repro`` could have made is recorded: from this checkout's params.yaml at the
+    base tier, with no run config (what DVC's params say), in a DVC repository, and not inside
+    ``dvc repro`` itself (``$DVC_STAGE``: DVC records its stage when the command ends)."""
+    if not ran or os.environ.get("DVC_STAGE") or not (REPO_ROOT / ".dvc").is_dir():
+        return
+    if params_file() != REPO_ROOT / "params.yaml" or current_tier() != BASE_TIER:
+        return
+    candidates = [c.name for c in load_params().pretrain.candidates]
+    targets = declared_stages.dvc_addresses(ran, candidates)
+    if "ingest" in targets and (REPO_ROOT / "data.dvc").is_file():
+        targets.append("data.dvc")
+    if not targets:
+        return
+    dvc = Path(sys.executable).parent / "dvc"  # the Makefile links DVC's own venv here
+    try:
+        proc = subprocess.run([str(dvc if dvc.exists() else "dvc"), "commit", "--force", "--quiet", *targets], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        typer.secho(f"warning: could not record the run in dvc.lock ({exc}); `dvc commit` does it by hand", fg=typer.colors.YELLOW, err=True)
+        return
+    if proc.returncode:
+        reason = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no message"]
+        typer.secho(f"warning: `dvc commit` of {len(targets)} stage(s) failed: {reason[0]}", fg=typer.colors.YELLOW, err=True)
+    else:
+        typer.echo(f"recorded in dvc.lock: {', '.join(targets)}")
 
 
 def _observe_raw_documents(instance) -> None:
@@ -246,14 +289,14 @@ def _print_summaries(selected: list[str], partition: str | None = None) -> None:
         if stages()[stage]:
             candidates = [partition] if partition else [c.name for c in params.pretrain.candidates]
             for name in candidates:
-                _print_summary(f"{stage}/{name}", params.stage_dir(stage) / name / "summary.json")
+                _print_summary(f"{stage}/{name}", params.stage_dir(stage) / name)
         else:
-            _print_summary(stage, params.stage_dir(stage) / "summary.json")
+            _print_summary(stage, params.stage_dir(stage))
 
 
-def _print_summary(label: str, path: Path) -> None:
-    if path.exists():
-        summary = json.loads(path.read_text())
+def _print_summary(label: str, stage_dir: Path) -> None:
+    summary = read_summary(stage_dir, missing_ok=True)
+    if summary is not None:
         flat = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40))
         typer.echo(f"{label:>9}: {flat}")
         reasons = summary.get("by_reason")
