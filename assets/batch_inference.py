@@ -6,34 +6,30 @@ A module of its own rather than part of ``assets/deploy.py``: a module's assets 
 
 import dagster as dg
 
-from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
-from assets.resources import ParamsResource
-from lmforge.params import BatchInferenceParams
-
-# lmforge.batch_inference is imported inside the function: it imports torch, and the code location loads faster without it.
-
-BatchInferenceConfig = overrides_config(BatchInferenceParams, "BatchInferenceConfig")
-BatchInferenceConfig.__doc__ = "Overrides of params.yaml `batch_inference` for one run (another model, batch size, sampling). Used by: batch_inference."
+from assets.common import md_table
+from assets.factory import stage_asset
 
 
-@dg.asset(
-    **declared("batch_inference"),
+# lmforge.batch_inference is imported when the stage runs: it imports torch, and the code location loads faster without it.
+def _run(params, ctx):
+    import lmforge.batch_inference
+
+    return lmforge.batch_inference.run_batch_inference(params, ctx=ctx)
+
+
+def _samples(summary: dict, params, out) -> dict:
+    import lmforge.batch_inference
+
+    return {"model": summary["model"], "model_version": summary["model_version"],
+            "samples": dg.MetadataValue.md(md_table(lmforge.batch_inference.samples(out))),
+            "path": dg.MetadataValue.path(str(out / lmforge.batch_inference.COMPLETIONS))}
+
+
+batch_inference = stage_asset(
+    "batch_inference", _run, section="batch_inference", show=_samples,
     kinds={"python", "pytorch", "mlflow"},
     pool="training",
     description="Completions for every prompt of batch_inference.file (JSONL or CSV) with the registered champion "
     "(or batch_inference.model), in batches, resumable: a killed run continues where it stopped. Bad rows are "
     "quarantined; the summary gives counts and tokens/s.",
 )
-def batch_inference(context: dg.AssetExecutionContext, config: BatchInferenceConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
-    import lmforge.batch_inference
-
-    params = stage_params(lmforge_params.load(), "batch_inference", config)
-    summary = lmforge.batch_inference.run_batch_inference(params, report=context.log.info)
-    if "skipped" in summary:
-        return materialized("batch_inference", params, {"skipped": summary["skipped"]})
-    out = params.stage_dir("batch_inference")
-    return materialized("batch_inference", params, {
-        **summary_metadata(summary), "model": summary["model"], "model_version": summary["model_version"],
-        "samples": dg.MetadataValue.md(md_table(lmforge.batch_inference.samples(out))),
-        "path": dg.MetadataValue.path(str(out / lmforge.batch_inference.COMPLETIONS)),
-    })

@@ -3,26 +3,66 @@
 import dagster as dg
 
 import lmforge.compress
+from assets.common import md_table
+from assets.factory import stage_asset
 from assets.gates import kept_benchmarks
-from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
-from assets.resources import ParamsResource
-from lmforge.params import DistilParams, PruneParams, QuantizeParams
-
-QuantizeConfig = overrides_config(QuantizeParams, "QuantizeConfig")
-QuantizeConfig.__doc__ = "Overrides of params.yaml `quantize` for one run. Used by: quantize."
-PruneConfig = overrides_config(PruneParams, "PruneConfig")
-PruneConfig.__doc__ = "Overrides of params.yaml `prune` for one run. Used by: prune."
-DistilConfig = overrides_config(DistilParams, "DistilConfig")
-DistilConfig.__doc__ = "Overrides of params.yaml `distil` for one run. Used by: distil."
 
 
-def _variants_metadata(summary: dict, out) -> dict:
-    return {**summary_metadata(summary), "variants": dg.MetadataValue.md((out / "variants.md").read_text()),
-            "path": dg.MetadataValue.path(str(out / "models")), "mlflow_run_id": summary["mlflow_run_id"]}
+def _variants(summary: dict, params, out) -> dict:
+    return {"variants": dg.MetadataValue.md((out / "variants.md").read_text()), "path": dg.MetadataValue.path(str(out / "models")),
+            **({"chosen": str(summary["chosen"])} if "chosen" in summary else {})}
 
 
-@dg.asset(
-    **declared("quantize"),
+def _quantize_checks(summary: dict, params, out) -> list[dg.AssetCheckResult]:
+    chosen = summary["chosen"]
+    return [dg.AssetCheckResult(
+        check_name="perplexity_within_threshold", passed=chosen is not None,
+        description=f"{chosen}: perplexity {summary['perplexity_increase']:+.2%}, benchmarks kept" if chosen
+        else f"every variant lost more than {summary['max_perplexity_increase']:.0%} perplexity or failed its benchmark gate",
+    ), kept_benchmarks(summary["benchmark_gates"])]
+
+
+def _distil_results(summary: dict, params, out) -> dict:
+    rows = [{"model": k, "parameters": summary["teacher_parameters"] if k == "teacher" else summary["student_parameters"],
+             "test perplexity": f"{summary[f'{k}_perplexity']:.2f}"} for k in ("teacher", "distilled", "from_scratch")]
+    return {"results": dg.MetadataValue.md(md_table(rows))}
+
+
+# lmforge.registry and lmforge.export are imported when their stage runs: MLflow's pyfunc takes a second to import,
+# and the code location loads faster without it.
+def _register(params, ctx):
+    from lmforge.registry import run_register
+
+    return run_register(params, ctx=ctx)
+
+
+def _register_quantized(params, ctx):
+    from lmforge.registry import run_register_quantized
+
+    return run_register_quantized(params, ctx=ctx)
+
+
+def _export(params, ctx):
+    from lmforge.export import run_export
+
+    return run_export(params, ctx=ctx)
+
+
+def _export_files(summary: dict, params, out) -> dict:
+    rows = [{"type": k, "file": f["file"], "MB": f"{f['bytes'] / 1e6:.0f}", "perplexity": f"{f['perplexity']:.2f}",
+             "change": f"{f['perplexity_increase']:+.2%}", "sha256": f["sha256"][:12]} for k, f in summary["files"].items()]
+    return {"files": dg.MetadataValue.md(md_table(rows) if rows else "none")}
+
+
+def _round_trip(summary: dict, params, out) -> list[dg.AssetCheckResult]:
+    from lmforge.export import describe
+
+    return [dg.AssetCheckResult(check_name="round_trip_perplexity", passed=summary["passed"], description=describe(summary),
+                                severity=dg.AssetCheckSeverity.WARN if summary.get("unsupported") else dg.AssetCheckSeverity.ERROR)]
+
+
+quantize = stage_asset(
+    "quantize", lmforge.compress.run_quantize, section="quantize", show=_variants, checks=_quantize_checks,
     kinds={"python", "pytorch", "mlflow"},
     pool="training",
     check_specs=[dg.AssetCheckSpec("perplexity_within_threshold", asset="quantize", blocking=True,
@@ -32,80 +72,43 @@ def _variants_metadata(summary: dict, out) -> dict:
     description="bf16/fp16 casts, int8 dynamic (CPU), int8/int4 weight-only (torchao) variants of the champion: size, "
     "CPU speed at batch 1 and 8, perplexity change, measured side by side.",
 )
-def quantize(context: dg.AssetExecutionContext, config: QuantizeConfig, lmforge_params: ParamsResource):
-    params = stage_params(lmforge_params.load(), "quantize", config)
-    summary = lmforge.compress.run_quantize(params, dagster_run_id=context.run_id, report=context.log.info)
-    yield materialized("quantize", params, {**_variants_metadata(summary, params.stage_dir("quantize")), "chosen": str(summary["chosen"])})
-    chosen = summary["chosen"]
-    yield dg.AssetCheckResult(
-        check_name="perplexity_within_threshold", passed=chosen is not None,
-        description=f"{chosen}: perplexity {summary['perplexity_increase']:+.2%}, benchmarks kept" if chosen
-        else f"every variant lost more than {summary['max_perplexity_increase']:.0%} perplexity or failed its benchmark gate",
-    )
-    yield kept_benchmarks(summary["benchmark_gates"])
 
-
-@dg.asset(
-    **declared("prune"),
+prune = stage_asset(
+    "prune", lmforge.compress.run_prune, section="prune", show=_variants,
     kinds={"python", "pytorch", "mlflow"},
     pool="training",
     description="Magnitude pruning of the champion's linear layers (unstructured and structured), scored like quantize.",
 )
-def prune(context: dg.AssetExecutionContext, config: PruneConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
-    params = stage_params(lmforge_params.load(), "prune", config)
-    summary = lmforge.compress.run_prune(params, dagster_run_id=context.run_id, report=context.log.info)
-    return materialized("prune", params, _variants_metadata(summary, params.stage_dir("prune")))
 
-
-@dg.asset(
-    **declared("distil"),
+distil = stage_asset(
+    "distil", lmforge.compress.run_distil, section="distil", show=_distil_results,
+    checks=lambda summary, params, out: [dg.AssetCheckResult(
+        check_name="beats_from_scratch", passed=summary["beats_from_scratch"], severity=dg.AssetCheckSeverity.WARN,
+        description=f"perplexity {summary['distilled_perplexity']:.2f} vs {summary['from_scratch_perplexity']:.2f} from scratch")],
     kinds={"python", "pytorch", "mlflow"},
     pool="training",
     check_specs=[dg.AssetCheckSpec("beats_from_scratch", asset="distil", description="The distilled student beats the same student trained from scratch.")],
     description="A smaller student trained on the champion's logits (KL + CE), against the same student trained from scratch.",
 )
-def distil(context: dg.AssetExecutionContext, config: DistilConfig, lmforge_params: ParamsResource):
-    params = stage_params(lmforge_params.load(), "distil", config)
-    summary = lmforge.compress.run_distil(params, dagster_run_id=context.run_id, report=context.log.info)
-    rows = [{"model": k, "parameters": summary["teacher_parameters"] if k == "teacher" else summary["student_parameters"],
-             "test perplexity": f"{summary[f'{k}_perplexity']:.2f}"} for k in ("teacher", "distilled", "from_scratch")]
-    yield materialized("distil", params, {**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
-                                         "mlflow_run_id": summary["mlflow_run_id"]})
-    yield dg.AssetCheckResult(check_name="beats_from_scratch", passed=summary["beats_from_scratch"], severity=dg.AssetCheckSeverity.WARN,
-                              description=f"perplexity {summary['distilled_perplexity']:.2f} vs {summary['from_scratch_perplexity']:.2f} from scratch")
 
-
-@dg.asset(
-    **declared("register"),
+register = stage_asset(
+    "register", _register,
+    show=lambda summary, params, out: {"champion_uri": f"models:/{params.registry.name}@champion",
+                                       "candidate_uri": f"models:/{params.registry.name}/{summary['candidate_version']}"},
     kinds={"python", "mlflow"},
     description="The champion as a new version of the MLflow registered model (registry.name), tagged with its lineage; "
     "aliases `candidate`, and `champion` when at least as good as the reigning one on the same data.",
 )
-def register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
-    params = lmforge_params.load()
-    from lmforge.registry import run_register  # here, not at the top: MLflow's pyfunc takes a second to import
 
-    summary = run_register(params, dagster_run_id=context.run_id, report=context.log.info)
-    name = params.registry.name
-    return materialized("register", params, {**summary_metadata(summary), "champion_uri": f"models:/{name}@champion",
-                                          "candidate_uri": f"models:/{name}/{summary['candidate_version']}"})
-
-
-@dg.asset(
-    **declared("register_quantized"),
+register_quantized = stage_asset(
+    "register_quantized", _register_quantized,
+    show=lambda summary, params, out: {"uri": f"models:/{params.registry.name}@quantized"},
     kinds={"python", "mlflow"},
     description="The chosen quantized variant of the registered champion as a new version; alias `quantized`.",
 )
-def register_quantized(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
-    params = lmforge_params.load()
-    from lmforge.registry import run_register_quantized
 
-    summary = run_register_quantized(params, dagster_run_id=context.run_id, report=context.log.info)
-    return materialized("register_quantized", params, {**summary_metadata(summary), "uri": f"models:/{params.registry.name}@quantized"})
-
-
-@dg.asset(
-    **declared("export"),
+export = stage_asset(
+    "export", _export, show=_export_files, checks=_round_trip,
     kinds={"python", "gguf", "mlflow"},
     pool="training",
     check_specs=[dg.AssetCheckSpec("round_trip_perplexity", asset="export", blocking=True,
@@ -115,14 +118,3 @@ def register_quantized(context: dg.AssetExecutionContext, lmforge_params: Params
     "converter, and as ONNX models (export.onnx, e.g. int8) for ONNX Runtime (lmforge serve --engine onnx), written by ONNX "
     "Runtime GenAI's model builder; each read back and scored; logged with their sha256 on the champion's registry version.",
 )
-def export(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
-    params = lmforge_params.load()
-    from lmforge.export import describe, run_export  # here, not at the top: MLflow takes a second to import
-
-    summary = run_export(params, dagster_run_id=context.run_id, report=context.log.info)
-    rows = [{"type": k, "file": f["file"], "MB": f"{f['bytes'] / 1e6:.0f}", "perplexity": f"{f['perplexity']:.2f}",
-             "change": f"{f['perplexity_increase']:+.2%}", "sha256": f["sha256"][:12]} for k, f in summary["files"].items()]
-    yield materialized("export", params, {**summary_metadata(summary), "files": dg.MetadataValue.md(md_table(rows) if rows else "none"),
-                                          "path": dg.MetadataValue.path(str(params.stage_dir("export"))), "mlflow_run_id": summary["mlflow_run_id"]})
-    yield dg.AssetCheckResult(check_name="round_trip_perplexity", passed=summary["passed"], description=describe(summary),
-                              severity=dg.AssetCheckSeverity.WARN if summary.get("unsupported") else dg.AssetCheckSeverity.ERROR)

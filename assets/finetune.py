@@ -5,13 +5,10 @@ import json
 import dagster as dg
 
 import lmforge.finetune
+from assets.common import declared, materialized, md_table, stage_params, summary_metadata
+from assets.factory import run_config, run_context, stage_asset
 from assets.gates import kept_benchmarks
-from assets.common import declared, materialized, md_table, overrides_config, stage_params, summary_metadata
 from assets.resources import ParamsResource
-from lmforge.params import FinetuneParams
-
-FinetuneConfig = overrides_config(FinetuneParams, "FinetuneConfig")
-FinetuneConfig.__doc__ = "Overrides of params.yaml `finetune` for one run. Used by: task_data, finetune_classifier, finetune_sft."
 
 
 @dg.asset(
@@ -21,14 +18,15 @@ FinetuneConfig.__doc__ = "Overrides of params.yaml `finetune` for one run. Used 
     description="The fine-tuning task sets of finetune.tasks under paths.finetune (JSONL/CSV), validated with "
     "great-expectations (blocking: enough examples, no empty field, known labels) and split train/val/test by group.",
 )
-def task_data(context: dg.AssetExecutionContext, config: FinetuneConfig, lmforge_params: ParamsResource):
+def task_data(context: dg.AssetExecutionContext, config: run_config("finetune"), lmforge_params: ParamsResource):
+    """Not ``stage_asset``: its checks are great-expectations' outcomes, one per expectation of every task."""
     params = stage_params(lmforge_params.load(), "finetune", config)
-    summary, failures, outcomes = lmforge.finetune.run_task_data(params)
+    summary, failures, outcomes = lmforge.finetune.run_task_data(params, run_context(context))
     for line in failures:
         context.log.error(line)
     counts = [{"task": t, **{s: summary[f"{t}_{s}"] for s in lmforge.finetune.SPLITS}} for t in params.finetune.tasks]
     yield materialized("task_data", params, {**summary_metadata(summary), "tasks": ", ".join(params.finetune.tasks) or "none",
-                                         "splits": dg.MetadataValue.md(md_table(counts))})
+                                             "splits": dg.MetadataValue.md(md_table(counts))})
     # Dagster needs a result for every declared check; a task left out of finetune.tasks passes its
     # checks with "not configured" as the description, which the UI shows beside the green mark
     # (an unreported check would fail the step, and a skipped one reads like a run that broke off).
@@ -37,20 +35,40 @@ def task_data(context: dg.AssetExecutionContext, config: FinetuneConfig, lmforge
                                   metadata={"unexpected": outcome.unexpected})
 
 
-def _skipped(stage: str, params, summary: dict, checks: tuple[str, ...]):
-    """What a fine-tuning asset reports when its task is not configured: the reason, its checks passed."""
-    yield materialized(stage, params, {"skipped": summary["skipped"]})
-    for check in checks:
-        yield dg.AssetCheckResult(check_name=check, passed=True, description=summary["skipped"])
-
-
-def _results_table(summary: dict, metrics: tuple[str, ...], models: dict[str, str]) -> str:
+def _results_table(summary: dict, metrics: tuple[str, ...], models: dict[str, str]) -> dg.MetadataValue:
     """One row per model: ``models`` maps its label to its key prefix in summary.json."""
-    return md_table([{"model": label, **{m: f"{summary[f'{prefix}_{m}']:.3f}" for m in metrics}} for label, prefix in models.items()])
+    return dg.MetadataValue.md(md_table([{"model": label, **{m: f"{summary[f'{prefix}_{m}']:.3f}" for m in metrics}}
+                                         for label, prefix in models.items()]))
 
 
-@dg.asset(
-    **declared("finetune_classifier"),
+def _classifier_results(summary: dict, params, out) -> dict:
+    models = {"majority class": "baseline", "tf-idf + logistic regression": "classical", **{m: m for m in params.finetune.methods}}
+    return {"results": _results_table(summary, ("accuracy", "macro_f1"), models)}
+
+
+def _classifier_checks(summary: dict, params, out) -> list[dg.AssetCheckResult]:
+    return [dg.AssetCheckResult(
+        check_name=check, passed=summary[f"beats_{prefix}"], severity=dg.AssetCheckSeverity.WARN,
+        description=f"{summary['best_method']}: accuracy {summary['accuracy']:.3f} vs {summary[f'{prefix}_accuracy']:.3f}, "
+        f"macro-F1 {summary['macro_f1']:.3f} vs {summary[f'{prefix}_macro_f1']:.3f}")
+        for check, prefix in (("beats_majority_baseline", "baseline"), ("beats_classical_baseline", "classical"))]
+
+
+def _sft_results(summary: dict, params, out) -> dict:
+    examples = json.loads((out / "examples.json").read_text())
+    models = {"zero-shot": "baseline", **{m: m for m in params.finetune.methods}}
+    return {"results": _results_table(summary, ("rouge1", "rouge2", "rougeL"), models),
+            "examples": dg.MetadataValue.md(md_table([{k: e[k] for k in ("method", "reference", "zero_shot", "fine_tuned")} for e in examples]))}
+
+
+def _sft_checks(summary: dict, params, out) -> list[dg.AssetCheckResult]:
+    return [dg.AssetCheckResult(check_name="beats_zero_shot", passed=summary["beats_baseline"], severity=dg.AssetCheckSeverity.WARN,
+                                description=f"{summary['best_method']}: ROUGE-L {summary['rougeL']:.3f} vs zero-shot {summary['baseline_rougeL']:.3f}"),
+            kept_benchmarks(summary["benchmark_gates"])]
+
+
+finetune_classifier = stage_asset(
+    "finetune_classifier", lmforge.finetune.run_finetune_classifier, section="finetune", show=_classifier_results, checks=_classifier_checks,
     kinds={"python", "pytorch", "peft", "mlflow"},
     pool="training",
     check_specs=[
@@ -62,28 +80,9 @@ def _results_table(summary: dict, metrics: tuple[str, ...], models: dict[str, st
     description="The champion with a classification head, fine-tuned (full and LoRA); accuracy and macro-F1 "
     "on the test part against the majority class and TF-IDF + logistic regression.",
 )
-def finetune_classifier(context: dg.AssetExecutionContext, config: FinetuneConfig, lmforge_params: ParamsResource):
-    params = stage_params(lmforge_params.load(), "finetune", config)
-    summary = lmforge.finetune.run_finetune_classifier(params, dagster_run_id=context.run_id, report=context.log.info)
-    if "skipped" in summary:
-        yield from _skipped("finetune_classifier", params, summary, ("beats_majority_baseline", "beats_classical_baseline"))
-        return
-    models = {"majority class": "baseline", "tf-idf + logistic regression": "classical", **{m: m for m in params.finetune.methods}}
-    yield materialized("finetune_classifier", params, {
-        **summary_metadata(summary),
-        "results": dg.MetadataValue.md(_results_table(summary, ("accuracy", "macro_f1"), models)),
-        "path": dg.MetadataValue.path(str(params.stage_dir("finetune_classifier"))),
-        "mlflow_run_id": summary["mlflow_run_id"],
-    })
-    for check, prefix in (("beats_majority_baseline", "baseline"), ("beats_classical_baseline", "classical")):
-        yield dg.AssetCheckResult(
-            check_name=check, passed=summary[f"beats_{prefix}"], severity=dg.AssetCheckSeverity.WARN,
-            description=f"{summary['best_method']}: accuracy {summary['accuracy']:.3f} vs {summary[f'{prefix}_accuracy']:.3f}, "
-            f"macro-F1 {summary['macro_f1']:.3f} vs {summary[f'{prefix}_macro_f1']:.3f}")
 
-
-@dg.asset(
-    **declared("finetune_sft"),
+finetune_sft = stage_asset(
+    "finetune_sft", lmforge.finetune.run_finetune_sft, section="finetune", show=_sft_results, checks=_sft_checks,
     kinds={"python", "pytorch", "peft", "mlflow"},
     pool="training",
     check_specs=[dg.AssetCheckSpec("beats_zero_shot", asset="finetune_sft", description="Test ROUGE-1/2/L above the pretrained model's zero-shot answers."),
@@ -92,22 +91,3 @@ def finetune_classifier(context: dg.AssetExecutionContext, config: FinetuneConfi
     description="Supervised fine-tuning of the (causal) champion on prompt/response pairs (full and LoRA), as chats "
     "when its tokenizer has a chat template; ROUGE-1/2/L on the test part against the pretrained model's zero-shot answers.",
 )
-def finetune_sft(context: dg.AssetExecutionContext, config: FinetuneConfig, lmforge_params: ParamsResource):
-    params = stage_params(lmforge_params.load(), "finetune", config)
-    summary = lmforge.finetune.run_finetune_sft(params, dagster_run_id=context.run_id, report=context.log.info)
-    if "skipped" in summary:
-        yield from _skipped("finetune_sft", params, summary, ("beats_zero_shot", "kept_benchmarks"))
-        return
-    out = params.stage_dir("finetune_sft")
-    examples = json.loads((out / "examples.json").read_text())
-    models = {"zero-shot": "baseline", **{m: m for m in params.finetune.methods}}
-    yield materialized("finetune_sft", params, {
-        **summary_metadata(summary),
-        "results": dg.MetadataValue.md(_results_table(summary, ("rouge1", "rouge2", "rougeL"), models)),
-        "examples": dg.MetadataValue.md(md_table([{k: e[k] for k in ("method", "reference", "zero_shot", "fine_tuned")} for e in examples])),
-        "path": dg.MetadataValue.path(str(out)),
-        "mlflow_run_id": summary["mlflow_run_id"],
-    })
-    yield dg.AssetCheckResult(check_name="beats_zero_shot", passed=summary["beats_baseline"], severity=dg.AssetCheckSeverity.WARN,
-                              description=f"{summary['best_method']}: ROUGE-L {summary['rougeL']:.3f} vs zero-shot {summary['baseline_rougeL']:.3f}")
-    yield kept_benchmarks(summary["benchmark_gates"])

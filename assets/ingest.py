@@ -5,13 +5,10 @@ import warnings
 import dagster as dg
 
 import lmforge.ingest
-import lmforge.params
-from assets.common import declared, materialized, md_table, overrides_config, sample_rows, stage_params, summary_metadata
+from assets.common import declared, materialized, md_table, sample_rows, stage_params, summary_metadata
+from assets.factory import run_config, run_context
 from assets.resources import ParamsResource
 from lmforge.artifacts import load_dataset_dir
-
-IngestConfig = overrides_config(lmforge.params.IngestParams, "IngestConfig")
-IngestConfig.__doc__ = "Overrides of params.yaml `ingest` for one run. Used by: ingest."
 
 
 def _observe_raw(lmforge_params: ParamsResource) -> dg.DataVersion:
@@ -35,17 +32,16 @@ with warnings.catch_warnings():
     description="Every configured source (files of many formats, Hugging Face datasets) converted to "
     "plain-text documents with provenance; unreadable inputs go to quarantine.jsonl.",
 )
-def ingest(context: dg.AssetExecutionContext, config: IngestConfig, lmforge_params: ParamsResource) -> dg.MaterializeResult:
+def ingest(context: dg.AssetExecutionContext, config: run_config("ingest"), lmforge_params: ParamsResource) -> dg.MaterializeResult:
+    """Not ``stage_asset``: it records the version of the raw documents it read (the source asset's data version)."""
     params = stage_params(lmforge_params.load(), "ingest", config)
     raw_version = lmforge.ingest.source_fingerprint(params)[0]  # before reading: a file changed meanwhile re-runs next time
-    summary = lmforge.ingest.run_ingest(params, report=context.log.info)
-    context.log.info(f"ingest: {summary['documents']} documents, {summary['quarantined']} quarantined")
+    summary = lmforge.ingest.run_ingest(params, run_context(context))
     stage = params.stage_dir("ingest")
-    ds = load_dataset_dir(stage / "dataset", "ingest")
     return materialized("ingest", params, {
         **summary_metadata(summary),
         "path": dg.MetadataValue.path(str(stage)),
         "rejections": dg.MetadataValue.md(md_table(summary["by_reason"], ("reason", "count"))),
         "formats": dg.MetadataValue.md(md_table(summary["formats"], ("format", "documents"))),
-        "sample": dg.MetadataValue.md(sample_rows(ds)),
+        "sample": dg.MetadataValue.md(sample_rows(load_dataset_dir(stage / "dataset", "ingest"))),
     }, raw_documents=raw_version)

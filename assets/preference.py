@@ -5,13 +5,23 @@
 import dagster as dg
 
 import lmforge.preference
-from assets.common import declared, materialized, md_table, summary_metadata
+from assets.common import md_table
+from assets.factory import stage_asset
 from assets.gates import tuned_checks, tuned_results
-from assets.resources import ParamsResource
 
 
-@dg.asset(
-    **declared("feedback_preferences"),
+def _tuned(summary: dict, params, out) -> dict:
+    rows = [{"model": f"current (version {summary['base_version']})", "held-out preference accuracy": f"{summary['current_accuracy']:.0%}",
+             "mean log-prob margin": f"{summary['current_margin']:.2f}"},
+            {"model": f"DPO ({summary['loss_type']}, beta {summary['beta']:g})", "held-out preference accuracy": f"{summary['accuracy']:.0%}",
+             "mean log-prob margin": f"{summary['margin']:.2f}"}]
+    return {"results": dg.MetadataValue.md(md_table(rows))}
+
+
+feedback_preferences = stage_asset(
+    "feedback_preferences", lmforge.preference.run_feedback_preferences,
+    show=lambda summary, params, out: {"path": dg.MetadataValue.path(str(out / "pairs.jsonl"))},
+    checks=lambda summary, params, out: [dg.AssetCheckResult(check_name="preferences_valid", passed=summary["passed"], description=summary["check"])],
     kinds={"python", "sqlite", "great_expectations"},
     check_specs=[dg.AssetCheckSpec(name, asset="feedback_preferences", blocking=True, description=d)
                  for name, d in lmforge.preference.CHECK_NAMES.items()],
@@ -19,19 +29,12 @@ from assets.resources import ParamsResource
     "prompt (lmforge serve's feedback store and feedback.inbox), and your own files (preference.files); validated with "
     "great-expectations, failing rows quarantined, a hashed share of the prompts held out.",
 )
-def feedback_preferences(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
-    params = lmforge_params.load()
-    summary = lmforge.preference.run_feedback_preferences(params)
-    context.log.info(f"feedback_preferences: {summary['check']}")
-    yield materialized("feedback_preferences", params, {
-        **summary_metadata(summary),
-        "path": dg.MetadataValue.path(str(params.stage_dir("feedback_preferences") / "pairs.jsonl")),
-    })
-    yield dg.AssetCheckResult(check_name="preferences_valid", passed=summary["passed"], description=summary["check"])
 
-
-@dg.asset(
-    **declared("preference_tune"),
+preference_tune = stage_asset(
+    "preference_tune", lmforge.preference.run_preference_tune, show=_tuned,
+    checks=lambda summary, params, out: tuned_results(
+        summary, f"held-out preference accuracy {summary['accuracy']:.0%} vs {summary['current_accuracy']:.0%} "
+        f"(needs more than +{summary['min_improvement']:g})"),
     kinds={"python", "pytorch", "trl", "mlflow"},
     pool="training",
     check_specs=tuned_checks("preference_tune", "On the held-out pairs, the tuned model prefers the chosen answer more often than the "
@@ -39,27 +42,11 @@ def feedback_preferences(context: dg.AssetExecutionContext, lmforge_params: Para
     description="The model behind models:/<registry.name>@<feedback.alias>, tuned with DPO (TRL) on the preference pairs, "
     "and its held-out preference accuracy against that model's.",
 )
-def preference_tune(context: dg.AssetExecutionContext, lmforge_params: ParamsResource):
-    params = lmforge_params.load()
-    summary = lmforge.preference.run_preference_tune(params, dagster_run_id=context.run_id, report=context.log.info)
-    rows = [{"model": f"current (version {summary['base_version']})", "held-out preference accuracy": f"{summary['current_accuracy']:.0%}",
-             "mean log-prob margin": f"{summary['current_margin']:.2f}"},
-            {"model": f"DPO ({summary['loss_type']}, beta {summary['beta']:g})", "held-out preference accuracy": f"{summary['accuracy']:.0%}",
-             "mean log-prob margin": f"{summary['margin']:.2f}"}]
-    yield materialized("preference_tune", params, {**summary_metadata(summary), "results": dg.MetadataValue.md(md_table(rows)),
-                                                   "mlflow_run_id": summary["mlflow_run_id"]})
-    yield from tuned_results(summary, f"held-out preference accuracy {summary['accuracy']:.0%} vs {summary['current_accuracy']:.0%} "
-                             f"(needs more than +{summary['min_improvement']:g})")
 
-
-@dg.asset(
-    **declared("preference_register"),
+preference_register = stage_asset(
+    "preference_register", lmforge.preference.run_preference_register,
+    show=lambda summary, params, out: {"uri": f"models:/{params.registry.name}@{summary['alias']}"},
     kinds={"python", "mlflow"},
     description="The preference-tuned model as a new registry version (kind preference, its base version and the pairs' hash "
     "in its tags); the alias feedback.alias moves to it (only after preference_tune's blocking checks passed).",
 )
-def preference_register(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
-    params = lmforge_params.load()
-    summary = lmforge.preference.run_preference_register(params, dagster_run_id=context.run_id, report=context.log.info)
-    return materialized("preference_register", params, {**summary_metadata(summary),
-                                                        "uri": f"models:/{params.registry.name}@{summary['alias']}"})

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import QuarantineWriter, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import REPO_ROOT, BatchInferenceParams, LmforgeError, Params
 from lmforge.stages import Out, Stage
 
@@ -433,14 +434,14 @@ def prompt_file(params: Params) -> Path:
     return params.path(params.batch_inference.file)
 
 
-def run_batch_inference(params: Params, report: Callable[[str], None] | None = None,
+def run_batch_inference(params: Params, ctx: RunContext = QUIET,
                         on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The ``batch_inference`` stage: ``batch_inference.file`` → ``<artifacts>/batch_inference/``.  The
     directory is kept between runs (it is what a killed run resumes from).  Without a prompt file there is
     nothing to do: the summary says so."""
     from lmforge.tracking import tracking_uri
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     settings = params.batch_inference
     out_dir = params.stage_dir(STAGE)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.artifacts import QuarantineWriter, fresh_dir, load_dataset_dir, write_jsonl, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.fetch import check_hash, download_wheel, sha256_file
 from lmforge.params import REPO_ROOT, LmforgeError, Params, UserBenchmarkParams
 from lmforge.stages import Out, Stage
@@ -427,11 +428,11 @@ def data_fingerprint(out: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_benchmark_data(params: Params, report=None, out: Path | None = None, require_split: bool = True) -> dict[str, Any]:
+def run_benchmark_data(params: Params, ctx: RunContext = QUIET, out: Path | None = None, require_split: bool = True) -> dict[str, Any]:
     """Materialize ``<artifacts>/benchmark_data`` (or ``out``; see the module docstring); return its summary.
     Without ``require_split``, a project with no training split yet skips the contamination check
     (``lmforge eval`` on a model of one's own)."""
-    say = report or (lambda _msg: None)
+    say = ctx.log
     b = params.benchmarks
     out = fresh_dir(out or params.stage_dir("benchmark_data"))
     with QuarantineWriter(out / "quarantine.jsonl") as quarantine:

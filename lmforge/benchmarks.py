@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import read_jsonl, read_summary, weights_sha256, write_jsonl, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Out, Stage
 
@@ -361,12 +362,12 @@ def benchmark_gates(params: Params, models: dict[str, Path], parent: tuple[str, 
     return gates, {n: {k: r[k] for k in ("tasks", "accuracy", "xstest", "summary")} for n, r in scored.items()}
 
 
-def run_benchmark_eval(params: Params, candidate: str, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_benchmark_eval(params: Params, candidate: str, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Stage ``benchmark_eval`` for one candidate: its scores and, for an adapted model, the gate on its base."""
     from lmforge.candidates import base_model_dir, get
     from lmforge.tracking import log_numbers, tracked_run
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     cand = get(params, candidate, "benchmark_eval")
     source = params.stage_dir("pretrain") / candidate
     if not (source / "summary.json").exists() or not (source / "hf").exists():
@@ -384,7 +385,7 @@ def run_benchmark_eval(params: Params, candidate: str, dagster_run_id: str = "",
                                "checks": {"kept_base_knowledge": verdict["passed"] if verdict else True}}
     models = {f"base ({cand.tokenizer})": parent, candidate: scores} if parent else {candidate: scores}
     (out / "benchmarks.md").write_text(scores_markdown(models) + ("\n" + gate_markdown(verdict) if verdict else ""))
-    tags = {"candidate": candidate, "stage": "benchmark_eval", "dagster_run_id": dagster_run_id}
+    tags = {"candidate": candidate, "stage": "benchmark_eval", **ctx.tags()}
     with tracked_run(params, f"benchmark_eval {candidate}", tags, parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):
         log_numbers(client, run_id, scores["summary"])
         client.log_artifact(run_id, str(out / "benchmarks.md"))

@@ -38,6 +38,7 @@ from lmforge.artifacts import (
 )
 from lmforge.cleaning import make_cleaner, quality
 from lmforge.cluster import connected
+from lmforge.context import QUIET, RunContext
 from lmforge.dedup import (  # the statuses are re-exported: they are part of this module's interface
     EXACT_DUPLICATE,
     KEEP,
@@ -204,25 +205,27 @@ def _route_stream(stream, quarantine_path: Path):
                 yield kept
 
 
-def run_clean(params: Params, report=None) -> dict[str, Any]:
+def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/clean``: ``dataset/``, ``quarantine.jsonl``, ``summary.json``.
 
-    ``report`` (a callable taking one line) hears where the work ran on the Ray engine."""
+    ``ctx.log`` hears where the work ran on the Ray engine."""
     make_cleaner(params.clean)  # fail fast on a config error, before any work
     source = load_dataset_dir(params.stage_dir("ingest") / "dataset", "ingest")
     out = fresh_dir(params.stage_dir("clean"))
     if params.cluster.data_engine == "ray":
         from lmforge import ray_data
 
-        with connected(params.cluster, report):
+        with connected(params.cluster, ctx.log):
             stream = ray_data.clean_stream(
                 params.stage_dir("ingest") / "dataset", _score_batch, {"params_blob": asdict(params.clean)},
-                _scored_features().arrow_schema, params.clean.dedup, report,
+                _scored_features().arrow_schema, params.clean.dedup, ctx.log,
             )
             kept = save_iterable(_route_stream(stream, out / QUARANTINE), features(), out / "dataset")
     else:
         kept = _clean_local(params, source, out)
-    return _summarize(params, source, kept, out)
+    summary = _summarize(params, source, kept, out)
+    ctx.log(f"clean: kept {summary['kept']} of {summary['documents_in']} ({summary['by_reason']})")
+    return summary
 
 
 def _clean_local(params: Params, source, out: Path):

@@ -4,7 +4,7 @@ A stage is out of date when any code it runs changed, so its code version (Dagst
 (``dvc.yaml``) must name every project module it imports, transitively, and nothing else.  Lists kept
 by hand drift (a helper module gets imported and nobody adds it), so they are computed here:
 
-- the stage's **asset function** and the **check functions** that target it are followed name by
+- the stage's **asset function** (or its ``stage_asset(...)`` call) and the **check functions** that target it are followed name by
   name inside their own module (the module-level imports, constants and helpers they use), so two
   assets that share a module do not share each other's imports;
 - from the project modules reached that way, every ``import`` anywhere in a module (function-level
@@ -170,14 +170,26 @@ def _decorator_name(decorator: ast.expr) -> str:
     return (_dotted(node) or "").rsplit(".", 1)[-1]
 
 
+def _made_by_factory(stmt: ast.stmt) -> str | None:
+    """The stage of ``<name> = stage_asset("<stage>", ...)`` (``assets.factory``), else None."""
+    if not (isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call) and _decorator_name(stmt.value) == "stage_asset"):
+        return None
+    first = stmt.value.args[0] if stmt.value.args else None
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
+
+
 @functools.cache
 def definitions(root: Path = CODE_ROOT) -> dict[str, dict[str, list]]:
-    """``{stage: {"asset": [(file, function)], "checks": [(file, function)]}}`` for every ``@asset`` and
-    ``@asset_check``/``@multi_asset_check`` function under ``DEFINITION_DIRS``."""
+    """``{stage: {"asset": [(file, statement)], "checks": [(file, function)]}}`` for every ``@asset`` function
+    or ``stage_asset(...)`` assignment and every ``@asset_check``/``@multi_asset_check`` function under
+    ``DEFINITION_DIRS``."""
     out: dict[str, dict[str, list]] = {}
     for directory in DEFINITION_DIRS:
         for path in sorted((root / directory).glob("*.py")):
             for stmt in _tree(path).body:
+                made = _made_by_factory(stmt)
+                if made:
+                    out.setdefault(made, {"asset": [], "checks": []})["asset"].append((path, stmt))
                 if not isinstance(stmt, ast.FunctionDef):
                     continue
                 for decorator in stmt.decorator_list:

@@ -28,6 +28,7 @@ from typing import Any
 from lmforge.artifacts import fresh_dir, write_params, write_summary
 from lmforge.benchmarks import benchmark_gates
 from lmforge.candidates import champion_packed_dir
+from lmforge.context import QUIET, RunContext
 from lmforge.finetune import champion
 from lmforge.params import LmforgeError, Params
 from lmforge.stages import Out, Stage
@@ -168,11 +169,11 @@ def _finish(params: Params, stage: str, summary: dict[str, Any], parent: str | N
     return summary
 
 
-def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_quantize(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     from models.generation import load
     from models.quantization import UnsupportedVariant, quantize
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     name, source, parent = champion(params)
     scores, blocks = _scorer(params, source)
     out = params.stage_dir("quantize")
@@ -214,14 +215,14 @@ def run_quantize(params: Params, dagster_run_id: str = "", report=None) -> dict[
         summary["speed_goal_met"] = all(rows[chosen][f"speedup_b{b}_min"] >= params.quantize.speedup_goal for b in batch_sizes)
         say(f"quantize: chosen {chosen} ({reason}); speed-up " + ", ".join(
             f"b{b} {rows[chosen][f'speedup_b{b}']:.2f}× ({rows[chosen][f'speedup_b{b}_min']:.2f}–{rows[chosen][f'speedup_b{b}_max']:.2f})" for b in batch_sizes))
-    return _finish(params, "quantize", summary, parent, {"chosen": str(chosen), "dagster_run_id": dagster_run_id})
+    return _finish(params, "quantize", summary, parent, {"chosen": str(chosen), **ctx.tags()})
 
 
-def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_prune(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     from models.generation import load
     from models.quantization import prune
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     name, source, parent = champion(params)
     scores, blocks = _scorer(params, source)
     out = params.stage_dir("prune")
@@ -242,10 +243,10 @@ def run_prune(params: Params, dagster_run_id: str = "", report=None) -> dict[str
     (out / "variants.md").write_text(table(rows, params.evaluate.speed_batch_sizes))
     summary = {"champion": name, "sparsity": params.prune.sparsity, "variants": rows, "benchmark_gates": gates,
                **{f"{m}_perplexity_increase": rows[m]["perplexity_increase"] for m in params.prune.methods}}
-    return _finish(params, "prune", summary, parent, {"dagster_run_id": dagster_run_id})
+    return _finish(params, "prune", summary, parent, ctx.tags())
 
 
-def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_distil(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     import torch
 
     from models.architectures import ArchConfigError, build_model, from_name, parameter_count
@@ -255,7 +256,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
     from models.precision import resolve
     from models.training import special_ids
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     p = params.distil
     name, source, parent = champion(params)
     scores, _ = _scorer(params, source)
@@ -289,7 +290,7 @@ def run_distil(params: Params, dagster_run_id: str = "", report=None) -> dict[st
                "teacher_parameters": sum(t.numel() for t in teacher.parameters()), "teacher_perplexity": teacher_scores.perplexity,
                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
                "beats_from_scratch": results["distilled"]["perplexity"] < results["from_scratch"]["perplexity"]}
-    with tracked_run(params, "distil", {"stage": "distil", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "distil", {"stage": "distil", "champion": name, **ctx.tags()}, parent_run_id=parent) as (client, run_id):
         log_numbers(client, run_id, summary)
         for key, value in dataclasses.asdict(p).items():
             client.log_param(run_id, key, value)

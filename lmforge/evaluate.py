@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import read_summary, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import LmforgeError, Params
 from lmforge.candidates import get, packed_dir
 from lmforge.sources import source_tags
@@ -140,7 +141,7 @@ def bias_scores(params: Params, model, tokenizer, objective: str, out: Path, say
     return result
 
 
-def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_evaluate(params: Params, candidate: str, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Evaluate one pretrained candidate; write its artifacts and MLflow run; return its summary."""
     import numpy as np
     import torch
@@ -151,7 +152,7 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
     from models.metrics import token_byte_lengths
     from models.training import collator_for, weights_finite
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     cand, p = get(params, candidate, "evaluate"), params.evaluate
     source = params.stage_dir("pretrain") / candidate
     if not (source / "summary.json").exists() or not (source / "hf").exists():
@@ -223,7 +224,7 @@ def run_evaluate(params: Params, candidate: str, dagster_run_id: str = "", repor
         "metrics_finite": all(math.isfinite(result[f"{s}_perplexity"]) for s in p.splits),
     }
     result = {k: (_finite(v) if isinstance(v, float) else v) for k, v in result.items()}
-    tags = {"candidate": candidate, "stage": "evaluate", "dagster_run_id": dagster_run_id, **(source_tags(pretrained["source"]) if pretrained.get("source") else {})}
+    tags = {"candidate": candidate, "stage": "evaluate", **ctx.tags(), **(source_tags(pretrained["source"]) if pretrained.get("source") else {})}
     with tracked_run(params, f"evaluate {candidate}", tags,
                      parent_run_id=pretrained.get("mlflow_run_id")) as (client, run_id):
         log_numbers(client, run_id, result)

@@ -38,6 +38,7 @@ from typing import Any
 
 from lmforge import gguf_convert
 from lmforge.artifacts import fresh_dir, read_summary, weights_sha256, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.fetch import check_hash, download_sdist, sha256_file
 from lmforge.finetune import champion
 from lmforge.params import REPO_ROOT, LmforgeError, Params
@@ -125,13 +126,13 @@ def config_differences(source, read_back) -> dict[str, tuple[Any, Any]]:
     return differ
 
 
-def run_export(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_export(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Export the champion to each GGUF type, read each file back, score it beside the champion, log and tag it."""
     from lmforge.compress import _scorer
     from models.generation import load
     from models.loading import load_gguf
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     name, source, parent = champion(params)
     registered = read_summary(params.stage_dir("register"))
     if registered.get("candidate") != name:
@@ -192,7 +193,7 @@ def run_export(params: Params, dagster_run_id: str = "", report=None) -> dict[st
             say(f"export: {summary['unsupported']}")
             break
     summary["passed"] = bool(files) and "unsupported" not in summary and all(f["within"] for f in files.values())
-    with tracked_run(params, "export", {"stage": "export", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "export", {"stage": "export", "champion": name, **ctx.tags()}, parent_run_id=parent) as (client, run_id):
         for kind, row in files.items():
             for key in ("bytes", "perplexity", "perplexity_increase", "convert_seconds"):
                 client.log_metric(run_id, f"{kind}_{key}", row[key])

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import read_summary, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.feedback_store import RATINGS, FeedbackStore
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Stage
@@ -179,7 +180,7 @@ def expectations(params: Params) -> list[tuple[str, str, Any]]:
     return checks
 
 
-def run_feedback_examples(params: Params) -> dict[str, Any]:
+def run_feedback_examples(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Collect, validate (quarantining failing rows) and write the examples; the summary says whether
     the blocking check passed."""
     collected = collect(params)
@@ -203,6 +204,7 @@ def run_feedback_examples(params: Params) -> dict[str, Any]:
     assert summary["examples"] + summary["quarantined"] + summary["not_used"] + summary["superseded"] == summary["feedback"], summary
     write_params(out, params.feedback)
     write_summary(out, summary)
+    ctx.log(f"feedback_examples: {summary['check']}")
     return summary
 
 
@@ -233,7 +235,7 @@ def _base_ref(params: Params) -> str:
     return f"models:/{params.registry.name}@{params.feedback.alias}"
 
 
-def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_feedback_finetune(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Fine-tune the aliased model on the feedback examples; score it and the current model on the
     sft task set's test part (``beats_current`` in the summary) and on the benchmarks, item by item
     (``kept_benchmarks``: no task lost more than ``benchmarks.max_regression`` points)."""
@@ -247,7 +249,7 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     from models.generation import resolve
     from models.loading import load_dir
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     f, settings, task = params.feedback, params.finetune.train, params.finetune.sft
     examples = read_jsonl(params.stage_dir("feedback_examples") / "examples.jsonl")
     if "sft" not in params.finetune.tasks:
@@ -293,7 +295,7 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
                "examples_sha256": read_summary(params.stage_dir("feedback_examples"))["examples_sha256"],
                "kept_benchmarks": verdict["passed"], "benchmark_gate": verdict}
     with tracked_run(params, "feedback finetune", {"stage": "feedback_finetune", "base_version": str(base.version),
-                                                   "dagster_run_id": dagster_run_id}) as (client, run_id):
+                                                   **ctx.tags()}) as (client, run_id):
         for key in ("current_rougeL", "rougeL", "improvement", "feedback_examples", "train_examples"):
             client.log_metric(run_id, key, float(summary[key]))
         client.log_param(run_id, "method", f.method)
@@ -306,13 +308,13 @@ def run_feedback_finetune(params: Params, dagster_run_id: str = "", report=None)
     return summary
 
 
-def run_feedback_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_feedback_register(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Register the fine-tuned model and move the alias to it (only reached when ``beats_current`` passed)."""
     tuned = gated_summary(params, "feedback_finetune", "feedback_register", "the fine-tuned model is not better than the current one")
     tags = {"kind": "feedback", "rougeL": str(tuned["rougeL"]), "base_rougeL": str(tuned["current_rougeL"]),
             "feedback_examples": str(tuned["feedback_examples"]), "feedback_examples_sha256": tuned["examples_sha256"]}
     return register_tuned(params, tuned, "feedback_finetune", "feedback_register", tags, f"ROUGE-L {tuned['rougeL']:.3f} vs {tuned['current_rougeL']:.3f}",
-                          dagster_run_id, report)
+                          ctx)
 
 
 def gated_summary(params: Params, tuned_stage: str, stage: str, not_better: str) -> dict[str, Any]:
@@ -326,8 +328,8 @@ def gated_summary(params: Params, tuned_stage: str, stage: str, not_better: str)
     return tuned
 
 
-def register_tuned(params: Params, tuned: dict[str, Any], tuned_stage: str, stage: str, tags: dict[str, str], why: str, dagster_run_id: str = "",
-                   report=None) -> dict[str, Any]:
+def register_tuned(params: Params, tuned: dict[str, Any], tuned_stage: str, stage: str, tags: dict[str, str], why: str,
+                   ctx: RunContext = QUIET) -> dict[str, Any]:
     """Register ``<tuned_stage>/model/hf`` (``tuned``: its ``gated_summary``) as a new version (tagged with its
     base version) and move ``feedback.alias`` to it: the last step of both loops, behind their blocking checks.
     Refused when the alias moved since tuning started (the other loop, or a new champion, got there first:
@@ -337,16 +339,16 @@ def register_tuned(params: Params, tuned: dict[str, Any], tuned_stage: str, stag
     from lmforge.registry import current, register_once
     from lmforge.tracking import lineage_tags, tracking_uri
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     uri, name, alias = tracking_uri(params), params.registry.name, params.feedback.alias
     client = MlflowClient(uri, registry_uri=uri)
     now = current(client, name, alias)
     if now is not None and str(now.version) != tuned["base_version"]:
         raise LmforgeError(f"{stage}: @{alias} moved to version {now.version} since {tuned_stage} started from version {tuned['base_version']}: "
                            f"materialize {tuned_stage} again to tune the new version")
-    tags = {**lineage_tags(), "dagster_run_id": dagster_run_id, "base_version": tuned["base_version"], **tags}
+    tags = {**lineage_tags(), **ctx.tags(), "base_version": tuned["base_version"], **tags}
     version, run_id, _new = register_once(params, params.stage_dir(tuned_stage) / "model" / "hf", tags, f"register {tags['kind']} model",
-                                          {"stage": stage, "dagster_run_id": dagster_run_id}, tuned["mlflow_run_id"])
+                                          {"stage": stage, **ctx.tags()}, tuned["mlflow_run_id"])
     client.set_registered_model_alias(name, alias, version)
     say(f"{stage}: {name} version {version} is now @{alias} ({why} of version {tuned['base_version']})")
     summary = {"registered_model": name, "version": version, "alias": alias, "replaced_version": tuned["base_version"], "mlflow_run_id": run_id}

@@ -34,6 +34,7 @@ from typing import Any
 
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_params, write_summary
 from lmforge.benchmarks import benchmark_gates
+from lmforge.context import QUIET, RunContext
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Out, Stage
 from lmforge.tracking import log_numbers, tracked_run
@@ -171,7 +172,7 @@ def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
     return "test" if bucket < test_fraction else "val" if bucket < test_fraction + val_fraction else "train"
 
 
-def run_task_data(params: Params) -> tuple[dict[str, Any], list[str], list[CheckOutcome]]:
+def run_task_data(params: Params, ctx: RunContext = QUIET) -> tuple[dict[str, Any], list[str], list[CheckOutcome]]:
     """Validate and split the task sets of ``finetune.tasks``; return (summary, failure lines, an
     outcome for every check of ``CHECK_NAMES``: those of a task left out pass as not configured)."""
     out = params.stage_dir("task_data")
@@ -284,7 +285,7 @@ def skip(params: Params, stage: str, reason: str, say) -> dict[str, Any]:
     return summary
 
 
-def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_finetune_classifier(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -300,7 +301,7 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
         with_lora,
     )
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     reason = not_configured(params, "classification")
     if reason:
         return skip(params, "finetune_classifier", reason, say)
@@ -325,7 +326,7 @@ def run_finetune_classifier(params: Params, dagster_run_id: str = "", report=Non
     out = params.stage_dir("finetune_classifier")
     fresh_dir(out / "models")  # no model of an earlier run (or a method since dropped) survives
     results: dict[str, dict[str, Any]] = {}
-    with tracked_run(params, "finetune classification", {"stage": "finetune_classifier", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "finetune classification", {"stage": "finetune_classifier", "champion": name, **ctx.tags()}, parent_run_id=parent) as (client, run_id):
         for method in p.methods:
             torch.manual_seed(settings.seed)  # the new head's initial weights
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -433,13 +434,13 @@ def train_sft(params: Params, task: SftTask, method: str, say, on_epoch=None):
     return model, fitted
 
 
-def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_finetune_sft(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     import torch
 
     from models.finetune import export, rouge, trainable_parameters
     from models.loading import load_model
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     reason = not_configured(params, "sft")
     if reason:
         summary = skip(params, "finetune_sft", reason, say)
@@ -461,7 +462,7 @@ def run_finetune_sft(params: Params, dagster_run_id: str = "", report=None) -> d
     fresh_dir(out / "models")
     results: dict[str, dict[str, Any]] = {}
     examples = []
-    with tracked_run(params, "finetune sft", {"stage": "finetune_sft", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=task.parent) as (client, run_id):
+    with tracked_run(params, "finetune sft", {"stage": "finetune_sft", "champion": name, **ctx.tags()}, parent_run_id=task.parent) as (client, run_id):
         for method in p.methods:
             started = time.perf_counter()
             model, fitted = train_sft(params, task, method, say)

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from lmforge.artifacts import write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import BASE_TIER, LmforgeError, Params, ParamsError, current_tier, deep_merge, load_params, params_file
 from lmforge.stages import Stage
 
@@ -325,7 +326,7 @@ def _run_on_ray(params: Params, study, over_budget, trials_dir: Path, parent: st
             ran += 1
 
 
-def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_hpsearch(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Run (or resume) the study until it holds ``hpsearch.trials`` finished trials or
     ``hpsearch.max_minutes`` pass; write the best trial's overlay (``best_params.yaml``) and summary."""
     import optuna
@@ -333,7 +334,7 @@ def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[
 
     from lmforge.tracking import tracked_run
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     h = params.hpsearch
     if not h.space:
         raise LmforgeError("hpsearch.space is empty: name the settings to search, e.g. pretrain.train.lr: {type: float, low: 0.0003, high: 0.01, log: true}")
@@ -355,7 +356,7 @@ def run_hpsearch(params: Params, dagster_run_id: str = "", report=None) -> dict[
     retried = _retry_interrupted(study, say)
     started = time.monotonic()
     deadline = started + h.max_minutes * 60 if h.max_minutes else None
-    with tracked_run(params, "hpsearch", {"stage": "hpsearch", "study": name, "dagster_run_id": dagster_run_id}) as (client, parent):
+    with tracked_run(params, "hpsearch", {"stage": "hpsearch", "study": name, **ctx.tags()}) as (client, parent):
         run = _run_on_ray if h.engine == "ray" else _run_here
         ran, stopped_by_budget = run(params, study, lambda: deadline is not None and time.monotonic() >= deadline, out / "trials", parent, say)
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]

@@ -39,6 +39,7 @@ from lmforge.artifacts import (
     write_summary,
 )
 from lmforge.cluster import connected
+from lmforge.context import QUIET, RunContext
 from lmforge.formats import Record, detect_format, read_records
 from lmforge.params import IngestParams, LmforgeError, Params, SourceParams, build
 from lmforge.stages import Out, Stage
@@ -338,10 +339,10 @@ def _field(params: Params, item: Item) -> str:
     return next(s.text_field for s in params.ingest.sources if s.name == item.source)
 
 
-def run_ingest(params: Params, report=None) -> dict[str, Any]:
+def run_ingest(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/ingest``: ``dataset/`` (Arrow), ``quarantine.jsonl``, ``summary.json``.
 
-    ``report`` (a callable taking one line) hears where the work ran on the Ray engine."""
+    ``ctx.log`` hears where the work ran on the Ray engine."""
     from dataclasses import asdict
 
     items, filtered = list_items(params)
@@ -350,21 +351,23 @@ def run_ingest(params: Params, report=None) -> dict[str, Any]:
     if params.cluster.data_engine == "ray":
         from lmforge import ray_data
 
-        with connected(params.cluster, report):
-            rows = ray_data.ordered_flat_map(items, _ray_item_outputs, {"params_blob": asdict(params)}, _ray_schema(), "ingest", report)
+        with connected(params.cluster, ctx.log):
+            rows = ray_data.ordered_flat_map(items, _ray_item_outputs, {"params_blob": asdict(params)}, _ray_schema(), "ingest", ctx.log)
             ds = save_iterable(_ray_route(rows, out / QUARANTINE), features(), dataset_dir)
-        return _summarize(params, items, filtered, ds, out)
-    parts = shards(items, env_num_proc(params.ingest.num_proc)) or [[]]
-    ds = save_generated(
-        _generate,
-        {"shards": list(enumerate(parts)), "params_blob": asdict(params), "out_dir": str(out)},
-        features(),
-        dataset_dir,
-        num_proc=len(parts) if len(parts) > 1 else None,
-    )
-    part_files = [out / f"{QUARANTINE}.part{i:03d}" for i in range(len(parts))]
-    concat_files(part_files, out / QUARANTINE)
-    return _summarize(params, items, filtered, ds, out)
+    else:
+        parts = shards(items, env_num_proc(params.ingest.num_proc)) or [[]]
+        ds = save_generated(
+            _generate,
+            {"shards": list(enumerate(parts)), "params_blob": asdict(params), "out_dir": str(out)},
+            features(),
+            dataset_dir,
+            num_proc=len(parts) if len(parts) > 1 else None,
+        )
+        part_files = [out / f"{QUARANTINE}.part{i:03d}" for i in range(len(parts))]
+        concat_files(part_files, out / QUARANTINE)
+    summary = _summarize(params, items, filtered, ds, out)
+    ctx.log(f"ingest: {summary['documents']} documents, {summary['quarantined']} quarantined")
+    return summary
 
 
 def _summarize(params: Params, items: list[Item], filtered: int, ds, out: Path) -> dict[str, Any]:

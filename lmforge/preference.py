@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.feedback import gated_summary, read_feedback, register_tuned, validate_rows
 from lmforge.feedback_store import RATINGS
 from lmforge.params import REPO_ROOT, LmforgeError, Params
@@ -203,7 +204,7 @@ def pairs_sha256(pairs: list[dict[str, Any]]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def run_feedback_preferences(params: Params) -> dict[str, Any]:
+def run_feedback_preferences(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Collect, validate (quarantining failing rows), split and write the pairs; the summary says
     whether the blocking check passed."""
     collected, unmatched = collect(params)
@@ -235,6 +236,7 @@ def run_feedback_preferences(params: Params) -> dict[str, Any]:
     assert rows_in_pairs + rows_quarantined + collected.not_used + collected.superseded == collected.rows, summary
     write_params(out, params.preference)
     write_summary(out, summary)
+    ctx.log(f"feedback_preferences: {summary['check']}")
     return summary
 
 
@@ -242,7 +244,7 @@ def _base_ref(params: Params) -> str:
     return f"models:/{params.registry.name}@{params.feedback.alias}"
 
 
-def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_preference_tune(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """DPO from the aliased model on the training pairs; its held-out preference accuracy against the
     current model's (``beats_current``) and its benchmarks against the current model's
     (``kept_benchmarks``)."""
@@ -258,7 +260,7 @@ def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -
     from models.precision import resolve as resolve_precision
     from models.preference import DpoSettings, dpo, preference_accuracy
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     p = params.preference
     pairs_dir = params.stage_dir("feedback_preferences")
     if not (pairs_dir / "summary.json").exists():
@@ -303,7 +305,7 @@ def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -
                "precision": settings.precision, "seconds": seconds, "pairs_sha256": read_summary(pairs_dir)["pairs_sha256"],
                "kept_benchmarks": verdict["passed"], "benchmark_gate": verdict}
     with tracked_run(params, "preference tune", {"stage": "preference_tune", "base_version": str(base.version),
-                                                 "dagster_run_id": dagster_run_id, "pairs_sha256": summary["pairs_sha256"]}) as (client, run_id):
+                                                 **ctx.tags(), "pairs_sha256": summary["pairs_sha256"]}) as (client, run_id):
         for row in history:  # the DPO curve: loss, reward margin and accuracy per step
             for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
                 if key in row:
@@ -322,7 +324,7 @@ def run_preference_tune(params: Params, dagster_run_id: str = "", report=None) -
     return summary
 
 
-def run_preference_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_preference_register(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Register the preference-tuned model and move the alias to it (only reached when ``beats_current`` passed)."""
     tuned = gated_summary(params, "preference_tune", "preference_register",
                           "the tuned model does not rank held-out pairs better than the current one")
@@ -330,4 +332,4 @@ def run_preference_register(params: Params, dagster_run_id: str = "", report=Non
             "preference_pairs": str(tuned["train_pairs"]), "preference_pairs_sha256": tuned["pairs_sha256"], "dpo_loss": tuned["loss_type"],
             "dpo_beta": str(tuned["beta"])}
     why = f"held-out preference accuracy {tuned['accuracy']:.0%} vs {tuned['current_accuracy']:.0%}"
-    return register_tuned(params, tuned, "preference_tune", "preference_register", tags, why, dagster_run_id, report)
+    return register_tuned(params, tuned, "preference_tune", "preference_register", tags, why, ctx)

@@ -19,6 +19,7 @@ import numpy as np
 
 from lmforge.artifacts import write_params, write_summary
 from lmforge.candidates import Candidate, base_model_dir, get, packed_dir, sources_in_use, tokenizer_dir
+from lmforge.context import QUIET, RunContext
 from lmforge.params import LmforgeError, Params
 from lmforge.sources import link_or_copy, source_tags
 from lmforge.stages import Out, Stage
@@ -78,14 +79,14 @@ def base_record(params: Params, candidate: Candidate) -> dict[str, Any]:
     return json.loads(record.read_text())
 
 
-def run_base_models(params: Params, report=None) -> dict[str, Any]:
+def run_base_models(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/base_models/<name>/`` for every distinct source of the candidates."""
     from lmforge.sources import materialize
 
     out = params.stage_dir("base_models")
     out.mkdir(parents=True, exist_ok=True)
     sources = sources_in_use(params)
-    records = {slug: materialize(source, base_model_dir(params, slug), report) for slug, source in sources.items()}
+    records = {slug: materialize(source, base_model_dir(params, slug), ctx.log) for slug, source in sources.items()}
     for stale in out.iterdir():  # models no candidate names any more
         if stale.is_dir() and stale.name not in records:
             shutil.rmtree(stale)
@@ -131,7 +132,7 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progress: bool = True, report=None) -> dict[str, Any]:
+def run_pretrain(params: Params, candidate: str, progress: bool = True, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Train (or resume) one candidate, or take an existing model as is; log it to MLflow; return its summary."""
     from pytorch_lightning.loggers import MLFlowLogger
 
@@ -164,7 +165,7 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     if (out / "hf").exists():
         shutil.rmtree(out / "hf")
     family = cand.arch.family if cand.arch is not None else record["model_type"]
-    tags = {**lineage_tags(), "candidate": candidate, "dagster_run_id": dagster_run_id, "fingerprint": run_key, "family": family,
+    tags = {**lineage_tags(), "candidate": candidate, **ctx.tags(), "fingerprint": run_key, "family": family,
             "candidate_kind": cand.kind, "tokenizer": cand.tokenizer, **(source_tags(record) if record else {})}
     logger = MLFlowLogger(
         experiment_name=params.mlflow.experiment,
@@ -182,8 +183,11 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
                             **({"cluster.workers": params.cluster.workers} if on_ray else {})})
     init_from = tokenizer if cand.kind == "adapt" else None  # a base model's directory holds weights and tokenizer
     if cand.kind == "as_is":
-        say = report or (lambda _msg: None)
-        say(f"pretrain {candidate}: {record['source']} as is (no training); scoring its validation batches")
+        ctx.log(f"pretrain {candidate}: {record['source']} as is (no training); scoring its validation batches")
+    else:
+        where = f"on {params.cluster.workers} Ray Train workers" if on_ray else "here"
+        ctx.log(f"pretrain {candidate}: started {where} (progress at each validation; metrics in MLflow)")
+    if cand.kind == "as_is":
         (work / "hf").mkdir()
         for path in tokenizer.iterdir():  # the base model's files, hard-linked: no second copy of the weights
             link_or_copy(path, work / "hf" / path.name)
@@ -196,13 +200,13 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
         settings = RaySettings(workers=c.workers, use_gpu=c.use_gpu, resources_per_worker=c.resources_per_worker,
                                max_failures=c.max_failures, storage_path=c.storage or str(params.artifacts / "ray"),
                                name=f"pretrain-{candidate}-{run_key}-{logger.run_id[:8]}")
-        with connected(c, report):
+        with connected(c, ctx.log):
             result = launch_on_ray(cand.arch, train, packed, tokenizer, work, scale, settings, tracking_uri(params), logger.run_id,
-                                   init_from=init_from, report=report)
+                                   init_from=init_from, report=ctx.log)
     elif needs_launcher(scale):  # torchrun processes log into the MLflow run created here
         result = launch(cand.arch, train, packed, tokenizer, work, scale, tracking_uri(params), logger.run_id, init_from=init_from)
     else:
-        result = pretrain(cand.arch, train, packed, tokenizer, work, scale, logger=logger, progress=progress, report=report, init_from=init_from)
+        result = pretrain(cand.arch, train, packed, tokenizer, work, scale, logger=logger, progress=progress, report=ctx.log, init_from=init_from)
     shutil.move(str(work / "hf"), str(out / "hf"))
     if record is not None:
         (out / "hf" / "source.json").unlink(missing_ok=True)  # the run's tags and summary carry it
@@ -225,4 +229,5 @@ def run_pretrain(params: Params, candidate: str, dagster_run_id: str = "", progr
     (work / "COMPLETE").touch()
     write_params(out, train)
     write_summary(out, result)
+    ctx.log(f"pretrain {candidate}: val loss {result['final_val_loss']:.4f} (unigram {result['unigram_baseline']:.4f})")
     return result

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, read_jsonl, read_summary, write_jsonl, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.finetune import TASKS, champion, load_task, not_configured
 from lmforge.params import LmforgeError, Params
 from lmforge.stages import Out, Stage
@@ -183,8 +184,8 @@ def known_items(chunks: list[dict[str, Any]], n: int, seed: int) -> list[dict[st
     return items
 
 
-def run_retrieval_index(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
-    say = report or (lambda _msg: None)
+def run_retrieval_index(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
+    say = ctx.log
     rag = params.rag
     out = fresh_dir(params.stage_dir("retrieval_index"))
     chunks = corpus_chunks(params)
@@ -220,7 +221,7 @@ def run_retrieval_index(params: Params, dagster_run_id: str = "", report=None) -
             summary[f"{method}_{key}"] = value
         say(f"retrieval_index {method}: recall@{max(rag.recall_at)} {summary[f'{method}_recall_at_{max(rag.recall_at)}']:.3f}, MRR {summary[f'{method}_mrr']:.3f}")
     summary["best_method"] = max(methods, key=lambda m: summary[f"{m}_mrr"])
-    with tracked_run(params, "retrieval index", {"stage": "retrieval_index", "dagster_run_id": dagster_run_id}) as (client, run_id):
+    with tracked_run(params, "retrieval index", {"stage": "retrieval_index", **ctx.tags()}) as (client, run_id):
         log_numbers(client, run_id, summary)
         for key, value in meta.items():
             client.log_param(run_id, key, str(value))
@@ -262,10 +263,10 @@ def with_retrieval(params: Params, prompts: list[str], k: int, tokenizer, max_ne
     return filled, hits
 
 
-def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_rag_eval(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Champion perplexity on held-out continuations and SFT ROUGE (when the SFT task is configured),
     each with and without retrieval."""
-    say = report or (lambda _msg: None)
+    say = ctx.log
     rag, templates = params.rag, load_templates(params)
     retriever = Retriever(params.stage_dir("retrieval_index"))
     rng = random.Random(rag.seed)
@@ -299,7 +300,7 @@ def run_rag_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[
     examples = [] if skipped else _summaries_with_and_without(params, retriever, templates, summary, say)
     (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
     (out / "comparison.md").write_text(comparison_table(summary))
-    with tracked_run(params, "rag eval", {"stage": "rag_eval", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "rag eval", {"stage": "rag_eval", "champion": name, **ctx.tags()}, parent_run_id=parent) as (client, run_id):
         log_numbers(client, run_id, summary)
         client.log_artifact(run_id, str(out / "comparison.md"))
     summary["mlflow_run_id"] = run_id
@@ -420,12 +421,12 @@ def classify_by_likelihood(model, tokenizer, prompts: list[str], content_free: l
     return predictions
 
 
-def run_prompt_eval(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_prompt_eval(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Zero-shot vs few-shot prompting of the champion on the task sets of ``finetune.tasks`` (test parts)."""
     from models.finetune import classification_metrics, first_line, rouge
     from models.generation import generate
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     rag, templates = params.rag, load_templates(params)
     name, model_dir, parent = champion(params)
     model, tokenizer = _causal(model_dir, "prompt_eval")
@@ -467,7 +468,7 @@ def run_prompt_eval(params: Params, dagster_run_id: str = "", report=None) -> di
     out = params.stage_dir("prompt_eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
-    with tracked_run(params, "prompt eval", {"stage": "prompt_eval", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "prompt eval", {"stage": "prompt_eval", "champion": name, **ctx.tags()}, parent_run_id=parent) as (client, run_id):
         log_numbers(client, run_id, summary)
     summary["mlflow_run_id"] = run_id
     write_params(out, rag)
@@ -491,7 +492,7 @@ def sweep_settings(params: Params) -> list[dict[str, float]]:
     return settings
 
 
-def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_sampling_sweep(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Each setting generates summaries (ROUGE-L, distinct-2, repetition) and labels (macro-F1) for the
     val parts of the task sets of ``finetune.tasks`` with the registered champion; the best mean of
     ROUGE-L and F1 (of the tasks configured) wins.  Without any task set there is nothing to score:
@@ -500,7 +501,7 @@ def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) ->
     from models.finetune import classification_metrics, first_line, rouge
     from models.generation import generate
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     rag, templates = params.rag, load_templates(params)
     sweep = rag.sweep
     out = params.stage_dir("sampling_sweep")
@@ -550,7 +551,7 @@ def run_sampling_sweep(params: Params, dagster_run_id: str = "", report=None) ->
     client.set_model_version_tag(params.registry.name, version, "sampling_best", json.dumps(setting, sort_keys=True))
     client.set_model_version_tag(params.registry.name, version, "sampling_score", f"{best['score']:.4f}")
     say(f"sampling_sweep: best {setting} (score {best['score']:.3f}) tagged on {params.registry.name} version {version}")
-    with tracked_run(params, "sampling sweep", {"stage": "sampling_sweep", "champion": name, "dagster_run_id": dagster_run_id}, parent_run_id=parent) as (client, run_id):
+    with tracked_run(params, "sampling sweep", {"stage": "sampling_sweep", "champion": name, **ctx.tags()}, parent_run_id=parent) as (client, run_id):
         for i, row in enumerate(rows):
             for key, value in row.items():
                 client.log_metric(run_id, key, value, step=i)

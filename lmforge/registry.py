@@ -29,6 +29,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from lmforge.artifacts import read_summary, weights_sha256, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.sources import source_tags
 from lmforge.stages import Stage
@@ -233,12 +234,12 @@ def _promote(client, registry: str, reigning, version: str, data_md5: str, bits_
     return bits_per_byte <= float(judge.tags.get("bits_per_byte", "inf"))
 
 
-def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_register(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Register the champion of ``select`` (once per distinct weights), point ``candidate`` at it, and
     ``champion`` too unless the reigning champion scores better on the same data."""
     from mlflow import MlflowClient
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     chosen = read_summary(params.stage_dir("select"))
     name = chosen["champion"]
     evaluation = read_summary(params.stage_dir("evaluate") / name)
@@ -248,14 +249,14 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     if failed:
         raise LmforgeError(f"register: champion '{name}' failed check(s) {', '.join(failed)}: nothing registered")
     registry = params.registry.name
-    lineage = {**lineage_tags(), "dagster_run_id": dagster_run_id}
+    lineage = {**lineage_tags(), **ctx.tags()}
     metrics = {k: evaluation[k] for k in ("perplexity", "bits_per_byte", "token_accuracy") if evaluation.get(k) is not None}
     arch = json.loads((params.stage_dir("pretrain") / name / "params.json").read_text()) if (params.stage_dir("pretrain") / name / "params.json").exists() else {}
     summary: dict[str, Any] = {"registered_model": registry, "candidate": name}
     tags = {**lineage, "candidate": name, "kind": "pretrained", "params": json.dumps(arch, sort_keys=True)[:5000],
             **{k: str(v) for k, v in metrics.items()}, **candidate_source_tags(params, name), **measured_tags}
     version, run_id, new = register_once(params, params.path(chosen["champion_dir"]), tags, f"register {name}",
-                                         {"stage": "register", "candidate": name, "dagster_run_id": dagster_run_id},
+                                         {"stage": "register", "candidate": name, **ctx.tags()},
                                          chosen.get("champion_pretrain_run_id"))
     client = MlflowClient(tracking_uri(params), registry_uri=tracking_uri(params))
     if not new:
@@ -281,11 +282,11 @@ def run_register(params: Params, dagster_run_id: str = "", report=None) -> dict[
     return summary
 
 
-def run_register_quantized(params: Params, dagster_run_id: str = "", report=None) -> dict[str, Any]:
+def run_register_quantized(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Register the chosen quantized variant of the model `register` registered and point ``quantized`` at it."""
     from mlflow import MlflowClient
 
-    say = report or (lambda _msg: None)
+    say = ctx.log
     registered = read_summary(params.stage_dir("register"))
     quantized = read_summary(params.stage_dir("quantize"))
     if not quantized.get("chosen"):
@@ -298,13 +299,13 @@ def run_register_quantized(params: Params, dagster_run_id: str = "", report=None
     if champion.tags.get("candidate") != quantized["champion"]:
         raise LmforgeError(f"register_quantized: the quantized model is of '{quantized['champion']}', but the last registered "
                            f"version ({champion.version}) is of '{champion.tags.get('candidate')}': re-run quantize and register")
-    tags = {**lineage_tags(), **candidate_source_tags(params, quantized["champion"]), "dagster_run_id": dagster_run_id,
+    tags = {**lineage_tags(), **candidate_source_tags(params, quantized["champion"]), **ctx.tags(),
             "candidate": quantized["champion"], "kind": "quantized",
             "variant": quantized["chosen"], "base_version": str(champion.version),
             **{k: str(quantized[k]) for k in ("perplexity_increase", "linear_size_ratio", "disk_size_ratio") if k in quantized},
             **number_tags(quantized["benchmarks"][quantized["chosen"]]["summary"], BENCHMARK_TAGS), "benchmark_gate": "passed"}
     version, run_id, _new = register_once(params, params.path(quantized["chosen_dir"]), tags, f"register quantized {quantized['champion']}",
-                                          {"stage": "register_quantized", "dagster_run_id": dagster_run_id}, registered.get("mlflow_run_id"))
+                                          {"stage": "register_quantized", **ctx.tags()}, registered.get("mlflow_run_id"))
     client.set_registered_model_alias(registry, "quantized", version)
     say(f"register_quantized: {registry} version {version} ({quantized['chosen']} of version {champion.version}) is `quantized`")
     summary = {"registered_model": registry, "quantized_version": version, "variant": quantized["chosen"], "base_version": str(champion.version),

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmforge.artifacts import read_summary, write_params, write_summary
 from lmforge.candidates import TRAINED
+from lmforge.context import QUIET, RunContext
 from lmforge.params import SELECT_FACTORS, LmforgeError, Params
 from lmforge.stages import Out, Stage
 from lmforge.tracking import tracked_run
@@ -192,7 +193,7 @@ def plot_scores(rows: dict[str, dict[str, Any]], weights: dict[str, float], path
     plt.close(fig)
 
 
-def run_select(params: Params, dagster_run_id: str = "") -> dict[str, Any]:
+def run_select(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     table = factors(params)
     weights = params.select.weights
     summaries, reasons = {}, {}
@@ -221,7 +222,7 @@ def run_select(params: Params, dagster_run_id: str = "") -> dict[str, Any]:
         "not_eligible": reasons,
         "champion_pretrain_run_id": read_summary(params.stage_dir("pretrain") / champion)["mlflow_run_id"],
     }
-    with tracked_run(params, "select", {"stage": "select", "champion": champion, "dagster_run_id": dagster_run_id}) as (client, run_id):
+    with tracked_run(params, "select", {"stage": "select", "champion": champion, **ctx.tags()}) as (client, run_id):
         for name, total in result["scores"].items():
             client.log_metric(run_id, f"score_{name}", total)
         for name, w in weights.items():
@@ -231,4 +232,5 @@ def run_select(params: Params, dagster_run_id: str = "") -> dict[str, Any]:
     result["mlflow_run_id"] = run_id
     write_params(out, params.select)
     write_summary(out, result)
+    ctx.log(f"select: champion {champion} (score {result['champion_score']:.3f})")
     return result

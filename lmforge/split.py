@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, save_dataset, write_params, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import Params, SplitParams
 from lmforge.stages import Out, Stage
 
@@ -41,7 +42,7 @@ def _assign_batch(batch: dict[str, list], split_params: SplitParams) -> dict[str
     return {"split": [assign(c, split_params) for c in batch["cluster"]]}
 
 
-def run_split(params: Params) -> dict[str, Any]:
+def run_split(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/split``: ``train/``, ``val/``, ``test/`` datasets and ``summary.json``."""
     source = load_dataset_dir(params.stage_dir("clean") / "dataset", "clean")
     out = fresh_dir(params.stage_dir("split"))
@@ -63,6 +64,10 @@ def run_split(params: Params) -> dict[str, Any]:
         summary[f"{name}_bytes"] = int(sizes[indices].sum())
     write_params(out, params.split)
     write_summary(out, summary)
+    ctx.log(f"split: train {summary['train']}, val {summary['val']}, test {summary['test']}")
+    for name in SPLITS:
+        if summary[name] == 0 and getattr(params.split, name) > 0:
+            ctx.log(f"warning: split '{name}' is empty: the corpus is too small for its ratio")
     return summary
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, worker_friendly_signals, write_params, write_summary
 from lmforge.candidates import TRAINED, packed_dir, scratch_archs, tokenizer_dir, tokenizers_in_use
+from lmforge.context import QUIET, RunContext
 from lmforge.params import LmforgeError, Params
 from lmforge.split import SPLITS
 from lmforge.stages import Out, Stage
@@ -37,7 +38,7 @@ def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:
         yield batch.column(0).to_pylist()
 
 
-def run_tokenizer(params: Params) -> dict[str, Any]:
+def run_tokenizer(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/tokenizer``: ``hf/`` (AutoTokenizer directory), ``summary.json``."""
     from models.tokenizer import TokenizerSpec, measure, to_transformers, train_tokenizer
 
@@ -79,10 +80,12 @@ def run_tokenizer(params: Params) -> dict[str, Any]:
     }
     write_params(out, p)
     write_summary(out, summary)
+    ctx.log(f"tokenizer: {summary['algorithm']} vocab {summary['vocab_size']}, fertility {summary['fertility']}, "
+            f"{summary['bytes_per_token']} bytes/token, UNK rate {summary['unk_rate']}")
     return summary
 
 
-def run_pack(params: Params) -> dict[str, Any]:
+def run_pack(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/packed/<tokenizer>/`` for every tokenizer a candidate reads (the trained
     one for scratch candidates, each pretrained model's own): ``<split>.bin`` token arrays and
     ``meta.json``; one ``summary.json`` (the first tokenizer's counts flat, every tokenizer's nested)."""
@@ -119,4 +122,5 @@ def run_pack(params: Params) -> dict[str, Any]:
     summary = {"block_size": p.block_size, "tokenizers": list(per_tokenizer), **first, "by_tokenizer": per_tokenizer}
     write_params(out, p)
     write_summary(out, summary)
+    ctx.log(f"packed: {summary['train_tokens']} train tokens in {summary['train_blocks']} blocks of {summary['block_size']}")
     return summary

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, TINY_BENCHMARKS, stop_process_group, write_params
 from test_finetune import sentence, tiny_champion
 
+from lmforge.context import RunContext
 from lmforge.params import LmforgeError, load_params
 from models.distillation import distillation_loss
 
@@ -183,7 +184,7 @@ def test_registry_versions_aliases_and_lookups(project: Path):
     from lmforge.registry import describe_versions, run_register
 
     params = load_params()
-    first = run_register(params, dagster_run_id="run-1")
+    first = run_register(params, RunContext(run_id="run-1"))
     assert first["promoted"] and first["candidate_version"] == "1"
     assert run_register(params)["candidate_version"] == "1"  # the same weights are not registered twice
     # a worse model on the same data becomes a candidate, not the champion
@@ -252,7 +253,7 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
     config.write_text(json.dumps({**gelu, "hidden_act": "silu"}))
     run_register(params)
     params.export.onnx = ["fp32", "int8"]
-    summary = run_export(params, dagster_run_id="run-x")
+    summary = run_export(params, RunContext(run_id="run-x"))
     assert summary["passed"] and set(summary["files"]) == {"f32", "q8_0", "q4_1", "onnx_fp32", "onnx_int8"}, summary
     assert abs(summary["files"]["f32"]["perplexity_increase"]) < 1e-5  # the tensor layout (e.g. llama.cpp's rope order) round-trips
     q4 = project / "artifacts/export" / summary["files"]["q4_1"]["file"]

@@ -15,6 +15,7 @@ import pytest
 from conftest import prose, write_params
 
 from lmforge.clean import run_clean
+from lmforge.context import RunContext
 from lmforge.dedup import cluster_representatives
 from lmforge.ingest import run_ingest
 from lmforge.params import load_params
@@ -79,7 +80,7 @@ def ingested(ray_cluster, quiet_ray_data, tmp_path_factory) -> dict:
         messages: list[str] = []
         cluster = {"data_engine": engine, "address": ray_cluster}
         params = load_params(write_params(root / engine, raw, ingest={"sources": sources}, cluster=cluster))
-        runs[engine] = {"summary": run_ingest(params, report=messages.append), "messages": messages, "raw": raw,
+        runs[engine] = {"summary": run_ingest(params, RunContext(log=messages.append)), "messages": messages, "raw": raw,
                         "sources": sources, "dir": params.stage_dir("ingest")}
     return runs
 
@@ -117,7 +118,7 @@ def test_ray_clean_and_split_match_local(ingested, ray_cluster, tmp_path: Path, 
         ))
         shutil.copytree(ingested[engine]["dir"], params.stage_dir("ingest"))
         messages: list[str] = []
-        summary = run_clean(params, report=messages.append)
+        summary = run_clean(params, RunContext(log=messages.append))
         assert summary["documents_in"] == summary["kept"] + summary["quarantined"]
         run_split(params)
         results[engine] = {

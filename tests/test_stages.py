@@ -64,32 +64,27 @@ def test_a_declaration_that_does_not_fit_is_refused_with_where_and_why(tmp_path:
 TOY_LOGIC = '''"""A toy stage: the number of words in the train split."""
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, write_summary
+from lmforge.context import QUIET, RunContext
 from lmforge.params import Params
 from lmforge.stages import Stage
 
 TOY = Stage("toy", group="toy", params=("split",), reads=("split/train",), note="a stage added by a test")
 
 
-def run_toy(params: Params) -> dict:
+def run_toy(params: Params, ctx: RunContext = QUIET) -> dict:
     words = sum(len(t.split()) for t in load_dataset_dir(params.stage_dir("split") / "train", "split")["text"])
     summary = {"words": words}
     write_summary(fresh_dir(params.stage_dir("toy")), summary)
+    ctx.log(f"toy: {words} words")
     return summary
 '''
 
 TOY_ASSET = '''"""The toy stage's asset."""
 
-import dagster as dg
-
 import lmforge.toy
-from assets.common import declared, materialized, summary_metadata
-from assets.resources import ParamsResource
+from assets.factory import stage_asset
 
-
-@dg.asset(**declared("toy"), description="Words in the train split.")
-def toy(context: dg.AssetExecutionContext, lmforge_params: ParamsResource) -> dg.MaterializeResult:
-    params = lmforge_params.load()
-    return materialized("toy", params, summary_metadata(lmforge.toy.run_toy(params)))
+toy = stage_asset("toy", lmforge.toy.run_toy, description="Words in the train split.")
 '''
 
 
@@ -112,7 +107,7 @@ def test_a_toy_stage_is_its_module_and_its_asset_and_shows_everywhere(tiny_proje
     tiny_project.run(*cli, "dvc-yaml", env=env)
     toy = yaml.safe_load((code / "dvc.yaml").read_text())["stages"]["toy"]
     assert toy["cmd"] == "lmforge run --select toy" and toy["params"] == ["split"]
-    assert {"artifacts/split/train", "lmforge/toy.py", "assets/toy.py", "assets/common.py", "lmforge/artifacts.py"} <= set(toy["deps"])
+    assert {"artifacts/split/train", "lmforge/toy.py", "assets/toy.py", "assets/factory.py", "lmforge/context.py", "lmforge/artifacts.py"} <= set(toy["deps"])
     assert toy["metrics"] == [{"artifacts/toy/summary.json": {"cache": False}}]
     assert tiny_project.run(*cli, "dvc-yaml", "--check", env=env).returncode == 0
 
