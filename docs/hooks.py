@@ -3,8 +3,9 @@
 A page holds a marker comment and the hook replaces it with Markdown at build time:
 
 - ``<!-- generated: configuration -->``: every section and key of ``params.yaml`` from the dataclasses of
-  ``lmforge/params.py`` (and those it imports, such as ``models/train_config.py``): type, default, the
-  value ``params.yaml`` sets when it differs, and the comments of the source that say why;
+  ``lmforge/params/sections.py`` (and those it imports, such as ``models/train_config.py``): type,
+  default, the value ``params.yaml`` sets when it differs, and the comments of the source that say why
+  (read from the file that defines each class, wherever that is);
 - ``<!-- generated: cli -->``: every command of the Typer app ``dagster_project.cli.app``, read by
   introspection of its Click-style command objects (usage, help, arguments and options).
 
@@ -77,7 +78,7 @@ def anchor(path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration reference (lmforge/params.py)
+# Configuration reference (lmforge/params/sections.py)
 # --------------------------------------------------------------------------------------------------
 
 

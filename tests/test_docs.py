@@ -172,7 +172,7 @@ def test_configuration_reference_is_generated_from_the_params_dataclasses(hooks,
     # nested sections and models/train_config.py, with a real default and the comment that explains it
     train = _section(reference, "pretrain-train")
     assert f"| `{Params().pretrain.train.lr!r}` |" in _row(train, "lr")
-    source = (ROOT / "lmforge" / "params.py").read_text()
+    source = (ROOT / "lmforge" / "params" / "sections.py").read_text()
     comment = re.search(r"^\s+vocab_size: int = \d+\s+#\s*(.*)$", source, re.M).group(1)
     assert comment in _row(_section(reference, "tokenizer"), "vocab_size")
     assert "each entry of `pretrain.candidates`" in reference and "| `source` |" in _section(reference, "pretrain-candidates")
