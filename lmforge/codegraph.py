@@ -30,7 +30,8 @@ DEFINITION_DIRS = ("assets", "dagster_project/checks")
 
 
 def module_file(name: str, root: Path = CODE_ROOT) -> Path | None:
-    """``lmforge.params`` → ``<root>/lmforge/params.py`` (or a package's ``__init__.py``); None outside the project."""
+    """``lmforge.stages`` → ``<root>/lmforge/stages.py``; a package (``lmforge.params``) → its ``__init__.py``;
+    None outside the project."""
     parts = name.split(".")
     if parts[0] not in PACKAGES:
         return None

@@ -1,11 +1,10 @@
 """The documentation: the README is a front page that links to existing pages, and the site builds
 strictly (a broken link or anchor fails), with the configuration and CLI references generated from
-the code so that they cannot drift."""
+the code and committed, and a test that fails when they drift."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from dagster_project import reference as generated
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -35,15 +37,6 @@ def site(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def hooks():
-    spec = importlib.util.spec_from_file_location("lmforge_docs_hooks", ROOT / "docs" / "hooks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _page(site: Path, name: str) -> str:
     return (site / name).read_text(encoding="utf-8")
 
@@ -60,8 +53,8 @@ def test_site_builds_strictly_with_every_page_of_the_nav(site: Path):
     on_disk = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
     assert sorted(nav) == on_disk, "every page of docs/ is in the nav of mkdocs.yml, and only those"
     for page in nav:
-        html = _page(site, page.replace(".md", ".html"))
-        assert "<!-- generated:" not in html, f"{page}: a generated reference was not filled in"
+        source = (ROOT / "docs" / page).read_text(encoding="utf-8")
+        assert source.count("<!-- generated:") == source.count(generated.END), f"{page}: a generated block without its end"
     assert not (site / "hooks.py").exists() and not (site / "figures.py").exists()
 
 
@@ -138,10 +131,10 @@ def _row(section: str, key: str) -> str:
     return rows[0]
 
 
-def test_configuration_reference_is_generated_from_the_params_dataclasses(hooks, site: Path):
+def test_configuration_reference_is_generated_from_the_params_dataclasses(site: Path):
     from lmforge.params import BASE_TIER, Params, load_params
 
-    reference = hooks.configuration_reference()
+    reference = generated.configuration_reference()
     checked = 0
 
     def check(default_obj, file_obj, path: str) -> None:
@@ -172,13 +165,13 @@ def test_configuration_reference_is_generated_from_the_params_dataclasses(hooks,
     # nested sections and models/train_config.py, with a real default and the comment that explains it
     train = _section(reference, "pretrain-train")
     assert f"| `{Params().pretrain.train.lr!r}` |" in _row(train, "lr")
-    source = (ROOT / "lmforge" / "params.py").read_text()
+    source = (ROOT / "lmforge" / "params" / "sections.py").read_text()
     comment = re.search(r"^\s+vocab_size: int = \d+\s+#\s*(.*)$", source, re.M).group(1)
     assert comment in _row(_section(reference, "tokenizer"), "vocab_size")
     assert "each entry of `pretrain.candidates`" in reference and "| `source` |" in _section(reference, "pretrain-candidates")
     html = _page(site, "configuration.html")
     for section in dataclasses.fields(Params):
-        assert f'id="{hooks.anchor(section.name)}"' in html  # batch_inference → batch-inference
+        assert f'id="{generated.anchor(section.name)}"' in html  # batch_inference → batch-inference
 
 
 def _cli_commands():
@@ -195,8 +188,8 @@ def _cli_commands():
     return list(walk(typer.main.get_command(app), "lmforge", None))
 
 
-def test_cli_reference_lists_every_command_and_option(hooks, site: Path):
-    reference = hooks.cli_reference()
+def test_cli_reference_lists_every_command_and_option(site: Path):
+    reference = generated.cli_reference()
     html = _page(site, "cli.html")
     commands = _cli_commands()
     assert len(commands) > 5
@@ -210,6 +203,30 @@ def test_cli_reference_lists_every_command_and_option(hooks, site: Path):
                 name = max(param.opts, key=len)
                 assert name in section, f"{path}: {name} is missing from the CLI reference"
     assert str(ROOT) not in reference, "defaults computed on this machine are shown relative to the checkout"
+
+
+def test_the_committed_references_are_what_lmforge_docs_writes():
+    """docs/configuration.md and docs/cli.md hold their generated text (readable on GitHub): it must be current."""
+    wanted = generated.pages()
+    assert set(wanted) == {ROOT / "docs" / "configuration.md", ROOT / "docs" / "cli.md"}
+    for path, text in wanted.items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.relative_to(ROOT)} is stale: run `lmforge docs`"
+
+
+def test_lmforge_docs_rewrites_only_the_generated_block(tmp_path: Path, monkeypatch):
+    from dagster_project.cli import app
+
+    page = tmp_path / "page.md"
+    page.write_text(f"# Page\n\nBy hand.\n\n<!-- generated: toy -->\nold\n{generated.END}\n\nAfter.\n")
+    monkeypatch.setattr(generated, "PAGES", {page: ("toy", lambda: "| new |\n")})
+    stale = CliRunner().invoke(app, ["docs", "--check"])
+    assert stale.exit_code == 1 and "run `lmforge docs`" in stale.output and "old" in page.read_text()
+    assert CliRunner().invoke(app, ["docs"]).exit_code == 0
+    assert page.read_text() == f"# Page\n\nBy hand.\n\n{generated.begin('toy')}\n\n| new |\n\n{generated.END}\n\nAfter.\n"
+    assert CliRunner().invoke(app, ["docs", "--check"]).exit_code == 0
+    page.write_text("# Page\n\nno block\n")
+    missing = CliRunner().invoke(app, ["docs"])
+    assert missing.exit_code == 1 and "expected one block" in missing.output
 
 
 def test_figures_are_small_pictures():

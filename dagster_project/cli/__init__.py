@@ -8,7 +8,8 @@ One module per group of commands; each parses options and calls stage functions 
 - ``registry``: ``registry list`` / ``registry show`` (the MLflow model registry);
 - ``serve``: ``serve`` (the OpenAI-compatible server);
 - ``evaluate``: ``eval`` (a model's standard benchmark scores);
-- ``project``: ``dvc-yaml`` (dvc.yaml written from the stages' declarations, ``lmforge/stages.py``);
+- ``project``: ``dvc-yaml`` (dvc.yaml written from the stages' declarations, ``lmforge/stages.py``) and ``docs``
+  (the generated references in docs/);
 - ``data``: ``demo-corpus``, ``fetch-pretrained``, ``fetch-benchmarks`` and ``fetch-converter`` (the demo's inputs and tools).
 """
 

@@ -1,4 +1,5 @@
-"""``lmforge dvc-yaml``: ``dvc.yaml`` written from the stages' declarations (``lmforge/stages.py``)."""
+"""Files written from the code: ``lmforge dvc-yaml`` (``dvc.yaml``, from the stages' declarations in
+``lmforge/stages.py``) and ``lmforge docs`` (the configuration and CLI references in docs/)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,24 @@ def dvc_yaml(check: bool = typer.Option(False, "--check", help="Write nothing: e
     path.write_text(text, encoding="utf-8")
     in_dvc = len(stages(REPO_ROOT)) - len(off_the_pipeline(REPO_ROOT))
     typer.echo(f"{path}: " + ("unchanged" if current == text else "written") + f" ({in_dvc} stages)")
+
+
+@app.command("docs")
+def docs(check: bool = typer.Option(False, "--check", help="Write nothing: exit 1 if a generated reference differs from the code.")) -> None:
+    """Write the generated references: docs/configuration.md from the params dataclasses, docs/cli.md from this command line."""
+    from dagster_project.reference import pages, stale
+
+    try:
+        wanted = pages()
+    except LmforgeError as exc:
+        fail(str(exc))
+    changed = stale(wanted)
+    if check:
+        if changed:
+            fail(f"{', '.join(map(str, changed))} differ from the code: run `lmforge docs`")
+        typer.echo(f"{', '.join(map(str, wanted))}: current")
+        return
+    for path in changed:
+        path.write_text(wanted[path], encoding="utf-8")
+    for path in wanted:
+        typer.echo(f"{path}: " + ("written" if path in changed else "unchanged"))
