@@ -12,7 +12,8 @@ a test fails when the block is stale, so it can never drift from the code)::
   ``models/train_config.py``): type, default, the value ``params.yaml`` sets when it differs, and the
   comments of the source that say why (read from the file that defines each class, wherever that is);
 - ``cli`` (docs/cli.md): every command of the Typer app ``dagster_project.cli.app``, read by
-  introspection of its Click-style command objects (usage, help, arguments and options).
+  introspection of its Click-style command objects (usage, help, arguments and options);
+- ``modules`` (docs/modules.md): every module of the code folders, one line each, from its docstring.
 
 The MkDocs hook (``docs/hooks.py``) only checks that the blocks are current.
 """
@@ -371,6 +372,35 @@ def cli_reference() -> str:
     return "\n".join(out)
 
 
+# Module map
+# --------------------------------------------------------------------------------------------------
+
+#: The folders of code, in the order a newcomer follows a stage: from the Dagster graph to the tensor math.
+CODE_FOLDERS = ("dagster_project", "dagster_project/cli", "dagster_project/checks", "assets", "lmforge", "lmforge/params", "models",
+                "benchmarks")
+
+
+def _first_sentence(docstring: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(docstring.strip().split("\n\n", 1)[0].split())
+    match = re.match(r"(.+?\.)(\s|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
+def module_map(root: Path = ROOT) -> str:
+    """Every module of the code folders with the first sentence of its docstring (nanochat's file map)."""
+    lines = []
+    for folder in CODE_FOLDERS:
+        lines += [f"### `{folder}/`", "", "| module | what it is |", "|---|---|"]
+        for path in sorted((root / folder).glob("*.py")):
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+            if not doc:
+                raise LmforgeError(f"{path.relative_to(root)} has no docstring: say in one sentence what the module is for")
+            lines.append(f"| `{path.name}` | {escape(_first_sentence(doc))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------
 # The pages
 # --------------------------------------------------------------------------------------------------
@@ -379,6 +409,7 @@ def cli_reference() -> str:
 PAGES: dict[Path, tuple[str, Callable[[], str]]] = {
     ROOT / "docs" / "configuration.md": ("configuration", configuration_reference),
     ROOT / "docs" / "cli.md": ("cli", cli_reference),
+    ROOT / "docs" / "modules.md": ("modules", module_map),
 }
 
 

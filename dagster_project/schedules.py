@@ -1,4 +1,4 @@
-"""Schedules.  Off by default: turn them on in the UI (Automation) when the sources change on their own."""
+"""Schedules: the pipeline on a timetable, off by default (turn them on in the UI, Automation) for sources that change on their own."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dagster_project import reference as generated
+from lmforge.params import LmforgeError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -206,9 +207,9 @@ def test_cli_reference_lists_every_command_and_option(site: Path):
 
 
 def test_the_committed_references_are_what_lmforge_docs_writes():
-    """docs/configuration.md and docs/cli.md hold their generated text (readable on GitHub): it must be current."""
+    """docs/configuration.md, docs/cli.md and docs/modules.md hold their generated text (readable on GitHub): it must be current."""
     wanted = generated.pages()
-    assert set(wanted) == {ROOT / "docs" / "configuration.md", ROOT / "docs" / "cli.md"}
+    assert set(wanted) == {ROOT / "docs" / name for name in ("configuration.md", "cli.md", "modules.md")}
     for path, text in wanted.items():
         assert path.read_text(encoding="utf-8") == text, f"{path.relative_to(ROOT)} is stale: run `lmforge docs`"
 
@@ -234,3 +235,15 @@ def test_figures_are_small_pictures():
     assert {p.name for p in images} >= {"loss_curve.png", "factor_matrix.png"}
     for image in images:
         assert image.stat().st_size < 150_000, f"{image.name} is over 150 KB"
+
+
+def test_the_module_map_has_every_module_of_the_code_once_with_its_docstring(tmp_path: Path):
+    """One line per module of every code folder; a module without a docstring is refused, saying what to write."""
+    text = generated.module_map()
+    modules = [f for folder in generated.CODE_FOLDERS for f in sorted((ROOT / folder).glob("*.py"))]
+    assert len(modules) > 100 and text.count("\n| `") == len(modules)
+    assert "| `factory.py` | `stage_asset`: the Dagster asset of a declared stage" in text
+    (tmp_path / "lmforge").mkdir()
+    (tmp_path / "lmforge" / "bare.py").write_text("X = 1\n")
+    with pytest.raises(LmforgeError, match="lmforge/bare.py has no docstring"):
+        generated.module_map(tmp_path)
