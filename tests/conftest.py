@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import random
 import shutil
@@ -220,7 +221,6 @@ TINY_PROMPTS = 6
 
 def write_prompts(path: Path, n: int = TINY_PROMPTS) -> Path:
     """``n`` prompts of a few real words as JSONL, each with an id."""
-    import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": prose(300 + i, 6)[:-1]}) + "\n" for i in range(n)))
@@ -231,8 +231,6 @@ def make_project(root: Path, sections: dict | None = None) -> Project:
     """A tiny project under ``root``: this checkout's code and params.yaml with ``TINY_PARAMS``, 20 raw documents, task sets."""
     import shutil
     import subprocess
-
-    from test_finetune import write_task_sets
 
     from lmforge.params import deep_merge
 
@@ -316,3 +314,95 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tiny_project" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(1800))
+
+
+# --------------------------------------------------------------------------------------------------
+# Task sets and tiny models that several test modules use
+# --------------------------------------------------------------------------------------------------
+
+HALF = len(WORDS) // 2
+
+
+def sentence(rng: random.Random, words: list[str], n: int = 12) -> str:
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def classification_rows(n: int, seed: int = 0) -> list[dict]:
+    """Separable labels: 'first' texts use the first half of the vocabulary, 'second' the other."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "first" if i % 3 else "second"  # 2:1, so the majority baseline is 2/3
+        rows.append({"text": sentence(rng, WORDS[:HALF] if label == "first" else WORDS[HALF:]), "label": label, "source": f"doc{i // 2}"})
+    return rows
+
+
+def sft_rows(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"document": sentence(rng, WORDS, 30), "summary": "a python package for language data", "package": f"p{i}"} for i in range(n)]
+
+
+#: params sections that keep evaluation, fine-tuning and distillation tiny in whole-graph tests (those of the tiny project).
+TINY_DOWNSTREAM = {**{section: TINY_PARAMS[section] for section in ("evaluate", "finetune", "distil", "rag")}, "benchmarks": TINY_BENCHMARKS}
+
+
+def write_task_sets(directory: Path, classification: int = 40, sft: int = 30) -> None:
+    """Task sets of the given sizes as ``classification.jsonl`` and ``summarisation.jsonl`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(classification)))
+    (directory / "summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(sft)))
+
+
+def tiny_champion(tmp_path: Path) -> Path:
+    """A tiny causal model with a tokenizer, and the select summary naming it the champion."""
+    import torch
+
+    from models.architectures import build_model, from_name
+    from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
+    from models.training import special_ids
+
+    model_dir = tmp_path / "artifacts/pretrain/tiny/hf"
+    if not model_dir.exists():
+        rng = random.Random(0)
+        spec = TokenizerSpec(vocab_size=200, min_frequency=1)
+        tok = to_transformers(train_tokenizer(iter(sentence(rng, WORDS, 40) for _ in range(50)), spec), spec, 128)
+        torch.manual_seed(0)
+        build_model(from_name("tiny", vocab_size=len(tok), max_context=128), special_ids(tok)).save_pretrained(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+        (tmp_path / "artifacts/select").mkdir(parents=True)
+        (tmp_path / "artifacts/select/summary.json").write_text(json.dumps(
+            {"champion": "tiny", "champion_dir": str(model_dir), "champion_pretrain_run_id": None, "champion_score": 1.0}))
+    return model_dir
+
+
+MIT_CARD = "---\nlicense: mit\n---\n# tiny-llama\n"
+
+
+def save_tiny_llama(out: Path, seed: int = 0, heads: int = 4) -> Path:
+    """A random 2-layer Llama with a word-level BPE tokenizer of its own (not the project's), as a
+    Hugging Face directory with a model card declaring its licence: what a user downloads.  ``heads=2``
+    gives heads of 16 dimensions, the least ONNX Runtime's attention kernel takes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
+
+    rng = random.Random(seed)
+    spec = TokenizerSpec(vocab_size=350, min_frequency=1)
+    tok = to_transformers(train_tokenizer(iter(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(80)), spec), spec, 256)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    # a few steps on text of the same words: a pretrained model knows something, and beats a unigram model
+    ids = torch.tensor([tok(" ".join(rng.choice(WORDS) for _ in range(40)))["input_ids"][:32] for _ in range(64)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for step in range(40):
+        batch = ids[(step % 8) * 8 : (step % 8 + 1) * 8]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    (out / "README.md").write_text(MIT_CARD)
+    return out

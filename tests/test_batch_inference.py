@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_params
-from test_pretrained import save_tiny_llama
+from conftest import save_tiny_llama, write_params
 from typer.testing import CliRunner
 
 from dagster_project.cli import app

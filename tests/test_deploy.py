@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_BENCHMARKS, stop_process_group, write_params
-from test_finetune import sentence, tiny_champion
+from conftest import REPO, TINY_BENCHMARKS, save_tiny_llama, sentence, stop_process_group, tiny_champion, write_params
 
 from lmforge.context import RunContext
 from lmforge.params import LmforgeError, load_params
@@ -280,7 +279,6 @@ def test_the_onnx_graph_generates_what_transformers_generates(tmp_path: Path):
     """``OnnxCausalLM.generate`` over the fp32 graph, for a left-padded batch of prompts of different
     lengths: PyTorch's greedy tokens, and each row's tokens as alone (its rows are padded on the right
     inside, ``KVBatch``); sampled with a seed, the same tokens again."""
-    from test_pretrained import save_tiny_llama
 
     from models.loading import load_model
     from models.onnx_genai import OnnxCausalLM, build

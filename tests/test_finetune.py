@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BENCHMARKS, TINY_PARAMS, WORDS, write_params
+from conftest import HALF, TINY_BENCHMARKS, TINY_PARAMS, WORDS, classification_rows, sentence, sft_rows, tiny_champion, write_params
 
 from lmforge.benchdata import run_benchmark_data
 from lmforge.finetune import load_task, read_task_file, run_finetune_classifier, run_finetune_sft, run_task_data, split_of
@@ -44,38 +44,6 @@ def test_sft_examples_are_scored_on_the_response_only(tmp_path: Path):
 # --------------------------------------------------------------------------------------------------
 # Task sets
 # --------------------------------------------------------------------------------------------------
-
-HALF = len(WORDS) // 2
-
-
-def sentence(rng: random.Random, words: list[str], n: int = 12) -> str:
-    return " ".join(rng.choice(words) for _ in range(n))
-
-
-def classification_rows(n: int, seed: int = 0) -> list[dict]:
-    """Separable labels: 'first' texts use the first half of the vocabulary, 'second' the other."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "first" if i % 3 else "second"  # 2:1, so the majority baseline is 2/3
-        rows.append({"text": sentence(rng, WORDS[:HALF] if label == "first" else WORDS[HALF:]), "label": label, "source": f"doc{i // 2}"})
-    return rows
-
-
-def sft_rows(n: int, seed: int = 1) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"document": sentence(rng, WORDS, 30), "summary": "a python package for language data", "package": f"p{i}"} for i in range(n)]
-
-
-#: params sections that keep evaluation, fine-tuning and distillation tiny in whole-graph tests (those of the tiny project).
-TINY_DOWNSTREAM = {**{section: TINY_PARAMS[section] for section in ("evaluate", "finetune", "distil", "rag")}, "benchmarks": TINY_BENCHMARKS}
-
-
-def write_task_sets(directory: Path, classification: int = 40, sft: int = 30) -> None:
-    """Task sets of the given sizes as ``classification.jsonl`` and ``summarisation.jsonl`` in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "classification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in classification_rows(classification)))
-    (directory / "summarisation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(sft)))
 
 
 def task_params(tmp_path: Path, classification_set: list[dict], sft_set: list[dict], **finetune):
@@ -149,26 +117,6 @@ def test_a_blocking_task_check_stops_fine_tuning_in_dagster(tmp_path: Path, monk
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning a tiny champion
 # --------------------------------------------------------------------------------------------------
-
-
-def tiny_champion(tmp_path: Path) -> Path:
-    """A tiny causal model with a tokenizer, and the select summary naming it the champion."""
-    from models.architectures import build_model, from_name
-    from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
-    from models.training import special_ids
-
-    model_dir = tmp_path / "artifacts/pretrain/tiny/hf"
-    if not model_dir.exists():
-        rng = random.Random(0)
-        spec = TokenizerSpec(vocab_size=200, min_frequency=1)
-        tok = to_transformers(train_tokenizer(iter(sentence(rng, WORDS, 40) for _ in range(50)), spec), spec, 128)
-        torch.manual_seed(0)
-        build_model(from_name("tiny", vocab_size=len(tok), max_context=128), special_ids(tok)).save_pretrained(str(model_dir))
-        tok.save_pretrained(str(model_dir))
-        (tmp_path / "artifacts/select").mkdir(parents=True)
-        (tmp_path / "artifacts/select/summary.json").write_text(json.dumps(
-            {"champion": "tiny", "champion_dir": str(model_dir), "champion_pretrain_run_id": None, "champion_score": 1.0}))
-    return model_dir
 
 
 def test_fine_tuning_beats_the_baselines_on_a_tiny_task(tmp_path: Path, monkeypatch):

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, prose, write_params
+from conftest import WORDS, prose, save_tiny_llama, write_params
 
 from lmforge.params import REPO_ROOT, LmforgeError, load_params
-
-MIT_CARD = "---\nlicense: mit\n---\n# tiny-llama\n"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,35 +33,6 @@ def sqlite_without_fsync():
     event.listen(Engine, "connect", no_fsync)
     yield
     event.remove(Engine, "connect", no_fsync)
-
-
-def save_tiny_llama(out: Path, seed: int = 0, heads: int = 4) -> Path:
-    """A random 2-layer Llama with a word-level BPE tokenizer of its own (not the project's), as a
-    Hugging Face directory with a model card declaring its licence: what a user downloads.  ``heads=2``
-    gives heads of 16 dimensions, the least ONNX Runtime's attention kernel takes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
-
-    rng = random.Random(seed)
-    spec = TokenizerSpec(vocab_size=350, min_frequency=1)
-    tok = to_transformers(train_tokenizer(iter(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(80)), spec), spec, 256)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    # a few steps on text of the same words: a pretrained model knows something, and beats a unigram model
-    ids = torch.tensor([tok(" ".join(rng.choice(WORDS) for _ in range(40)))["input_ids"][:32] for _ in range(64)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    for step in range(40):
-        batch = ids[(step % 8) * 8 : (step % 8 + 1) * 8]
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step(), optimizer.zero_grad()
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    (out / "README.md").write_text(MIT_CARD)
-    return out
 
 
 @pytest.fixture(scope="module")

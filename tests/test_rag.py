@@ -10,8 +10,7 @@ import datasets
 import pytest
 import torch
 import yaml
-from conftest import WORDS, prose, write_params
-from test_finetune import TINY_DOWNSTREAM, tiny_champion, write_task_sets
+from conftest import TINY_DOWNSTREAM, WORDS, prose, tiny_champion, write_params, write_task_sets
 from typer.testing import CliRunner
 
 import mlflow

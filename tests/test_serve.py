@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project, free_port, stop_process_group, wait_for, write_params
+from conftest import REPO, Project, free_port, save_tiny_llama, stop_process_group, wait_for, write_params
 
 #: A chat template of the simplest kind, for the tiny test model (instruct models bring their own).
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -23,7 +23,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfo
 
 def tiny_chat_model(out: Path, heads: int = 4) -> Path:
     """The tiny Llama of test_pretrained, with a chat template."""
-    from test_pretrained import save_tiny_llama
     from transformers import AutoTokenizer
 
     path = save_tiny_llama(out, heads=heads)
