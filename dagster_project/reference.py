@@ -376,7 +376,7 @@ def cli_reference() -> str:
 # --------------------------------------------------------------------------------------------------
 
 #: The folders of code, in the order a newcomer follows a stage: from the Dagster graph to the tensor math.
-CODE_FOLDERS = ("dagster_project", "dagster_project/cli", "dagster_project/checks", "assets", "lmforge", "lmforge/params", "models",
+CODE_FOLDERS = ("dagster_project", "dagster_project/cli", "dagster_project/checks", "assets", "lmforge", "lmforge/params", "lmforge/serving", "models",
                 "benchmarks")
 
 

@@ -8,7 +8,9 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -49,7 +51,6 @@ def prose(seed: int, n_words: int = 60) -> str:
 def stop_process_group(proc) -> None:
     """Stop a server started with ``start_new_session=True`` and every process it spawned."""
     import signal
-    import subprocess
 
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -204,8 +205,6 @@ class Project:
 
     def run(self, *cmd: str, check: bool = True, env: dict | None = None, timeout: int = 900):
         """A command in the project directory, as a user types it (`lmforge ...`, `dvc ...`)."""
-        import subprocess
-
         proc = subprocess.run(cmd, cwd=self.path, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
         if check:
             assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -221,7 +220,6 @@ TINY_PROMPTS = 6
 
 def write_prompts(path: Path, n: int = TINY_PROMPTS) -> Path:
     """``n`` prompts of a few real words as JSONL, each with an id."""
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": prose(300 + i, 6)[:-1]}) + "\n" for i in range(n)))
     return path
@@ -230,7 +228,6 @@ def write_prompts(path: Path, n: int = TINY_PROMPTS) -> Path:
 def make_project(root: Path, sections: dict | None = None) -> Project:
     """A tiny project under ``root``: this checkout's code and params.yaml with ``TINY_PARAMS``, 20 raw documents, task sets."""
     import shutil
-    import subprocess
 
     from lmforge.params import deep_merge
 
@@ -406,3 +403,85 @@ def save_tiny_llama(out: Path, seed: int = 0, heads: int = 4) -> Path:
     tok.save_pretrained(str(out))
     (out / "README.md").write_text(MIT_CARD)
     return out
+
+
+class Server:
+    """``lmforge serve`` in a process of its own, its feedback store under ``root``."""
+
+    def __init__(self, root: Path, model: Path | str, *args: str, project: Project | None = None, **sections: dict):
+        """``project``: serve from that project's directory with its params.yaml (store, registry); else a
+        params file of its own under ``root``, with ``sections`` (e.g. ``serve={...}``) in it."""
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        if project is None:
+            self.store = root / "feedback.db"
+            params = write_params(root / "params", feedback={"store": str(self.store), "inbox": str(root / "inbox")},
+                                  mlflow={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}, **sections)
+            args = ("--params", str(params), *args)
+        else:
+            self.store = project.path / "feedback" / "feedback.db"
+        self.log = root / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model), "--port", str(self.port), *args],
+            cwd=project.path if project else root, env={**(project.env if project else os.environ), "LMFORGE_SERVE_LOG_LEVEL": "warning"},
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_for(f"{self.url}/health", seconds=180)
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.log.read_text()[-3000:]) from None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key: str = "unused"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body: str | dict, headers: dict | None = None):
+        import httpx2
+
+        content = body if isinstance(body, str) else json.dumps(body)
+        return httpx2.post(self.url + path, content=content, headers={"content-type": "application/json", **(headers or {})}, timeout=120)
+
+    def health(self) -> dict:
+        import httpx2
+
+        return httpx2.get(self.url + "/health", timeout=30).raise_for_status().json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop_process_group(self.proc)
+
+
+#: Runs in the tiny project: evaluate the feedback sensor against the project's Dagster instance and, when it
+#: asks for runs, execute their jobs there (feedback_job, preference_job); print what happened as JSON.
+DRIVER = textwrap.dedent('''
+    import json, sys
+    import dagster as dg
+    from dagster_project.definitions import defs
+    from assets.resources import ParamsResource
+
+    cursor = sys.argv[1] or None
+    with dg.DagsterInstance.get() as instance:
+        sensor = defs.get_sensor_def("feedback_arrived")
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lmforge_params": ParamsResource()}))
+        out = {"cursor": tick.cursor, "skip": tick.skip_message, "runs": len(tick.run_requests or [])}
+        for request in tick.run_requests or []:
+            result = defs.get_job_def(request.job_name).execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
+            out["jobs"] = out.get("jobs", []) + [request.job_name]
+            out["success"] = result.success
+            out["materialized"] = sorted(e.asset_key.to_user_string() for e in result.get_asset_materialization_events())
+            out["checks"] = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+                             for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def tick(project: Project, cursor: str | None) -> dict:
+    out = project.run(str(REPO / ".venv/bin/python"), "-c", DRIVER, cursor or "")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project, copy_project, write_params
+from conftest import Project, Server, copy_project, tick, write_params
 
-from lmforge.feedback import collect, run_feedback_examples
+from lmforge.feedback import run_feedback_examples
 from lmforge.feedback_store import FeedbackStore
 from lmforge.params import load_params
 
@@ -100,35 +99,6 @@ def test_a_champion_tuned_on_feedback_yields_only_to_a_better_pretrained_model()
     assert _promote(client, "m", base, "5", "d", 1.10) and not _promote(client, "m", base, "5", "d", 1.2)  # the rule without feedback
 
 
-#: Runs in the tiny project: evaluate the feedback sensor against the project's Dagster instance and, when it
-#: asks for runs, execute their jobs there (feedback_job, preference_job); print what happened as JSON.
-DRIVER = textwrap.dedent('''
-    import json, sys
-    import dagster as dg
-    from dagster_project.definitions import defs
-    from assets.resources import ParamsResource
-
-    cursor = sys.argv[1] or None
-    with dg.DagsterInstance.get() as instance:
-        sensor = defs.get_sensor_def("feedback_arrived")
-        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lmforge_params": ParamsResource()}))
-        out = {"cursor": tick.cursor, "skip": tick.skip_message, "runs": len(tick.run_requests or [])}
-        for request in tick.run_requests or []:
-            result = defs.get_job_def(request.job_name).execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
-            out["jobs"] = out.get("jobs", []) + [request.job_name]
-            out["success"] = result.success
-            out["materialized"] = sorted(e.asset_key.to_user_string() for e in result.get_asset_materialization_events())
-            out["checks"] = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-                             for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
-    print("RESULT " + json.dumps(out))
-''')
-
-
-def tick(project: Project, cursor: str | None) -> dict:
-    out = project.run(str(REPO / ".venv/bin/python"), "-c", DRIVER, cursor or "")
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
-
-
 def champion_version(project: Project) -> str:
     from mlflow import MlflowClient
 
@@ -139,7 +109,6 @@ def champion_version(project: Project) -> str:
 @pytest.mark.slow
 def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only_when_better(tiny_project: Project, tmp_path: Path):
     import yaml
-    from test_serve import Server
 
     project = copy_project(tiny_project, tmp_path / "copy")
     params = project.params()

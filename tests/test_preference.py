@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Project, copy_project, write_params
+from conftest import Project, Server, copy_project, tick, write_params
 
 from lmforge.feedback_store import FeedbackStore
 from lmforge.params import load_params
@@ -88,8 +88,6 @@ def champion(project: Project):
 @pytest.mark.slow
 def test_preferences_through_the_server_tune_with_dpo_and_move_the_alias_only_when_better(tiny_project: Project, tmp_path: Path):
     import yaml
-    from test_feedback import tick
-    from test_serve import Server
 
     project = copy_project(tiny_project, tmp_path / "copy")
     params = project.params()

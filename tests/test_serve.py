@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project, free_port, save_tiny_llama, stop_process_group, wait_for, write_params
+from conftest import REPO, Server, save_tiny_llama
 
 #: A chat template of the simplest kind, for the tiny test model (instruct models bring their own).
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -35,59 +35,6 @@ def tiny_chat_model(out: Path, heads: int = 4) -> Path:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory) -> Path:
     return tiny_chat_model(tmp_path_factory.mktemp("serve") / "tiny-chat")
-
-
-class Server:
-    """``lmforge serve`` in a process of its own, its feedback store under ``root``."""
-
-    def __init__(self, root: Path, model: Path | str, *args: str, project: Project | None = None, **sections: dict):
-        """``project``: serve from that project's directory with its params.yaml (store, registry); else a
-        params file of its own under ``root``, with ``sections`` (e.g. ``serve={...}``) in it."""
-        root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        if project is None:
-            self.store = root / "feedback.db"
-            params = write_params(root / "params", feedback={"store": str(self.store), "inbox": str(root / "inbox")},
-                                  mlflow={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}, **sections)
-            args = ("--params", str(params), *args)
-        else:
-            self.store = project.path / "feedback" / "feedback.db"
-        self.log = root / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model), "--port", str(self.port), *args],
-            cwd=project.path if project else root, env={**(project.env if project else os.environ), "LMFORGE_SERVE_LOG_LEVEL": "warning"},
-            stdout=open(self.log, "w"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            wait_for(f"{self.url}/health", seconds=180)
-        except AssertionError:
-            self.stop()
-            raise AssertionError(self.log.read_text()[-3000:]) from None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, api_key: str = "unused"):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
-
-    def post(self, path: str, body: str | dict, headers: dict | None = None):
-        import httpx2
-
-        content = body if isinstance(body, str) else json.dumps(body)
-        return httpx2.post(self.url + path, content=content, headers={"content-type": "application/json", **(headers or {})}, timeout=120)
-
-    def health(self) -> dict:
-        import httpx2
-
-        return httpx2.get(self.url + "/health", timeout=30).raise_for_status().json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            stop_process_group(self.proc)
 
 
 @pytest.fixture(scope="module")
