@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_project, free_port, wait_for
-from test_training import ARCH, cfg, corpus_dirs  # noqa: F401 (a fixture)
+from conftest import REPO, cfg, copy_project, free_port, tiny_arch, wait_for
 
 from models.ray_training import RaySettings, launch_on_ray, short_of
 from models.train_config import Scale
 
 #: Long enough (a few seconds) that a worker can be killed after the first checkpoint and before the end.
+ARCH = tiny_arch()
 RUN = dict(max_steps=240, checkpoint_every=20, val_every=120)
 SCALE = Scale(strategy="ddp", engine="ray", accelerator="cpu")
 

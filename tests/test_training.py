@@ -7,43 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, prose
+from conftest import REPO, cfg, tiny_arch
 
 from models.architectures import from_name
-from models.data import pack_split, write_meta
-from models.tokenizer import TokenizerSpec, to_transformers, train_tokenizer
-from models.train_config import TrainConfig
 from models.training import pretrain, weights_finite
 
 
-@pytest.fixture(scope="module")
-def corpus_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    """A tokenizer for every objective and its packed splits (blocks of 64 tokens)."""
-    root = tmp_path_factory.mktemp("packed")
-    texts = [prose(i, 120) for i in range(120)]
-    spec = TokenizerSpec(vocab_size=400, min_frequency=1, objectives=("causal", "mlm", "seq2seq"), extra_ids=20)
-    tok = train_tokenizer(iter(texts), spec)
-    to_transformers(tok, spec, 64).save_pretrained(str(root / "tok"))
-    eos, pad = tok.token_to_id("<eos>"), tok.token_to_id("<pad>")
-    (root / "packed").mkdir()
-    splits = {}
-    for name, part in (("train", texts[:100]), ("val", texts[100:])):
-        ds = datasets.Dataset.from_dict({"text": part})
-        splits[name] = pack_split(ds, root / "tok" / "tokenizer.json", eos, pad, 64, np.dtype(np.uint16), root / "packed" / f"{name}.bin")
-    write_meta(root / "packed", {"block_size": 64, "dtype": "uint16", "pad_id": pad, "separator_id": eos, "vocab_size": tok.get_vocab_size(), "splits": splits})
-    return root / "packed", root / "tok"
-
-
-def cfg(**overrides) -> TrainConfig:
-    values = dict(max_steps=20, batch_size=4, warmup_steps=3, val_every=10, val_batches=2, checkpoint_every=10, lr=5e-3)
-    return TrainConfig(**{**values, **overrides})
-
-
-ARCH = from_name("tiny", max_context=64)
+ARCH = tiny_arch()
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path, corpus_dirs):
@@ -93,7 +66,6 @@ VICTIM = """
 import json, os, sys
 from pathlib import Path
 from models.architectures import ArchConfig
-from models.train_config import TrainConfig
 from models.training import pretrain
 
 def wait_to_be_killed(_progress_line):
