@@ -66,6 +66,7 @@ VICTIM = """
 import json, os, sys
 from pathlib import Path
 from models.architectures import ArchConfig
+from models.train_config import TrainConfig
 from models.training import pretrain
 
 def wait_to_be_killed(_progress_line):
