@@ -33,6 +33,10 @@ def connected(cluster: ClusterParams, report=None) -> Iterator[None]:
         return
     where = address(cluster)
     say = report or (lambda _msg: None)
+    # Ray reports usage to its makers unless told not to; lmforge sends nothing off the machine unasked
+    # (set RAY_USAGE_STATS_ENABLED=1 to opt in).  Off, Ray Data also stops polling a Prometheus server
+    # from a background thread after every dataset it runs.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         # "": a Ray instance of this block's own, even where `ray start` runs one ("auto" joins that),
         # with its dashboard on 127.0.0.1:8265 (Ray's default host: reachable from this machine only)

@@ -29,6 +29,9 @@ atexit.register(shutil.rmtree, os.environ["LMFORGE_CACHE"], ignore_errors=True)
 #: its multi-node support is off, as on macOS; off, every Ray node, driver and worker the tests start
 #: stays on 127.0.0.1 (subprocesses inherit it).  Ray reads it once, on import: hence here.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+#: No Ray usage reports, as lmforge.cluster does: their background thread in this process logged
+#: tracebacks whose formatting (ast.parse, on Python 3.11.7) raced a test's own ast.parse into a SystemError.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 REPO = Path(__file__).resolve().parents[1]
 
 # Real English words, so that generated documents pass the quality filters like prose does.
