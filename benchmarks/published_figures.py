@@ -47,7 +47,7 @@ def main() -> None:
         started = time.perf_counter()
         scores, _ = run_harness(model, tokenizer, root / "data" / "tasks", args.tasks, {n: STANDARD[n].metric for n in args.tasks}, args.batch_size, print)
         seconds = time.perf_counter() - started
-    print(f"\n| task | metric | lmforge (Q4_1 GGUF, dequantized) | published (HF checkpoint) | difference / standard error | items |")
+    print("\n| task | metric | lmforge (Q4_1 GGUF, dequantized) | published (HF checkpoint) | difference / standard error | items |")
     print("|---|---|---|---|---|---|")
     for name, row in scores.items():
         ours, se = 100 * row["value"], 100 * row["stderr"]

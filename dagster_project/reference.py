@@ -375,9 +375,10 @@ def cli_reference() -> str:
 # Module map
 # --------------------------------------------------------------------------------------------------
 
-#: The folders of code, in the order a newcomer follows a stage: from the Dagster graph to the tensor math.
+#: The folders of code, in the order a newcomer follows a stage: from the Dagster graph to the tensor math;
+#: then the tests, whose folders mirror the packages (tests of the whole project at the top).
 CODE_FOLDERS = ("dagster_project", "dagster_project/cli", "dagster_project/checks", "assets", "lmforge", "lmforge/params", "lmforge/serving", "models",
-                "benchmarks")
+                "benchmarks", "tests", "tests/dagster_project", "tests/lmforge", "tests/lmforge/serving", "tests/models")
 
 
 def _first_sentence(docstring: str) -> str:

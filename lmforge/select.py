@@ -67,7 +67,7 @@ def factors(params: Params) -> dict[str, Factor]:
                "measured: evaluate's context curve"),
         Factor("context_window", "context_window", True, "longest context the model declares (or attended to, without a limit)",
                "declared: the model's config"),
-        Factor("licence", "licence_open", True, f"1 if the licence is one of select.open_licences, else 0",
+        Factor("licence", "licence_open", True, "1 if the licence is one of select.open_licences, else 0",
                "declared: params.yaml (licence), the model card or GGUF metadata; 'own' for scratch models"),
         # 0.5 is no measured preference; either side of it is a bias.  The floor of 0.02 (1.5 standard
         # errors of the share on all 1,508 pairs) keeps 0.00 from being infinitely better than 0.01:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO, cfg, tiny_arch
 
 from models.architectures import from_name

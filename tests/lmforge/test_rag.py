@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 import yaml
-from conftest import TINY_DOWNSTREAM, WORDS, prose, tiny_champion, write_params, write_task_sets
+from conftest import REPO, TINY_DOWNSTREAM, WORDS, prose, tiny_champion, write_params, write_task_sets
 from typer.testing import CliRunner
 
 import mlflow
@@ -161,7 +161,7 @@ def test_template_and_params_mistakes_are_clear(rag_project: Path, tmp_path: Pat
     bad = tmp_path / "templates"
     bad.mkdir()
     for name in ("rag", "summarise"):
-        (bad / f"{name}.txt").write_text((Path(__file__).parents[1] / "prompts" / f"{name}.txt").read_text())
+        (bad / f"{name}.txt").write_text((REPO / "prompts" / f"{name}.txt").read_text())
     (bad / "classify.txt").write_text("Text: {txt}\nKind:")
     params.rag.templates = str(bad)
     with pytest.raises(LmforgeError, match=r"classify.txt: placeholders \['txt'\], expected \['text'\]"):

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import multiprocess
+from conftest import REPO
 
 from lmforge.artifacts import read_summary, save_generated, shards, worker_friendly_signals, write_summary
 from lmforge.ingest import features
@@ -60,4 +61,4 @@ def test_what_a_stage_measured_goes_beside_its_summary_and_reads_back_as_one(tmp
     write_summary(tmp_path, {"rows": 3})  # nothing measured this time: no stale timings survive
     assert not (tmp_path / "timings.json").exists() and read_summary(tmp_path) == {"rows": 3}
     assert read_summary(tmp_path / "missing", missing_ok=True) is None
-    assert "timings.json" in (Path(__file__).resolve().parents[1] / ".dvcignore").read_text().split()
+    assert "timings.json" in (REPO / ".dvcignore").read_text().split()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny_llama, write_params
+from conftest import REPO, save_tiny_llama, write_params
 from typer.testing import CliRunner
 
 from dagster_project.cli import app
@@ -256,5 +256,5 @@ def test_the_demo_prompts_are_a_stable_choice_with_unique_ids():
 
 
 def test_the_params_section_is_in_params_yaml():
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["batch_inference"]
+    data = yaml.safe_load((REPO / "params.yaml").read_text())["batch_inference"]
     assert data["sampling"]["temperature"] == 0.0 and data["file"] == "data/prompts/prompts.jsonl" and data["chat"] == "auto"

@@ -6,13 +6,12 @@ transformers cannot load) are one-line errors; the hub path reads a local copy l
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, prose, save_tiny_llama, write_params
+from conftest import prose, save_tiny_llama, write_params
 
 from lmforge.params import REPO_ROOT, LmforgeError, load_params
 

@@ -1,3 +1,5 @@
+"""params.yaml into typed Params: defaults, typos and bad values as clear errors, the params file from the environment, overrides."""
+
 from pathlib import Path
 
 import pytest

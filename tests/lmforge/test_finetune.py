@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HALF, TINY_BENCHMARKS, TINY_PARAMS, WORDS, classification_rows, sentence, sft_rows, tiny_champion, write_params
+from conftest import HALF, TINY_BENCHMARKS, WORDS, classification_rows, sentence, sft_rows, tiny_champion, write_params
 
 from lmforge.benchdata import run_benchmark_data
 from lmforge.finetune import load_task, read_task_file, run_finetune_classifier, run_finetune_sft, run_task_data, split_of
