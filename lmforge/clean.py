@@ -211,6 +211,8 @@ def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     ``ctx.log`` hears where the work ran on the Ray engine."""
     make_cleaner(params.clean)  # fail fast on a config error, before any work
     source = load_dataset_dir(params.stage_dir("ingest") / "dataset", "ingest")
+    if not len(source):
+        raise LmforgeError("clean: the ingest dataset has no documents: materialize 'ingest' over a corpus first")
     out = fresh_dir(params.stage_dir("clean"))
     if params.cluster.data_engine == "ray":
         from lmforge import ray_data
@@ -225,6 +227,12 @@ def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         kept = _clean_local(params, source, out)
     summary = _summarize(params, source, kept, out)
     ctx.log(f"clean: kept {summary['kept']} of {summary['documents_in']} ({summary['by_reason']})")
+    if not summary["kept"]:
+        # Written first: the summary and the quarantine records say why, for the user to read.
+        raise LmforgeError(
+            f"clean: kept none of the {summary['documents_in']} documents {summary['by_reason']} "
+            f"(see {out / QUARANTINE}): loosen clean.filters or bring more documents"
+        )
     return summary
 
 

@@ -367,6 +367,13 @@ def run_ingest(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         concat_files(part_files, out / QUARANTINE)
     summary = _summarize(params, items, filtered, ds, out)
     ctx.log(f"ingest: {summary['documents']} documents, {summary['quarantined']} quarantined")
+    if not summary["documents"]:
+        # Written first: the summary and the quarantine records say why, for the user to read.
+        raise LmforgeError(
+            f"ingest: no documents: {summary['files']} files read, {filtered} filtered out by ingest.sources, "
+            f"{summary['quarantined']} quarantined {summary['by_reason']} (see {out / QUARANTINE}): "
+            "point ingest.sources at your documents"
+        )
     return summary
 
 

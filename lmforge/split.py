@@ -14,7 +14,7 @@ import numpy as np
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, save_dataset, write_params, write_summary
 from lmforge.context import QUIET, RunContext
-from lmforge.params import Params, SplitParams
+from lmforge.params import LmforgeError, Params, SplitParams
 from lmforge.stages import Out, Stage
 
 
@@ -45,6 +45,8 @@ def _assign_batch(batch: dict[str, list], split_params: SplitParams) -> dict[str
 def run_split(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/split``: ``train/``, ``val/``, ``test/`` datasets and ``summary.json``."""
     source = load_dataset_dir(params.stage_dir("clean") / "dataset", "clean")
+    if not len(source):
+        raise LmforgeError("split: the clean dataset has no documents: nothing to split")
     out = fresh_dir(params.stage_dir("split"))
     labels = source.map(
         _assign_batch,

@@ -18,7 +18,7 @@ from lmforge.clean import run_clean
 from lmforge.context import RunContext
 from lmforge.dedup import cluster_representatives
 from lmforge.ingest import run_ingest
-from lmforge.params import load_params
+from lmforge.params import LmforgeError, load_params
 from lmforge.ray_data import _colliding_pairs, _first_of_each_text, clusters_from_pairs
 from lmforge.split import SPLITS, run_split
 
@@ -175,3 +175,30 @@ def test_the_first_copy_of_a_text_in_corpus_order_wins():
     block = pa.table({"row": rows, "id": [f"id{r}" for r in rows], "text_key": [texts[r] for r in rows]})
     out = {r["row"]: r["first_id"] for r in _first_of_each_text(block).to_pylist()}
     assert out == {0: None, 1: None, 2: "id0", 3: None, 4: "id1", 5: "id0", 6: None, 7: "id3"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_an_empty_corpus_and_an_empty_clean_dataset_are_clear_errors_on_both_engines(ray_cluster, quiet_ray_data, tmp_path: Path, engine: str):
+    """Nothing to ingest, or nothing that survives cleaning: a clear error naming the quarantine, never a
+    crash inside ``datasets``; the records that say why are written before the error."""
+    cluster = {"data_engine": engine, "address": ray_cluster}
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "empty.txt").write_bytes(b"")  # quarantined by ingest: no document left
+    params = load_params(write_params(tmp_path / "none", raw, cluster=cluster))
+    with pytest.raises(LmforgeError, match=r"ingest: no documents: 1 files read, 0 filtered out by ingest.sources, "
+                                           r"1 quarantined \{'empty_file': 1\} \(see .*ingest/quarantine.jsonl\)"):
+        run_ingest(params)
+    assert json.loads((params.stage_dir("ingest") / "quarantine.jsonl").read_text())["reason"] == "empty_file"
+    with pytest.raises(LmforgeError, match="clean: the ingest dataset has no documents"):
+        run_clean(params)
+
+    (raw / "short.txt").write_text("too short")  # ingested, then rejected by every filter setting
+    params = load_params(write_params(tmp_path / "short", raw, cluster=cluster))
+    assert run_ingest(params)["documents"] == 1
+    with pytest.raises(LmforgeError, match=r"clean: kept none of the 1 documents \{'too_few_words': 1\} \(see .*clean/quarantine.jsonl\)"):
+        run_clean(params)
+    assert json.loads((params.stage_dir("clean") / "summary.json").read_text())["quarantined"] == 1
+    with pytest.raises(LmforgeError, match="split: the clean dataset has no documents"):
+        run_split(params)
