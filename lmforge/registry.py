@@ -39,7 +39,7 @@ from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
 REGISTER = Stage(
     "register", group="deploy",
     params=("registry",),
-    reads=("benchmark_eval", "select/summary.json", "evaluate"),
+    reads=("benchmark_eval", "select/summary.json", "evaluate", "pretrain"),  # pretrain: the champion's source and architecture
     note="a new registry version each time the champion or its evaluation changes",
 )
 REGISTER_QUANTIZED = Stage(

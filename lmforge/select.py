@@ -28,7 +28,7 @@ from lmforge.tracking import tracked_run
 SELECT = Stage(
     "select", group="evaluation",
     params=("select", "pretrain.candidates"),
-    reads=("evaluate", "benchmark_eval"),
+    reads=("evaluate", "benchmark_eval", "pretrain"),  # pretrain: each candidate's summary (its kind, its MLflow run)
     outs=(Out("factors.md", cache=False), Out("scores.png", cache=False)),
 )
 

@@ -100,12 +100,28 @@ def _construct(call: ast.Call, where: str):
 
 
 def _declared_in(path: Path, root: Path) -> list[Stage]:
-    """The ``NAME = Stage(...)`` statements at the top level of a module."""
+    """The ``NAME = Stage(...)`` statements at the top level of a module; the directories of other
+    stages that the module's code opens must be among what they declare they read."""
     found = []
-    for stmt in codegraph._tree(path).body:
+    tree = codegraph._tree(path)
+    for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call) and (codegraph._dotted(stmt.value.func) or "").rsplit(".", 1)[-1] == "Stage":
             found.append(_construct(stmt.value, f"{path.relative_to(root).as_posix()}:{stmt.lineno}"))
+    declared = {name for stage in found for name in (stage.name, *stage.upstream)}
+    for where, name in _stage_dirs_opened(tree):
+        if found and name not in declared:
+            raise StageError(f"{path.relative_to(root).as_posix()}:{where}: the code opens stage_dir(\"{name}\"), which no stage of "
+                             f"this module declares it reads ({', '.join(s.name for s in found)}): add it to reads=")
     return found
+
+
+def _stage_dirs_opened(tree: ast.Module) -> Iterable[tuple[int, str]]:
+    """(line, stage) of every ``….stage_dir("<stage>")`` call: what a stage's code really opens, so that
+    the declaration (and with it dvc.yaml's deps and the asset's upstream) cannot drift from it."""
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stage_dir"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            yield node.lineno, node.args[0].value
 
 
 @functools.cache

@@ -37,7 +37,7 @@ def test_asset_graph_snapshot():
         node = graph.get(dg.AssetKey(name))
         assert node.partitions_def.get_partition_keys() == ["llama-rope", "smollm2"]  # params.yaml candidates
         assert node.pools == {"training"}
-    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("select")).parent_keys) == ["benchmark_eval", "evaluate"]
+    assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("select")).parent_keys) == ["benchmark_eval", "evaluate", "pretrain"]
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("benchmark_eval")).parent_keys) == ["base_models", "benchmark_data", "pretrain"]
     assert [p.to_user_string() for p in graph.get(dg.AssetKey("benchmark_data")).parent_keys] == ["split"]
     assert sorted(p.to_user_string() for p in graph.get(dg.AssetKey("finetune_classifier")).parent_keys) == ["select", "task_data"]

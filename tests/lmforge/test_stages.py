@@ -54,6 +54,9 @@ def _project_code(root: Path, module: str) -> Path:
      "stage 'bad' reads 'pretrain/{candidate}/hf' of one candidate: declare it per_candidate=True"),
     ('from lmforge.stages import Stage\nBAD = Stage("bad", group="x", reads=("hpsearch",))\n',
      "stage 'bad' is in dvc.yaml but reads 'hpsearch' of 'hpsearch', which is not"),
+    ('from lmforge.stages import Stage\nBAD = Stage("bad", group="x", reads=("split/train",))\n\n\ndef run_bad(params):\n'
+     '    return params.stage_dir("bad"), params.stage_dir("split"), params.stage_dir("clean")\n',
+     r'lmforge/bad.py:6: the code opens stage_dir\("clean"\), which no stage of this module declares it reads \(bad\): add it to reads='),
 ])
 def test_a_declaration_that_does_not_fit_is_refused_with_where_and_why(tmp_path: Path, module: str, message: str):
     root = _project_code(tmp_path, module)
