@@ -227,13 +227,7 @@ def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         kept = _clean_local(params, source, out)
     summary = _summarize(params, source, kept, out)
     ctx.log(f"clean: kept {summary['kept']} of {summary['documents_in']} ({summary['by_reason']})")
-    if not summary["kept"]:
-        # Written first: the summary and the quarantine records say why, for the user to read.
-        raise LmforgeError(
-            f"clean: kept none of the {summary['documents_in']} documents {summary['by_reason']} "
-            f"(see {out / QUARANTINE}): loosen clean.filters or bring more documents"
-        )
-    return summary
+    return summary  # kept none: the blocking check clean/min_rows stops the run, and split refuses it
 
 
 def _clean_local(params: Params, source, out: Path):
