@@ -9,9 +9,11 @@ Why it is built this way:
 - **A corpus position on every row.**  Ingest rows come out in the order of the work items, clean rows
   carry ``row``, their index in the ingest dataset.  "The first occurrence wins" and the output order
   then never depend on which worker finished first, so the output equals the local engine's.
-- **Shuffles by key for the decisions.**  Exact duplicates meet in a hash shuffle by text hash, near
-  duplicate candidates in a hash shuffle by band hash; only colliding documents produce output
-  (pairs), and the connected components are computed over those pairs alone.  No process holds an
+- **Shuffles by key for the decisions.**  Exact duplicates meet in a shuffle by text hash, near
+  duplicate candidates in a shuffle by band hash; only colliding documents produce output (pairs),
+  and the connected components are computed over those pairs alone.  The shuffles group rows by a
+  partition number taken from the hash (one group per CPU), with Ray Data's sort-based shuffle:
+  plain tasks on the workers already running, so a stage pays Ray's start-up once, not per shuffle.  No process holds an
   array over the whole corpus; the driver holds the colliding pairs and the cluster members.
 - **Ordered output through the driver.**  Kept rows and quarantine records stream, in corpus order,
   into the same writers as the local engine (``save_generated``, ``QuarantineWriter``), so the files
@@ -63,8 +65,9 @@ def _data_context() -> Iterator[Any]:
     dataset copies the context when it is created); the caller's settings are restored afterwards.
 
     ``preserve_order``: blocks come out in input order, which the ordered output needs.
-    ``shuffle_strategy``: ``repartition(keys=...)`` partitions by key only with a hash shuffle (a
-    sort-based strategy, settable by environment variable, would ignore the keys).
+    ``shuffle_strategy``: the sort-based shuffle runs as plain Ray tasks on the workers already up, so
+    a stage pays Ray's start-up once.  Ray's hash shuffles start aggregator actors, new worker
+    processes, for every shuffle: ~7 s each on a 2-core machine, four of them per clean.
     """
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
@@ -72,7 +75,7 @@ def _data_context() -> Iterator[Any]:
     ctx = DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.shuffle_strategy
     ctx.execution_options.preserve_order = True
-    ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         yield ctx
     finally:
@@ -213,17 +216,23 @@ def _score_chunks(batch, score: Callable, score_kwargs: dict, schema) -> Iterato
                 position += part.num_rows
 
 
-def _live(batch, near: bool):
+def _live(batch, near: bool, parts: int):
     """Documents the filters kept, with what the decisions need: position, id, the 128-bit text key
     (the local engine's key) and, for near dedup, the signature."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     kept = batch.filter(pc.is_null(batch["reject_reason"]))
-    columns = {"row": kept["row"], "id": kept["id"], "text_key": pc.utf8_slice_codeunits(kept["sha256"], 0, 32)}
+    text_key = pc.utf8_slice_codeunits(kept["sha256"], 0, 32)
+    columns = {"row": kept["row"], "id": kept["id"], "text_key": text_key, "part": _part(text_key, parts)}
     if near:
         columns["signature"] = kept["signature"]
     return pa.table(columns)
+
+
+def _part(text_key, parts: int) -> np.ndarray:
+    """The shuffle partition of each text key: its first 60 bits modulo ``parts`` (the key is a hash)."""
+    return np.array([int(k[:15], 16) % parts for k in text_key.to_pylist()], dtype=np.int32)
 
 
 def _first_of_each_text(block):
@@ -231,7 +240,7 @@ def _first_of_each_text(block):
     order keeps ``first_id`` null; every other copy gets the first one's id."""
     import pyarrow as pa
 
-    table = block.sort_by("row")
+    table = block.drop_columns(["part"]).sort_by("row")
     keys = table["text_key"].to_numpy(zero_copy_only=False).astype(str)
     member, first = bucket_links(keys)
     ids = table["id"].to_numpy(zero_copy_only=False)
@@ -258,7 +267,7 @@ def _firsts(batch):
     return batch.filter(pc.is_null(batch["first_id"])).drop_columns(["first_id"])
 
 
-def _band_keys(batch, num_perm: int, bands: int, rows: int):
+def _band_keys(batch, num_perm: int, bands: int, rows: int, parts: int):
     """Explode each eligible document into one (band, band hash, row) per band."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -266,10 +275,12 @@ def _band_keys(batch, num_perm: int, bands: int, rows: int):
     n = batch.num_rows
     signatures = pc.list_flatten(batch["signature"]).to_numpy().reshape(n, num_perm)
     hashes = band_hashes(signatures, bands, rows)  # (n, bands), row-major: document by document
+    band = np.tile(np.arange(bands, dtype=np.uint64), n)
     return pa.table({
-        "band": np.tile(np.arange(bands, dtype=np.int32), n),
+        "band": band.astype(np.int32),
         "hash": hashes.ravel(),
         "row": np.repeat(batch["row"].to_numpy(), bands),
+        "part": ((hashes.ravel() + band) % np.uint64(parts)).astype(np.int32),  # a bucket (band, hash) is in one part
     })
 
 
@@ -278,7 +289,7 @@ def _colliding_pairs(block):
     collisions: each bucket's other rows paired with its first row (corpus order)."""
     import pyarrow as pa
 
-    band, hashes, rows = (block[c].to_numpy() for c in ("band", "hash", "row"))
+    band, hashes, rows = (block[c].to_numpy() for c in ("band", "hash", "row"))  # "part": one value here
     order = np.argsort(rows, kind="stable")
     band, hashes, rows = band[order], hashes[order], rows[order]
     src, dst = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
@@ -365,32 +376,31 @@ def _decisions(scored, p: DedupParams, cpus: int, report):
     near = p.near != "off"
     if not p.exact and not near:
         return None
-    parts = cpus  # hash partitions of each shuffle: one per CPU
-    live = scored.map_batches(_live, batch_format="pyarrow", fn_kwargs={"near": near})
+    parts = cpus  # partitions of each shuffle: one per CPU
+    live = scored.map_batches(_live, batch_format="pyarrow", fn_kwargs={"near": near, "parts": parts})
     found = []
     eligible = live
     if p.exact:
-        # the hash shuffle keeps each partition in one block (as GroupedData.map_groups relies on),
-        # so all copies of a text meet in one call; vectorised per partition rather than a Python
-        # call per group (map_groups), since nearly every group is a single document
-        grouped = live.repartition(parts, keys=["text_key"]).map_batches(
-            _first_of_each_text, batch_size=None, batch_format="pyarrow"
-        ).materialize()
+        # grouped by the partition of the text key ("part"), not by the key: all copies of a text
+        # meet in one call, vectorised per partition rather than a Python call per text, since nearly
+        # every text is a single document
+        grouped = live.groupby("part").map_groups(_first_of_each_text, batch_format="pyarrow").materialize()
         found.append(grouped.map_batches(_exact_decisions, batch_format="pyarrow"))
         eligible = grouped.map_batches(_firsts, batch_format="pyarrow")
     if near:
         bands, rows = banding(p.threshold, p.num_perm)
         pairs = (
-            eligible.map_batches(_band_keys, batch_format="pyarrow", fn_kwargs={"num_perm": p.num_perm, "bands": bands, "rows": rows})
-            .repartition(parts, keys=["band", "hash"])
-            .map_batches(_colliding_pairs, batch_size=None, batch_format="pyarrow")
+            eligible.map_batches(_band_keys, batch_format="pyarrow",
+                                 fn_kwargs={"num_perm": p.num_perm, "bands": bands, "rows": rows, "parts": parts})
+            .groupby("part")
+            .map_groups(_colliding_pairs, batch_format="pyarrow")
         )
         members, leaders = _clusters(pairs)
         _say(report, f"ray: clean: {len(members)} document(s) in near-duplicate clusters")
         if len(members):
             found.append(
                 eligible.map_batches(_tag_clusters, batch_format="pyarrow", fn_kwargs={"members": members, "leaders": leaders})
-                .groupby("leader", num_partitions=parts)
+                .groupby("leader")
                 .map_groups(_verify_cluster, batch_format="pandas", fn_kwargs={"p": p})
                 .map_batches(_as_decisions, batch_format="pyarrow")
             )

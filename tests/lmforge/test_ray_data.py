@@ -172,7 +172,7 @@ def test_the_first_copy_of_a_text_in_corpus_order_wins():
     rows = list(range(8))
     random.Random(1).shuffle(rows)
     texts = {0: "a", 1: "b", 2: "a", 3: "c", 4: "b", 5: "a", 6: "d", 7: "c"}
-    block = pa.table({"row": rows, "id": [f"id{r}" for r in rows], "text_key": [texts[r] for r in rows]})
+    block = pa.table({"row": rows, "id": [f"id{r}" for r in rows], "text_key": [texts[r] for r in rows], "part": [0] * 8})
     out = {r["row"]: r["first_id"] for r in _first_of_each_text(block).to_pylist()}
     assert out == {0: None, 1: None, 2: "id0", 3: None, 4: "id1", 5: "id0", 6: None, 7: "id3"}
 
