@@ -4,8 +4,8 @@ Every stage goes through these helpers so that the same artifact contract holds 
 stage writes one directory of its own (``<artifacts>/<stage>/``), with a ``summary.json`` that DVC
 reads as the stage's metrics and one quarantine record per rejected input.
 
-What a summary measured on this machine (wall times, throughput, latency, memory, speed-ups) goes to
-``timings.json`` beside it, which ``.dvcignore`` hides from DVC: the same data, code and parameters
+What a summary measured on this machine (wall times, throughput, latency, memory, speed-ups) and
+the ids of the tracked runs it logged to go to ``timings.json`` beside it, which ``.dvcignore`` hides from DVC: the same data, code and parameters
 then give the same hashed outputs on every machine and every run, so ``dvc status`` stays clean
 after a rerun and a clone does not redo stages because a laptop was slower.  ``read_summary`` gives
 both back as one dict, so readers never care which file a figure lives in.
@@ -32,8 +32,10 @@ from lmforge.params import LmforgeError
 QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
 TIMINGS = "timings.json"
-#: Summary keys whose values depend on the machine and its load rather than on data, code and params.
-MEASURED = re.compile(r"(^|_)(seconds|latency_ms|memory_mb|tokens_per_second|speedup|speed_goal_met)(_|$)")
+#: Summary keys whose values depend on the machine, its load or the run itself (the id of an MLflow
+#: run is new each time a stage runs, even when it computes the same thing) rather than on data, code
+#: and params.
+MEASURED = re.compile(r"(^|_)(seconds|latency_ms|memory_mb|tokens_per_second|speedup|speed_goal_met|run_id)(_|$)")
 PARAMS = "params.json"
 
 

@@ -174,7 +174,7 @@ HEADER = """\
 # `dvc repro` runs the very same Dagster assets as the UI (`lmforge run --select <asset>`), so both
 # front doors produce the same artifacts from the same params.yaml.  Each stage lists exactly its own
 # data, code (the import closure of its asset and checks), parameters, outputs and metrics.  What a stage
-# measures on the machine (timings) goes to timings.json, which .dvcignore hides, and artifacts name
+# measures on the machine (timings) and its MLflow run ids go to timings.json, which .dvcignore hides, and artifacts name
 # paths relative to the repository; `lmforge run` records the stages it ran in dvc.lock (`dvc commit`),
 # so after it `dvc status` is clean and `dvc repro` runs nothing.
 # Run it with the project's venv active (`make demo` builds it).

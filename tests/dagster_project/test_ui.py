@@ -155,5 +155,8 @@ def test_dagster_and_mlflow_uis_in_a_real_browser(tiny_project: Project, tmp_pat
     finally:
         stop_process_group(dagster)
         stop_process_group(mlflow)
-    # the UI's code location computed the same versions as `lmforge run`: nothing is out of date
+    # the UI's code location computed the same versions as `lmforge run`: nothing is out of date, for
+    # Dagster nor for DVC (the stage computed the same files again; its new MLflow run id is in timings.json)
     assert "to compute: nothing" in tiny_project.lmforge("run", "--dry-run").stdout
+    if (REPO / ".venv/bin/dvc").exists():
+        assert json.loads(tiny_project.run("dvc", "status", "--json").stdout) == {}

@@ -44,19 +44,19 @@ def test_pool_teardown_does_not_hang_under_a_sigterm_handler():
 
 
 def test_what_a_stage_measured_goes_beside_its_summary_and_reads_back_as_one(tmp_path: Path):
-    """Timings live in timings.json (hidden from DVC by .dvcignore): summary.json is the same on every
-    machine and run, and read_summary gives both back as the dict the stage wrote."""
+    """Timings and run ids live in timings.json (hidden from DVC by .dvcignore): summary.json is the same
+    on every machine and run (a stage materialized again from the UI leaves `dvc status` clean), and read_summary gives both back as the dict the stage wrote."""
     import json
 
     summary = {"perplexity": 3.5, "seconds": 1.2, "tokens_per_second_b1": 800.0, "speed_goal_met": True,
                "variants": {"bf16": {"accuracy": 0.5, "latency_ms_b8": 12.0, "speedup_b1_min": 1.4}, "fp32": {"accuracy": 0.5}},
-               "speedup_spread_b1": [1.1, 1.3], "champion_score": 0.9}
+               "speedup_spread_b1": [1.1, 1.3], "champion_score": 0.9, "mlflow_run_id": "f00", "champion_pretrain_run_id": "ba5"}
     write_summary(tmp_path, summary)
     assert json.loads((tmp_path / "summary.json").read_text()) == {
         "perplexity": 3.5, "variants": {"bf16": {"accuracy": 0.5}, "fp32": {"accuracy": 0.5}}, "champion_score": 0.9}
     assert json.loads((tmp_path / "timings.json").read_text()) == {
         "seconds": 1.2, "tokens_per_second_b1": 800.0, "speed_goal_met": True, "speedup_spread_b1": [1.1, 1.3],
-        "variants": {"bf16": {"latency_ms_b8": 12.0, "speedup_b1_min": 1.4}}}
+        "mlflow_run_id": "f00", "champion_pretrain_run_id": "ba5", "variants": {"bf16": {"latency_ms_b8": 12.0, "speedup_b1_min": 1.4}}}
     assert read_summary(tmp_path) == summary
     write_summary(tmp_path, {"rows": 3})  # nothing measured this time: no stale timings survive
     assert not (tmp_path / "timings.json").exists() and read_summary(tmp_path) == {"rows": 3}
