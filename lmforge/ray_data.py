@@ -1,5 +1,5 @@
-"""Ingest and clean on Ray Data (``cluster.data_engine: ray``): the local engine's output, computed on
-a Ray cluster.
+"""Ingest, clean and packed on Ray Data (``cluster.data_engine: ray``): the local engine's output,
+computed on a Ray cluster.
 
 Why it is built this way:
 
@@ -18,6 +18,9 @@ Why it is built this way:
 - **Ordered output through the driver.**  Kept rows and quarantine records stream, in corpus order,
   into the same writers as the local engine (``save_generated``, ``QuarantineWriter``), so the files
   are the same bytes, and the accounting is checked row by row on the way.
+- **Token parts written by the tasks.**  Packing has no decision to wait for: each task tokenizes a
+  row range of a split and writes its own part of the token file; the driver joins the parts in
+  corpus order, a copy at disk speed, into the local engine's bytes.
 
 Files are read where the tasks run: every node must see the source directories and the artifacts
 directory at the same paths (a shared filesystem), as it must for the local engine's inputs.
@@ -54,7 +57,9 @@ from lmforge.params import DedupParams, LmforgeError
 BATCH_ROWS = 1024
 # Documents scored per call of the stage's batch function (the local engine uses 64).
 SCORE_ROWS = 64
-# Most rows of the ingest dataset one clean task reads; fewer when that gives each CPU four tasks, so
+# Documents tokenized per call of the tokenizer (the local engine uses 256).
+TOKENIZE_ROWS = 256
+# Most rows of a dataset one clean or packing task reads; fewer when that gives each CPU four tasks, so
 # that a small corpus is still spread over the cluster.
 CHUNK_ROWS = 4096
 
@@ -178,7 +183,8 @@ def _decision_schema():
 
 
 def _chunks(dataset_dir: Path, cpus: int) -> list[dict]:
-    """Row ranges of the ingest dataset's Arrow files, with the corpus position of their first row.
+    """Row ranges of a dataset's Arrow files (ingest's for clean, a split's for packed), with the
+    corpus position of their first row.
 
     The driver opens each file memory-mapped to count its rows; the texts are read by the tasks.
     """
@@ -467,3 +473,55 @@ def clean_stream(
                     yield row, KEEP, row["id"], None
         if pending is not None:
             raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, which is not in the corpus")
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed: tokenize row ranges in tasks, each writing its own part of the token file
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokenize_chunks(batch, tokenizer_file: str, separator: int, dtype: str) -> Iterator[Any]:
+    """A Ray task: read row ranges of a split (memory-mapped), tokenize their texts with the local
+    engine's batch function and write each range's token ids to its own part file.  A retried task
+    writes its part again from the start, so nothing is doubled."""
+    import pyarrow as pa
+
+    from models.data import encode_texts
+
+    for chunk in batch.to_pylist():
+        with pa.memory_map(chunk["path"]) as source:
+            table = pa.ipc.open_stream(source).read_all().slice(chunk["start"], chunk["stop"] - chunk["start"])
+            with open(chunk["part"], "wb") as fh:
+                tokens = sum(encode_texts(fh, part.column("text").to_pylist(), tokenizer_file, separator, np.dtype(dtype))
+                             for part in table.select(["text"]).to_batches(max_chunksize=TOKENIZE_ROWS))
+        yield pa.table({"part": [chunk["part"]], "tokens": pa.array([tokens], pa.int64())})
+
+
+def tokenize_parts(dataset_dir: Path, tokenizer_file: Path, separator: int, dtype, parts_dir: Path, report=None) -> list[Path]:
+    """Token ids of every document of the split at ``dataset_dir`` (each followed by ``separator``),
+    written by Ray tasks as part files in ``parts_dir`` (a shared filesystem); returns the parts in
+    corpus order, whose concatenation is the local engine's token array."""
+    import ray
+
+    with _data_context():
+        chunks = _chunks(dataset_dir, _cpus())
+        for i, chunk in enumerate(chunks):
+            chunk["part"] = str(parts_dir / f"{i:05d}.bin")
+        if not chunks:
+            return []
+        written = (
+            ray.data.from_items(chunks, override_num_blocks=len(chunks))
+            .map_batches(
+                _tokenize_chunks,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={"tokenizer_file": str(tokenizer_file), "separator": separator, "dtype": np.dtype(dtype).name},
+            )
+            .materialize()
+        )
+        done = sorted(row["part"] for row in written.take_all())
+        parts = [chunk["part"] for chunk in chunks]
+        if done != parts:
+            raise LmforgeError(f"packed (ray): {len(done)} parts written for {len(parts)} row ranges of {dataset_dir}")
+        _say(report, f"ray: packed {dataset_dir.name} tokenized in {len(chunks)} tasks", written)
+        return [Path(p) for p in parts]

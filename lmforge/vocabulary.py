@@ -3,12 +3,14 @@ then tokenize and pack every split.  Library work is in ``models.tokenizer`` and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, worker_friendly_signals, write_params, write_summary
 from lmforge.candidates import TRAINED, packed_dir, scratch_archs, tokenizer_dir, tokenizers_in_use
+from lmforge.cluster import connected
 from lmforge.context import QUIET, RunContext
 from lmforge.params import LmforgeError, Params
 from lmforge.split import SPLITS
@@ -88,13 +90,28 @@ def run_tokenizer(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
 def run_pack(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/packed/<tokenizer>/`` for every tokenizer a candidate reads (the trained
     one for scratch candidates, each pretrained model's own): ``<split>.bin`` token arrays and
-    ``meta.json``; one ``summary.json`` (the first tokenizer's counts flat, every tokenizer's nested)."""
+    ``meta.json``; one ``summary.json`` (the first tokenizer's counts flat, every tokenizer's nested).
+
+    On the Ray engine (``cluster.data_engine: ray``) the tokenizing runs in Ray tasks, which write
+    parts of each token file that are joined here into the same bytes."""
+    out = fresh_dir(params.stage_dir("packed"))
+    with connected(params.cluster, ctx.log) if params.cluster.data_engine == "ray" else contextlib.nullcontext():
+        per_tokenizer = _pack_all(params, ctx)
+    first = next(iter(per_tokenizer.values()))
+    summary = {"block_size": params.tokenizer.block_size, "tokenizers": list(per_tokenizer), **first, "by_tokenizer": per_tokenizer}
+    write_params(out, params.tokenizer)
+    write_summary(out, summary)
+    ctx.log(f"packed: {summary['train_tokens']} train tokens in {summary['train_blocks']} blocks of {summary['block_size']}")
+    return summary
+
+
+def _pack_all(params: Params, ctx: RunContext) -> dict[str, dict[str, Any]]:
+    """Every split packed with every tokenizer in use: ``{tokenizer: counts}``."""
     from transformers import AutoTokenizer
 
-    from models.data import pack_split, token_dtype, write_meta
+    from models.data import join_parts, pack_split, token_dtype, write_meta
 
     p = params.tokenizer
-    out = fresh_dir(params.stage_dir("packed"))
     per_tokenizer = {}
     for name in tokenizers_in_use(params):
         tok_dir = tokenizer_dir(params, name)
@@ -112,15 +129,21 @@ def run_pack(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         target.mkdir(parents=True)
         splits = {}
         for split in SPLITS:
-            ds = load_dataset_dir(params.stage_dir("split") / split, "split")
-            with worker_friendly_signals():
-                splits[split] = pack_split(ds, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, target / f"{split}.bin", p.num_proc)
+            split_dir = params.stage_dir("split") / split
+            ds = load_dataset_dir(split_dir, "split")
+            bin_file = target / f"{split}.bin"
+            if params.cluster.data_engine == "ray":
+                from lmforge import ray_data
+
+                parts_dir = target / f".{split}-parts"
+                parts_dir.mkdir()
+                parts = ray_data.tokenize_parts(split_dir, tok_dir / "tokenizer.json", separator, dtype, parts_dir, ctx.log)
+                splits[split] = join_parts(parts, bin_file, len(ds), pad, p.block_size, dtype)
+                parts_dir.rmdir()
+            else:
+                with worker_friendly_signals():
+                    splits[split] = pack_split(ds, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, bin_file, p.num_proc)
         write_meta(target, {"block_size": p.block_size, "dtype": dtype.name, "pad_id": pad, "separator_id": separator,
                             "vocab_size": len(hf), "tokenizer": name, "splits": splits})
         per_tokenizer[name] = {"dtype": dtype.name, **{f"{n}_{k}": v for n, s in splits.items() for k, v in s.items()}}
-    first = next(iter(per_tokenizer.values()))
-    summary = {"block_size": p.block_size, "tokenizers": list(per_tokenizer), **first, "by_tokenizer": per_tokenizer}
-    write_params(out, p)
-    write_summary(out, summary)
-    ctx.log(f"packed: {summary['train_tokens']} train tokens in {summary['train_blocks']} blocks of {summary['block_size']}")
-    return summary
+    return per_tokenizer

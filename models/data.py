@@ -68,11 +68,44 @@ def pack_split(ds, tokenizer_file: Path, separator: int, pad: int, block_size: i
             ids = batch.column(0).flatten().to_numpy().astype(dtype, copy=False)
             fh.write(ids.tobytes())
             tokens += len(ids)
-        padding = (-tokens) % block_size
-        fh.write(np.full(padding, pad, dtype=dtype).tobytes())
+        counts = _pad_to_blocks(fh, len(ds), tokens, pad, block_size, dtype)
     del encoded
     shutil.rmtree(work)
-    return {"documents": len(ds), "tokens": tokens, "padding": padding, "blocks": (tokens + padding) // block_size}
+    return counts
+
+
+def encode_texts(fh, texts: list[str], tokenizer_file: str, separator: int, dtype: np.dtype) -> int:
+    """Append the token ids of ``texts`` (each document followed by ``separator``) to ``fh``, as
+    ``pack_split`` writes them; returns how many.  The Ray engine's tasks write their parts with it."""
+    from itertools import chain
+
+    ids = _encode_batch({"text": texts}, tokenizer_file, separator)["ids"]
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32).astype(dtype, copy=False)
+    fh.write(flat.tobytes())
+    return len(flat)
+
+
+def join_parts(parts: list[Path], out: Path, documents: int, pad: int, block_size: int, dtype: np.dtype) -> dict:
+    """``out`` from token parts written in corpus order (``encode_texts`` in the Ray engine's tasks),
+    padded as ``pack_split`` pads: the same bytes.  Copying runs at disk speed; each part is removed
+    once copied."""
+    import shutil
+
+    tokens = 0
+    with open(out, "wb") as fh:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 24)
+            tokens += part.stat().st_size // dtype.itemsize
+            part.unlink()
+        return _pad_to_blocks(fh, documents, tokens, pad, block_size, dtype)
+
+
+def _pad_to_blocks(fh, documents: int, tokens: int, pad: int, block_size: int, dtype: np.dtype) -> dict:
+    """Complete the last block with ``pad``; the counts ``meta.json`` records for the split."""
+    padding = (-tokens) % block_size
+    fh.write(np.full(padding, pad, dtype=dtype).tobytes())
+    return {"documents": documents, "tokens": tokens, "padding": padding, "blocks": (tokens + padding) // block_size}
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:

@@ -1,6 +1,6 @@
-"""The Ray Data engine (``cluster.data_engine: ray``): the local engine's ingest and clean output, byte
-for byte, computed on a real two-node Ray cluster; and its shuffle-side dedup pieces against the local
-ones."""
+"""The Ray Data engine (``cluster.data_engine: ray``): the local engine's ingest, clean and packed output,
+byte for byte, computed on a real two-node Ray cluster; and its shuffle-side dedup pieces against the
+local ones."""
 
 import gzip
 import json
@@ -142,6 +142,42 @@ def test_ray_clean_and_split_match_local(ingested, ray_cluster, tmp_path: Path, 
     for name in SPLITS:
         assert ray["split"][name].equals(local["split"][name]), name
     assert any("ray: clean scored" in m and "on 2 node(s)" in m for m in ray["messages"]), ray["messages"]
+
+
+@pytest.mark.slow
+def test_ray_packed_matches_local_byte_for_byte(ingested, ray_cluster, tmp_path: Path):
+    """Tokenizing in Ray tasks, each writing its own part of a split's token file, then joining the parts:
+    the local engine's token files, meta.json and summary, from the same split and tokenizer."""
+    from lmforge.vocabulary import run_pack, run_tokenizer
+
+    runs = {}
+    for engine in ("local", "ray"):
+        params = load_params(write_params(
+            tmp_path / engine, ingested["local"]["raw"], ingest={"sources": ingested["local"]["sources"]},
+            cluster={"data_engine": engine, "address": ray_cluster},
+        ))
+        if engine == "local":
+            shutil.copytree(ingested["local"]["dir"], params.stage_dir("ingest"))
+            run_clean(params)
+            run_split(params)
+            run_tokenizer(params)
+            built = params
+        else:
+            for stage in ("split", "tokenizer"):
+                shutil.copytree(built.stage_dir(stage), params.stage_dir(stage))
+        messages: list[str] = []
+        summary = run_pack(params, RunContext(log=messages.append))
+        packed = params.stage_dir("packed")
+        files = {str(f.relative_to(packed)): f.read_bytes() for f in sorted(packed.rglob("*")) if f.is_file() and f.name != "params.json"}
+        runs[engine] = {"summary": summary, "files": files, "messages": messages}
+    local, ray = runs["local"], runs["ray"]
+    assert local["summary"]["train_tokens"] > 1000 and local["summary"]["val_documents"] > 0  # something to compare
+    assert set(ray["files"]) == set(local["files"]) == {"summary.json", "trained/meta.json", "trained/train.bin", "trained/val.bin", "trained/test.bin"}
+    for name in local["files"]:
+        assert ray["files"][name] == local["files"][name], name
+    assert ray["summary"] == local["summary"]
+    tokenized = [m for m in ray["messages"] if m.startswith("ray: packed train tokenized in")]
+    assert tokenized and "on 2 node(s)" in tokenized[0] and " 1 tasks" not in tokenized[0], ray["messages"]
 
 
 def test_shuffled_band_collisions_give_the_local_clusters():
