@@ -115,17 +115,23 @@ class PeakRss:
         self._thread.join()
 
 
-def run_stages(corpus: Path, work: Path, engine: str = "local") -> dict:
-    from lmforge.clean import run_clean
-    from lmforge.ingest import run_ingest
+def bench_params(corpus: Path, work: Path, engine: str):
     from lmforge.params import Params, SourceParams, with_overrides
-    from lmforge.split import run_split
 
     params = Params()
     params.cluster.data_engine = engine
     params.paths.artifacts = str(work / "artifacts")
     params.ingest.sources = [SourceParams(name="bench", path=str(corpus))]
     params.clean = with_overrides(params.clean, {"validation": {"min_rows": 1}})
+    return params
+
+
+def run_stages(corpus: Path, work: Path, engine: str = "local") -> dict:
+    from lmforge.clean import run_clean
+    from lmforge.ingest import run_ingest
+    from lmforge.split import run_split
+
+    params = bench_params(corpus, work, engine)
     timings = {}
     with PeakRss() as rss:
         for name, stage in (("ingest", run_ingest), ("clean", run_clean), ("split", run_split)):
@@ -237,6 +243,41 @@ def compare_engines(args, work: Path) -> None:
         hours = (fixed + 10e6 / rate) / 3600
         print(f"  {n:4d} workers -> ~{rate:6.1f} MB/s, 10 TB in ~{hours:,.0f} h ({hours / 24:,.1f} days)")
     print(f"  ceiling: the driver's ordered write, {1 / serial_per_mb:.1f} MB/s (10 TB in ~{10e6 * serial_per_mb / 86400:,.1f} days)")
+    compare_packing(args, work, on_ray["mb"])
+
+
+def compare_packing(args, work: Path, mb: float) -> None:
+    """``packed`` on both engines from the large corpus's split, with one tokenizer trained on it: the
+    Ray engine's tasks write their own parts of the token files, so no serial step over the text."""
+    import ray
+    from ray.data import DataContext
+
+    from lmforge.vocabulary import run_pack, run_tokenizer
+
+    local = bench_params(work, work / f"local-{args.mb}mb", "local")
+    on_ray = bench_params(work, work / f"ray-{args.mb}mb", "ray")
+    run_tokenizer(local)
+    shutil.rmtree(on_ray.stage_dir("tokenizer"), ignore_errors=True)
+    shutil.copytree(local.stage_dir("tokenizer"), on_ray.stage_dir("tokenizer"))
+    seconds = {}
+    for engine, params in (("local", local), ("ray", on_ray)):
+        if engine == "ray":
+            ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+            DataContext.get_current().enable_progress_bars = False
+        try:
+            start = time.perf_counter()
+            summary = run_pack(params)
+            seconds[engine] = time.perf_counter() - start
+        finally:
+            if engine == "ray":
+                ray.shutdown()
+    files = [f.relative_to(local.stage_dir("packed")) for f in sorted(local.stage_dir("packed").rglob("*.bin"))]
+    identical = all((local.stage_dir("packed") / f).read_bytes() == (on_ray.stage_dir("packed") / f).read_bytes() for f in files)
+    print(
+        f"packed ({summary['train_tokens'] + summary['val_tokens'] + summary['test_tokens']:,} tokens from {mb:.0f} MB): "
+        f"local {seconds['local']:.1f} s, ray {seconds['ray']:.1f} s, ratio ray/local {seconds['local'] / seconds['ray']:.2f}x; "
+        f"token files {'identical' if identical else 'DIFFER'}"
+    )
 
 
 def local_procs() -> int:
