@@ -19,7 +19,7 @@ from lmforge.context import RunContext
 from lmforge.dedup import cluster_representatives
 from lmforge.ingest import run_ingest
 from lmforge.params import LmforgeError, load_params
-from lmforge.ray_data import _colliding_pairs, _first_of_each_text, clusters_from_pairs
+from lmforge.ray_data import _colliding_pairs, _first_of_each_text, clean_stream, clusters_from_pairs
 from lmforge.split import SPLITS, run_split
 
 
@@ -178,6 +178,40 @@ def test_ray_packed_matches_local_byte_for_byte(ingested, ray_cluster, tmp_path:
     assert ray["summary"] == local["summary"]
     tokenized = [m for m in ray["messages"] if m.startswith("ray: packed train tokenized in")]
     assert tokenized and "on 2 node(s)" in tokenized[0] and " 1 tasks" not in tokenized[0], ray["messages"]
+
+
+@pytest.mark.slow
+def test_a_killed_task_is_retried_and_nothing_is_lost_or_doubled(ingested, ray_cluster, tmp_path: Path):
+    """The worker process of one scoring task dies mid-task, as on a lost node: Ray runs the task again,
+    and the clean stream (every document once, in corpus order, with its decision) is the one of a run
+    where nothing died."""
+    import os
+    from dataclasses import asdict
+
+    from lmforge.clean import _score_batch, _scored_features
+    from lmforge.cluster import connected
+    from lmforge.params import ClusterParams, DedupParams
+
+    marker = str(tmp_path / "died")
+
+    def dies_once(batch, **kwargs):  # a closure: Ray ships it by value to the workers
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # the first call anywhere, and only it
+        except FileExistsError:
+            return _score_batch(batch, **kwargs)
+        os._exit(1)
+
+    def stream(score) -> list:
+        params = load_params(write_params(tmp_path / "params", ingested["local"]["raw"]))
+        rows = clean_stream(ingested["local"]["dir"] / "dataset", score, {"params_blob": asdict(params.clean)},
+                            _scored_features().arrow_schema, DedupParams(near="remove"))
+        return [(row["id"], status, first, jaccard) for row, status, first, jaccard in rows]
+
+    with connected(ClusterParams(data_engine="ray", address=ray_cluster)):
+        survived = stream(dies_once)
+        assert os.path.exists(marker)  # a worker did die
+        assert survived == stream(_score_batch)
+    assert len(survived) == ingested["local"]["summary"]["documents"] and len({r[0] for r in survived}) == len(survived)
 
 
 def test_shuffled_band_collisions_give_the_local_clusters():
