@@ -1,5 +1,5 @@
-"""Ingest, clean and packed on Ray Data (``cluster.data_engine: ray``): the local engine's output,
-computed on a Ray cluster.
+"""Ingest, clean, packed and the tokenizer's sample on Ray Data (``cluster.data_engine: ray``): the
+local engine's output, computed on a Ray cluster.
 
 Why it is built this way:
 
@@ -20,7 +20,8 @@ Why it is built this way:
   are the same bytes, and the accounting is checked row by row on the way.
 - **Token parts written by the tasks.**  Packing has no decision to wait for: each task tokenizes a
   row range of a split and writes its own part of the token file; the driver joins the parts in
-  corpus order, a copy at disk speed, into the local engine's bytes.
+  corpus order, a copy at disk speed, into the local engine's bytes.  The tokenizer's training sample
+  is drawn the same way: each task sends only its candidates for the sample to the driver.
 
 Files are read where the tasks run: every node must see the source directories and the artifacts
 directory at the same paths (a shared filesystem), as it must for the local engine's inputs.
@@ -525,3 +526,46 @@ def tokenize_parts(dataset_dir: Path, tokenizer_file: Path, separator: int, dtyp
             raise LmforgeError(f"packed (ray): {len(done)} parts written for {len(parts)} row ranges of {dataset_dir}")
         _say(report, f"ray: packed {dataset_dir.name} tokenized in {len(chunks)} tasks", written)
         return [Path(p) for p in parts]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer: a seeded sample of the train split, drawn by the tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def _smallest_keys(batch, key: Callable, key_kwargs: dict, n: int) -> Iterator[Any]:
+    """A Ray task: the ``n`` rows of each row range with the smallest keys (ties by position), with
+    their texts: a superset of the range's share of the sample."""
+    import pyarrow as pa
+
+    for chunk in batch.to_pylist():
+        with pa.memory_map(chunk["path"]) as source:
+            table = pa.ipc.open_stream(source).read_all().slice(chunk["start"], chunk["stop"] - chunk["start"])
+            keys = key(table.column("id").to_pylist(), **key_kwargs)
+            rows = np.arange(chunk["row"], chunk["row"] + table.num_rows, dtype=np.int64)
+            take = np.sort(np.lexsort((rows, keys))[:n])  # in corpus order
+            yield pa.table({"row": rows[take], "key": keys[take], "text": table.column("text").take(take)})
+
+
+def sample_texts(dataset_dir: Path, key: Callable, key_kwargs: dict, n: int, report=None) -> list[str]:
+    """The texts of the ``n`` rows of the dataset at ``dataset_dir`` with the smallest
+    ``key(ids, **key_kwargs)`` (ties by position), in corpus order: the sample the local engine draws
+    with the same key.  Each task sends at most ``n`` texts to the driver."""
+    import pyarrow as pa
+    import ray
+
+    with _data_context():
+        chunks = _chunks(dataset_dir, _cpus())
+        found = (
+            ray.data.from_items(chunks, override_num_blocks=len(chunks))
+            .map_batches(_smallest_keys, batch_size=None, batch_format="pyarrow",
+                         fn_kwargs={"key": key, "key_kwargs": key_kwargs, "n": n})
+            .materialize()
+        )
+        candidates = pa.concat_tables(list(found.iter_batches(batch_format="pyarrow", batch_size=None)))
+        rows, keys = candidates["row"].to_numpy(), candidates["key"].to_numpy()
+        take = np.sort(np.lexsort((rows, keys))[:n])  # candidates arrive in corpus order: sorting keeps it
+        if not np.all(np.diff(rows) > 0):
+            raise LmforgeError(f"tokenizer (ray): the sample's candidates of {dataset_dir} arrived out of order")
+        _say(report, f"ray: tokenizer sampled {len(take)} of the train split's documents in {len(chunks)} tasks", found)
+        return candidates["text"].take(take).to_pylist()

@@ -4,9 +4,12 @@ then tokenize and pack every split.  Library work is in ``models.tokenizer`` and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from lmforge.artifacts import fresh_dir, load_dataset_dir, worker_friendly_signals, write_params, write_summary
 from lmforge.candidates import TRAINED, packed_dir, scratch_archs, tokenizer_dir, tokenizers_in_use
@@ -19,7 +22,8 @@ from lmforge.stages import Out, Stage
 
 TOKENIZER = Stage(
     "tokenizer", group="tokenizer",
-    params=("paths.artifacts", "tokenizer.algorithm", "tokenizer.vocab_size", "tokenizer.min_frequency", "tokenizer.normalizer",
+    params=("paths.artifacts", "tokenizer.algorithm", "tokenizer.vocab_size", "tokenizer.min_frequency", "tokenizer.sample_documents",
+            "tokenizer.sample_seed", "tokenizer.normalizer",
             "tokenizer.extra_ids", "tokenizer.max_unk_rate", "tokenizer.block_size", "pretrain.candidates"),
     reads=("split/train", "split/val"),
     outs=("hf", Out("params.json", cache=False)),
@@ -40,6 +44,34 @@ def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:
         yield batch.column(0).to_pylist()
 
 
+def sample_keys(ids: list[str], seed: int) -> np.ndarray:
+    """A seeded pseudo-random key per document id.  The sample is the documents with the smallest keys
+    (ties by corpus position): a choice that depends neither on the engine nor on the order in which
+    the rows are read, so the Ray engine's tasks draw the local engine's sample."""
+    digest = (hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest() for i in ids)
+    return np.fromiter((int.from_bytes(d, "little") for d in digest), dtype=np.uint64, count=len(ids))
+
+
+def training_texts(params: Params, train, ctx: RunContext) -> tuple[Iterator[str], int]:
+    """The texts the vocabulary is trained on, in corpus order, and how many: the whole train split
+    (streamed), or a seeded sample of ``tokenizer.sample_documents`` of it (drawn on the cluster with
+    ``cluster.data_engine: ray``)."""
+    p = params.tokenizer
+    if not p.sample_documents or p.sample_documents >= len(train):
+        return (t for batch in text_batches(train) for t in batch), len(train)
+    if params.cluster.data_engine == "ray":
+        from lmforge import ray_data
+
+        with connected(params.cluster, ctx.log):
+            texts = ray_data.sample_texts(params.stage_dir("split") / "train", sample_keys, {"seed": p.sample_seed},
+                                          p.sample_documents, ctx.log)
+    else:
+        keys = sample_keys(train.data.column("id").to_pylist(), p.sample_seed)
+        rows = np.sort(np.lexsort((np.arange(len(keys)), keys))[: p.sample_documents])
+        texts = train.data.column("text").take(rows).to_pylist()
+    return iter(texts), len(texts)
+
+
 def run_tokenizer(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/tokenizer``: ``hf/`` (AutoTokenizer directory), ``summary.json``."""
     from models.tokenizer import TokenizerSpec, measure, to_transformers, train_tokenizer
@@ -54,7 +86,8 @@ def run_tokenizer(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         raise LmforgeError("tokenizer: the train split is empty; add documents or lower split.val/test")
     out = fresh_dir(params.stage_dir("tokenizer"))
     start = time.perf_counter()
-    tok = train_tokenizer((t for batch in text_batches(train) for t in batch), spec, length=len(train))
+    texts, documents = training_texts(params, train, ctx)
+    tok = train_tokenizer(texts, spec, length=documents)
     seconds = time.perf_counter() - start
     context = max([cfg.max_context for cfg in configs.values()] + [p.block_size])
     hf = to_transformers(tok, spec, model_max_length=context)
@@ -73,7 +106,7 @@ def run_tokenizer(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         "round_trip_rate": round(metrics.round_trip_rate, 6),
         "measured_on": measured_on,
         "measured_documents": metrics.documents,
-        "training_documents": len(train),
+        "training_documents": documents,
         "training_seconds": round(seconds, 2),
         "special_tokens": spec.roles(),
         "sample_text": sample,

@@ -144,6 +144,10 @@ class TokenizerParams:
     algorithm: Literal["bpe", "wordpiece", "unigram", "char"] = "bpe"  # bpe is byte-level: no UNK ever
     vocab_size: int = 8192  # small corpora: a few thousand; 32k–64k for billions of tokens
     min_frequency: int = 2  # a merge/piece seen once is noise
+    # train on at most this many train documents, a sample seeded by sample_seed (the same on both data
+    # engines; on Ray it is drawn on the cluster); 0: all of them.  A few GB of text gives the vocabulary.
+    sample_documents: int = 0
+    sample_seed: int = 0
     normalizer: Literal["none", "nfc", "nfkc", "lowercase"] = "nfc"  # nfc: the cleaned text is NFC already
     extra_ids: int = 100  # T5 sentinel tokens, added when a candidate is an encoder-decoder
     max_unk_rate: float = 0.01  # blocking check: more unknown tokens means the vocabulary is too small

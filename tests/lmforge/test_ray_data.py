@@ -181,6 +181,47 @@ def test_ray_packed_matches_local_byte_for_byte(ingested, ray_cluster, tmp_path:
 
 
 @pytest.mark.slow
+def test_ray_draws_the_local_tokenizer_sample_and_trains_the_same_vocabulary(ingested, ray_cluster, tmp_path: Path):
+    """tokenizer.sample_documents: the tasks send their candidates for the seeded sample, the driver keeps
+    the smallest keys; the vocabulary trained on it is the local engine's, byte for byte."""
+    from lmforge.vocabulary import run_tokenizer
+
+    runs = {}
+    for engine in ("local", "ray"):
+        params = load_params(write_params(
+            tmp_path / engine, ingested["local"]["raw"], ingest={"sources": ingested["local"]["sources"]},
+            tokenizer={"sample_documents": 6, "sample_seed": 3}, cluster={"data_engine": engine, "address": ray_cluster},
+        ))
+        if engine == "local":
+            shutil.copytree(ingested["local"]["dir"], params.stage_dir("ingest"))
+            run_clean(params)
+            run_split(params)
+            built = params
+        else:
+            shutil.copytree(built.stage_dir("split"), params.stage_dir("split"))
+        messages: list[str] = []
+        summary = run_tokenizer(params, RunContext(log=messages.append))
+        runs[engine] = {"summary": {k: v for k, v in summary.items() if k != "training_seconds"}, "messages": messages,
+                        "vocabulary": (params.stage_dir("tokenizer") / "hf" / "tokenizer.json").read_bytes()}
+    local, ray = runs["local"], runs["ray"]
+    assert local["summary"]["training_documents"] == 6 < json.loads((built.stage_dir("split") / "summary.json").read_text())["train"]
+    assert ray["vocabulary"] == local["vocabulary"] and ray["summary"] == local["summary"]
+    sampled = [m for m in ray["messages"] if m.startswith("ray: tokenizer sampled 6 of")]
+    assert sampled and "on 2 node(s)" in sampled[0], ray["messages"]
+
+
+def test_the_tokenizer_sample_is_seeded_and_does_not_depend_on_row_order():
+    from lmforge.vocabulary import sample_keys
+
+    ids = [f"doc{i}" for i in range(200)]
+    keys = dict(zip(ids, sample_keys(ids, seed=0).tolist()))
+    shuffled = random.Random(0).sample(ids, len(ids))
+    assert dict(zip(shuffled, sample_keys(shuffled, seed=0).tolist())) == keys  # a key per id, wherever the row is read
+    smallest = set(sorted(ids, key=keys.get)[:20])
+    assert smallest != set(sorted(ids, key=dict(zip(ids, sample_keys(ids, seed=1).tolist())).get)[:20])  # another seed, another sample
+
+
+@pytest.mark.slow
 def test_a_killed_task_is_retried_and_nothing_is_lost_or_doubled(ingested, ray_cluster, tmp_path: Path):
     """The worker process of one scoring task dies mid-task, as on a lost node: Ray runs the task again,
     and the clean stream (every document once, in corpus order, with its decision) is the one of a run
