@@ -11,8 +11,8 @@ With ``--engine ray`` it runs each corpus through the local engine and through t
 (``cluster.data_engine: ray``, a Ray started here with ``--workers`` CPUs), side by side in one run:
 documents/s and MB/s of each, the ratio ray/local (the cluster's overhead on one machine), whether
 the outputs are identical, and a projection to more workers from the measured per-worker throughput,
-Ray's fixed cost per run (from the two sizes) and the measured rate of the one serial part, the
-driver's ordered write (Amdahl's law).
+Ray's fixed cost per run (from the two sizes) and the measured rate of the one serial part,
+ingest's ordered write on the driver (Amdahl's law).
 
     .venv/bin/python benchmarks/data_throughput.py [--mb 200] [--small-mb 50] [--workdir DIR]
     .venv/bin/python benchmarks/data_throughput.py --engine ray [--mb 50] [--small-mb 10] [--workers N]
@@ -146,7 +146,7 @@ def run_stages(corpus: Path, work: Path, engine: str = "local") -> dict:
 
 
 def outputs(work: Path) -> dict:
-    """What must be identical between the engines: quarantines, summaries, the split datasets."""
+    """What must be identical between the engines: quarantines, summaries, clean's rows, the split datasets."""
     import datasets
 
     artifacts = work / "artifacts"
@@ -155,6 +155,7 @@ def outputs(work: Path) -> dict:
         out[f"{stage}/summary"] = (artifacts / stage / "summary.json").read_bytes()
     for stage in ("ingest", "clean"):
         out[f"{stage}/quarantine"] = (artifacts / stage / "quarantine.jsonl").read_bytes()
+    out["clean/dataset"] = datasets.load_from_disk(str(artifacts / "clean" / "dataset")).data.table  # the rows, over its shards
     for name in ("train", "val", "test"):
         out[f"split/{name}"] = datasets.load_from_disk(str(artifacts / "split" / name)).data.table
     return out
@@ -167,22 +168,21 @@ def same(a: dict, b: dict) -> list[str]:
 
 def driver_write_seconds(work: Path) -> float:
     """Seconds of the one serial part of the Ray engine, measured: the driver streams every ingested
-    document, then every cleaned one, as Python rows into the writers.  Replayed here from the Ray
-    run's outputs (Arrow rows to Python, through ``save_iterable``), without the cluster."""
+    document as Python rows into the writer (clean's tasks write their own shards).  Replayed here
+    from the Ray run's output (Arrow rows to Python, through ``save_iterable``), without the cluster."""
     import datasets
 
     from lmforge.artifacts import save_iterable
 
+    ds = datasets.load_from_disk(str(work / "artifacts" / "ingest" / "dataset"))
+
+    def rows():
+        for batch in ds.data.table.to_batches(max_chunksize=1024):
+            yield from batch.to_pylist()
+
     (work / "replay").mkdir()
     start = time.perf_counter()
-    for stage in ("ingest", "clean"):
-        ds = datasets.load_from_disk(str(work / "artifacts" / stage / "dataset"))
-
-        def rows(table=ds.data.table):
-            for batch in table.to_batches(max_chunksize=1024):
-                yield from batch.to_pylist()
-
-        save_iterable(rows(), ds.features, work / "replay" / stage)
+    save_iterable(rows(), ds.features, work / "replay" / "ingest")
     return time.perf_counter() - start
 
 
@@ -236,13 +236,13 @@ def compare_engines(args, work: Path) -> None:
     per_worker = 1 / (parallel_per_mb * args.workers)
     print(
         f"ray, measured here: {fixed:.0f} s fixed per run, then {1 / per_mb:.2f} MB/s; of that, the parallel part "
-        f"{per_worker:.2f} MB/s per worker, the driver's ordered write (serial) {1 / serial_per_mb:.1f} MB/s"
+        f"{per_worker:.2f} MB/s per worker, ingest's ordered write on the driver (serial) {1 / serial_per_mb:.1f} MB/s"
     )
     for n in (2, 8, 32, 128, 512):
         rate = 1 / (1 / (n * per_worker) + serial_per_mb)
         hours = (fixed + 10e6 / rate) / 3600
         print(f"  {n:4d} workers -> ~{rate:6.1f} MB/s, 10 TB in ~{hours:,.0f} h ({hours / 24:,.1f} days)")
-    print(f"  ceiling: the driver's ordered write, {1 / serial_per_mb:.1f} MB/s (10 TB in ~{10e6 * serial_per_mb / 86400:,.1f} days)")
+    print(f"  ceiling: ingest's ordered write on the driver, {1 / serial_per_mb:.1f} MB/s (10 TB in ~{10e6 * serial_per_mb / 86400:,.1f} days)")
     compare_packing(args, work, on_ray["mb"])
 
 

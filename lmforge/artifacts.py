@@ -13,6 +13,7 @@ both back as one dict, so readers never care which file a figure lives in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -132,8 +133,6 @@ def write_summary(stage_dir: Path, summary: dict[str, Any]) -> Path:
 def write_params(stage_dir: Path, stage_params: Any) -> Path:
     """Record the effective parameters of a run (params.yaml plus run-config overrides) beside its
     outputs, so that checks and people see exactly what produced them."""
-    import dataclasses
-
     path = stage_dir / PARAMS
     path.write_text(json.dumps(dataclasses.asdict(stage_params), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
@@ -278,6 +277,50 @@ def save_dataset(ds, out_dir: Path) -> None:
                 digest.update(chunk)
     state["_fingerprint"] = digest.hexdigest()[:16]
     state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def write_shard(rows: Iterator[dict], features, path: Path) -> dict[str, Any]:
+    """One Arrow shard of a dataset (the file format ``save_to_disk`` writes), from rows that a worker
+    produces: the Ray engine's tasks write their part of a stage's output with it.  Returns the
+    shard's rows, bytes and content hash, which ``save_shards`` needs."""
+    from datasets.arrow_writer import ArrowWriter
+
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for row in rows:
+            writer.write(row)
+        num_rows, num_bytes = writer.finalize()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"rows": num_rows, "bytes": num_bytes, "sha256": digest.hexdigest()}
+
+
+def save_shards(shards: list[tuple[Path, dict[str, Any]]], features, out_dir: Path) -> None:
+    """A dataset directory from shards that ``write_shard`` wrote elsewhere, in order: the non-empty
+    shards move in under ``save_to_disk``'s names, and only the manifest is written here
+    (``state.json`` and ``dataset_info.json``, as ``save_to_disk`` writes them; the fingerprint is a
+    hash of the shards' hashes, so equal content gives equal bytes).  ``datasets.load_from_disk``
+    reads the shards as one dataset, in this order."""
+    import datasets
+
+    kept = [(path, shard) for path, shard in shards if shard["rows"]]
+    if not kept:  # ``datasets`` cannot load a dataset without data files: write an empty one
+        save_dataset(datasets.Dataset.from_dict({k: [] for k in features}, features=features), out_dir)
+        return
+    out_dir.mkdir(parents=True)
+    names = [f"data-{i:05d}-of-{len(kept):05d}.arrow" for i in range(len(kept))]
+    for name, (path, _) in zip(names, kept):
+        path.rename(out_dir / name)
+    size = sum(shard["bytes"] for _, shard in kept)
+    splits = datasets.SplitDict()
+    splits.add(datasets.SplitInfo(name="train", num_bytes=size, num_examples=sum(shard["rows"] for _, shard in kept)))
+    info = dataclasses.asdict(datasets.DatasetInfo(features=features, splits=splits, dataset_size=size, size_in_bytes=size))
+    state = {"_data_files": [{"filename": name} for name in names], "_format_columns": None, "_format_kwargs": {},
+             "_format_type": None, "_output_all_columns": False, "_split": "train",
+             "_fingerprint": hashlib.sha256("".join(shard["sha256"] for _, shard in kept).encode()).hexdigest()[:16]}
+    (out_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    (out_dir / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
 
 
 def shards(items: list, n: int) -> list[list]:

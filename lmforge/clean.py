@@ -8,7 +8,8 @@ Two passes over memory-mapped Arrow data, so memory stays flat in corpus size:
    and everything else to ``quarantine.jsonl``.
 
 With ``cluster.data_engine: ray`` both passes run on a Ray cluster instead (``lmforge.ray_data``), with
-the same per-document code (``_score_batch``, ``route``) and the same output.
+the same per-document code (``_score_batch``, ``route``) and the same rows and quarantine records; the
+tasks write the output dataset's shards themselves.
 
 Accounting (checked here and by the tests): ``documents_in == kept + quarantined``.
 """
@@ -30,7 +31,6 @@ from lmforge.artifacts import (
     fresh_dir,
     load_dataset_dir,
     save_generated,
-    save_iterable,
     value_counts,
     worker_friendly_signals,
     write_params,
@@ -195,16 +195,6 @@ def _write(scored_dir: str, params_blob: dict, quarantine_path: str):
                 i += 1
 
 
-def _route_stream(stream, quarantine_path: Path):
-    """The Ray engine's pass 2 on the driver: (scored row, status, first id, Jaccard) in corpus order,
-    from ``lmforge.ray_data.clean_stream``, through the same ``route`` as the local engine."""
-    with QuarantineWriter(quarantine_path) as quarantine:
-        for row, status, first, jaccard in stream:
-            kept = route(row, status, first, jaccard, quarantine)
-            if kept is not None:
-                yield kept
-
-
 def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     """Materialize ``<artifacts>/clean``: ``dataset/``, ``quarantine.jsonl``, ``summary.json``.
 
@@ -218,11 +208,11 @@ def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         from lmforge import ray_data
 
         with connected(params.cluster, ctx.log):
-            stream = ray_data.clean_stream(
+            ray_data.clean_shards(
                 params.stage_dir("ingest") / "dataset", _score_batch, {"params_blob": asdict(params.clean)},
-                _scored_features().arrow_schema, params.clean.dedup, ctx.log,
+                _scored_features().arrow_schema, params.clean.dedup, route, features(), out / "dataset", out / QUARANTINE, ctx.log,
             )
-            kept = save_iterable(_route_stream(stream, out / QUARANTINE), features(), out / "dataset")
+        kept = load_dataset_dir(out / "dataset", "clean")
     else:
         kept = _clean_local(params, source, out)
     summary = _summarize(params, source, kept, out)

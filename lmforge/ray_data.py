@@ -15,9 +15,12 @@ Why it is built this way:
   partition number taken from the hash (one group per CPU), with Ray Data's sort-based shuffle:
   plain tasks on the workers already running, so a stage pays Ray's start-up once, not per shuffle.  No process holds an
   array over the whole corpus; the driver holds the colliding pairs and the cluster members.
-- **Ordered output through the driver.**  Kept rows and quarantine records stream, in corpus order,
-  into the same writers as the local engine (``save_generated``, ``QuarantineWriter``), so the files
-  are the same bytes, and the accounting is checked row by row on the way.
+- **Clean's output written by the tasks.**  Once the decisions are known (one per duplicate, small),
+  each block of scored documents goes through the stage's own ``route`` in a task, which writes the
+  block's shard of the dataset and its part of the quarantine; the driver checks that the blocks
+  cover every document once and writes only the manifest.  The rows and records are the local
+  engine's, in corpus order.  Ingest's rows still stream through the driver, in corpus order, into
+  the local engine's writers (``save_generated``, ``QuarantineWriter``): the same bytes.
 - **Token parts written by the tasks.**  Packing has no decision to wait for: each task tokenizes a
   row range of a split and writes its own part of the token file; the driver joins the parts in
   corpus order, a copy at disk speed, into the local engine's bytes.  The tokenizer's training sample
@@ -34,6 +37,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -417,34 +421,79 @@ def _decisions(scored, p: DedupParams, cpus: int, report):
     return decisions.sort("row")
 
 
-def _decision_rows(decisions) -> Iterator[tuple[int, int, str, float | None]]:
-    if decisions is None:
+def _with_decisions(rows: list[dict], first: int, decisions: Iterator[tuple]) -> Iterator[tuple[dict, int, str, float | None]]:
+    """``(scored row, status, first id, estimated Jaccard)`` for scored rows that start at corpus
+    position ``first``, merged with the decisions of their range (sorted by row).  Checks that every
+    position arrives once, in order, and that every decision matches a document the filters kept."""
+    pending = next(decisions, None)
+    expected = first
+    for row in rows:
+        if row["row"] != expected:
+            raise LmforgeError(f"clean (ray): document {row['row']} arrived where {expected} was expected")
+        expected += 1
+        if pending is not None and pending[0] < row["row"]:
+            raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, rejected or decided twice")
+        if row["reject_reason"] is not None:
+            yield row, REJECTED, row["id"], None
+        elif pending is not None and pending[0] == row["row"]:
+            _, status, first_id, jaccard = pending
+            yield row, status, first_id, jaccard
+            pending = next(decisions, None)
+        else:
+            yield row, KEEP, row["id"], None
+    if pending is not None:
+        raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, which is not in its range")
+
+
+def _write_block(block, decisions, route: Callable, features, scratch: str) -> Iterator[Any]:
+    """A Ray task: one block of scored documents (a row range, in corpus order) and the decisions of
+    that range → the range's shard of the output dataset and its part of the quarantine, named by its
+    first row, through the clean stage's own ``route``.  A retried task writes both again from the
+    start, so nothing is doubled."""
+    import pyarrow as pa
+
+    from lmforge.artifacts import QuarantineWriter, write_shard
+
+    if not block.num_rows:
         return
-    for batch in decisions.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from zip(*(batch[c].to_pylist() for c in ("row", "status", "first_id", "jaccard")))
+    rows = block["row"].to_numpy()
+    first, last = int(rows[0]), int(rows[-1])
+    lo, hi = np.searchsorted(decisions["row"].to_numpy(), [first, last + 1])
+    mine = decisions.slice(lo, hi - lo)
+    mine_rows = zip(*(mine[c].to_pylist() for c in ("row", "status", "first_id", "jaccard")))
+    shard, part = Path(scratch) / f"shard-{first:012d}.arrow", Path(scratch) / f"quarantine-{first:012d}.jsonl"
+    with QuarantineWriter(part) as quarantine:
+        routed = (route(*decided, quarantine) for decided in _with_decisions(block.drop_columns(["signature"]).to_pylist(), first, mine_rows))
+        written = write_shard((kept for kept in routed if kept is not None), features, shard)
+    yield pa.table({"first": [first], "last": [last], "shard": [str(shard)], "quarantine": [str(part)],
+                    "rows": [written["rows"]], "bytes": [written["bytes"]], "sha256": [written["sha256"]]})
 
 
-def clean_stream(
-    dataset_dir: Path, score: Callable, score_kwargs: dict, scored_schema, p: DedupParams, report=None
-) -> Iterator[tuple[dict, int, str, float | None]]:
-    """Clean on the cluster; yields ``(scored row, status, first id, estimated Jaccard)`` for every
-    document of the ingest dataset at ``dataset_dir``, in corpus order, on the driver.
+def clean_shards(
+    dataset_dir: Path, score: Callable, score_kwargs: dict, scored_schema, p: DedupParams,
+    route: Callable, features, dataset_out: Path, quarantine_out: Path, report=None,
+) -> None:
+    """Clean on the cluster: the ingest dataset at ``dataset_dir`` → the dataset at ``dataset_out``
+    and the quarantine at ``quarantine_out``, the local engine's rows and records in corpus order.
 
-    The scored documents stay in the cluster's object store (spilled to disk when it is full) until
-    they stream out; the driver checks that every position arrives exactly once, in order, and that
-    every decision matches a document the filters kept.
+    The scored documents stay in the cluster's object store (spilled to disk when it is full); once
+    the decisions are known, each block's task writes its own shard and quarantine part.  The driver
+    holds only the decisions (one per duplicate), checks that the blocks cover every position once,
+    writes the dataset's manifest and joins the quarantine parts (rejected documents only).
     """
     import pyarrow as pa
     import ray
 
+    from lmforge.artifacts import concat_files, save_shards
+
+    scratch = dataset_out.parent / ".ray-shards"
+    scratch.mkdir()
     with _data_context():
         cpus = _cpus()
         chunks = _chunks(dataset_dir, cpus)
-        if not chunks:
-            return
         schema = pa.schema([pa.field("row", pa.int64()), *scored_schema])
         scored = (
-            ray.data.from_items(chunks, override_num_blocks=len(chunks))
+            ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
             .map_batches(
                 _score_chunks,
                 batch_size=None,
@@ -453,27 +502,23 @@ def clean_stream(
             )
             .materialize()
         )
-        _say(report, f"ray: clean scored {scored.count()} documents in {len(chunks)} tasks", scored)
-        decisions = _decision_rows(_decisions(scored, p, cpus, report))
-        pending = next(decisions, None)
-        expected = 0
-        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.drop_columns(["signature"]).to_pylist():
-                if row["row"] != expected:
-                    raise LmforgeError(f"clean (ray): document {row['row']} arrived where {expected} was expected")
-                expected += 1
-                if pending is not None and pending[0] < row["row"]:
-                    raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, rejected or decided twice")
-                if row["reject_reason"] is not None:
-                    yield row, REJECTED, row["id"], None
-                elif pending is not None and pending[0] == row["row"]:
-                    _, status, first_id, jaccard = pending
-                    yield row, status, first_id, jaccard
-                    pending = next(decisions, None)
-                else:
-                    yield row, KEEP, row["id"], None
-        if pending is not None:
-            raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, which is not in the corpus")
+        total = scored.count()
+        _say(report, f"ray: clean scored {total} documents in {len(chunks)} tasks", scored)
+        found = _decisions(scored, p, cpus, report)
+        batches = list(found.iter_batches(batch_format="pyarrow", batch_size=None)) if found is not None else []
+        decisions = pa.concat_tables(batches) if batches else _decision_schema().empty_table()
+        written = scored.map_batches(
+            _write_block, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"decisions": decisions, "route": route, "features": features, "scratch": str(scratch)},
+        ).materialize()
+        blocks = pa.concat_tables(list(written.iter_batches(batch_format="pyarrow", batch_size=None))).sort_by("first")
+        _say(report, f"ray: clean wrote {blocks.num_rows} shards from the tasks", written)
+    firsts, lasts = blocks["first"].to_numpy(), blocks["last"].to_numpy()
+    if not len(firsts) or firsts[0] != 0 or lasts[-1] != total - 1 or not np.array_equal(firsts[1:], lasts[:-1] + 1):
+        raise LmforgeError(f"clean (ray): the written blocks do not cover the {total} documents once each")
+    save_shards([(Path(b["shard"]), b) for b in blocks.to_pylist()], features, dataset_out)
+    concat_files([Path(q) for q in blocks["quarantine"].to_pylist()], quarantine_out)
+    shutil.rmtree(scratch)
 
 
 # --------------------------------------------------------------------------------------------------

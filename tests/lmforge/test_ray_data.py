@@ -19,7 +19,7 @@ from lmforge.context import RunContext
 from lmforge.dedup import cluster_representatives
 from lmforge.ingest import run_ingest
 from lmforge.params import LmforgeError, load_params
-from lmforge.ray_data import _colliding_pairs, _first_of_each_text, clean_stream, clusters_from_pairs
+from lmforge.ray_data import _colliding_pairs, _first_of_each_text, clean_shards, clusters_from_pairs
 from lmforge.split import SPLITS, run_split
 
 
@@ -121,8 +121,11 @@ def test_ray_clean_and_split_match_local(ingested, ray_cluster, tmp_path: Path, 
         summary = run_clean(params, RunContext(log=messages.append))
         assert summary["documents_in"] == summary["kept"] + summary["quarantined"]
         run_split(params)
+        clean = stage_outputs(params.stage_dir("clean"))
+        del clean["dataset_fingerprint"]  # the Ray engine's tasks wrote their own shards: the rows are compared below
         results[engine] = {
-            "clean": stage_outputs(params.stage_dir("clean")),
+            "clean": clean,
+            "shards": len(json.loads((params.stage_dir("clean") / "dataset" / "state.json").read_text())["_data_files"]),
             "dataset": datasets.load_from_disk(str(params.stage_dir("clean") / "dataset")).data.table,
             "split": {name: datasets.load_from_disk(str(params.stage_dir("split") / name)).data.table for name in SPLITS},
             "split_summary": json.loads((params.stage_dir("split") / "summary.json").read_text()),
@@ -136,8 +139,9 @@ def test_ray_clean_and_split_match_local(ingested, ray_cluster, tmp_path: Path, 
         assert summary["by_reason"]["near_duplicate"] == 3
     else:
         assert "near_duplicate" not in summary["by_reason"] and summary["near_duplicate_clusters"] == 3
-    assert ray["clean"] == local["clean"]  # quarantine.jsonl and the dataset's files byte for byte, summary.json
-    assert ray["dataset"].equals(local["dataset"])  # same columns, rows, order and values
+    assert ray["clean"] == local["clean"]  # quarantine.jsonl byte for byte, summary.json
+    assert ray["dataset"].equals(local["dataset"])  # same columns, rows, order and values, over the shards in order
+    assert ray["shards"] > 1 and local["shards"] == 1
     assert ray["split_summary"] == local["split_summary"]
     for name in SPLITS:
         assert ray["split"][name].equals(local["split"][name]), name
@@ -224,12 +228,11 @@ def test_the_tokenizer_sample_is_seeded_and_does_not_depend_on_row_order():
 @pytest.mark.slow
 def test_a_killed_task_is_retried_and_nothing_is_lost_or_doubled(ingested, ray_cluster, tmp_path: Path):
     """The worker process of one scoring task dies mid-task, as on a lost node: Ray runs the task again,
-    and the clean stream (every document once, in corpus order, with its decision) is the one of a run
-    where nothing died."""
+    and the shards and quarantine the tasks write are the ones of a run where nothing died."""
     import os
     from dataclasses import asdict
 
-    from lmforge.clean import _score_batch, _scored_features
+    from lmforge.clean import _score_batch, _scored_features, features, route
     from lmforge.cluster import connected
     from lmforge.params import ClusterParams, DedupParams
 
@@ -242,17 +245,20 @@ def test_a_killed_task_is_retried_and_nothing_is_lost_or_doubled(ingested, ray_c
             return _score_batch(batch, **kwargs)
         os._exit(1)
 
-    def stream(score) -> list:
+    def clean(score, name: str) -> tuple:
         params = load_params(write_params(tmp_path / "params", ingested["local"]["raw"]))
-        rows = clean_stream(ingested["local"]["dir"] / "dataset", score, {"params_blob": asdict(params.clean)},
-                            _scored_features().arrow_schema, DedupParams(near="remove"))
-        return [(row["id"], status, first, jaccard) for row, status, first, jaccard in rows]
+        out = tmp_path / name
+        out.mkdir()
+        clean_shards(ingested["local"]["dir"] / "dataset", score, {"params_blob": asdict(params.clean)}, _scored_features().arrow_schema,
+                     DedupParams(near="remove"), route, features(), out / "dataset", out / "quarantine.jsonl")
+        return datasets.load_from_disk(str(out / "dataset")).data.table, (out / "quarantine.jsonl").read_bytes()
 
     with connected(ClusterParams(data_engine="ray", address=ray_cluster)):
-        survived = stream(dies_once)
+        survived, quarantine = clean(dies_once, "survived")
         assert os.path.exists(marker)  # a worker did die
-        assert survived == stream(_score_batch)
-    assert len(survived) == ingested["local"]["summary"]["documents"] and len({r[0] for r in survived}) == len(survived)
+        assert (survived, quarantine) == clean(_score_batch, "undisturbed")
+    assert survived.num_rows + quarantine.count(b"\n") == ingested["local"]["summary"]["documents"]
+    assert len(set(survived["id"].to_pylist())) == survived.num_rows
 
 
 def test_shuffled_band_collisions_give_the_local_clusters():
