@@ -238,28 +238,6 @@ def save_generated(
     return load_dataset_dir(out_dir, out_dir.parent.name)
 
 
-_ITERABLES: dict[str, Iterator[dict]] = {}
-
-
-def _drain(token: str) -> Iterator[dict]:
-    yield from _ITERABLES.pop(token)
-
-
-def save_iterable(rows: Iterator[dict], features, out_dir: Path) -> Any:
-    """``save_generated`` for rows that an iterator in this process produces (the Ray engine streams
-    its ordered output through the driver this way).
-
-    ``datasets`` hashes a generator's arguments and pickles them for worker processes; an iterator
-    over a Ray dataset is neither hashable nor picklable, so the generator gets a token for it instead.
-    """
-    token = f"{os.getpid()}-{id(rows)}"
-    _ITERABLES[token] = rows
-    try:
-        return save_generated(_drain, {"token": token}, features, out_dir)
-    finally:
-        _ITERABLES.pop(token, None)
-
-
 def save_dataset(ds, out_dir: Path) -> None:
     """``save_to_disk`` with a content-derived fingerprint in ``state.json``.
 

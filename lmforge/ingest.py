@@ -31,8 +31,8 @@ from lmforge.artifacts import (
     count_reasons,
     env_num_proc,
     fresh_dir,
+    load_dataset_dir,
     save_generated,
-    save_iterable,
     shards,
     value_counts,
     write_params,
@@ -308,31 +308,20 @@ def _item_outputs(item: Item, params: Params):
         }, None
 
 
-def _ray_schema():
-    """One Arrow row per output of ``_item_outputs`` on the Ray engine: a document, or a rejection
-    (``reason`` set; ``source``, ``path``, ``record``, ``detail``, ``text`` as in the quarantine)."""
-    import pyarrow as pa
-
-    schema = features().arrow_schema
-    return schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
-
-
 def _ray_item_outputs(items: list[Item], params_blob: dict):
-    """A Ray task's share of the items → (index of the item, flat row for ``_ray_schema``), on the cluster."""
+    """A Ray task's share of the items → ``(document row, None)`` or ``(None, rejection)``, in order."""
     params: Params = build(Params, params_blob, "")
-    for k, item in enumerate(items):
-        for row, rejection in _item_outputs(item, params):
-            yield k, row if rejection is None else rejection
+    for item in items:
+        yield from _item_outputs(item, params)
 
 
-def _ray_route(rows, quarantine_path: Path):
-    """On the driver, in corpus order: documents to the dataset, rejections to the quarantine."""
-    with QuarantineWriter(quarantine_path) as quarantine:
-        for row in rows:
-            if row["reason"] is not None:
-                quarantine.write(**{key: row[key] for key in ("source", "path", "record", "reason", "detail", "text")})
-            else:
-                yield {key: row[key] for key in COLUMNS}
+def _ray_route(output: tuple[dict | None, dict | None], quarantine: QuarantineWriter) -> dict | None:
+    """In a Ray task, in corpus order: a document's dataset row, or ``None`` once a rejection is in the
+    quarantine (as the local engine's workers do)."""
+    row, rejection = output
+    if rejection is not None:
+        quarantine.write(**rejection)
+    return row
 
 
 def _field(params: Params, item: Item) -> str:
@@ -352,8 +341,9 @@ def run_ingest(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
         from lmforge import ray_data
 
         with connected(params.cluster, ctx.log):
-            rows = ray_data.ordered_flat_map(items, _ray_item_outputs, {"params_blob": asdict(params)}, _ray_schema(), "ingest", ctx.log)
-            ds = save_iterable(_ray_route(rows, out / QUARANTINE), features(), dataset_dir)
+            ray_data.flat_map_shards(items, _ray_item_outputs, {"params_blob": asdict(params)}, _ray_route, features(),
+                                     dataset_dir, out / QUARANTINE, "ingest", ctx.log)
+        ds = load_dataset_dir(dataset_dir, "ingest")
     else:
         parts = shards(items, env_num_proc(params.ingest.num_proc)) or [[]]
         ds = save_generated(

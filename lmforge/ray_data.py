@@ -15,12 +15,12 @@ Why it is built this way:
   partition number taken from the hash (one group per CPU), with Ray Data's sort-based shuffle:
   plain tasks on the workers already running, so a stage pays Ray's start-up once, not per shuffle.  No process holds an
   array over the whole corpus; the driver holds the colliding pairs and the cluster members.
-- **Clean's output written by the tasks.**  Once the decisions are known (one per duplicate, small),
-  each block of scored documents goes through the stage's own ``route`` in a task, which writes the
-  block's shard of the dataset and its part of the quarantine; the driver checks that the blocks
-  cover every document once and writes only the manifest.  The rows and records are the local
-  engine's, in corpus order.  Ingest's rows still stream through the driver, in corpus order, into
-  the local engine's writers (``save_generated``, ``QuarantineWriter``): the same bytes.
+- **Output written by the tasks.**  Each task routes its block (ingest: a block of files; clean: a
+  block of scored documents, once the decisions, one per duplicate, are known) through the stage's
+  own ``route`` and writes the block's shard of the dataset and its part of the quarantine, named by
+  the block's first position.  The driver checks that the blocks cover every position once, writes
+  only the dataset's manifest and joins the quarantine parts: no document passes through it.  The
+  rows and records are the local engine's, in corpus order, over several shards.
 - **Token parts written by the tasks.**  Packing has no decision to wait for: each task tokenizes a
   row range of a split and writes its own part of the token file; the driver joins the parts in
   corpus order, a copy at disk speed, into the local engine's bytes.  The tokenizer's training sample
@@ -57,9 +57,8 @@ from lmforge.dedup import (
 )
 from lmforge.params import DedupParams, LmforgeError
 
-# Rows a task hands on at a time: bounds a worker's memory on a huge file, keeps Ray's blocks of a
-# useful size.
-BATCH_ROWS = 1024
+# The folder beside a stage's output where its tasks write their shards and quarantine parts.
+SCRATCH = ".ray-parts"
 # Documents scored per call of the stage's batch function (the local engine uses 64).
 SCORE_ROWS = 64
 # Documents tokenized per call of the tokenizer (the local engine uses 256).
@@ -116,63 +115,98 @@ def _say(report: Callable[[str], None] | None, message: str, ds=None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _flat_map_block(batch, fn: Callable, fn_kwargs: dict, schema) -> Iterator[Any]:
-    """A Ray task: the work items of one block → ``fn``'s rows, as Arrow tables of ``schema`` plus
-    ``item``, the position in the whole work list of the item each row came from."""
-    import pyarrow as pa
-
+def _write_items(batch, fn: Callable, fn_kwargs: dict, route: Callable, features, scratch: str) -> Iterator[Any]:
+    """A Ray task: the work items of one block → ``fn``'s rows, in the items' order, through the stage's
+    own ``route`` into the block's shard of the dataset and its part of the quarantine, named by the
+    position of its first item in the whole work list."""
     positions = batch.column("item").to_pylist()
+    if not positions:
+        return
     work = [pickle.loads(blob) for blob in batch.column("work").to_pylist()]
-    rows: list[dict] = []
-    items: list[int] = []
 
-    def table():
-        return pa.Table.from_pylist(rows, schema=schema).append_column("item", pa.array(items, pa.int64()))
+    def routed(quarantine):
+        for output in fn(work, **fn_kwargs):
+            yield route(output, quarantine)
 
-    for k, row in fn(work, **fn_kwargs):
-        rows.append(row)
-        items.append(positions[k])
-        if len(rows) == BATCH_ROWS:
-            yield table()
-            rows, items = [], []
-    if rows:
-        yield table()
+    yield _write_part(positions[0], positions[-1], routed, features, scratch)
 
 
-def ordered_flat_map(
-    work: list, fn: Callable[..., Iterator[tuple[int, dict]]], fn_kwargs: dict, schema, stage: str, report=None
-) -> Iterator[dict]:
-    """Rows of ``fn(items, **fn_kwargs)`` over contiguous blocks of ``work``, in Ray tasks across the
-    cluster; ``fn`` yields ``(index of the item in its block, row)``.  Yields the rows on the driver in
-    the order of ``work`` (within an item, in ``fn``'s order), which it checks.
+def flat_map_shards(
+    work: list, fn: Callable[..., Iterator[Any]], fn_kwargs: dict, route: Callable, features,
+    dataset_out: Path, quarantine_out: Path, stage: str, report=None,
+) -> None:
+    """The outputs of ``fn(items, **fn_kwargs)`` over contiguous blocks of ``work``, in Ray tasks across
+    the cluster, each routed by ``route(output, quarantine)`` (a dataset row, or ``None`` once
+    quarantined).
+    Each task writes its block's shard of the dataset at ``dataset_out`` and its part of the quarantine
+    at ``quarantine_out``; their concatenation in the order of ``work`` is what one process would write.
 
     Items travel pickled (an ingest item holds its source's settings); blocks of several items let a
     task set up once, and four blocks per CPU keep the cluster busy when files differ in size.
     """
     import ray
 
-    if not work:
-        return
+    scratch = _scratch(dataset_out)
     with _data_context():
         blocks = min(len(work), 4 * _cpus())
         items = ray.data.from_items(
-            [{"item": i, "work": pickle.dumps(w)} for i, w in enumerate(work)], override_num_blocks=blocks
+            [{"item": i, "work": pickle.dumps(w)} for i, w in enumerate(work)], override_num_blocks=max(1, blocks)
         )
-        rows = items.map_batches(
-            _flat_map_block,
+        written = items.map_batches(
+            _write_items,
             batch_size=None,  # a whole block: its items, in order
             batch_format="pyarrow",
-            fn_kwargs={"fn": fn, "fn_kwargs": fn_kwargs, "schema": schema},
-        )
-        last = 0
-        for table in rows.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in table.to_pylist():
-                item = row.pop("item")
-                if item < last:
-                    raise LmforgeError(f"{stage} (ray): rows of item {item} arrived after rows of item {last}")
-                last = item
-                yield row
-        _say(report, f"ray: {stage} read {len(work)} items", rows)
+            fn_kwargs={"fn": fn, "fn_kwargs": fn_kwargs, "route": route, "features": features, "scratch": str(scratch)},
+        ).materialize()
+        _say(report, f"ray: {stage} read {len(work)} items", written)
+    _save_parts(written, len(work), f"{stage} (ray): the written blocks of items", features, dataset_out, quarantine_out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output written by the tasks: one shard and one quarantine part per block, then a manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def _scratch(dataset_out: Path) -> Path:
+    """Where the tasks write their parts: beside the output, on the filesystem every node sees."""
+    scratch = dataset_out.parent / SCRATCH
+    scratch.mkdir()
+    return scratch
+
+
+def _write_part(first: int, last: int, routed: Callable, features, scratch: str):
+    """One block's shard of the dataset and part of the quarantine, named by its first position
+    (``routed(quarantine)`` yields each output row, or ``None`` for a quarantined one); returns what
+    the driver needs to assemble them.  A retried task writes both again from the start, so nothing is
+    doubled."""
+    import pyarrow as pa
+
+    from lmforge.artifacts import QuarantineWriter, write_shard
+
+    shard, part = Path(scratch) / f"shard-{first:012d}.arrow", Path(scratch) / f"quarantine-{first:012d}.jsonl"
+    with QuarantineWriter(part) as quarantine:
+        written = write_shard((row for row in routed(quarantine) if row is not None), features, shard)
+    return pa.table({"first": [first], "last": [last], "shard": [str(shard)], "quarantine": [str(part)],
+                     "rows": [written["rows"]], "bytes": [written["bytes"]], "sha256": [written["sha256"]]})
+
+
+def _save_parts(written, total: int, what: str, features, dataset_out: Path, quarantine_out: Path) -> None:
+    """On the driver: check that the blocks cover positions ``0 .. total-1`` once each, then write the
+    dataset's manifest over the shards and join the quarantine parts, in order."""
+    import pyarrow as pa
+
+    from lmforge.artifacts import concat_files, save_shards
+
+    tables = list(written.iter_batches(batch_format="pyarrow", batch_size=None))
+    blocks = pa.concat_tables(tables).sort_by("first") if tables else None
+    firsts = blocks["first"].to_numpy() if blocks is not None else np.array([], np.int64)
+    lasts = blocks["last"].to_numpy() if blocks is not None else np.array([], np.int64)
+    if total and (not len(firsts) or firsts[0] != 0 or lasts[-1] != total - 1 or not np.array_equal(firsts[1:], lasts[:-1] + 1)):
+        raise LmforgeError(f"{what} do not cover the {total} positions once each")
+    parts = blocks.to_pylist() if blocks is not None else []
+    save_shards([(Path(b["shard"]), b) for b in parts], features, dataset_out)
+    concat_files([Path(b["quarantine"]) for b in parts], quarantine_out)
+    shutil.rmtree(dataset_out.parent / SCRATCH)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,13 +481,8 @@ def _with_decisions(rows: list[dict], first: int, decisions: Iterator[tuple]) ->
 
 def _write_block(block, decisions, route: Callable, features, scratch: str) -> Iterator[Any]:
     """A Ray task: one block of scored documents (a row range, in corpus order) and the decisions of
-    that range → the range's shard of the output dataset and its part of the quarantine, named by its
-    first row, through the clean stage's own ``route``.  A retried task writes both again from the
-    start, so nothing is doubled."""
-    import pyarrow as pa
-
-    from lmforge.artifacts import QuarantineWriter, write_shard
-
+    that range → the range's shard of the output dataset and its part of the quarantine, through the
+    clean stage's own ``route``."""
     if not block.num_rows:
         return
     rows = block["row"].to_numpy()
@@ -461,12 +490,12 @@ def _write_block(block, decisions, route: Callable, features, scratch: str) -> I
     lo, hi = np.searchsorted(decisions["row"].to_numpy(), [first, last + 1])
     mine = decisions.slice(lo, hi - lo)
     mine_rows = zip(*(mine[c].to_pylist() for c in ("row", "status", "first_id", "jaccard")))
-    shard, part = Path(scratch) / f"shard-{first:012d}.arrow", Path(scratch) / f"quarantine-{first:012d}.jsonl"
-    with QuarantineWriter(part) as quarantine:
-        routed = (route(*decided, quarantine) for decided in _with_decisions(block.drop_columns(["signature"]).to_pylist(), first, mine_rows))
-        written = write_shard((kept for kept in routed if kept is not None), features, shard)
-    yield pa.table({"first": [first], "last": [last], "shard": [str(shard)], "quarantine": [str(part)],
-                    "rows": [written["rows"]], "bytes": [written["bytes"]], "sha256": [written["sha256"]]})
+
+    def routed(quarantine):
+        for decided in _with_decisions(block.drop_columns(["signature"]).to_pylist(), first, mine_rows):
+            yield route(*decided, quarantine)
+
+    yield _write_part(first, last, routed, features, scratch)
 
 
 def clean_shards(
@@ -484,10 +513,7 @@ def clean_shards(
     import pyarrow as pa
     import ray
 
-    from lmforge.artifacts import concat_files, save_shards
-
-    scratch = dataset_out.parent / ".ray-shards"
-    scratch.mkdir()
+    scratch = _scratch(dataset_out)
     with _data_context():
         cpus = _cpus()
         chunks = _chunks(dataset_dir, cpus)
@@ -511,14 +537,8 @@ def clean_shards(
             _write_block, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"decisions": decisions, "route": route, "features": features, "scratch": str(scratch)},
         ).materialize()
-        blocks = pa.concat_tables(list(written.iter_batches(batch_format="pyarrow", batch_size=None))).sort_by("first")
-        _say(report, f"ray: clean wrote {blocks.num_rows} shards from the tasks", written)
-    firsts, lasts = blocks["first"].to_numpy(), blocks["last"].to_numpy()
-    if not len(firsts) or firsts[0] != 0 or lasts[-1] != total - 1 or not np.array_equal(firsts[1:], lasts[:-1] + 1):
-        raise LmforgeError(f"clean (ray): the written blocks do not cover the {total} documents once each")
-    save_shards([(Path(b["shard"]), b) for b in blocks.to_pylist()], features, dataset_out)
-    concat_files([Path(q) for q in blocks["quarantine"].to_pylist()], quarantine_out)
-    shutil.rmtree(scratch)
+        _say(report, f"ray: clean wrote {written.count()} shards from the tasks", written)
+    _save_parts(written, total, "clean (ray): the written blocks of documents", features, dataset_out, quarantine_out)
 
 
 # --------------------------------------------------------------------------------------------------
