@@ -263,15 +263,13 @@ def write_shard(rows: Iterator[dict], features, path: Path) -> dict[str, Any]:
     shard's rows, bytes and content hash, which ``save_shards`` needs."""
     from datasets.arrow_writer import ArrowWriter
 
+    from lmforge.sources import sha256_file
+
     with ArrowWriter(features=features, path=str(path)) as writer:
         for row in rows:
             writer.write(row)
         num_rows, num_bytes = writer.finalize()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"rows": num_rows, "bytes": num_bytes, "sha256": digest.hexdigest()}
+    return {"rows": num_rows, "bytes": num_bytes, "sha256": sha256_file(path)}
 
 
 def save_shards(shards: list[tuple[Path, dict[str, Any]]], features, out_dir: Path) -> None:

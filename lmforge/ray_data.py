@@ -193,17 +193,17 @@ def _write_part(first: int, last: int, routed: Callable, features, scratch: str)
 def _save_parts(written, total: int, what: str, features, dataset_out: Path, quarantine_out: Path) -> None:
     """On the driver: check that the blocks cover positions ``0 .. total-1`` once each, then write the
     dataset's manifest over the shards and join the quarantine parts, in order."""
-    import pyarrow as pa
-
     from lmforge.artifacts import concat_files, save_shards
 
-    tables = list(written.iter_batches(batch_format="pyarrow", batch_size=None))
-    blocks = pa.concat_tables(tables).sort_by("first") if tables else None
-    firsts = blocks["first"].to_numpy() if blocks is not None else np.array([], np.int64)
-    lasts = blocks["last"].to_numpy() if blocks is not None else np.array([], np.int64)
-    if total and (not len(firsts) or firsts[0] != 0 or lasts[-1] != total - 1 or not np.array_equal(firsts[1:], lasts[:-1] + 1)):
-        raise LmforgeError(f"{what} do not cover the {total} positions once each")
-    parts = blocks.to_pylist() if blocks is not None else []
+    parts = sorted((b for t in written.iter_batches(batch_format="pyarrow", batch_size=None) for b in t.to_pylist()),
+                   key=lambda b: b["first"])
+    expected = 0
+    for b in parts:
+        if b["first"] != expected:
+            raise LmforgeError(f"{what} do not cover the {total} positions once each (at position {expected})")
+        expected = b["last"] + 1
+    if expected != total:
+        raise LmforgeError(f"{what} do not cover the {total} positions once each (they end at {expected})")
     save_shards([(Path(b["shard"]), b) for b in parts], features, dataset_out)
     concat_files([Path(b["quarantine"]) for b in parts], quarantine_out)
     shutil.rmtree(dataset_out.parent / SCRATCH)
