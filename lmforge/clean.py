@@ -61,6 +61,7 @@ CLEAN = Stage(
     params=("paths.artifacts", "clean"),
     reads=("ingest/dataset",),
     outs=("dataset", "quarantine.jsonl", Out("params.json", cache=False)),
+    engines=("local", "ray"),
     note="artifacts/clean/data_docs is a report rendered at each run (it holds timestamps), not an output",
 )
 
@@ -204,7 +205,7 @@ def run_clean(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     if not len(source):
         raise LmforgeError("clean: the ingest dataset has no documents: materialize 'ingest' over a corpus first")
     out = fresh_dir(params.stage_dir("clean"))
-    if params.cluster.data_engine == "ray":
+    if CLEAN.engine(params.cluster.data_engine) == "ray":
         from lmforge import ray_data
 
         with connected(params.cluster, ctx.log):

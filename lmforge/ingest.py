@@ -50,6 +50,7 @@ INGEST = Stage(
     params=("paths", "ingest"),
     files=("data/raw",),
     outs=("dataset", "quarantine.jsonl", Out("params.json", cache=False)),
+    engines=("local", "ray"),
 )
 
 
@@ -337,7 +338,7 @@ def run_ingest(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     items, filtered = list_items(params)
     out = fresh_dir(params.stage_dir("ingest"))
     dataset_dir = out / "dataset"
-    if params.cluster.data_engine == "ray":
+    if INGEST.engine(params.cluster.data_engine) == "ray":
         from lmforge import ray_data
 
         with connected(params.cluster, ctx.log):

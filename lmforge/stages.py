@@ -51,6 +51,7 @@ class Stage:
     files: tuple[str, ...] = ()  # repository files or folders it reads: "data/raw", "prompts/rag.txt"
     outs: tuple[Out | str, ...] = ()  # what it writes, besides summary.json (a string: an output DVC caches)
     per_candidate: bool = False  # one run per pretrain candidate (a Dagster partition, a DVC foreach stage)
+    engines: tuple[str, ...] = ("local",)  # where its work can run: ("local", "ray") for a stage with a Ray Data path
     in_dvc: bool = True  # False: off the DVC pipeline (the note says why)
     note: str = ""  # why it is as it is: a comment above the stage in dvc.yaml
 
@@ -62,6 +63,11 @@ class Stage:
     @property
     def outputs(self) -> tuple[Out, ...]:
         return tuple(o if isinstance(o, Out) else Out(o) for o in self.outs)
+
+    def engine(self, data_engine: str) -> str:
+        """Where this stage's work runs when the cluster section asks for ``data_engine``
+        (``cluster.data_engine``): there if the stage can run there, else in this process."""
+        return data_engine if data_engine in self.engines else "local"
 
     def dir(self) -> str:
         """Its directory as dvc.yaml names it."""

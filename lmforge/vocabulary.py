@@ -27,12 +27,14 @@ TOKENIZER = Stage(
             "tokenizer.extra_ids", "tokenizer.max_unk_rate", "tokenizer.block_size", "pretrain.candidates"),
     reads=("split/train", "split/val"),
     outs=("hf", Out("params.json", cache=False)),
+    engines=("local", "ray"),  # the sample of tokenizer.sample_documents is drawn on the cluster
 )
 PACKED = Stage(
     "packed", group="tokenizer",
     params=("paths.artifacts", "tokenizer", "pretrain.candidates"),
     reads=("split/train", "split/val", "split/test", "tokenizer/hf", "base_models"),
     outs=("",),
+    engines=("local", "ray"),
     note="packed/<tokenizer>/{train,val,test}.bin and meta.json, one folder per tokenizer (summary.json,\n"
          "inside it, is listed under metrics at the top)",
 )
@@ -59,7 +61,7 @@ def training_texts(params: Params, train, ctx: RunContext) -> tuple[Iterator[str
     p = params.tokenizer
     if not p.sample_documents or p.sample_documents >= len(train):
         return (t for batch in text_batches(train) for t in batch), len(train)
-    if params.cluster.data_engine == "ray":
+    if TOKENIZER.engine(params.cluster.data_engine) == "ray":
         from lmforge import ray_data
 
         with connected(params.cluster, ctx.log):
@@ -128,8 +130,9 @@ def run_pack(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     On the Ray engine (``cluster.data_engine: ray``) the tokenizing runs in Ray tasks, which write
     parts of each token file that are joined here into the same bytes."""
     out = fresh_dir(params.stage_dir("packed"))
-    with connected(params.cluster, ctx.log) if params.cluster.data_engine == "ray" else contextlib.nullcontext():
-        per_tokenizer = _pack_all(params, ctx)
+    on_ray = PACKED.engine(params.cluster.data_engine) == "ray"
+    with connected(params.cluster, ctx.log) if on_ray else contextlib.nullcontext():
+        per_tokenizer = _pack_all(params, ctx, on_ray)
     first = next(iter(per_tokenizer.values()))
     summary = {"block_size": params.tokenizer.block_size, "tokenizers": list(per_tokenizer), **first, "by_tokenizer": per_tokenizer}
     write_params(out, params.tokenizer)
@@ -138,8 +141,8 @@ def run_pack(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     return summary
 
 
-def _pack_all(params: Params, ctx: RunContext) -> dict[str, dict[str, Any]]:
-    """Every split packed with every tokenizer in use: ``{tokenizer: counts}``."""
+def _pack_all(params: Params, ctx: RunContext, on_ray: bool) -> dict[str, dict[str, Any]]:
+    """Every split packed with every tokenizer in use: ``{tokenizer: counts}``; by Ray tasks ``on_ray``."""
     from transformers import AutoTokenizer
 
     from models.data import join_parts, pack_split, token_dtype, write_meta
@@ -165,7 +168,7 @@ def _pack_all(params: Params, ctx: RunContext) -> dict[str, dict[str, Any]]:
             split_dir = params.stage_dir("split") / split
             ds = load_dataset_dir(split_dir, "split")
             bin_file = target / f"{split}.bin"
-            if params.cluster.data_engine == "ray":
+            if on_ray:
                 from lmforge import ray_data
 
                 parts_dir = target / f".{split}-parts"

@@ -4,9 +4,10 @@ Kept deliberately thin so that the training step costs what a plain PyTorch loop
 of the Hugging Face model, its own loss, one backward.  Everything here runs unchanged on a laptop
 CPU and on GPUs; the strategy (DDP, FSDP) is the Trainer's business (``models.training``).
 
-Exact resumption: the order of training blocks is a pure function of (seed, position in the
-stream), and the data module saves how many samples were consumed in every checkpoint, so a run
-restored from step N sees exactly the batches an uninterrupted run would have seen after step N.
+Exact resumption: each rank reads its own contiguous share of the blocks, in an order that is a pure
+function of (seed, rank, position in its stream), and the data module saves how many samples were
+consumed in every checkpoint, so a run restored from step N sees exactly the batches an uninterrupted
+run would have seen after step N.
 """
 
 from __future__ import annotations
@@ -28,22 +29,42 @@ from models.loading import load_model
 from models.train_config import TrainConfig
 
 
+def rank_share(n: int, rank: int, world: int) -> range:
+    """The training blocks rank ``rank`` of ``world`` owns: a contiguous ``1/world`` of the packed file.
+
+    Contiguous so that a node reads one slice of the file's pages (not a scattered ``1/world`` of every
+    page), which is what lets a worker stream its share from shared storage, or hold a copy of only
+    its slice, however large the corpus."""
+    share = range(rank * n // world, (rank + 1) * n // world)
+    if not share:
+        raise ValueError(f"the train split has {n} blocks, too few to give each of {world} workers one: "
+                         "train on fewer workers or on more data")
+    return share
+
+
 class StreamSampler(Sampler[int]):
-    """Endless, resumable block order: epoch e is a permutation seeded by (seed, e); the stream is
-    split across ranks by position; ``start`` skips samples already consumed (all ranks counted)."""
+    """Endless, resumable block order in which each rank reads only its own share (``rank_share``).
+
+    A rank draws its share in a fresh permutation every epoch, seeded by (seed, epoch, rank), so the
+    order is a pure function of the position in the rank's stream.  ``start`` counts the samples
+    consumed over all ranks (what checkpoints record); every rank consumes the same number per step,
+    so rank r goes on from ``start // world`` of its own stream: exactly where it stopped when the run
+    resumes on the same number of ranks.  On another number, each rank takes its new share from the
+    same point of its epochs (the same share of the epoch done), so the run keeps its epoch count, but
+    the epoch in progress draws its blocks afresh: some of them may come twice and some not at all
+    until it ends.  One rank (a laptop) draws the whole split in a fresh permutation every epoch."""
 
     def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+        self.share, self.seed, self.rank = rank_share(n, rank, world), seed, rank
+        self.position = start // world  # samples this rank consumed before
 
     def __iter__(self):
-        position = self.start
+        epoch, offset = divmod(self.position, len(self.share))
         while True:
-            epoch, offset = divmod(position, self.n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            for p in range(offset, self.n):
-                if (position + p - offset) % self.world == self.rank:
-                    yield int(order[p])
-            position = (epoch + 1) * self.n
+            order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(self.share))
+            for i in order[offset:]:
+                yield self.share.start + int(i)
+            epoch, offset = epoch + 1, 0
 
 
 class PackedDataModule(pl.LightningDataModule):

@@ -40,18 +40,23 @@ class RaySettings:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: ``pretrain()`` on its shard of the stream; rank 0 writes ``result.json``.
-    Each worker first says where it runs (the run log shows the placement, and any restart)."""
+    """One Ray Train worker: ``pretrain()`` on its share of the train blocks; rank 0 writes ``result.json``.
+    Each worker first says where it runs and which blocks it reads (the run log shows the placement,
+    and any restart)."""
     import ray
     import ray.train
 
+    from models.data import PackedBlocks
+    from models.lightning_module import rank_share
     from models.training import pretrain
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     progress = config["progress"]
     node = ray.get_runtime_context().get_node_id()
-    progress.put(f"worker {rank}/{world}: node {node[:12]} ({ray.util.get_node_ip_address()}), pid {os.getpid()}")
+    share = rank_share(len(PackedBlocks(Path(config["packed"]), "train")), rank, world)
+    progress.put(f"worker {rank}/{world}: node {node[:12]} ({ray.util.get_node_ip_address()}), "
+                 f"train blocks {share.start}-{share.stop - 1}, pid {os.getpid()}")
     logger = None
     if config["mlflow_uri"] and config["mlflow_run_id"]:
         from pytorch_lightning.loggers import MLFlowLogger

@@ -160,6 +160,7 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
         if stale_only or dry_run:
             typer.echo(f"up to date: {len(keys) - len({k for k, _ in todo})} of {len(keys)} assets; to compute: "
                        + (", ".join(sorted({k.to_user_string() + (f"[{p}]" if p else "") for k, p in todo})) or "nothing"))
+            _say_where_data_runs({k.to_user_string() for k, _ in todo})
         if dry_run:
             return True
         plain = [k for k in plain if (k, None) in todo]
@@ -183,6 +184,16 @@ def _materialize(select: str, run_config: dict, verbose: bool, partitions: list[
     if record:
         _record_in_dvc(ran)
     return not failed
+
+
+def _say_where_data_runs(names: set[str]) -> None:
+    """Which of the stages to compute hand their work to Ray Data: those declared with a Ray path
+    (``Stage(engines=...)``), when ``cluster.data_engine`` asks for it."""
+    engine = load_params().cluster.data_engine
+    declared = declared_stages.stages()
+    elsewhere = sorted(n for n in names if n in declared and declared[n].engine(engine) != "local")
+    if elsewhere:
+        typer.echo(f"on Ray Data (cluster.data_engine: {engine}): {', '.join(elsewhere)}")
 
 
 def _record_in_dvc(ran: list[tuple[str, str | None]]) -> None:

@@ -702,7 +702,7 @@ class ClusterParams:
     """A Ray cluster that pretraining (``pretrain.scale.engine: ray``) and the data stages
     (``data_engine: ray``) hand their work to (docs/scaling-out.md)."""
 
-    data_engine: Literal["local", "ray"] = "local"  # ingest, clean and packed: a process pool here, or Ray Data
+    data_engine: Literal["local", "ray"] = "local"  # the stages declared with a Ray path (ingest, clean, tokenizer, packed): here, or Ray Data
     # "": a Ray instance on this machine, started for the stage and stopped after it; else a running
     # cluster: "auto" (the one `ray start` runs here), "HOST:6379" (its head), "ray://HOST:10001" (Ray Client).
     # $RAY_ADDRESS, when set, wins (as in every Ray program).

@@ -168,13 +168,20 @@ def test_nothing_changed_nothing_recomputed_and_a_change_recomputes_what_it_affe
         assert "up to date: 24 of 25 assets; to compute: distil\n" in tiny_project.lmforge("run", "--dry-run").stdout
     finally:
         params_file.write_text(original)
-    # a new raw document makes everything from ingest on out of date
+    # a new raw document makes everything from ingest on out of date; on the Ray engine, the stages
+    # declared with a Ray path (Stage(engines=...)) say they run there
     arrived = tiny_project.path / "data" / "raw" / "arrived.txt"
     arrived.write_text("A new document about models and packages arrives in the raw folder today.")
     try:
+        assert "on Ray Data" not in tiny_project.lmforge("run", "--dry-run").stdout
+        data = yaml.safe_load(original)
+        data.setdefault("cluster", {})["data_engine"] = "ray"
+        params_file.write_text(yaml.safe_dump(data))
         out = tiny_project.lmforge("run", "--dry-run").stdout
     finally:
         arrived.unlink()
+        params_file.write_text(original)
+    assert "on Ray Data (cluster.data_engine: ray): clean, ingest, packed, tokenizer\n" in out
     assert "up to date: 2 of 25 assets" in out and "pretrain[a]" in out and "register_quantized" in out
     assert "task_data" not in out and "base_models" not in out  # neither the task sets nor the base models come from the raw documents
 

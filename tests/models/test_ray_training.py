@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import REPO, cfg, copy_project, free_port, tiny_arch, wait_for
 
+from models.data import PackedBlocks
 from models.ray_training import RaySettings, launch_on_ray, short_of
 from models.train_config import Scale
 
@@ -44,11 +45,18 @@ def train(out: Path, corpus, workers: int = 2, lines: list | None = None, **over
 
 def placements(lines: list[str]) -> list[tuple[int, str, int]]:
     """(rank, node id, pid) of each worker start that the workers reported, in order."""
+    return [(rank, node, pid) for rank, node, _, pid in worker_starts(lines)]
+
+
+def worker_starts(lines: list[str]) -> list[tuple[int, str, range, int]]:
+    """(rank, node id, train blocks it reads, pid) of each worker start, from lines such as
+    ``worker 1/2: node 3f2a… (10.0.0.2), train blocks 50-99, pid 4242``."""
     found = []
     for line in lines:
         if line.startswith("worker "):
             rank = int(line.split()[1].split("/")[0])
-            found.append((rank, line.split("node ")[1].split()[0], int(line.rsplit("pid ", 1)[1])))
+            first, last = (int(b) for b in line.split("train blocks ")[1].split(",")[0].split("-"))
+            found.append((rank, line.split("node ")[1].split()[0], range(first, last + 1), int(line.rsplit("pid ", 1)[1])))
     return found
 
 
@@ -60,6 +68,9 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     workers = placements(lines)
     assert sorted(rank for rank, _, _ in workers) == [0, 1]
     assert len({node for _, node, _ in workers}) == 2, f"both workers on one Ray node: {lines}"  # really two nodes
+    # each node reads its own half of the train blocks, one contiguous slice of the packed file
+    shares = [share for _, _, share, _ in sorted(worker_starts(lines))]
+    assert shares[0].start == 0 and shares[0].stop == shares[1].start and shares[1].stop == len(PackedBlocks(corpus_dirs[0], "train"))
     assert any(line.startswith("step 120/240") for line in lines)  # rank 0's progress reached the driver
 
     lines = []

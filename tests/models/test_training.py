@@ -12,10 +12,41 @@ import pytest
 from conftest import REPO, cfg, tiny_arch
 
 from models.architectures import from_name
+from models.lightning_module import StreamSampler, rank_share
 from models.training import pretrain, weights_finite
 
 
 ARCH = tiny_arch()
+
+
+def take(sampler: StreamSampler, k: int) -> list[int]:
+    stream = iter(sampler)
+    return [next(stream) for _ in range(k)]
+
+
+def test_each_rank_streams_only_its_contiguous_share_once_per_epoch_and_resumes_exactly():
+    n, world = 103, 4
+    shares = [rank_share(n, rank, world) for rank in range(world)]
+    assert [b for share in shares for b in share] == list(range(n))  # a partition of the blocks, in file order
+    for rank, share in enumerate(shares):
+        stream = take(StreamSampler(n, seed=7, rank=rank, world=world), 3 * len(share))
+        assert set(stream) == set(share)  # nothing outside the rank's slice of the file
+        for epoch in range(3):  # each block of the share exactly once per epoch, in a new order
+            assert sorted(stream[epoch * len(share) : (epoch + 1) * len(share)]) == list(share)
+        assert stream[: len(share)] != stream[len(share) : 2 * len(share)]
+        # resumed after k samples per rank (k × world consumed over all ranks): the same stream from there
+        for k in (0, 5, len(share), len(share) + 9):
+            assert take(StreamSampler(n, seed=7, start=k * world, rank=rank, world=world), 20) == stream[k : k + 20]
+    assert take(StreamSampler(n, seed=8, rank=0, world=world), 10) != take(StreamSampler(n, seed=7, rank=0, world=world), 10)
+    # one rank: the whole split in a fresh permutation every epoch
+    alone = take(StreamSampler(n, seed=7), 2 * n)
+    assert sorted(alone[:n]) == sorted(alone[n:]) == list(range(n))
+    # another number of ranks goes on from the same share of the epoch: 2 ranks × 30 consumed of 103 blocks
+    two = [take(StreamSampler(n, seed=7, start=60, rank=rank, world=2), 1) for rank in range(2)]
+    assert [StreamSampler(n, seed=7, start=60, rank=rank, world=2).position for rank in range(2)] == [30, 30]
+    assert all(block in rank_share(n, rank, 2) for rank, [block] in enumerate(two))
+    with pytest.raises(ValueError, match="3 blocks, too few to give each of 4 workers one"):
+        StreamSampler(3, seed=0, rank=0, world=4)
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path, corpus_dirs):
