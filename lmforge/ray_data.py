@@ -371,9 +371,10 @@ def _clusters(pairs) -> tuple[np.ndarray, np.ndarray]:
     return clusters_from_pairs(np.concatenate(src), np.concatenate(dst))
 
 
-def _tag_clusters(batch, members: np.ndarray, leaders: np.ndarray):
-    """Keep the documents of a near-duplicate cluster, each tagged with its representative (a join on
-    the row position with the cluster table, which is small enough to travel with the task)."""
+def _tag_clusters(batch, members: np.ndarray, leaders: np.ndarray, parts: int):
+    """Keep the documents of a near-duplicate cluster, each tagged with its representative and the
+    shuffle partition of that representative (a join on the row position with the cluster table,
+    which is small enough to travel with the task)."""
     import pyarrow as pa
 
     rows = batch["row"].to_numpy()
@@ -382,32 +383,28 @@ def _tag_clusters(batch, members: np.ndarray, leaders: np.ndarray):
     heads = np.unique(leaders)
     is_head = heads[np.minimum(np.searchsorted(heads, rows), len(heads) - 1)] == rows
     keep = is_member | is_head
-    leader = np.where(is_member, leaders[at], rows)
-    return batch.filter(pa.array(keep)).append_column("leader", pa.array(leader[keep]))
+    leader = np.where(is_member, leaders[at], rows)[keep]
+    return (batch.select(["row", "id", "signature"]).filter(pa.array(keep))
+            .append_column("leader", pa.array(leader)).append_column("part", pa.array((leader % parts).astype(np.int32))))
 
 
-def _verify_cluster(group, p: DedupParams):
-    """One near-duplicate cluster (a pandas DataFrame: the representative and its members): the
-    estimated Jaccard of each member with the representative, and its fate.
+def _verify_clusters(block, p: DedupParams):
+    """One partition of the shuffle by representative: whole near-duplicate clusters.  Each member's
+    estimated Jaccard with its cluster's representative, and its fate; vectorised over the partition,
+    as the exact step is, rather than a Python call per cluster."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    pandas on purpose: the groups are few and small, and it keeps Ray Data's pandas path (pandas 3
-    here) exercised by the tests."""
-    import pandas as pd
-
-    rows = group["row"].to_numpy(dtype=np.int64)
-    leader = rows == int(group["leader"].iloc[0])
-    signatures = np.asarray(group["signature"].tolist(), dtype=np.uint32)
-    jaccard, duplicate = verify_near(signatures[~leader], signatures[leader][:1], p)
-    return pd.DataFrame({
-        "row": rows[~leader],
-        "status": np.where(duplicate, NEAR_DUPLICATE, KEEP).astype(np.int8),
-        "first_id": [group["id"][leader].iloc[0]] * int((~leader).sum()),
-        "jaccard": jaccard,
-    })
-
-
-def _as_decisions(batch):
-    return batch.select(["row", "status", "first_id", "jaccard"]).cast(_decision_schema())
+    rows, leader = block["row"].to_numpy(), block["leader"].to_numpy()
+    signatures = pc.list_flatten(block["signature"]).to_numpy().reshape(block.num_rows, p.num_perm)
+    heads = np.flatnonzero(rows == leader)
+    heads = heads[np.argsort(rows[heads])]
+    members = np.flatnonzero(rows != leader)
+    head = heads[np.searchsorted(rows[heads], leader[members])]  # each member's representative, by index
+    jaccard, duplicate = verify_near(signatures[members], signatures[head], p)
+    first_id = block["id"].take(pa.array(head))
+    status = np.where(duplicate, NEAR_DUPLICATE, KEEP).astype(np.int8)
+    return pa.table([pa.array(rows[members]), pa.array(status), first_id, pa.array(jaccard)], schema=_decision_schema())
 
 
 def _decisions(scored, p: DedupParams, cpus: int, report):
@@ -444,10 +441,10 @@ def _decisions(scored, p: DedupParams, cpus: int, report):
         _say(report, f"ray: clean: {len(members)} document(s) in near-duplicate clusters")
         if len(members):
             found.append(
-                eligible.map_batches(_tag_clusters, batch_format="pyarrow", fn_kwargs={"members": members, "leaders": leaders})
-                .groupby("leader")
-                .map_groups(_verify_cluster, batch_format="pandas", fn_kwargs={"p": p})
-                .map_batches(_as_decisions, batch_format="pyarrow")
+                eligible.map_batches(_tag_clusters, batch_format="pyarrow",
+                                     fn_kwargs={"members": members, "leaders": leaders, "parts": parts})
+                .groupby("part")
+                .map_groups(_verify_clusters, batch_format="pyarrow", fn_kwargs={"p": p})
             )
     if not found:
         return None
