@@ -6,8 +6,10 @@ have the resources, joins them in one torch process group (gloo on CPUs, NCCL on
 ``RayLightningEnvironment`` which rank it is.  When a worker or its node dies, Ray tears the group
 down and starts it again (``FailureConfig.max_failures`` times), and ``pretrain()`` resumes from the
 newest complete checkpoint in ``out_dir/checkpoints``, which therefore has to be on storage that
-every node reaches.  The number of workers may differ from one attempt or run to the next: the
-checkpoint holds the position in the data stream counted over all ranks, not per rank.
+every node reaches.  Each worker reads only its own contiguous share of the train blocks
+(``models.lightning_module.rank_share``), so a node streams one slice of the packed file.  The number
+of workers may differ from one attempt or run to the next: the checkpoint holds the position in the
+data stream counted over all ranks, not per rank.
 
 The calling process is the Ray driver.  Rank 0's progress lines (one per validation) travel back to
 it through a Ray queue and go to ``report`` (the Dagster run log); the metrics go to MLflow from rank 0
