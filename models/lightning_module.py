@@ -35,11 +35,10 @@ def rank_share(n: int, rank: int, world: int) -> range:
     Contiguous so that a node reads one slice of the file's pages (not a scattered ``1/world`` of every
     page), which is what lets a worker stream its share from shared storage, or hold a copy of only
     its slice, however large the corpus."""
-    share = range(rank * n // world, (rank + 1) * n // world)
-    if not share:
+    if n < world:
         raise ValueError(f"the train split has {n} blocks, too few to give each of {world} workers one: "
                          "train on fewer workers or on more data")
-    return share
+    return range(rank * n // world, (rank + 1) * n // world)
 
 
 class StreamSampler(Sampler[int]):

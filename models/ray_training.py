@@ -114,6 +114,10 @@ def launch_on_ray(
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
+    from models.data import PackedBlocks
+    from models.lightning_module import rank_share
+
+    rank_share(len(PackedBlocks(packed_dir, "train")), 0, settings.workers)  # too few blocks: one error here, not a retried one per worker
     progress = Queue(actor_options={"num_cpus": 0})  # rank 0 → this process; outlives worker restarts
     say = report or print
     config = {

@@ -103,6 +103,13 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     assert abs(alone["final_val_loss"] - whole["final_val_loss"]) < 0.05  # the same model, 20 smaller steps apart
 
 
+def test_more_workers_than_train_blocks_is_one_clear_error_before_any_worker_starts(tmp_path: Path, corpus_dirs):
+    packed, tok = corpus_dirs
+    blocks = len(PackedBlocks(packed, "train"))
+    with pytest.raises(ValueError, match=f"has {blocks} blocks, too few to give each of {blocks + 1} workers one"):
+        launch_on_ray(ARCH, cfg(**RUN), packed, tok, tmp_path, SCALE, RaySettings(workers=blocks + 1))
+
+
 def test_a_worker_group_the_cluster_cannot_hold_is_reported(driver):
     """Ray Train would wait for nodes without a word: the driver says what is missing first."""
     assert short_of(RaySettings(workers=2)) == ""  # two nodes of one CPU each
