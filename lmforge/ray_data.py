@@ -16,8 +16,9 @@ Why it is built this way:
   plain tasks on the workers already running, so a stage pays Ray's start-up once, not per shuffle.  No process holds an
   array over the whole corpus; the driver holds the colliding pairs and the cluster members.
 - **Output written by the tasks.**  Each task routes its block (ingest: a block of files; clean: a
-  block of scored documents, once the decisions, one per duplicate, are known) through the stage's
-  own ``route`` and writes the block's shard of the dataset and its part of the quarantine, named by
+  block of scored documents, once the decisions, one per duplicate, are known: tasks write them in
+  one file per chunk of the corpus, and each block's task reads its own) through the stage's own
+  ``route`` and writes the block's shard of the dataset and its part of the quarantine, named by
   the block's first position.  The driver checks that the blocks cover every position once, writes
   only the dataset's manifest and joins the quarantine parts: no document passes through it.  The
   rows and records are the local engine's, in corpus order, over several shards.
@@ -408,7 +409,7 @@ def _verify_clusters(block, p: DedupParams):
 
 
 def _decisions(scored, p: DedupParams, cpus: int, report):
-    """The duplicates, as a dataset of decisions sorted by row (``None`` when dedup is off).
+    """The duplicates, as a dataset of decisions in no order (``None`` when dedup is off).
 
     Exactly ``lmforge.clean.plan_dedup``: rejected documents take no part; exact duplicates (same
     128-bit text key, the first in corpus order wins) leave before near dedup; near duplicates are
@@ -448,8 +449,55 @@ def _decisions(scored, p: DedupParams, cpus: int, report):
             )
     if not found:
         return None
-    decisions = found[0].union(*found[1:]) if len(found) > 1 else found[0]
-    return decisions.sort("row")
+    return found[0].union(*found[1:]) if len(found) > 1 else found[0]
+
+
+def _decision_file(scratch: str, chunk: int) -> Path:
+    return Path(scratch) / f"decisions-{chunk:012d}.arrow"
+
+
+def _chunk_of(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The chunk (``_chunks``: a row range of the ingest dataset) each corpus position lies in."""
+    return np.searchsorted(starts, rows, side="right") - 1
+
+
+def _by_chunk(batch, starts: np.ndarray, parts: int):
+    """Each decision with its chunk and the shuffle partition of that chunk."""
+    import pyarrow as pa
+
+    chunk = _chunk_of(batch["row"].to_numpy(), starts)
+    return batch.append_column("chunk", pa.array(chunk)).append_column("part", pa.array((chunk % parts).astype(np.int32)))
+
+
+def _save_decisions(block, scratch: str):
+    """A Ray task: one partition of the decisions by chunk → one file of decisions per chunk, sorted
+    by row, beside the parts, where that chunk's write tasks read them: the decisions (one per
+    duplicate, a share of the corpus) never gather on the driver."""
+    import pyarrow as pa
+
+    table = block.sort_by("row")
+    chunks = table["chunk"].to_numpy()
+    edges = np.flatnonzero(np.diff(chunks)) + 1
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(chunks)]):
+        if hi > lo:
+            with pa.OSFile(str(_decision_file(scratch, int(chunks[lo]))), "wb") as sink, pa.ipc.new_file(sink, _decision_schema()) as out:
+                out.write_table(table.slice(lo, hi - lo).select(_decision_schema().names))
+    return pa.table({"decisions": [table.num_rows]})
+
+
+def _decisions_of(first: int, last: int, starts: np.ndarray, scratch: str):
+    """The decisions of positions ``first .. last``, sorted by row, from the files of their chunks."""
+    import pyarrow as pa
+
+    tables = [_decision_schema().empty_table()]
+    for chunk in range(int(_chunk_of(np.array([first]), starts)[0]), int(_chunk_of(np.array([last]), starts)[0]) + 1):
+        path = _decision_file(scratch, chunk)
+        if path.exists():
+            with pa.memory_map(str(path)) as source:
+                tables.append(pa.ipc.open_file(source).read_all())
+    decisions = pa.concat_tables(tables)
+    lo, hi = np.searchsorted(decisions["row"].to_numpy(), [first, last + 1])
+    return decisions.slice(lo, hi - lo)
 
 
 def _with_decisions(rows: list[dict], first: int, decisions: Iterator[tuple]) -> Iterator[tuple[dict, int, str, float | None]]:
@@ -476,16 +524,15 @@ def _with_decisions(rows: list[dict], first: int, decisions: Iterator[tuple]) ->
         raise LmforgeError(f"clean (ray): a decision for document {pending[0]}, which is not in its range")
 
 
-def _write_block(block, decisions, route: Callable, features, scratch: str) -> Iterator[Any]:
+def _write_block(block, starts: np.ndarray, route: Callable, features, scratch: str) -> Iterator[Any]:
     """A Ray task: one block of scored documents (a row range, in corpus order) and the decisions of
-    that range → the range's shard of the output dataset and its part of the quarantine, through the
-    clean stage's own ``route``."""
+    that range (read from its chunks' files) → the range's shard of the output dataset and its part
+    of the quarantine, through the clean stage's own ``route``."""
     if not block.num_rows:
         return
     rows = block["row"].to_numpy()
     first, last = int(rows[0]), int(rows[-1])
-    lo, hi = np.searchsorted(decisions["row"].to_numpy(), [first, last + 1])
-    mine = decisions.slice(lo, hi - lo)
+    mine = _decisions_of(first, last, starts, scratch)
     mine_rows = zip(*(mine[c].to_pylist() for c in ("row", "status", "first_id", "jaccard")))
 
     def routed(quarantine):
@@ -502,10 +549,11 @@ def clean_shards(
     """Clean on the cluster: the ingest dataset at ``dataset_dir`` → the dataset at ``dataset_out``
     and the quarantine at ``quarantine_out``, the local engine's rows and records in corpus order.
 
-    The scored documents stay in the cluster's object store (spilled to disk when it is full); once
-    the decisions are known, each block's task writes its own shard and quarantine part.  The driver
-    holds only the decisions (one per duplicate), checks that the blocks cover every position once,
-    writes the dataset's manifest and joins the quarantine parts (rejected documents only).
+    The scored documents stay in the cluster's object store (spilled to disk when it is full).  The
+    decisions (one per duplicate) are written by tasks too, one file per chunk of the corpus; then
+    each block's task reads its chunk's decisions and writes its own shard and quarantine part.  The
+    driver holds neither documents nor decisions: it checks that the blocks cover every position
+    once, writes the dataset's manifest and joins the quarantine parts (rejected documents only).
     """
     import pyarrow as pa
     import ray
@@ -528,11 +576,14 @@ def clean_shards(
         total = scored.count()
         _say(report, f"ray: clean scored {total} documents in {len(chunks)} tasks", scored)
         found = _decisions(scored, p, cpus, report)
-        batches = list(found.iter_batches(batch_format="pyarrow", batch_size=None)) if found is not None else []
-        decisions = pa.concat_tables(batches) if batches else _decision_schema().empty_table()
+        starts = np.array([chunk["row"] for chunk in chunks], dtype=np.int64)
+        if found is not None:
+            saved = (found.map_batches(_by_chunk, batch_format="pyarrow", fn_kwargs={"starts": starts, "parts": cpus})
+                     .groupby("part").map_groups(_save_decisions, batch_format="pyarrow", fn_kwargs={"scratch": str(scratch)}))
+            _say(report, f"ray: clean: {saved.sum('decisions') or 0} decision(s) written by chunk")
         written = scored.map_batches(
             _write_block, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"decisions": decisions, "route": route, "features": features, "scratch": str(scratch)},
+            fn_kwargs={"starts": starts, "route": route, "features": features, "scratch": str(scratch)},
         ).materialize()
         _say(report, f"ray: clean wrote {written.count()} shards from the tasks", written)
     _save_parts(written, total, "clean (ray): the written blocks of documents", features, dataset_out, quarantine_out)
