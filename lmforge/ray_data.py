@@ -23,8 +23,8 @@ Why it is built this way:
   only the dataset's manifest and joins the quarantine parts: no document passes through it.  The
   rows and records are the local engine's, in corpus order, over several shards.
 - **Token parts written by the tasks.**  Packing has no decision to wait for: each task tokenizes a
-  row range of a split and writes its own part of the token file; the driver joins the parts in
-  corpus order, a copy at disk speed, into the local engine's bytes.  The tokenizer's training sample
+  row range of a split and writes its own part of the token file; the driver sizes the file from
+  the parts' token counts, and tasks copy the parts in at their offsets: the local engine's bytes.  The tokenizer's training sample
   is drawn the same way: each task sends only its candidates for the sample to the driver.
 
 Files are read where the tasks run: every node must see the source directories and the artifacts
@@ -611,34 +611,61 @@ def _tokenize_chunks(batch, tokenizer_file: str, separator: int, dtype: str) -> 
         yield pa.table({"part": [chunk["part"]], "tokens": pa.array([tokens], pa.int64())})
 
 
-def tokenize_parts(dataset_dir: Path, tokenizer_file: Path, separator: int, dtype, parts_dir: Path, report=None) -> list[Path]:
-    """Token ids of every document of the split at ``dataset_dir`` (each followed by ``separator``),
-    written by Ray tasks as part files in ``parts_dir`` (a shared filesystem); returns the parts in
-    corpus order, whose concatenation is the local engine's token array."""
+def _place_parts(batch, out: str) -> Iterator[Any]:
+    """A Ray task: copy token parts into the split's token file, each at its offset.  The file has its
+    final length already and the parts' ranges are disjoint, so the tasks need no order and no lock,
+    and a retried task writes the same bytes again."""
+    import pyarrow as pa
+
+    with open(out, "r+b") as fh:
+        for row in batch.to_pylist():
+            fh.seek(row["offset"])
+            with open(row["part"], "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 24)
+    yield pa.table({"placed": [batch.num_rows]})
+
+
+def pack_split(dataset_dir: Path, tokenizer_file: Path, separator: int, pad: int, block_size: int, dtype, out: Path, report=None) -> dict:
+    """``models.data.pack_split`` on the cluster: the same token file ``out`` from the split at
+    ``dataset_dir``, and the same counts.  Tasks tokenize row ranges, each into a part file beside
+    ``out`` (a shared filesystem); the driver sizes ``out`` from the parts' token counts and pads it;
+    then tasks copy the parts in at their offsets.  No token passes through the driver."""
     import ray
 
+    from models.data import allocate_split
+
+    dtype = np.dtype(dtype)
+    parts_dir = out.parent / f".{out.stem}-parts"
+    parts_dir.mkdir()
     with _data_context():
         chunks = _chunks(dataset_dir, _cpus())
         for i, chunk in enumerate(chunks):
             chunk["part"] = str(parts_dir / f"{i:05d}.bin")
-        if not chunks:
-            return []
-        written = (
-            ray.data.from_items(chunks, override_num_blocks=len(chunks))
-            .map_batches(
-                _tokenize_chunks,
-                batch_size=None,
-                batch_format="pyarrow",
-                fn_kwargs={"tokenizer_file": str(tokenizer_file), "separator": separator, "dtype": np.dtype(dtype).name},
+        written = None
+        if chunks:
+            written = (
+                ray.data.from_items(chunks, override_num_blocks=len(chunks))
+                .map_batches(
+                    _tokenize_chunks,
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    fn_kwargs={"tokenizer_file": str(tokenizer_file), "separator": separator, "dtype": dtype.name},
+                )
+                .materialize()
             )
-            .materialize()
-        )
-        done = sorted(row["part"] for row in written.take_all())
+        tokens = {row["part"]: row["tokens"] for row in (written.take_all() if written is not None else [])}
         parts = [chunk["part"] for chunk in chunks]
-        if done != parts:
-            raise LmforgeError(f"packed (ray): {len(done)} parts written for {len(parts)} row ranges of {dataset_dir}")
-        _say(report, f"ray: packed {dataset_dir.name} tokenized in {len(chunks)} tasks", written)
-        return [Path(p) for p in parts]
+        if sorted(tokens) != parts:
+            raise LmforgeError(f"packed (ray): {len(tokens)} parts written for {len(parts)} row ranges of {dataset_dir}")
+        offsets = np.cumsum([0] + [tokens[part] for part in parts]) * dtype.itemsize
+        counts = allocate_split(out, int(sum(tokens.values())), sum(c["stop"] - c["start"] for c in chunks), pad, block_size, dtype)
+        if parts:
+            placed = [{"part": part, "offset": int(offset)} for part, offset in zip(parts, offsets)]
+            ray.data.from_items(placed, override_num_blocks=min(len(placed), 4 * _cpus())).map_batches(
+                _place_parts, batch_size=None, batch_format="pyarrow", fn_kwargs={"out": str(out)}).materialize()
+        _say(report, f"ray: packed {dataset_dir.name} tokenized in {len(chunks)} tasks, written in place by tasks", written)
+    shutil.rmtree(parts_dir)
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def run_pack(params: Params, ctx: RunContext = QUIET) -> dict[str, Any]:
     ``meta.json``; one ``summary.json`` (the first tokenizer's counts flat, every tokenizer's nested).
 
     On the Ray engine (``cluster.data_engine: ray``) the tokenizing runs in Ray tasks, which write
-    parts of each token file that are joined here into the same bytes."""
+    parts of each token file and then copy them into it at their offsets: the same bytes."""
     out = fresh_dir(params.stage_dir("packed"))
     on_ray = PACKED.engine(params.cluster.data_engine) == "ray"
     with connected(params.cluster, ctx.log) if on_ray else contextlib.nullcontext():
@@ -145,7 +145,7 @@ def _pack_all(params: Params, ctx: RunContext, on_ray: bool) -> dict[str, dict[s
     """Every split packed with every tokenizer in use: ``{tokenizer: counts}``; by Ray tasks ``on_ray``."""
     from transformers import AutoTokenizer
 
-    from models.data import join_parts, pack_split, token_dtype, write_meta
+    from models.data import pack_split, token_dtype, write_meta
 
     p = params.tokenizer
     per_tokenizer = {}
@@ -171,11 +171,7 @@ def _pack_all(params: Params, ctx: RunContext, on_ray: bool) -> dict[str, dict[s
             if on_ray:
                 from lmforge import ray_data
 
-                parts_dir = target / f".{split}-parts"
-                parts_dir.mkdir()
-                parts = ray_data.tokenize_parts(split_dir, tok_dir / "tokenizer.json", separator, dtype, parts_dir, ctx.log)
-                splits[split] = join_parts(parts, bin_file, len(ds), pad, p.block_size, dtype)
-                parts_dir.rmdir()
+                splits[split] = ray_data.pack_split(split_dir, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, bin_file, ctx.log)
             else:
                 with worker_friendly_signals():
                     splits[split] = pack_split(ds, tok_dir / "tokenizer.json", separator, pad, p.block_size, dtype, bin_file, p.num_proc)

@@ -151,8 +151,9 @@ def test_ray_clean_and_split_match_local(ingested, ray_cluster, tmp_path: Path, 
 
 @pytest.mark.slow
 def test_ray_packed_matches_local_byte_for_byte(ingested, ray_cluster, tmp_path: Path):
-    """Tokenizing in Ray tasks, each writing its own part of a split's token file, then joining the parts:
-    the local engine's token files, meta.json and summary, from the same split and tokenizer."""
+    """Tokenizing in Ray tasks, each writing its own part of a split's token file, which tasks then copy
+    into the file at their offsets: the local engine's token files, meta.json and summary, from the
+    same split and tokenizer, and no part left behind."""
     from lmforge.vocabulary import run_pack, run_tokenizer
 
     runs = {}
@@ -183,6 +184,7 @@ def test_ray_packed_matches_local_byte_for_byte(ingested, ray_cluster, tmp_path:
     assert ray["summary"] == local["summary"]
     tokenized = [m for m in ray["messages"] if m.startswith("ray: packed train tokenized in")]
     assert tokenized and "on 2 node(s)" in tokenized[0] and " 1 tasks" not in tokenized[0], ray["messages"]
+    assert "written in place by tasks" in tokenized[0]
 
 
 @pytest.mark.slow
