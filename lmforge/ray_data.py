@@ -191,10 +191,38 @@ def _write_part(first: int, last: int, routed: Callable, features, scratch: str)
                      "rows": [written["rows"]], "bytes": [written["bytes"]], "sha256": [written["sha256"]]})
 
 
+def _copy_part_in(batch, out: str) -> Iterator[Any]:
+    """A Ray task: copy parts into ``out``, each at its offset.  The file has its final length already
+    and the parts' ranges are disjoint, so the tasks need no order and no lock, and a retried task
+    writes the same bytes again."""
+    import pyarrow as pa
+
+    with open(out, "r+b") as fh:
+        for row in batch.to_pylist():
+            fh.seek(row["offset"])
+            with open(row["part"], "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 24)
+    yield pa.table({"copied": [batch.num_rows]})
+
+
+def _copy_in(parts: list[Path], out: Path) -> None:
+    """Write ``parts`` into ``out`` back to back from its start, by Ray tasks, each part at its offset
+    (the sizes of the parts before it): the concatenation without a copy through the driver.  ``out``
+    exists and holds at least their total length."""
+    import ray
+
+    sizes = [part.stat().st_size for part in parts]
+    offsets = np.cumsum([0, *sizes[:-1]])
+    placed = [{"part": str(part), "offset": int(offset)} for part, offset, size in zip(parts, offsets, sizes) if size]
+    if placed:
+        ray.data.from_items(placed, override_num_blocks=min(len(placed), 4 * _cpus())).map_batches(
+            _copy_part_in, batch_size=None, batch_format="pyarrow", fn_kwargs={"out": str(out)}).materialize()
+
+
 def _save_parts(written, total: int, what: str, features, dataset_out: Path, quarantine_out: Path) -> None:
     """On the driver: check that the blocks cover positions ``0 .. total-1`` once each, then write the
-    dataset's manifest over the shards and join the quarantine parts, in order."""
-    from lmforge.artifacts import concat_files, save_shards
+    dataset's manifest over the shards; tasks copy the quarantine parts into the quarantine, in order."""
+    from lmforge.artifacts import save_shards
 
     parts = sorted((b for t in written.iter_batches(batch_format="pyarrow", batch_size=None) for b in t.to_pylist()),
                    key=lambda b: b["first"])
@@ -206,7 +234,10 @@ def _save_parts(written, total: int, what: str, features, dataset_out: Path, qua
     if expected != total:
         raise LmforgeError(f"{what} do not cover the {total} positions once each (they end at {expected})")
     save_shards([(Path(b["shard"]), b) for b in parts], features, dataset_out)
-    concat_files([Path(b["quarantine"]) for b in parts], quarantine_out)
+    quarantined = [Path(b["quarantine"]) for b in parts]
+    with open(quarantine_out, "wb") as fh:
+        fh.truncate(sum(part.stat().st_size for part in quarantined))
+    _copy_in(quarantined, quarantine_out)
     shutil.rmtree(dataset_out.parent / SCRATCH)
 
 
@@ -611,20 +642,6 @@ def _tokenize_chunks(batch, tokenizer_file: str, separator: int, dtype: str) -> 
         yield pa.table({"part": [chunk["part"]], "tokens": pa.array([tokens], pa.int64())})
 
 
-def _place_parts(batch, out: str) -> Iterator[Any]:
-    """A Ray task: copy token parts into the split's token file, each at its offset.  The file has its
-    final length already and the parts' ranges are disjoint, so the tasks need no order and no lock,
-    and a retried task writes the same bytes again."""
-    import pyarrow as pa
-
-    with open(out, "r+b") as fh:
-        for row in batch.to_pylist():
-            fh.seek(row["offset"])
-            with open(row["part"], "rb") as src:
-                shutil.copyfileobj(src, fh, 1 << 24)
-    yield pa.table({"placed": [batch.num_rows]})
-
-
 def pack_split(dataset_dir: Path, tokenizer_file: Path, separator: int, pad: int, block_size: int, dtype, out: Path, report=None) -> dict:
     """``models.data.pack_split`` on the cluster: the same token file ``out`` from the split at
     ``dataset_dir``, and the same counts.  Tasks tokenize row ranges, each into a part file beside
@@ -657,12 +674,8 @@ def pack_split(dataset_dir: Path, tokenizer_file: Path, separator: int, pad: int
         parts = [chunk["part"] for chunk in chunks]
         if sorted(tokens) != parts:
             raise LmforgeError(f"packed (ray): {len(tokens)} parts written for {len(parts)} row ranges of {dataset_dir}")
-        offsets = np.cumsum([0] + [tokens[part] for part in parts]) * dtype.itemsize
         counts = allocate_split(out, int(sum(tokens.values())), sum(c["stop"] - c["start"] for c in chunks), pad, block_size, dtype)
-        if parts:
-            placed = [{"part": part, "offset": int(offset)} for part, offset in zip(parts, offsets)]
-            ray.data.from_items(placed, override_num_blocks=min(len(placed), 4 * _cpus())).map_batches(
-                _place_parts, batch_size=None, batch_format="pyarrow", fn_kwargs={"out": str(out)}).materialize()
+        _copy_in([Path(part) for part in parts], out)
         _say(report, f"ray: packed {dataset_dir.name} tokenized in {len(chunks)} tasks, written in place by tasks", written)
     shutil.rmtree(parts_dir)
     return counts
