@@ -20,7 +20,8 @@ Why it is built this way:
   one file per chunk of the corpus, and each block's task reads its own) through the stage's own
   ``route`` and writes the block's shard of the dataset and its part of the quarantine, named by
   the block's first position.  The driver checks that the blocks cover every position once, writes
-  only the dataset's manifest and joins the quarantine parts: no document passes through it.  The
+  only the dataset's manifest and sizes the quarantine, into which tasks copy the parts at their
+  offsets: no document passes through it.  The
   rows and records are the local engine's, in corpus order, over several shards.
 - **Token parts written by the tasks.**  Packing has no decision to wait for: each task tokenizes a
   row range of a split and writes its own part of the token file; the driver sizes the file from
@@ -584,7 +585,7 @@ def clean_shards(
     decisions (one per duplicate) are written by tasks too, one file per chunk of the corpus; then
     each block's task reads its chunk's decisions and writes its own shard and quarantine part.  The
     driver holds neither documents nor decisions: it checks that the blocks cover every position
-    once, writes the dataset's manifest and joins the quarantine parts (rejected documents only).
+    once and writes the dataset's manifest; tasks copy the quarantine parts into the quarantine.
     """
     import pyarrow as pa
     import ray
