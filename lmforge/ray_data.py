@@ -612,7 +612,8 @@ def clean_shards(
         if found is not None:
             saved = (found.map_batches(_by_chunk, batch_format="pyarrow", fn_kwargs={"starts": starts, "parts": cpus})
                      .groupby("part").map_groups(_save_decisions, batch_format="pyarrow", fn_kwargs={"scratch": str(scratch)}))
-            _say(report, f"ray: clean: {saved.sum('decisions') or 0} decision(s) written by chunk")
+            count = saved.sum("decisions") or 0  # runs the tasks that write the files
+            _say(report, f"ray: clean: {count} decision(s) written by chunk")
         written = scored.map_batches(
             _write_block, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"starts": starts, "route": route, "features": features, "scratch": str(scratch)},
