@@ -522,7 +522,8 @@ def _decisions_of(first: int, last: int, starts: np.ndarray, scratch: str):
     import pyarrow as pa
 
     tables = [_decision_schema().empty_table()]
-    for chunk in range(int(_chunk_of(np.array([first]), starts)[0]), int(_chunk_of(np.array([last]), starts)[0]) + 1):
+    first_chunk, last_chunk = (int(c) for c in _chunk_of(np.array([first, last]), starts))
+    for chunk in range(first_chunk, last_chunk + 1):
         path = _decision_file(scratch, chunk)
         if path.exists():
             with pa.memory_map(str(path)) as source:
