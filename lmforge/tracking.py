@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 from lmforge.params import REPO_ROOT, Params
 
@@ -48,10 +49,15 @@ def lineage_tags() -> dict[str, str]:
 
 
 def artifact_location(params: Params) -> str | None:
-    """Where a new experiment keeps its artifacts: ``mlflow/artifacts`` beside a local store; a tracking
+    """Where a new experiment keeps its artifacts: ``artifacts/`` beside a SQLite store (the default
+    ``mlflow/mlflow.db`` gives ``mlflow/artifacts``), so a store elsewhere keeps its runs' files with it
+    rather than in the repository; ``mlflow/artifacts`` for another local database; a tracking
     server's own choice (``mlflow server --artifacts-destination``, a location every node reaches)."""
-    if tracking_uri(params).startswith(("http://", "https://")):
+    uri = tracking_uri(params)
+    if uri.startswith(("http://", "https://")):
         return None
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
     return (REPO_ROOT / "mlflow" / "artifacts").as_uri()
 
 
