@@ -71,6 +71,28 @@ def test_lmforge_run_records_its_stages_and_nothing_dvc_hashes_names_the_checkou
 
 @pytest.mark.slow
 @needs_dvc
+def test_recording_all_stages_in_one_reading_writes_what_dvc_commit_writes(tiny_project: Project, tmp_path: Path):
+    """`lmforge run` records its stages through dagster_project/cli/dvc_commit.py (one reading of dvc.yaml,
+    not one per stage): from no dvc.lock and a changed raw file, it writes what `dvc commit --force`
+    writes, byte for byte, a data file's `.dvc` (as ingest's `data.dvc`) included."""
+    stages = ["ingest", "data/raw.dvc", "pretrain@0", "evaluate@1", "select", "quantize"]
+    ours, theirs = copy_project(tiny_project, tmp_path / "ours"), copy_project(tiny_project, tmp_path / "theirs")
+    for project in (ours, theirs):
+        project.run("dvc", "add", "--quiet", "data/raw")
+        (project.path / "dvc.lock").unlink()
+        (project.path / "data/raw/doc0.txt").write_text("Edited after the run.\n")
+    theirs.run("dvc", "commit", "--force", "--quiet", *stages)
+    record = [str((BIN / "dvc").resolve().parent / "python"), "-P", str(REPO / "dagster_project/cli/dvc_commit.py"), str(ours.path)]
+    ours.run(*record, *stages)
+    for name in ("dvc.lock", "data/raw.dvc"):
+        assert (ours.path / name).read_text() == (theirs.path / name).read_text(), name
+    assert set(yaml.safe_load((ours.path / "dvc.lock").read_text())["stages"]) == {"ingest", "pretrain@0", "evaluate@1", "select", "quantize"}
+    unknown = ours.run(*record, "nope", check=False)
+    assert unknown.returncode != 0 and "not stages of" in unknown.stderr and "nope" in unknown.stderr
+
+
+@pytest.mark.slow
+@needs_dvc
 def test_an_edited_module_puts_exactly_the_stages_that_import_it_in_dvc_status(tiny_project: Project):
     from lmforge import codegraph, stages
 

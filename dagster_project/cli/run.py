@@ -215,10 +215,8 @@ def _record_in_dvc(ran: list[tuple[str, str | None]]) -> None:
         targets.append("data.dvc")
     if not targets:
         return
-    dvc = Path(sys.executable).parent / "dvc"  # the Makefile links DVC's own venv here
     try:
-        proc = subprocess.run([str(dvc if dvc.exists() else "dvc"), "commit", "--force", "--quiet", *targets], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(_dvc_commit_command(targets), cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         typer.secho(f"warning: could not record the run in dvc.lock ({exc}); `dvc commit` does it by hand", fg=typer.colors.YELLOW, err=True)
         return
@@ -227,6 +225,18 @@ def _record_in_dvc(ran: list[tuple[str, str | None]]) -> None:
         typer.secho(f"warning: `dvc commit` of {len(targets)} stage(s) failed: {reason[0]}", fg=typer.colors.YELLOW, err=True)
     else:
         typer.echo(f"recorded in dvc.lock: {', '.join(targets)}")
+
+
+def _dvc_commit_command(targets: list[str]) -> list[str]:
+    """``dvc commit --force`` of ``targets``, run by DVC's own Python through ``dvc_commit.py`` (one parse
+    of dvc.yaml for all of them, not one per stage) where DVC lives in a virtual environment, as the
+    Makefile installs it; the ``dvc`` command itself otherwise."""
+    linked = Path(sys.executable).parent / "dvc"  # the Makefile links DVC's own venv here
+    dvc = linked if linked.exists() else Path(shutil.which("dvc") or "dvc")
+    python = dvc.resolve().parent / "python"
+    if python.exists():
+        return [str(python), "-P", str(Path(__file__).with_name("dvc_commit.py")), str(REPO_ROOT), *targets]
+    return [str(dvc), "commit", "--force", "--quiet", *targets]
 
 
 def _observe_raw_documents(instance) -> None:
