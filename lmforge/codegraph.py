@@ -83,17 +83,24 @@ def _with_parents(module: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
+@functools.cache
+def _module_imports(name: str, root: Path) -> frozenset[str]:
+    """The project modules the module ``name`` imports anywhere in its file, with their parent packages.
+    Cached like ``_tree``: every stage's closure walks the same shared modules (params, artifacts, ...),
+    and reading them once per process, not once per stage, is most of what loading the assets costs."""
+    return frozenset(p for m in _imported(_tree(module_file(name, root)), name, root) for p in _with_parents(m))
+
+
 def module_closure(modules: set[str], root: Path = CODE_ROOT) -> set[Path]:
     """The files of ``modules`` and of every project module they import, transitively."""
     seen: set[str] = set()
     todo = [p for m in modules for p in _with_parents(m)]
     while todo:
         name = todo.pop()
-        path = module_file(name, root)
-        if name in seen or path is None:
+        if name in seen or module_file(name, root) is None:
             continue
         seen.add(name)
-        todo.extend(p for m in _imported(_tree(path), name, root) for p in _with_parents(m))
+        todo.extend(_module_imports(name, root))
     return {module_file(m, root) for m in seen}
 
 

@@ -130,9 +130,15 @@ def _stage_dirs_opened(tree: ast.Module) -> Iterable[tuple[int, str]]:
             yield node.lineno, node.args[0].value
 
 
-@functools.cache
 def stages(root: Path = codegraph.CODE_ROOT) -> dict[str, Stage]:
     """Every declared stage by name, upstream before downstream (ties by name)."""
+    return _stages(root)
+
+
+@functools.cache
+def _stages(root: Path) -> dict[str, Stage]:
+    """``stages``, read once per process and root (``functools.cache`` would key ``stages()`` and
+    ``stages(root)`` apart and read the declarations twice)."""
     declared: dict[str, Stage] = {}
     for path in sorted((root / "lmforge").glob("*.py")):
         for stage in _declared_in(path, root):
