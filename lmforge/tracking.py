@@ -20,14 +20,17 @@ from lmforge.params import REPO_ROOT, Params
 INHERITED_PREFIX = "source"
 
 
+#: A local SQLite store's URI starts with this, then its path.
+SQLITE = "sqlite:///"
+
+
 def tracking_uri(params: Params) -> str:
     """``$MLFLOW_TRACKING_URI``, else params.yaml's, with a relative SQLite path made absolute."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        path = REPO_ROOT / uri[len(prefix) :]
+    if uri.startswith(SQLITE) and not uri[len(SQLITE) :].startswith("/"):
+        path = REPO_ROOT / uri[len(SQLITE) :]
         path.parent.mkdir(parents=True, exist_ok=True)
-        uri = prefix + str(path)
+        uri = SQLITE + str(path)
     return uri
 
 
@@ -56,8 +59,8 @@ def artifact_location(params: Params) -> str | None:
     uri = tracking_uri(params)
     if uri.startswith(("http://", "https://")):
         return None
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    if uri.startswith(SQLITE):
+        return (Path(uri[len(SQLITE) :]).parent / "artifacts").as_uri()
     return (REPO_ROOT / "mlflow" / "artifacts").as_uri()
 
 

@@ -82,7 +82,10 @@ def test_recording_all_stages_in_one_reading_writes_what_dvc_commit_writes(tiny_
         (project.path / "dvc.lock").unlink()
         (project.path / "data/raw/doc0.txt").write_text("Edited after the run.\n")
     theirs.run("dvc", "commit", "--force", "--quiet", *stages)
-    record = [str((BIN / "dvc").resolve().parent / "python"), "-P", str(REPO / "dagster_project/cli/dvc_commit.py"), str(ours.path)]
+    from dagster_project.cli.run import _dvc_commit_command
+
+    record = _dvc_commit_command([], ours.path)
+    assert record[1:3] == ["-P", str(REPO / "dagster_project/cli/dvc_commit.py")]  # DVC's Python, not `dvc commit`
     ours.run(*record, *stages)
     for name in ("dvc.lock", "data/raw.dvc"):
         assert (ours.path / name).read_text() == (theirs.path / name).read_text(), name

@@ -227,15 +227,15 @@ def _record_in_dvc(ran: list[tuple[str, str | None]]) -> None:
         typer.echo(f"recorded in dvc.lock: {', '.join(targets)}")
 
 
-def _dvc_commit_command(targets: list[str]) -> list[str]:
-    """``dvc commit --force`` of ``targets``, run by DVC's own Python through ``dvc_commit.py`` (one parse
-    of dvc.yaml for all of them, not one per stage) where DVC lives in a virtual environment, as the
-    Makefile installs it; the ``dvc`` command itself otherwise."""
+def _dvc_commit_command(targets: list[str], root: Path = REPO_ROOT) -> list[str]:
+    """``dvc commit --force`` of ``targets`` in the repository ``root``, run by DVC's own Python through
+    ``dvc_commit.py`` (one parse of dvc.yaml for all of them, not one per stage) where DVC lives in a
+    virtual environment, as the Makefile installs it; the ``dvc`` command itself otherwise (run in ``root``)."""
     linked = Path(sys.executable).parent / "dvc"  # the Makefile links DVC's own venv here
     dvc = linked if linked.exists() else Path(shutil.which("dvc") or "dvc")
     python = dvc.resolve().parent / "python"
     if python.exists():
-        return [str(python), "-P", str(Path(__file__).with_name("dvc_commit.py")), str(REPO_ROOT), *targets]
+        return [str(python), "-P", str(Path(__file__).with_name("dvc_commit.py")), str(root), *targets]
     return [str(dvc), "commit", "--force", "--quiet", *targets]
 
 
