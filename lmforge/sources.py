@@ -140,13 +140,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def _load_causal(location: str, source: Source, gguf_file: str | None = None, **model_kwargs):
     from transformers import AutoTokenizer
 
-    from models.loading import gguf_options, load_model
+    from models.loading import gguf_options, gguf_parsed_once, load_model
 
     if gguf_file is not None:
         model_kwargs.update(gguf_options(gguf_file))
     try:
-        model = load_model(location, "causal", trust_remote_code=source.trust_remote_code, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=source.trust_remote_code, gguf_file=gguf_file)
+        with gguf_parsed_once():  # the config, the tokenizer and the weights read the same GGUF metadata
+            model = load_model(location, "causal", trust_remote_code=source.trust_remote_code, **model_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=source.trust_remote_code, gguf_file=gguf_file)
     except (ValueError, OSError, KeyError) as exc:  # unsupported architecture, missing files, remote code refused
         raise LmforgeError(f"{source.location}: cannot be loaded as a causal language model: {str(exc).splitlines()[0]}") from None
     return model, tokenizer

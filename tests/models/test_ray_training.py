@@ -19,9 +19,10 @@ from models.data import PackedBlocks
 from models.ray_training import RaySettings, launch_on_ray, short_of
 from models.train_config import Scale
 
-#: Long enough (a few seconds) that a worker can be killed after the first checkpoint and before the end.
+#: The test kills a worker as soon as the first checkpoint (step 20) is on disk: the 60 steps after it (seconds)
+#: are the margin for the kill to land before the end; DDP's all-reduce then holds rank 0 until the group restarts.
 ARCH = tiny_arch()
-RUN = dict(max_steps=240, checkpoint_every=20, val_every=120)
+RUN = dict(max_steps=80, checkpoint_every=20, val_every=40)
 SCALE = Scale(strategy="ddp", engine="ray", accelerator="cpu")
 
 
@@ -71,7 +72,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     # each node reads its own half of the train blocks, one contiguous slice of the packed file
     shares = [share for _, _, share, _ in sorted(worker_starts(lines))]
     assert shares[0].start == 0 and shares[0].stop == shares[1].start and shares[1].stop == len(PackedBlocks(corpus_dirs[0], "train"))
-    assert any(line.startswith("step 120/240") for line in lines)  # rank 0's progress reached the driver
+    assert any(line.startswith("step 40/80") for line in lines)  # rank 0's progress reached the driver
 
     lines = []
     outcome: dict = {}
@@ -91,15 +92,15 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     assert abs(outcome["final_train_loss"] - whole["final_train_loss"]) < 1e-4
     assert abs(outcome["final_val_loss"] - whole["final_val_loss"]) < 1e-4
 
-    # the same run continued on one worker from the uninterrupted run's step-220 checkpoint: the stream
-    # goes on from the 220 × 4 × 2 samples two workers consumed, 4 samples a step from there
+    # the same run continued on one worker from the uninterrupted run's step-60 checkpoint: the stream
+    # goes on from the 60 × 4 × 2 samples two workers consumed, 4 samples a step from there
     resumed = tmp_path / "one_worker"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "whole/checkpoints/step=220.ckpt", resumed / "checkpoints")
+    shutil.copy(tmp_path / "whole/checkpoints/step=60.ckpt", resumed / "checkpoints")
     alone = train(resumed, corpus_dirs, workers=1)
-    assert alone["workers"] == 1 and alone["resumed_from_step"] == 220 and alone["steps"] == RUN["max_steps"]
-    assert consumed(tmp_path / "whole/checkpoints/step=220.ckpt") == 220 * 4 * 2
-    assert consumed(resumed / "checkpoints/step=240.ckpt") == 220 * 4 * 2 + 20 * 4
+    assert alone["workers"] == 1 and alone["resumed_from_step"] == 60 and alone["steps"] == RUN["max_steps"]
+    assert consumed(tmp_path / "whole/checkpoints/step=60.ckpt") == 60 * 4 * 2
+    assert consumed(resumed / "checkpoints/step=80.ckpt") == 60 * 4 * 2 + 20 * 4
     assert abs(alone["final_val_loss"] - whole["final_val_loss"]) < 0.05  # the same model, 20 smaller steps apart
 
 
