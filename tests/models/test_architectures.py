@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,23 @@ def test_unknown_preset_and_field():
         from_name("cpu-smal")
     with pytest.raises(ArchConfigError, match="^n_heads: not an architecture field \\(did you mean 'n_head'\\?\\)"):
         from_name("tiny", n_heads=4)
+
+
+def test_within_one_gguf_load_each_file_is_parsed_once_and_the_library_is_left_as_it_was(tmp_path: Path):
+    """transformers opens a GGUF file for the config, the tokenizer and the weights: one parse serves all three."""
+    import gguf
+
+    from models.loading import gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.license", "mit")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    before = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.fields["general.license"].contents() == "mit"
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.GGUFReader(path) is not first
