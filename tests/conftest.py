@@ -270,7 +270,7 @@ def tiny_project(tmp_path_factory) -> Project:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (the demo's champion), dequantized from its pinned GGUF to a Hugging Face
-    directory once per session (~35-70 s on 2 cores)."""
+    directory once per session (~15-30 s on 2 cores)."""
     from lmforge.fetch import fetch_smollm2
     from lmforge.params import CandidateParams, load_params
     from lmforge.sources import materialize, resolve_source
