@@ -133,7 +133,10 @@ def test_within_one_gguf_load_each_file_is_parsed_once_and_the_library_is_left_a
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_string("general.license", "mit")
     writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     before = gguf.GGUFReader, gguf.get_tensor_name_map
     with gguf_parsed_once():
         first = gguf.GGUFReader(path)
