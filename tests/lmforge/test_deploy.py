@@ -228,6 +228,7 @@ def test_the_quantized_alias_points_at_the_quantized_champion(project: Path):
     assert rows[summary["quantized_version"]]["tags"]["variant"] == "int8_dynamic" and summary["base_version"] == "1"
 
 
+@pytest.mark.slow  # llama.cpp's converter 4 times, two ONNX builds, each file read back and scored: ~40 s
 def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path):
     """llama.cpp's converter on the tiny champion (lmforge's own byte-level BPE, which llama.cpp's list does not
     hold): f32 reads back to the same perplexity, Q8_0 and the 4-bit type within tolerance, tagged on the registry."""

@@ -118,6 +118,7 @@ def test_a_worker_group_the_cluster_cannot_hold_is_reported(driver):
     assert short_of(RaySettings(workers=1, use_gpu=True)) == "1 GPU (the cluster has 0)"
 
 
+@pytest.mark.slow  # it reads the session's tiny pipeline: the whole graph, run once
 def test_where_a_run_trains_is_not_part_of_its_fingerprint(tiny_project):
     """A run resumed on another engine or number of processes is the same run; another checkpoint
     format (sharded FSDP state) is not."""

@@ -75,7 +75,7 @@ def test_the_openai_client_gets_completions_and_chats_plain_and_streamed(server)
     assert stopped.choices[0].finish_reason == "stop" and stop_at not in stopped.choices[0].text
 
 
-@pytest.mark.parametrize("engine", ["continuous", "dynamic", "onnx"])
+@pytest.mark.parametrize("engine", ["continuous", "dynamic", pytest.param("onnx", marks=pytest.mark.slow)])  # onnx: two servers and a build, ~30 s
 def test_concurrent_requests_are_generated_together_with_the_answers_they_get_alone(server, chat_model, tmp_path, engine):
     """Greedy requests sent together get the text each gets alone, each stopped at its own max_tokens: by
     continuous batching, where they overlap (transformers', or the onnx engine's over the ONNX graph, whose fp32
