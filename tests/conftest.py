@@ -1,14 +1,17 @@
-"""Shared fixtures: tiny corpora and params files in a temporary directory; no network."""
+"""Shared fixtures (tiny corpora and params files in a temporary directory; no network) and how the session is
+shared out over pytest-xdist's workers."""
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -32,6 +35,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 #: No Ray usage reports, as lmforge.cluster does: their background thread in this process logged
 #: tracebacks whose formatting (ast.parse, on Python 3.11.7) raced a test's own ast.parse into a SystemError.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+#: pytest-xdist's workers share the cores: the processes a test starts (lmforge run, a server, torchrun) take their
+#: worker's share of them for torch's threads, not every core each (inherited by subprocesses; Ray sets its own).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 REPO = Path(__file__).resolve().parents[1]
 
 # Real English words, so that generated documents pass the quality filters like prose does.
@@ -143,6 +150,27 @@ def no_stray_mlflow_store():
     yield
     appeared = sorted(str(p) for p in stray if p.exists() and p not in before)
     assert not appeared, f"an MLflow store appeared outside the configured URI: {', '.join(appeared)}"
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store_put_back():
+    """A test that resolves a ``models:/`` URI points MLflow's process-wide store at its own
+    (``models.generation.use_mlflow_store``), and MLflow writes it to ``$MLFLOW_TRACKING_URI`` and
+    ``$MLFLOW_REGISTRY_URI``, which ``lmforge.tracking.tracking_uri`` prefers to params.yaml's: both are put back
+    after each test, so that no test reads another's store, in whatever order a worker runs them."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,13 +286,44 @@ def make_project(root: Path, sections: dict | None = None) -> Project:
 
 
 @pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory) -> Project:
-    """The whole pipeline on the tiny project, materialized once by `lmforge run`, which records it in
-    dvc.lock.  Tests may read it and run what leaves it as it was (dry runs, re-runs that compute the
-    same thing); a test that changes it works on a copy (`copy_project`)."""
-    project = make_project(tmp_path_factory.mktemp("tiny"))
-    project.first_run = project.lmforge("run")
+def tiny_build(tmp_path_factory) -> Path:
+    """The whole pipeline on the tiny project, materialized once per test session by `lmforge run` (which records
+    it in dvc.lock), whichever pytest-xdist worker asks first; the others wait for it.  Holds ``live/`` (the
+    project ``tiny_project`` gives), ``snapshot/`` (a copy as the run left it, ``tiny_snapshot``) and the run's
+    output, ``first_run.txt``."""
+    import filelock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny"  # the workers' common folder
+    with filelock.FileLock(f"{shared}.lock"):
+        if (shared / "failed.txt").exists():
+            pytest.fail(f"the tiny pipeline failed in another worker:\n{(shared / 'failed.txt').read_text()}")
+        if not (shared / "first_run.txt").exists():
+            project = make_project(shared / "live")
+            run = project.lmforge("run", check=False)
+            if run.returncode:
+                (shared / "failed.txt").write_text(f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+                pytest.fail((shared / "failed.txt").read_text())
+            copy_project(project, shared / "snapshot")
+            (shared / "first_run.txt").write_text(run.stdout)
+    return shared
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tiny_build: Path) -> Project:
+    """The tiny pipeline, for tests that read it or run in it what leaves it as it was (dry runs, re-runs that
+    compute the same thing, an edit undone before the test ends).  They all run on one worker, one at a time
+    (their xdist group): none sees another's edit."""
+    project = Project(tiny_build / "live")
+    project.first_run = (tiny_build / "first_run.txt").read_text()  # what `lmforge run` printed
     return project
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tiny_build: Path) -> Project:
+    """The tiny pipeline as its first run left it, which no test runs anything in: a test that changes the
+    pipeline works on a copy of it (`copy_project`), on any worker, while others run in ``tiny_project``."""
+    return Project(tiny_build / "snapshot")
 
 
 @pytest.fixture(scope="session")
@@ -308,12 +367,75 @@ def copy_project(project: Project, root: Path) -> Project:
     return copy
 
 
+# --------------------------------------------------------------------------------------------------
+# The session over pytest-xdist's workers (`-n 2`, pyproject.toml)
+# --------------------------------------------------------------------------------------------------
+
+#: Session fixtures whose tests run on one worker (one group): the tiny pipeline's in-place tests (one at a
+#: time, none sees another's edit), and fixtures that cost seconds to tens of seconds to build, each built
+#: once that way rather than once per worker.  The first one a test asks for names its group.
+GROUPED_FIXTURES = ("tiny_project", "ray_cluster", "smollm2_dir")
+
+
+def group_of(item) -> str:
+    """The group a test runs in: that of the first of ``GROUPED_FIXTURES`` it asks for, else its module's (a
+    module's fixtures, such as a server or a corpus, are then built once)."""
+    names = getattr(item, "fixturenames", ())
+    return next((name for name in GROUPED_FIXTURES if name in names), item.nodeid.split("::")[0])
+
+
+def pytest_configure(config):
+    """In the process that hands tests to the workers: a folder where the workers write each test's group
+    (they collect the tests; it does not).  Its workers inherit the variable."""
+    if config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput"):
+        os.environ["LMFORGE_TEST_GROUPS"] = tempfile.mkdtemp(prefix="lmforge-test-groups-")
+        atexit.register(shutil.rmtree, os.environ["LMFORGE_TEST_GROUPS"], ignore_errors=True)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's per-module scheduling (a worker takes a unit whole, in the order collected), with
+    ``group_of``'s groups as the units.  Its own ``--dist loadgroup`` cannot be used: it renames test ids,
+    which pytest 9 no longer lets a plugin do (tests of one group went to both workers)."""
+    import glob
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        @functools.cached_property
+        def groups(self) -> dict[str, str]:  # read once every worker has collected (the first unit is handed out)
+            return json.loads(Path(sorted(glob.glob(os.path.join(os.environ["LMFORGE_TEST_GROUPS"], "*.json")))[0]).read_text())
+
+        def _split_scope(self, nodeid: str) -> str:
+            return self.groups.get(nodeid, nodeid.split("::")[0])
+
+    return ByGroup(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """The first test that asks for the session's tiny pipeline builds it: bound that test by 30 minutes
-    (a hang), not by the 10 minutes of pyproject.toml, so that a slow machine is not mistaken for a hang."""
-    for item in items:
-        if "tiny_project" in getattr(item, "fixturenames", ()):
+    """The order the workers take the groups in, each test's group for the scheduler, and a longer bound
+    for the tiny pipeline.
+
+    - The tiny pipeline's in-place tests first (the first of them builds it), then the Ray cluster's, then the
+      groups that copy the pipeline (``tiny_snapshot``: by then it is built, and the other worker need not
+      wait for it), then the groups with slow tests, then the rest, each as collected: the longest units
+      first, so that the short ones at the end even out the two workers' finish.
+    - The first test that asks for the tiny pipeline builds it: bound the tests that may be first by 30 minutes
+      (a hang), not by the 10 minutes of pyproject.toml, so that a slow machine is not mistaken for a hang."""
+    def rank(item) -> int:
+        names = getattr(item, "fixturenames", ())
+        return (0 if "tiny_project" in names else 1 if "ray_cluster" in names else 2 if "tiny_snapshot" in names
+                else 3 if item.get_closest_marker("slow") else 4)
+
+    groups = {item: group_of(item) for item in items}
+    first = {}  # each group's place: that of its earliest test
+    for index, item in enumerate(items):
+        first[groups[item]] = min(first.get(groups[item], (5, index)), (rank(item), index))
+        if "tiny_build" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(1800))
+    items.sort(key=lambda item: first[groups[item]])  # stable: within a group, in the order collected
+    if os.environ.get("LMFORGE_TEST_GROUPS") and os.environ.get("PYTEST_XDIST_WORKER"):
+        path = Path(os.environ["LMFORGE_TEST_GROUPS"]) / f"{os.environ['PYTEST_XDIST_WORKER']}.json"
+        path.write_text(json.dumps({item.nodeid: groups[item] for item in items}))
 
 
 # --------------------------------------------------------------------------------------------------

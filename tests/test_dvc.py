@@ -48,7 +48,7 @@ def test_lmforge_run_records_its_stages_and_nothing_dvc_hashes_names_the_checkou
     timings.json beside it, which .dvcignore hides)."""
     from lmforge.artifacts import MEASURED
 
-    recorded = next(line for line in tiny_project.first_run.stdout.splitlines() if line.startswith("recorded in dvc.lock: "))
+    recorded = next(line for line in tiny_project.first_run.splitlines() if line.startswith("recorded in dvc.lock: "))
     assert {"ingest", "pretrain@0", "pretrain@1", "select", "quantize"} <= set(recorded.split(": ", 1)[1].split(", "))
     assert json.loads(tiny_project.run("dvc", "status", "--json").stdout) == {}
     lock = yaml.safe_load((tiny_project.path / "dvc.lock").read_text())["stages"]
@@ -71,12 +71,12 @@ def test_lmforge_run_records_its_stages_and_nothing_dvc_hashes_names_the_checkou
 
 @pytest.mark.slow
 @needs_dvc
-def test_recording_all_stages_in_one_reading_writes_what_dvc_commit_writes(tiny_project: Project, tmp_path: Path):
+def test_recording_all_stages_in_one_reading_writes_what_dvc_commit_writes(tiny_snapshot: Project, tmp_path: Path):
     """`lmforge run` records its stages through dagster_project/cli/dvc_commit.py (one reading of dvc.yaml,
     not one per stage): from no dvc.lock and a changed raw file, it writes what `dvc commit --force`
     writes, byte for byte, a data file's `.dvc` (as ingest's `data.dvc`) included."""
     stages = ["ingest", "data/raw.dvc", "pretrain@0", "evaluate@1", "select", "quantize"]
-    ours, theirs = copy_project(tiny_project, tmp_path / "ours"), copy_project(tiny_project, tmp_path / "theirs")
+    ours, theirs = copy_project(tiny_snapshot, tmp_path / "ours"), copy_project(tiny_snapshot, tmp_path / "theirs")
     for project in (ours, theirs):
         project.run("dvc", "add", "--quiet", "data/raw")
         (project.path / "dvc.lock").unlink()
@@ -117,9 +117,9 @@ def test_an_edited_module_puts_exactly_the_stages_that_import_it_in_dvc_status(t
 
 @pytest.mark.slow
 @needs_dvc
-def test_a_changed_parameter_reruns_only_the_stages_that_declare_it(tiny_project: Project, tmp_path: Path):
+def test_a_changed_parameter_reruns_only_the_stages_that_declare_it(tiny_snapshot: Project, tmp_path: Path):
     """A tokenizer parameter re-runs the vocabulary stages (on a copy of the project), not the data stages."""
-    project = copy_project(tiny_project, tmp_path)
+    project = copy_project(tiny_snapshot, tmp_path)
     params = project.params()
     params["tokenizer"]["vocab_size"] = 300
     (project.path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -129,7 +129,7 @@ def test_a_changed_parameter_reruns_only_the_stages_that_declare_it(tiny_project
     for stage in ("ingest", "clean", "split", "base_models"):
         assert f"Running stage '{stage}'" not in out
     assert json.loads((project.artifacts / "tokenizer" / "params.json").read_text())["vocab_size"] == 300
-    assert json.loads((tiny_project.artifacts / "tokenizer" / "params.json").read_text())["vocab_size"] == 400  # the copy ran, not the original
+    assert json.loads((tiny_snapshot.artifacts / "tokenizer" / "params.json").read_text())["vocab_size"] == 400  # the copy ran, not the original
 
 
 @pytest.mark.slow

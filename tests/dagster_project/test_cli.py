@@ -112,7 +112,7 @@ def test_one_run_builds_every_stage_per_candidate_tracked_in_mlflow(tiny_project
     """`lmforge run` on the tiny project (the session's pipeline): every stage, each candidate in its own run."""
     import mlflow
 
-    out = tiny_project.first_run.stdout
+    out = tiny_project.first_run
     for name in ("a", "b"):  # one run per candidate, its assets in the order they finished
         line = next(line for line in out.splitlines() if " succeeded: " in line and line.endswith(f" [{name}]"))
         assert set(line.split(" succeeded: ")[1].removesuffix(f" [{name}]").split(", ")) == {"pretrain", "evaluate", "benchmark_eval"}

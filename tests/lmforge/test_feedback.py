@@ -107,10 +107,10 @@ def champion_version(project: Project) -> str:
 
 
 @pytest.mark.slow
-def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only_when_better(tiny_project: Project, tmp_path: Path):
+def test_feedback_through_the_server_starts_fine_tuning_and_moves_the_alias_only_when_better(tiny_snapshot: Project, tmp_path: Path):
     import yaml
 
-    project = copy_project(tiny_project, tmp_path / "copy")
+    project = copy_project(tiny_snapshot, tmp_path / "copy")
     params = project.params()
     params["feedback"].update({"min_new_examples": 6, "epochs": 3, "lr": 0.005, "method": "full"})
     params["serve"] = {**params.get("serve", {}), "follow_seconds": 1}

@@ -61,10 +61,10 @@ def running_trial(db: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_to_the_same_best_trial_and_its_overlay_reproduces_it(tiny_project: Project, tmp_path: Path):
+def test_a_killed_search_resumes_to_the_same_best_trial_and_its_overlay_reproduces_it(tiny_snapshot: Project, tmp_path: Path):
     from mlflow import MlflowClient
 
-    whole, killed = copy_project(tiny_project, tmp_path / "whole"), copy_project(tiny_project, tmp_path / "killed")
+    whole, killed = copy_project(tiny_snapshot, tmp_path / "whole"), copy_project(tiny_snapshot, tmp_path / "killed")
     whole.lmforge("run", "--select", "hpsearch")
     best = whole.summary("hpsearch")
     assert best["trials"] == 3 and best["ran_now"] == 3 and best["retried"] == 0
@@ -100,10 +100,10 @@ def test_a_killed_search_resumes_to_the_same_best_trial_and_its_overlay_reproduc
 
 
 @pytest.mark.slow
-def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_project: Project, tmp_path: Path):
+def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_snapshot: Project, tmp_path: Path):
     import yaml
 
-    project = copy_project(tiny_project, tmp_path / "ray")
+    project = copy_project(tiny_snapshot, tmp_path / "ray")
     params = project.params()
     params["hpsearch"].update({"engine": "ray", "parallel": 2, "trials": 2, "pruner": "none"})
     (project.path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -116,11 +116,11 @@ def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_projec
 
 
 @pytest.mark.slow
-def test_a_fine_tuning_search_prunes_by_epoch_and_its_overlay_reproduces_the_best_trial(tiny_project: Project, tmp_path: Path):
+def test_a_fine_tuning_search_prunes_by_epoch_and_its_overlay_reproduces_the_best_trial(tiny_snapshot: Project, tmp_path: Path):
     import yaml
     from mlflow import MlflowClient
 
-    project = copy_project(tiny_project, tmp_path / "sft")
+    project = copy_project(tiny_snapshot, tmp_path / "sft")
     params = project.params()
     params["finetune"]["methods"] = ["lora"]
     params["finetune"]["train"]["epochs"] = 3  # the pruner sees epochs 1 and 2 before a trial completes

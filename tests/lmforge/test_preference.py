@@ -86,10 +86,10 @@ def champion(project: Project):
 
 
 @pytest.mark.slow
-def test_preferences_through_the_server_tune_with_dpo_and_move_the_alias_only_when_better(tiny_project: Project, tmp_path: Path):
+def test_preferences_through_the_server_tune_with_dpo_and_move_the_alias_only_when_better(tiny_snapshot: Project, tmp_path: Path):
     import yaml
 
-    project = copy_project(tiny_project, tmp_path / "copy")
+    project = copy_project(tiny_snapshot, tmp_path / "copy")
     params = project.params()
     params["feedback"]["min_new_examples"] = 1000  # only the preference loop starts here
     # a tiny model's own answers are a token or two: a correction starts ~50 nats less likely; beta 0.02 lets DPO go that far

@@ -119,7 +119,7 @@ def test_a_worker_group_the_cluster_cannot_hold_is_reported(driver):
 
 
 @pytest.mark.slow  # it reads the session's tiny pipeline: the whole graph, run once
-def test_where_a_run_trains_is_not_part_of_its_fingerprint(tiny_project):
+def test_where_a_run_trains_is_not_part_of_its_fingerprint(tiny_snapshot):
     """A run resumed on another engine or number of processes is the same run; another checkpoint
     format (sharded FSDP state) is not."""
     import dataclasses
@@ -128,11 +128,11 @@ def test_where_a_run_trains_is_not_part_of_its_fingerprint(tiny_project):
     from lmforge.params import load_params
     from lmforge.pretrain import fingerprint
 
-    params = load_params(tiny_project.path / "params.yaml")
-    params.paths.artifacts = str(tiny_project.artifacts)
+    params = load_params(tiny_snapshot.path / "params.yaml")
+    params.paths.artifacts = str(tiny_snapshot.artifacts)
     candidate = get(params, "a", "pretrain")
     here = fingerprint(candidate, params)
-    assert here == tiny_project.summary("pretrain/a")["fingerprint"]
+    assert here == tiny_snapshot.summary("pretrain/a")["fingerprint"]
     elsewhere = dataclasses.replace(params, pretrain=dataclasses.replace(
         params.pretrain, scale=dataclasses.replace(params.pretrain.scale, engine="ray", strategy="ddp", devices=8, num_nodes=4)))
     elsewhere.cluster.workers = 16
@@ -149,13 +149,13 @@ def consumed(checkpoint: Path) -> int:
 
 
 @pytest.mark.slow
-def test_lmforge_run_pretrains_on_ray_from_dagster_and_logs_to_an_mlflow_server(tiny_project, ray_cluster, tmp_path: Path):
+def test_lmforge_run_pretrains_on_ray_from_dagster_and_logs_to_an_mlflow_server(tiny_snapshot, ray_cluster, tmp_path: Path):
     """The shared services of a cluster: an MLflow tracking server (SQLite behind it here; a database
     server on a real cluster) and an artifact store that every node reaches (a shared path here)."""
     import dagster as dg
     from mlflow import MlflowClient
 
-    project = copy_project(tiny_project, tmp_path / "copy")
+    project = copy_project(tiny_snapshot, tmp_path / "copy")
     params = project.params()
     params["pretrain"]["scale"].update(engine="ray", strategy="ddp")
     params["cluster"].update(address=ray_cluster, workers=2, storage=str(tmp_path / "shared" / "ray"))
