@@ -152,25 +152,44 @@ def no_stray_mlflow_store():
     assert not appeared, f"an MLflow store appeared outside the configured URI: {', '.join(appeared)}"
 
 
-@pytest.fixture(autouse=True)
-def mlflow_store_put_back():
-    """A test that resolves a ``models:/`` URI points MLflow's process-wide store at its own
-    (``models.generation.use_mlflow_store``), and MLflow writes it to ``$MLFLOW_TRACKING_URI`` and
-    ``$MLFLOW_REGISTRY_URI``, which ``lmforge.tracking.tracking_uri`` prefers to params.yaml's: both are put back
-    after each test, so that no test reads another's store, in whatever order a worker runs them."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    before = {name: os.environ.get(name) for name in names}
-    yield
+#: The process's environment mapping as the session started: 🤗 datasets' ``map(num_proc=...)`` rebinds
+#: ``os.environ`` to a copy, after which a ``MonkeyPatch`` made earlier undoes its changes on the old one.
+ENVIRON = os.environ
+
+
+def put_back_environment(before: dict[str, str]) -> None:
+    """The environment as ``before``, in the session's own mapping, and MLflow's process-wide store with it."""
+    os.environ = ENVIRON
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    os.environ.update(before)
     if "mlflow" in sys.modules:
         import mlflow
 
-        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+        mlflow.set_tracking_uri(before.get("MLFLOW_TRACKING_URI"))
+        mlflow.set_registry_uri(before.get("MLFLOW_REGISTRY_URI"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def environment_put_back_after_the_module():
+    """What ``environment_put_back`` does for a test, for a module's fixtures (set up after this one, torn
+    down before it)."""
+    before = dict(os.environ)
+    yield
+    put_back_environment(before)
+
+
+@pytest.fixture(autouse=True)
+def environment_put_back():
+    """Each test leaves the process as it found it: its environment variables, and MLflow's process-wide
+    store, which resolving a ``models:/`` URI points at a project's (``models.generation.use_mlflow_store``;
+    MLflow also writes it to ``$MLFLOW_TRACKING_URI``, which ``lmforge.tracking.tracking_uri`` prefers to
+    params.yaml's).  A pytest-xdist worker runs tests in another order than one process does, and a leftover
+    ``$LMFORGE_PARAMS`` or store made a later test read another test's params or registry.  Session and module
+    fixtures set up before this snapshot, so what they set stays."""
+    before = dict(os.environ)
+    yield
+    put_back_environment(before)
 
 
 # --------------------------------------------------------------------------------------------------
