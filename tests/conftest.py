@@ -35,6 +35,12 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 #: No Ray usage reports, as lmforge.cluster does: their background thread in this process logged
 #: tracebacks whose formatting (ast.parse, on Python 3.11.7) raced a test's own ast.parse into a SystemError.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+#: Ray Train's watcher of nodes about to be preempted (spot instances) is one more actor process per launch
+#: (~4 s of CPU each): the tests' nodes are never preempted.
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+#: The MLflow servers the tests start (`mlflow server`, `mlflow ui`) run no job runner: lmforge submits no MLflow
+#: jobs (GenAI evaluation, trace roll-ups), and its eight processes cost ~40 s of CPU at each start (`make ui` too).
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 #: pytest-xdist's workers share the cores: the processes a test starts (lmforge run, a server, torchrun) take their
 #: worker's share of them for torch's threads, not every core each (inherited by subprocesses; Ray sets its own).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
@@ -368,7 +374,9 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     node = {"num_cpus": 1, "object_store_memory": 200 * 2**20, "include_dashboard": False, "node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args=node)
+    # no log monitor (the second node has none either): what the workers print is not streamed to drivers, which
+    # the tests do not read (progress comes through a queue); it tailed every worker's log, ~20 s of CPU a session
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_log_monitor": False})
     cluster.add_node(**node)
     cluster.wait_for_nodes()
     yield cluster.address

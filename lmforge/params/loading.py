@@ -22,6 +22,12 @@ from lmforge.params.root import params_file
 from lmforge.params.sections import Params
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data, parsed by libyaml where PyYAML has it (~7× faster than the pure-Python parser, which
+    took most of the ~0.1 s a params file costs to load; each asset of a run loads it)."""
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _describe(value: Any) -> str:
     return type(value).__name__
 
@@ -105,7 +111,7 @@ def load_params(path: str | os.PathLike | None = None, tier: str | None = None, 
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -132,7 +138,7 @@ def load_params(path: str | os.PathLike | None = None, tier: str | None = None, 
 def tier_names(path: str | os.PathLike | None = None) -> list[str]:
     """The base tier and every tier the params file defines."""
     path = Path(path) if path is not None else params_file()
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_yaml(path) or {}
     return [BASE_TIER, *((data.get("tiers") or {}) if isinstance(data, dict) else {})]
 
 
