@@ -1,6 +1,6 @@
 """Pretraining on a Ray cluster of two nodes (tests/conftest.py's ``ray_cluster``, CPU, gloo): Ray Train
 runs the same Lightning code, a killed worker is restarted and the run ends where an uninterrupted one
-does, a run resumes on another number of workers, and ``lmforge run`` does it all from Dagster with
+does, its checkpoint resumes on one process of this machine, and ``lmforge run`` does it all from Dagster with
 MLflow behind a tracking server."""
 
 import json
@@ -18,6 +18,7 @@ from conftest import REPO, cfg, copy_project, free_port, tiny_arch, wait_for
 from models.data import PackedBlocks
 from models.ray_training import RaySettings, launch_on_ray, short_of
 from models.train_config import Scale
+from models.training import pretrain
 
 #: The test kills a worker as soon as the first checkpoint (step 20) is on disk: the 60 steps after it (seconds)
 #: are the margin for the kill to land before the end; DDP's all-reduce then holds rank 0 until the group restarts.
@@ -92,13 +93,14 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     assert abs(outcome["final_train_loss"] - whole["final_train_loss"]) < 1e-4
     assert abs(outcome["final_val_loss"] - whole["final_val_loss"]) < 1e-4
 
-    # the same run continued on one worker from the uninterrupted run's step-60 checkpoint: the stream
-    # goes on from the 60 × 4 × 2 samples two workers consumed, 4 samples a step from there
-    resumed = tmp_path / "one_worker"
+    # the same run continued by one process, on this machine (the local engine), from the uninterrupted run's
+    # step-60 checkpoint: where and on how many processes a run trains is not part of it (see the fingerprint
+    # test below).  The stream goes on from the 60 × 4 × 2 samples two workers consumed, 4 samples a step from there
+    resumed = tmp_path / "one_process"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "whole/checkpoints/step=60.ckpt", resumed / "checkpoints")
-    alone = train(resumed, corpus_dirs, workers=1)
-    assert alone["workers"] == 1 and alone["resumed_from_step"] == 60 and alone["steps"] == RUN["max_steps"]
+    alone = pretrain(ARCH, cfg(**RUN), *corpus_dirs, resumed, Scale(accelerator="cpu"), progress=False)
+    assert alone["resumed_from_step"] == 60 and alone["steps"] == RUN["max_steps"]
     assert consumed(tmp_path / "whole/checkpoints/step=60.ckpt") == 60 * 4 * 2
     assert consumed(resumed / "checkpoints/step=80.ckpt") == 60 * 4 * 2 + 20 * 4
     assert abs(alone["final_val_loss"] - whole["final_val_loss"]) < 0.05  # the same model, 20 smaller steps apart
