@@ -37,11 +37,12 @@ def driver(ray_cluster):
     ray.shutdown()
 
 
-def train(out: Path, corpus, workers: int = 2, lines: list | None = None, **overrides) -> dict:
+def train(out: Path, corpus, lines: list | None = None) -> dict:
+    """The test's run on two Ray Train workers, one per node."""
     packed, tok = corpus
-    settings = RaySettings(workers=workers, storage_path=str(out.parent / "ray"), name=f"{out.name}-{time.time_ns()}")
+    settings = RaySettings(workers=2, storage_path=str(out.parent / "ray"), name=f"{out.name}-{time.time_ns()}")
     out.mkdir(parents=True, exist_ok=True)
-    return launch_on_ray(ARCH, cfg(**{**RUN, **overrides}), packed, tok, out, SCALE, settings,
+    return launch_on_ray(ARCH, cfg(**RUN), packed, tok, out, SCALE, settings,
                          report=(lines.append if lines is not None else None))
 
 
