@@ -60,9 +60,9 @@ def sweep(seen: dict[str, dict]) -> None:
             fields = stat[stat.rfind(")") + 2:].split()  # after the command name, which may hold spaces
             key = f"{pid}-{fields[19]}"
             cpu = (int(fields[11]) + int(fields[12])) / tick
-            if key not in seen or not seen[key]["command"]:
+            if key not in seen or not seen[key]["command"]:  # a process's command line is empty while it starts
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                seen[key] = {"pid": int(pid), "command": command[:300], "cpu": cpu}
+                seen[key] = {"pid": int(pid), "command": command[:300]}
             seen[key]["cpu"] = cpu
         except (OSError, IndexError, ValueError):  # the process ended meanwhile
             pass
@@ -97,8 +97,9 @@ def main() -> int:
     processes = [{**p, "cpu": p["cpu"] - before.get(key, 0.0)} for key, p in seen.items() if p["pid"] != own]
     totals, counts = collections.Counter(), collections.Counter()
     for p in processes:
-        totals[kind(p["command"])] += p["cpu"]
-        counts[kind(p["command"])] += 1
+        name = kind(p["command"])
+        totals[name] += p["cpu"]
+        counts[name] += 1
     cpu = sum(totals.values())
     print(f"\n{' '.join(args.command)}: exit code {code}, {wall:.0f} s wall, {cpu:.0f} s of CPU "
           f"({cpu / wall:.2f} cores busy on average, of {os.cpu_count()})")
