@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: (kind, pattern of the command line): the first that matches names a process's kind.
 KINDS = [
     ("pytest and its workers (the tests themselves)", r"exec\(eval\(sys\.stdin|-m pytest"),
+    ("lmforge and python -c commands, forked by tests/preloaded.py", r"tests/preloaded\.py"),
     ("Ray actors and tasks", r"ray/_private/workers/"),
     ("Ray daemons", r"raylet|gcs_server|dashboard|log_monitor|monitor\.py|runtime_env|ray/autoscaler"),
     ("lmforge run", r"lmforge run"),

@@ -76,6 +76,116 @@ def stop_process_group(proc) -> None:
         proc.wait()
 
 
+# --------------------------------------------------------------------------------------------------
+# The commands tests run: forked from a preloaded interpreter where that is the same as a fresh process
+# --------------------------------------------------------------------------------------------------
+
+#: Environment variables that may differ between a command and the preloaded interpreter (tests/preloaded.py):
+#: the libraries read them when they are used, not when they are imported.  Any other difference (PYTHONPATH,
+#: a thread count, ...) runs the command in a fresh interpreter.
+READ_WHEN_USED = ("DAGSTER_HOME", "PATH", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST", "LMFORGE_")
+
+
+class Forked:
+    """A command tests/preloaded.py forked: what the tests use of ``subprocess.Popen`` (``pid``, ``poll``,
+    ``wait``, ``returncode``), its exit code read from the watcher's socket."""
+
+    def __init__(self, args: list[str], conn: socket.socket):
+        self.args, self.returncode, self._conn, self._buffer = args, None, conn, b""
+        self.pid = int(self._line(timeout=60))
+
+    def _line(self, timeout: float | None) -> str:
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            chunk = self._conn.recv(64)
+            if not chunk:
+                raise ConnectionError(f"the preloaded interpreter's watcher of {self.args[:3]} went away")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.returncode = int(self._line(timeout=0))
+            except (BlockingIOError, TimeoutError):
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = int(self._line(timeout))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            self._conn.close()
+        return self.returncode
+
+
+class Preloaded:
+    """This worker's tests/preloaded.py, started when a test first runs a command it can fork."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        """What the preloaded interpreter imported its libraries with: this process's, without the variables a
+        test or a project sets (as ``Project.env`` leaves them out)."""
+        return {k: v for k, v in os.environ.items() if not k.startswith(READ_WHEN_USED)}
+
+    def can_fork(self, cmd: list[str], env: dict[str, str]) -> bool:
+        """``lmforge ...`` or ``python -c ...`` of this checkout's venv, in an environment that differs from the
+        preloaded interpreter's only in what is read when used."""
+        if cmd[0] != str(REPO / ".venv/bin/lmforge") and not (cmd[0] == str(REPO / ".venv/bin/python") and cmd[1:2] == ["-c"]):
+            return False
+        base = self.environment()
+        return all(name.startswith(READ_WHEN_USED) for name in env.keys() | base.keys() if env.get(name) != base.get(name))
+
+    def spawn(self, cmd: list[str], cwd: Path, env: dict[str, str], stdout, stderr) -> Forked:
+        if self.proc is None or self.proc.poll() is not None:
+            folder = tempfile.mkdtemp(prefix="lmforge-preloaded-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            self.socket = os.path.join(folder, "socket")
+            self.proc = subprocess.Popen([str(REPO / ".venv/bin/python"), str(REPO / "tests/preloaded.py"), self.socket],
+                                         env=self.environment(), stdout=subprocess.PIPE, stderr=open(os.path.join(folder, "log"), "w"),
+                                         start_new_session=True, text=True)
+            atexit.register(self.proc.kill)
+            assert self.proc.stdout.readline() == "ready\n", f"tests/preloaded.py did not start: {Path(folder, 'log').read_text()[-3000:]}"
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.socket)
+        with open(os.devnull) as stdin:
+            request = json.dumps({"argv": cmd, "cwd": str(cwd), "env": env}) + "\n"
+            socket.send_fds(conn, [request.encode()], [stdin.fileno(), stdout.fileno(), stderr.fileno()])
+        return Forked(cmd, conn)
+
+
+PRELOADED = Preloaded()
+
+
+def start_command(cmd: list[str], cwd: Path, env: dict[str, str], stdout, stderr=subprocess.STDOUT):
+    """A command in a session of its own (``stop_process_group`` stops it and what it started), its output to
+    the files ``stdout`` and ``stderr`` (``STDOUT``: with the output): forked by the preloaded interpreter where
+    that is the same as a fresh process, else a fresh process."""
+    if PRELOADED.can_fork(cmd, env):
+        return PRELOADED.spawn(cmd, cwd, env, stdout, stdout if stderr == subprocess.STDOUT else stderr)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def run_command(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)``, through ``start_command``."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = start_command(cmd, cwd, env, out, err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (servers in tests bind there)."""
     with socket.socket() as s:
@@ -261,7 +371,7 @@ class Project:
 
     def run(self, *cmd: str, check: bool = True, env: dict | None = None, timeout: int = 900):
         """A command in the project directory, as a user types it (`lmforge ...`, `dvc ...`)."""
-        proc = subprocess.run(cmd, cwd=self.path, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        proc = run_command(list(cmd), self.path, {**self.env, **(env or {})}, timeout)
         if check:
             assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
@@ -573,12 +683,9 @@ class Server:
         else:
             self.store = project.path / "feedback" / "feedback.db"
         self.log = root / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model), "--port", str(self.port), *args],
-            cwd=project.path if project else root, env={**(project.env if project else os.environ), "LMFORGE_SERVE_LOG_LEVEL": "warning"},
-            stdout=open(self.log, "w"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.log, "w") as log:
+            self.proc = start_command([str(REPO / ".venv/bin/lmforge"), "serve", "--model", str(model), "--port", str(self.port), *args],
+                              project.path if project else root, {**(project.env if project else os.environ), "LMFORGE_SERVE_LOG_LEVEL": "warning"}, log)
         try:
             wait_for(f"{self.url}/health", seconds=180)
         except AssertionError:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project, copy_project
+from conftest import REPO, Project, copy_project, start_command
 
 from lmforge.hpsearch import nested
 
@@ -76,8 +75,8 @@ def test_a_killed_search_resumes_to_the_same_best_trial_and_its_overlay_reproduc
 
     # the same search, killed in the middle of a trial after its first (SIGKILL: no clean-up), then started again
     db = killed.artifacts / "hpsearch" / "study.db"
-    proc = subprocess.Popen([str(REPO / ".venv/bin/lmforge"), "run", "--select", "hpsearch"], cwd=killed.path, env=killed.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(os.devnull, "w") as devnull:
+        proc = start_command([str(REPO / ".venv/bin/lmforge"), "run", "--select", "hpsearch"], killed.path, killed.env, devnull)
     deadline = time.monotonic() + 600
     while not running_trial(db) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -100,14 +99,17 @@ def test_a_killed_search_resumes_to_the_same_best_trial_and_its_overlay_reproduc
 
 
 @pytest.mark.slow
-def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_snapshot: Project, tmp_path: Path):
+def test_trials_run_as_ray_tasks_and_report_through_the_shared_study(tiny_snapshot: Project, ray_cluster, tmp_path: Path):
+    """On a cluster that `cluster.address` names (the session's two nodes of one CPU each), not a Ray of the run's own."""
     import yaml
 
     project = copy_project(tiny_snapshot, tmp_path / "ray")
     params = project.params()
     params["hpsearch"].update({"engine": "ray", "parallel": 2, "trials": 2, "pruner": "none"})
+    params["cluster"]["address"] = ray_cluster
     (project.path / "params.yaml").write_text(yaml.safe_dump(params))
-    project.lmforge("run", "--select", "hpsearch", env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    run = project.lmforge("run", "--select", "hpsearch")
+    assert f"ray: joined {ray_cluster}: 2 node(s)" in run.stdout + run.stderr
     summary = project.summary("hpsearch")
     assert summary["trials"] == 2 and summary["ran_now"] == 2
     # each task reported its validation curve to the study the driver reads (the pruner's input), at its steps

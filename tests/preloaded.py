@@ -1,0 +1,129 @@
+"""The tests' preloaded interpreter: a Python process that has imported the heavy libraries lmforge's commands
+import (torch, Lightning, transformers, MLflow, Dagster, ...) once, and forks a child for each ``lmforge ...`` or
+``python -c ...`` command a test runs, instead of a fresh interpreter that imports them all again.
+
+Why: an ``lmforge`` process spends ~4-10 s of CPU importing those libraries before it does anything
+(``import pytorch_lightning`` alone is ~8 s: torchmetrics, torch._dynamo, scipy, matplotlib), and the suite
+runs ~50 such processes on 2 cores.  A forked child runs the same command as a fresh process would: the same
+script or ``-c`` code as ``__main__``, its own working directory, environment, stdin/stdout/stderr (passed over
+the socket) and session (so a test can kill its whole process group), the same exit code.  Only lmforge's
+own code is imported afresh in each child (not preloaded here): from the checkout (the editable install), or
+from the working directory for ``python -c``, as a fresh process would.  tests/conftest.py decides which
+commands come here: none whose environment differs in what a library reads when it is imported.
+
+Protocol, over a Unix socket: a request is one JSON line ``{"argv", "cwd", "env"}`` sent with three file
+descriptors (stdin, stdout, stderr); the reply is two lines, the child's pid at once and its exit code (as
+``subprocess`` gives it: ``-N`` for signal N) when it ends.  A watcher process per request waits for the child,
+so that this process only ever accepts and forks.
+
+Usage: ``python tests/preloaded.py SOCKET`` prints ``ready`` once it listens."""
+
+import atexit
+import gc
+import importlib
+import json
+import os
+import runpy
+import signal
+import socket
+import sys
+import threading
+
+#: What lmforge's commands import that costs seconds; lmforge's own packages are not here (see above).
+PRELOAD = ("torch", "pytorch_lightning", "transformers", "peft", "mlflow", "dagster", "datasets", "great_expectations",
+           "sklearn", "fastapi", "uvicorn", "openai")
+
+
+def receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    """One request: its JSON line and the three descriptors that came with its first bytes."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    while not data.endswith(b"\n"):
+        more = conn.recv(1 << 16)
+        if not more:
+            raise ConnectionError("the request ended before its newline")
+        data += more
+    return json.loads(data), fds
+
+
+def become(request: dict, fds: list[int]) -> None:
+    """In the forked child: turn into the requested command, then exit as the interpreter would after it."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"]
+    try:
+        if argv[1:2] == ["-c"]:  # python -c CODE ARGS: the working directory first on sys.path
+            sys.argv = ["-c", *argv[3:]]
+            sys.path.insert(0, "")
+            exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        else:  # a script (an installed console script such as .venv/bin/lmforge): its directory first on sys.path
+            sys.argv = list(argv)
+            sys.path.insert(0, os.path.dirname(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else (print(exit.code, file=sys.stderr), 1)[1]
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    # what the interpreter does at exit (threads, atexit handlers: logging, MLflow, multiprocessing, weakref finalizers; the
+    # standard streams), but not the teardown of every preloaded module, which here is ~3 s of copy-on-write page faults
+    threading._shutdown()  # non-daemon threads end first (concurrent.futures' workers among them)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def watch(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In a watcher process: fork the command, tell its pid, wait for it, tell its exit code."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the command waits for its own children
+    started, has_session = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        os.close(started)
+        os.setsid()
+        os.close(has_session)  # the pid names a process group now: the test may kill it by that
+        become(request, fds)
+    os.close(has_session)
+    os.read(started, 1)
+    for fd in fds:
+        os.close(fd)
+    try:
+        conn.sendall(f"{pid}\n".encode())
+        _, status = os.waitpid(pid, 0)
+        conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+    except OSError:  # the test went away (it failed or timed out): nothing to tell
+        pass
+    os._exit(0)
+
+
+def serve(path: str) -> None:
+    del sys.path[0]  # this file's folder (tests/): each child puts its own first entry there
+    for name in PRELOAD:
+        importlib.import_module(name)
+    gc.freeze()  # the preloaded objects: no child's garbage collection walks (and so copies) their pages
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # watchers are reaped by the kernel
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(16)
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        request, fds = receive(conn)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            server.close()
+            watch(conn, request, fds)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
