@@ -556,6 +556,8 @@ def pytest_collection_modifyitems(items):
       groups that copy the pipeline (``tiny_snapshot``: by then it is built, and the other worker need not
       wait for it), then the groups with slow tests, then the rest, each as collected: the longest units
       first, so that the short ones at the end even out the two workers' finish.
+    - Within a group, the tests that read the tiny pipeline last: the Ray cluster's group starts on one worker while
+      the other builds the pipeline, instead of waiting for it (~1 minute of a core).
     - The first test that asks for the tiny pipeline builds it: bound the tests that may be first by 30 minutes
       (a hang), not by the 10 minutes of pyproject.toml, so that a slow machine is not mistaken for a hang."""
     def rank(item) -> int:
@@ -569,7 +571,8 @@ def pytest_collection_modifyitems(items):
         first[groups[item]] = min(first.get(groups[item], (5, index)), (rank(item), index))
         if "tiny_build" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(1800))
-    items.sort(key=lambda item: first[groups[item]])  # stable: within a group, in the order collected
+    # stable: within a group (and whether its tests read the tiny pipeline), in the order collected
+    items.sort(key=lambda item: (first[groups[item]], "tiny_build" in getattr(item, "fixturenames", ())))
     if os.environ.get("LMFORGE_TEST_GROUPS") and os.environ.get("PYTEST_XDIST_WORKER"):
         path = Path(os.environ["LMFORGE_TEST_GROUPS"]) / f"{os.environ['PYTEST_XDIST_WORKER']}.json"
         path.write_text(json.dumps({item.nodeid: groups[item] for item in items}))
