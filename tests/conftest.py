@@ -194,14 +194,15 @@ def free_port() -> int:
 
 
 def wait_for(url: str, seconds: int = 120) -> None:
-    """Until ``url`` answers (a server started by a test is up), at most ``seconds``."""
+    """Until ``url`` answers (a server started by a test is up), at most ``seconds``.  Asked five times a
+    second: a refused connection costs nothing, and a test waits ~0.1 s past the server's start, not ~0.5 s."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
         except OSError:
-            time.sleep(1)
+            time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {seconds} s")
 
 
