@@ -3,8 +3,8 @@ import (torch, Lightning, transformers, MLflow, Dagster, ...) once, and forks a 
 ``python -c ...`` command a test runs, instead of a fresh interpreter that imports them all again.
 
 Why: an ``lmforge`` process spends ~4-10 s of CPU importing those libraries before it does anything
-(``import pytorch_lightning`` alone is ~8 s: torchmetrics, torch._dynamo, scipy, matplotlib), and the suite
-runs ~50 such processes on 2 cores.  A forked child runs the same command as a fresh process would: the same
+(``import pytorch_lightning`` alone is ~5 s on an idle core: torchmetrics, torch._dynamo, scipy, matplotlib), and
+the suite runs ~80 such processes on 2 cores.  A forked child runs the same command as a fresh process would: the same
 script or ``-c`` code as ``__main__``, its own working directory, environment, stdin/stdout/stderr (passed over
 the socket) and session (so a test can kill its whole process group), the same exit code.  Only lmforge's
 own code is imported afresh in each child (not preloaded here): from the checkout (the editable install), or
