@@ -567,13 +567,14 @@ def pytest_collection_modifyitems(items):
                 else 3 if item.get_closest_marker("slow") else 4)
 
     groups = {item: group_of(item) for item in items}
+    reads_pipeline = {item: "tiny_build" in getattr(item, "fixturenames", ()) for item in items}
     first = {}  # each group's place: that of its earliest test
     for index, item in enumerate(items):
         first[groups[item]] = min(first.get(groups[item], (5, index)), (rank(item), index))
-        if "tiny_build" in getattr(item, "fixturenames", ()):
+        if reads_pipeline[item]:
             item.add_marker(pytest.mark.timeout(1800))
     # stable: within a group (and whether its tests read the tiny pipeline), in the order collected
-    items.sort(key=lambda item: (first[groups[item]], "tiny_build" in getattr(item, "fixturenames", ())))
+    items.sort(key=lambda item: (first[groups[item]], reads_pipeline[item]))
     if os.environ.get("LMFORGE_TEST_GROUPS") and os.environ.get("PYTEST_XDIST_WORKER"):
         path = Path(os.environ["LMFORGE_TEST_GROUPS"]) / f"{os.environ['PYTEST_XDIST_WORKER']}.json"
         path.write_text(json.dumps({item.nodeid: groups[item] for item in items}))

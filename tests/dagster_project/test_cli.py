@@ -1,6 +1,5 @@
 """``lmforge run`` end to end on a tiny corpus, and its errors: one clear line, no traceback."""
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -91,39 +90,34 @@ def test_bad_selection(params_file: Path):
     assert result.exit_code == 1 and "matches no asset" in result.output
 
 
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
 def test_demo_corpus_command_writes_a_complete_corpus_once_and_the_same_bytes_when_rebuilt(tmp_path: Path):
     """The demo corpus is real and offline, in every promised format; built again, it is byte-identical."""
+    from lmforge.artifacts import weights_sha256  # names and bytes of every file under a folder
     from lmforge.demo_corpus import MANIFEST, build_demo_corpus
     from lmforge.formats import html_to_text
 
-    result = invoke("demo-corpus", "--data", str(tmp_path / "a"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = invoke("demo-corpus", "--data", str(a))
     assert result.exit_code == 0 and "demo corpus written" in result.output
-    counts = json.loads((tmp_path / "a" / MANIFEST).read_text())["counts"]
-    raw = tmp_path / "a" / "raw"
+    counts = json.loads((a / MANIFEST).read_text())["counts"]
+    raw = a / "raw"
     suffixes = {p.suffix for p in (raw / "packages").iterdir()}
     assert {".md", ".rst"} <= suffixes
     assert (raw / "stdlib" / "json.txt").read_text().startswith("JSON (JavaScript Object Notation)")
     page = (raw / "html" / "json.html").read_text()
     assert "<h2 id=\"dumps\">" in page and "dumps(" in html_to_text(page)
     assert counts["packages"] > 50 and counts["stdlib"] > 100 and counts["html"] >= counts["stdlib"]
-    classification = [json.loads(line) for line in (tmp_path / "a/finetune/classification.jsonl").read_text().splitlines()]
-    summarisation = [json.loads(line) for line in (tmp_path / "a/finetune/summarisation.jsonl").read_text().splitlines()]
+    classification = [json.loads(line) for line in (a / "finetune/classification.jsonl").read_text().splitlines()]
+    summarisation = [json.loads(line) for line in (a / "finetune/summarisation.jsonl").read_text().splitlines()]
     assert len(classification) == counts["classification"] >= 50
     assert {r["label"] for r in classification} == {"readme", "module", "api"}
     assert all(len(r["text"].split()) >= 25 and r["source"].startswith({"readme": "packages/"}.get(r["label"], "stdlib/")) for r in classification)
     assert len(summarisation) >= 50 and all(r["document"] and r["summary"] for r in summarisation)
     assert not any(p.name.startswith("lmforge") for p in (raw / "packages").iterdir())
 
-    build_demo_corpus(tmp_path / "b", REPO / "requirements.lock")  # what the command calls
-    assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
-    again = invoke("demo-corpus", "--data", str(tmp_path / "a"))
+    build_demo_corpus(b, REPO / "requirements.lock")  # what the command calls
+    assert weights_sha256(a) == weights_sha256(b)
+    again = invoke("demo-corpus", "--data", str(a))
     assert again.exit_code == 0 and "leaving it as it is" in again.output
 
 
