@@ -494,6 +494,20 @@ def ray_cluster():
     cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster):
+    """This test process as a Ray driver of ``ray_cluster`` for a module's tests.  The stages they call join
+    it (``lmforge.cluster.connected`` reuses a connected driver), so their tasks run in the same Ray workers:
+    a driver of its own per stage started new workers on both nodes each time, each importing Ray and the
+    stage's code again (~2-6 s of CPU a worker).  Joining is tested where a stage runs in its own process
+    (``lmforge run`` in tests/lmforge/test_hpsearch.py, tests/models/test_ray_training.py)."""
+    import ray
+
+    ray.init(address=ray_cluster)
+    yield
+    ray.shutdown()
+
+
 def copy_project(project: Project, root: Path) -> Project:
     """A copy of ``project`` (its files, git and DVC state, artifacts) with a fresh Dagster instance: for
     tests that change files.  Relative paths in params.yaml make the copy write its own artifacts."""

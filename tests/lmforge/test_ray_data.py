@@ -71,7 +71,7 @@ def quiet_ray_data():
 
 
 @pytest.fixture(scope="module")
-def ingested(ray_cluster, quiet_ray_data, tmp_path_factory) -> dict:
+def ingested(ray_cluster, ray_driver, quiet_ray_data, tmp_path_factory) -> dict:
     """The mixed corpus ingested by each engine, once for the module."""
     root = tmp_path_factory.mktemp("ray_engines")
     raw, sources = mixed_corpus(root)
@@ -299,7 +299,7 @@ def test_the_first_copy_of_a_text_in_corpus_order_wins():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_an_empty_corpus_and_an_empty_clean_dataset_are_clear_errors_on_both_engines(ray_cluster, quiet_ray_data, tmp_path: Path, engine: str):
+def test_an_empty_corpus_and_an_empty_clean_dataset_are_clear_errors_on_both_engines(ray_cluster, ray_driver, quiet_ray_data, tmp_path: Path, engine: str):
     """Nothing to ingest, or nothing that survives cleaning: a clear error, never a crash inside
     ``datasets``; the records that say why are written before it.  (In a run, the blocking check
     clean/min_rows stops an empty clean dataset before split: tests/dagster_project/test_cli.py.)"""

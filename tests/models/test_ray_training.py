@@ -27,16 +27,6 @@ RUN = dict(max_steps=80, checkpoint_every=20, val_every=40)
 SCALE = Scale(strategy="ddp", engine="ray", accelerator="cpu")
 
 
-@pytest.fixture(scope="module")
-def driver(ray_cluster):
-    """This test process as the Ray driver of the two-node cluster."""
-    import ray
-
-    ray.init(address=ray_cluster)
-    yield
-    ray.shutdown()
-
-
 def train(out: Path, corpus, lines: list | None = None) -> dict:
     """The test's run on two Ray Train workers, one per node."""
     packed, tok = corpus
@@ -64,7 +54,7 @@ def worker_starts(lines: list[str]) -> list[tuple[int, str, range, int]]:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, corpus_dirs, driver):
+def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, corpus_dirs, ray_driver):
     lines: list[str] = []
     whole = train(tmp_path / "whole", corpus_dirs, lines=lines)
     assert whole["workers"] == 2 and whole["steps"] == RUN["max_steps"] and whole["resumed_from_step"] is None
@@ -114,7 +104,7 @@ def test_more_workers_than_train_blocks_is_one_clear_error_before_any_worker_sta
         launch_on_ray(ARCH, cfg(**RUN), packed, tok, tmp_path, SCALE, RaySettings(workers=blocks + 1))
 
 
-def test_a_worker_group_the_cluster_cannot_hold_is_reported(driver):
+def test_a_worker_group_the_cluster_cannot_hold_is_reported(ray_driver):
     """Ray Train would wait for nodes without a word: the driver says what is missing first."""
     assert short_of(RaySettings(workers=2)) == ""  # two nodes of one CPU each
     assert short_of(RaySettings(workers=3)) == "3 CPU (the cluster has 2)"
