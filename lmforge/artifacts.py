@@ -324,13 +324,3 @@ def value_counts(ds, column: str) -> dict[str, int]:
         return {}
     return dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(ds.data.column(column)).to_pylist()))
 
-
-def weights_sha256(model_dir: Path) -> str:
-    """A hash of every file of a model directory (names and bytes): the same model, the same hash."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(model_dir)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

@@ -221,7 +221,7 @@ def default_model(registry_name: str) -> str:
 def load_model(ref: str, tracking_uri: str | None) -> tuple[Any, Any, str]:
     """(model, tokenizer, resolved version) for a model directory or MLflow URI; a clear error for a
     missing registry entry or a masked LM (it cannot generate)."""
-    from lmforge.artifacts import weights_sha256
+    from models.checksums import weights_sha256
     from lmforge.registry import model_directory
     from models.generation import load
 

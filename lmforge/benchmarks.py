@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.artifacts import read_jsonl, read_summary, weights_sha256, write_jsonl, write_summary
+from lmforge.artifacts import read_jsonl, read_summary, write_jsonl, write_summary
 from lmforge.context import QUIET, RunContext
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Out, Stage
+from models.checksums import weights_sha256
 
 
 BENCHMARK_EVAL = Stage(

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import gguf_convert
-from lmforge.artifacts import fresh_dir, read_summary, weights_sha256, write_params, write_summary
+from lmforge.artifacts import fresh_dir, read_summary, write_params, write_summary
 from lmforge.context import QUIET, RunContext
 from lmforge.fetch import check_hash, download_sdist, sha256_file
 from lmforge.finetune import champion
@@ -45,6 +45,7 @@ from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.stages import Stage
 from lmforge.tracking import tracked_run
 from models import onnx_genai
+from models.checksums import weights_sha256
 
 
 EXPORT = Stage(

@@ -28,12 +28,13 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from lmforge.artifacts import read_summary, weights_sha256, write_summary
+from lmforge.artifacts import read_summary, write_summary
 from lmforge.context import QUIET, RunContext
 from lmforge.params import REPO_ROOT, LmforgeError, Params
 from lmforge.sources import source_tags
 from lmforge.stages import Stage
 from lmforge.tracking import lineage_tags, tracked_run, tracking_uri
+from models.checksums import weights_sha256
 
 
 REGISTER = Stage(

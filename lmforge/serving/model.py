@@ -1,7 +1,6 @@
 """What is served: a model loaded for serving, from a directory or the MLflow registry, its ONNX twin for
 the onnx engine, and where a server of an alias looks for the alias's next version."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +56,9 @@ def load_served(ref: str, tracking_uri: str | None, name: str | None = None, onn
 
 def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_uri: str | None) -> Path:
     """The ONNX model the onnx engine decodes with.  For a registry version, the one the export stage
-    built, checked and tagged on it (``onnx_<precision>_uri``); otherwise (or without that tag) built
-    here once from ``directory`` and cached by the weights' hash under ``$LMFORGE_CACHE`` (default
-    ``~/.cache/lmforge``): ~10 s for SmolLM2-135M."""
-    from lmforge.artifacts import weights_sha256
-    from models.onnx_genai import CONFIG, OnnxBuildError, build
+    built, checked and tagged on it (``onnx_<precision>_uri``); otherwise (or without that tag) the build
+    of ``directory`` in the cache of ONNX builds (``models.onnx_genai.built``), made the first time."""
+    from models.onnx_genai import CONFIG, OnnxBuildError, built
 
     if pinned.startswith("models:/") and "@" not in pinned:
         import mlflow
@@ -75,13 +72,10 @@ def onnx_model(pinned: str, directory: Path, precision: OnnxPrecision, tracking_
             found = sorted(p.parent for p in Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)).rglob(CONFIG))
             if found:
                 return found[0]
-    cache = Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge") / "onnx" / f"{weights_sha256(directory)[:16]}-{precision}"
-    if not (cache / CONFIG).is_file():
-        try:
-            build(directory, cache, precision)
-        except OnnxBuildError as exc:
-            raise LmforgeError(f"serve --engine onnx: {exc}\n(serve it with --engine dynamic or continuous)") from None
-    return cache
+    try:
+        return built(directory, precision)
+    except OnnxBuildError as exc:
+        raise LmforgeError(f"serve --engine onnx: {exc}\n(serve it with --engine dynamic or continuous)") from None
 
 
 @dataclass

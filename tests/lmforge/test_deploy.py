@@ -236,7 +236,7 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
 
     import mlflow
     from lmforge.export import run_export
-    from lmforge.artifacts import weights_sha256
+    from models.checksums import weights_sha256
     from lmforge.fetch import sha256_file
     from lmforge.registry import run_register
 
@@ -276,16 +276,21 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
     assert weights_sha256(found) == tags["onnx_int8_sha256"]
 
 
-def test_the_onnx_graph_generates_what_transformers_generates(tmp_path: Path):
+def test_the_onnx_graph_generates_what_transformers_generates(tmp_path: Path, monkeypatch):
     """``OnnxCausalLM.generate`` over the fp32 graph, for a left-padded batch of prompts of different
     lengths: PyTorch's greedy tokens, and each row's tokens as alone (its rows are padded on the right
-    inside, ``KVBatch``); sampled with a seed, the same tokens again."""
-
+    inside, ``KVBatch``); sampled with a seed, the same tokens again.  A second build of the same model
+    is a copy of the first, from the cache of builds, with no builder run."""
+    from models.checksums import weights_sha256
     from models.loading import load_model
     from models.onnx_genai import OnnxCausalLM, build
 
     source = save_tiny_llama(tmp_path / "llama", heads=2)
     build(source, tmp_path / "onnx", "fp32")
+    with monkeypatch.context() as patch:
+        patch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"the builder ran again: {a}"))
+        build(source, tmp_path / "again", "fp32")
+    assert weights_sha256(tmp_path / "again") == weights_sha256(tmp_path / "onnx")
     reference = load_model(source, "causal").eval()
     onnx = OnnxCausalLM(tmp_path / "onnx", reference.config)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
