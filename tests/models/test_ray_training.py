@@ -1,6 +1,6 @@
 """Pretraining on a Ray cluster of two nodes (tests/conftest.py's ``ray_cluster``, CPU, gloo): Ray Train
 runs the same Lightning code, a killed worker is restarted and the run ends where an uninterrupted one
-does, its checkpoint resumes on one process of this machine, and ``lmforge run`` does it all from Dagster with
+(torchrun's) does, a checkpoint of two processes resumes on one, and ``lmforge run`` does it all from Dagster with
 MLflow behind a tracking server."""
 
 import json
@@ -55,18 +55,16 @@ def worker_starts(lines: list[str]) -> list[tuple[int, str, range, int]]:
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, corpus_dirs, ray_driver):
-    lines: list[str] = []
-    whole = train(tmp_path / "whole", corpus_dirs, lines=lines)
-    assert whole["workers"] == 2 and whole["steps"] == RUN["max_steps"] and whole["resumed_from_step"] is None
-    workers = placements(lines)
-    assert sorted(rank for rank, _, _ in workers) == [0, 1]
-    assert len({node for _, node, _ in workers}) == 2, f"both workers on one Ray node: {lines}"  # really two nodes
-    # each node reads its own half of the train blocks, one contiguous slice of the packed file
-    shares = [share for _, _, share, _ in sorted(worker_starts(lines))]
-    assert shares[0].start == 0 and shares[0].stop == shares[1].start and shares[1].stop == len(PackedBlocks(corpus_dirs[0], "train"))
-    assert any(line.startswith("step 40/80") for line in lines)  # rank 0's progress reached the driver
+    """The uninterrupted run is the same DDP run on two processes of this machine (torchrun, the local engine):
+    where a run's processes start is not part of it, so Ray Train's two workers end where torchrun's two do."""
+    from models.training import launch
 
-    lines = []
+    packed, tok = corpus_dirs
+    whole = launch(ARCH, cfg(**RUN), packed, tok, tmp_path / "whole", Scale(strategy="ddp", devices=2, accelerator="cpu"))
+    assert whole["steps"] == RUN["max_steps"] and whole["resumed_from_step"] is None
+    assert whole["tokens_seen"] == RUN["max_steps"] * 4 * 2 * 64  # two processes, each its own batch of 4 blocks of 64
+
+    lines: list[str] = []
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(train(tmp_path / "killed", corpus_dirs, lines=lines)))
     thread.start()
@@ -74,13 +72,20 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     deadline = time.time() + 300
     while not first.exists() and thread.is_alive() and time.time() < deadline:
         time.sleep(0.02)
-    victim = next(pid for rank, _, pid in placements(lines) if rank == 1)
+    workers = placements(lines)
+    assert sorted(rank for rank, _, _ in workers) == [0, 1], lines
+    assert len({node for _, node, _ in workers}) == 2, f"both workers on one Ray node: {lines}"  # really two nodes
+    # each node reads its own half of the train blocks, one contiguous slice of the packed file
+    shares = [share for _, _, share, _ in sorted(worker_starts(lines))]
+    assert shares[0].start == 0 and shares[0].stop == shares[1].start and shares[1].stop == len(PackedBlocks(packed, "train"))
+    victim = next(pid for rank, _, pid in workers if rank == 1)
     subprocess.run(["kill", "-KILL", str(victim)], check=True)  # a real kill: no handler, no cleanup
     thread.join(timeout=600)
     assert outcome, "the run did not finish"
     assert len(placements(lines)) == 4, f"the worker group did not start again:\n{lines}"  # 2 workers, twice
+    assert outcome["workers"] == 2 and outcome["steps"] == RUN["max_steps"]
     assert outcome["resumed_from_step"] is not None and outcome["resumed_from_step"] < RUN["max_steps"]
-    assert outcome["steps"] == RUN["max_steps"]
+    assert any(line.startswith("step 40/80") for line in lines)  # rank 0's progress reached the driver
     assert abs(outcome["final_train_loss"] - whole["final_train_loss"]) < 1e-4
     assert abs(outcome["final_val_loss"] - whole["final_val_loss"]) < 1e-4
 

@@ -177,16 +177,6 @@ def test_wall_clock_budget_and_early_stopping_end_a_run_before_max_steps(tmp_pat
     assert stopped["steps"] == 10
 
 
-@pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path: Path, corpus_dirs):
-    from models.train_config import Scale
-    from models.training import launch
-
-    packed, tok = corpus_dirs
-    result = launch(ARCH, cfg(max_steps=4, val_every=2), packed, tok, tmp_path, Scale(strategy="ddp", devices=2, accelerator="cpu"))
-    assert result["steps"] == 4 and result["tokens_seen"] == 4 * 4 * 2 * 64 and np.isfinite(result["final_val_loss"])
-
-
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, corpus_dirs):
     packed, tok = corpus_dirs
     summary = pretrain(ARCH, cfg(max_steps=6, val_every=3, precision="bf16-mixed"), packed, tok, tmp_path, progress=False)
