@@ -63,11 +63,12 @@ demo: install $(PRETRAINED) $(BENCHMARKS) $(CONVERTER)
 test: install $(CHROMIUM) $(PRETRAINED) $(BENCHMARKS) $(CONVERTER)
 	$(BIN)/python -m pytest
 
-# MLflow's UI without its job runner (eight processes, ~40 s of CPU at start): it runs GenAI jobs lmforge never submits.
+# MLflow's UI without its job runner (eight processes, ~40 s of CPU at start): it runs GenAI jobs lmforge never submits;
+# and in one worker process, not uvicorn's four (each imports MLflow's server, ~3 s of CPU): one user's browser.
 ui: install
 	@echo "Dagster UI: http://127.0.0.1:3000   MLflow UI: http://127.0.0.1:5000   (Ctrl-C stops both)"
 	trap 'kill 0' INT TERM EXIT; \
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow/mlflow.db & \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///mlflow/mlflow.db & \
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean-artifacts:

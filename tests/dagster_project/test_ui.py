@@ -114,7 +114,8 @@ def test_dagster_and_mlflow_uis_in_a_real_browser(tiny_project: Project, tmp_pat
         start_new_session=True,
     )
     mlflow = subprocess.Popen(
-        [str(REPO / ".venv/bin/mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port), "--backend-store-uri", tiny_project.mlflow_uri],
+        [str(REPO / ".venv/bin/mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+         "--backend-store-uri", tiny_project.mlflow_uri],
         cwd=tmp_path, env=tiny_project.env, stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

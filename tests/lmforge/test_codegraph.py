@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import REPO
+from conftest import REPO, run_command
 
 from lmforge import codegraph, stages
 
@@ -82,7 +82,9 @@ def test_the_modules_python_imports_are_inside_the_closure():
     code = (f"import sys; import {', '.join(modules)}; "
             "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in "
             f"{codegraph.PACKAGES!r} and getattr(m, '__file__', None))))")
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    result = run_command([str(REPO / ".venv/bin/python"), "-c", code], REPO, dict(os.environ), timeout=300)  # no module of ours loaded before
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = result.stdout.split()
     loaded = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
     assert loaded - set().union(*(closure(s) for s in ALL_STAGES)) == set()
 
