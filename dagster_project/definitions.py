@@ -23,4 +23,9 @@ defs = dg.Definitions(
     sensors=SENSORS,
     resources={"lmforge_params": ParamsResource()},
     loggers={"console": console},
+    # every run's steps in the run's own process, as `lmforge run` runs them: Dagster's default executor starts a
+    # Python per step, each importing torch, Lightning, transformers and MLflow again (~5-10 s of CPU a step on a
+    # laptop, and 25 steps in the whole pipeline); a stage uses every core itself, and one that needs more
+    # processes starts them (torchrun, Ray)
+    executor=dg.in_process_executor,
 )

@@ -94,7 +94,6 @@ tiny_job = dg.define_asset_job(
     "tiny_job",
     selection=EVERYTHING,
     tags={TIER_TAG: "tiny"},
-    executor_def=dg.in_process_executor,  # one process, one import of torch: minutes on a laptop CPU
     description="The whole pipeline at the tiny tier (~5 minutes on 2 CPU cores; artifacts/tiny, registry lmforge-tiny).",
 )
 gpu_job = dg.define_asset_job(

@@ -69,3 +69,11 @@ def test_checks_are_blocking():
     warnings = {("finetune_classifier", "beats_majority_baseline"), ("finetune_classifier", "beats_classical_baseline"), ("finetune_sft", "beats_zero_shot"), ("distil", "beats_from_scratch"),
                 ("quantize", "kept_benchmarks"), ("finetune_sft", "kept_benchmarks")}  # quantize's blocking gate is perplexity_within_threshold, which includes the benchmarks
     assert all(spec.blocking != (key in warnings) for key, spec in specs.items())
+
+
+def test_every_run_executes_its_steps_in_its_own_process():
+    """A run launched from the UI, a schedule or a sensor runs as `lmforge run` does: not a Python per step."""
+    from dagster_project.jobs import JOBS
+
+    jobs = [defs.resolve_implicit_global_asset_job_def()] + [defs.resolve_job_def(job.name) for job in JOBS]
+    assert {job.name: job.executor_def.name for job in jobs} == {job.name: "in_process" for job in jobs}
