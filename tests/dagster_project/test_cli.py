@@ -92,9 +92,9 @@ def test_bad_selection(params_file: Path):
 
 def test_demo_corpus_command_writes_a_complete_corpus_once_and_the_same_bytes_when_rebuilt(tmp_path: Path):
     """The demo corpus is real and offline, in every promised format; built again, it is byte-identical."""
-    from models.checksums import weights_sha256  # names and bytes of every file under a folder
     from lmforge.demo_corpus import MANIFEST, build_demo_corpus
     from lmforge.formats import html_to_text
+    from models.checksums import weights_sha256  # names and bytes of every file under a folder
 
     a, b = tmp_path / "a", tmp_path / "b"
     result = invoke("demo-corpus", "--data", str(a))

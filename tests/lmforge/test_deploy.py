@@ -236,9 +236,9 @@ def test_export_writes_gguf_files_that_read_back_to_the_same_model(project: Path
 
     import mlflow
     from lmforge.export import run_export
-    from models.checksums import weights_sha256
     from lmforge.fetch import sha256_file
     from lmforge.registry import run_register
+    from models.checksums import weights_sha256
 
     params = load_params()
     params.export.types, params.export.onnx = ["f32", "q8_0", "q4_1"], []

@@ -18,7 +18,7 @@ from conftest import REPO, cfg, copy_project, free_port, tiny_arch, wait_for
 from models.data import PackedBlocks
 from models.ray_training import RaySettings, launch_on_ray, short_of
 from models.train_config import Scale
-from models.training import pretrain
+from models.training import launch, pretrain
 
 #: The test kills a worker as soon as the first checkpoint (step 20) is on disk: the 60 steps after it (seconds)
 #: are the margin for the kill to land before the end; DDP's all-reduce then holds rank 0 until the group restarts.
@@ -57,8 +57,6 @@ def worker_starts(lines: list[str]) -> list[tuple[int, str, range, int]]:
 def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, corpus_dirs, ray_driver):
     """The uninterrupted run is the same DDP run on two processes of this machine (torchrun, the local engine):
     where a run's processes start is not part of it, so Ray Train's two workers end where torchrun's two do."""
-    from models.training import launch
-
     packed, tok = corpus_dirs
     whole = launch(ARCH, cfg(**RUN), packed, tok, tmp_path / "whole", Scale(strategy="ddp", devices=2, accelerator="cpu"))
     assert whole["steps"] == RUN["max_steps"] and whole["resumed_from_step"] is None
