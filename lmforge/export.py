@@ -8,7 +8,8 @@ metadata keys; a hand-written writer would have to track all of that.  It is not
 as a wheel, but the source distribution of ``llama-cpp-python`` vendors it with the ``gguf`` package it
 was released with: ``lmforge fetch-converter`` (make runs it) downloads that sdist with
 ``pip download --no-deps --no-binary``, checks it against the sha256 pinned here and extracts the
-converter only (nothing is built).  ``lmforge.gguf_convert`` runs it in its own process.
+converter only (nothing is built).  ``lmforge.gguf_convert`` runs it in its own process, forked from
+the stage's (``models.forking``).
 
 For each precision of ``export.onnx``, ONNX Runtime GenAI's model builder writes an ONNX model
 (``models.onnx_genai``): what ``lmforge serve --engine onnx`` decodes with, ~8× faster than PyTorch
@@ -26,9 +27,8 @@ ONNX model, ``params.json`` and ``summary.json``.
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -46,6 +46,7 @@ from lmforge.stages import Stage
 from lmforge.tracking import tracked_run
 from models import onnx_genai
 from models.checksums import weights_sha256
+from models.forking import run_module
 
 
 EXPORT = Stage(
@@ -100,8 +101,7 @@ def convert(converter: Path, model_dir: Path, out: Path, kind: str) -> None:
     """Write ``model_dir`` (a Hugging Face directory) as a GGUF file of type ``kind`` (``lmforge.gguf_convert``)."""
     if not (converter / STAMP).is_file():
         raise LmforgeError(f"llama.cpp's converter is not in {converter}: run `lmforge fetch-converter` (make does)")
-    cmd = [sys.executable, "-m", gguf_convert.__name__, str(converter), str(model_dir), str(out), kind]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    result = run_module(gguf_convert.__name__, [str(converter), str(model_dir), str(out), kind], dict(os.environ), cwd=REPO_ROOT)
     if result.returncode != 0:
         out.unlink(missing_ok=True)
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]

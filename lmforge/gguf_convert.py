@@ -2,7 +2,8 @@
 
 Run as a script, in its own process, never imported by lmforge: the converter puts its own copy of
 the ``gguf`` package (``gguf-py``, the one it was released with) first on ``sys.path``, and that copy
-must not meet the ``gguf`` lmforge has installed.
+must not meet the ``gguf`` lmforge has installed (a process forked by ``models.forking`` may have imported
+that one: it is forgotten first).
 
     python -m lmforge.gguf_convert CONVERTER_DIR MODEL_DIR OUTFILE TYPE
 
@@ -42,6 +43,8 @@ def _is_gpt2_byte_level(model_dir: Path) -> bool:
 
 def main(converter: Path, model_dir: Path, outfile: Path, kind: str) -> None:
     sys.path[:0] = [str(converter), str(converter / "gguf-py")]
+    for name in [name for name in sys.modules if name == "gguf" or name.startswith("gguf.")]:
+        del sys.modules[name]  # the installed one, which the process this one was forked from had imported
     import gguf
     from conversion import base
 

@@ -12,12 +12,13 @@ text more (this model's weights were already 4-bit once).
 
 - ``build``: ``python -m onnxruntime_genai.models.builder`` in its own process (it imports the whole
   Hugging Face model and writes ``model.onnx`` + ``model.onnx.data`` + ``genai_config.json`` +
-  the tokenizer files).  It knows the usual decoder families (Llama, Mistral, Qwen, Phi, Gemma...).
+  the tokenizer files), forked from this one (``models.forking``: torch and transformers are imported
+  already).  It knows the usual decoder families (Llama, Mistral, Qwen, Phi, Gemma...).
   ``built`` keeps each build under ``$LMFORGE_CACHE/onnx`` (default ``~/.cache/lmforge``), keyed by the
   hash of the model's files, the precision and the builder's version: the builder writes the same bytes
   from the same files, so the quantize stage's ``onnx_int8`` variant, the export stage's int8 model and
-  ``lmforge serve --engine onnx`` of one champion are one build (~10 s for SmolLM2-135M; ~7 s, mostly
-  the builder's imports, for the tiniest model).  Delete the folder to free its space.
+  ``lmforge serve --engine onnx`` of one champion are one build (~10 s for SmolLM2-135M; ~2 s for
+  the tiniest model, ~7 s in a fresh interpreter, mostly its imports).  Delete the folder to free its space.
 - ``Graph``: the built graph in an ONNX Runtime session: one forward step over a batch, with the keys
   and values of the tokens before it.
 - ``KVBatch``: rows of different lengths decoded together over the graph, each exactly as alone.
@@ -43,14 +44,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from models.forking import run_module
 from models.train_config import OnnxPrecision
 
 CONFIG = "genai_config.json"
@@ -84,10 +84,8 @@ def built(model_dir: Path, precision: OnnxPrecision) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=cache) as tmp:  # another process may build the same model
         out = Path(tmp) / "model"
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
-                   "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "builder-cache")]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        args = ["-i", str(model_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "builder-cache")]
+        result = run_module("onnxruntime_genai.models.builder", args, {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
         if result.returncode != 0 or not (out / CONFIG).is_file():
             tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-6:])
             raise OnnxBuildError(f"ONNX Runtime GenAI's model builder could not build {model_dir} ({precision}):\n{tail}")
