@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from preloaded import PRELOAD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -134,12 +135,17 @@ class Preloaded:
         return {k: v for k, v in os.environ.items() if not k.startswith(READ_WHEN_USED)}
 
     def can_fork(self, cmd: list[str], env: dict[str, str]) -> bool:
-        """``lmforge ...`` or ``python -c ...`` of this checkout's venv, in an environment that differs from the
-        preloaded interpreter's only in what is read when used."""
-        if cmd[0] != str(REPO / ".venv/bin/lmforge") and not (cmd[0] == str(REPO / ".venv/bin/python") and cmd[1:2] == ["-c"]):
+        """``lmforge ...`` or ``python [-P] -c ...`` of this checkout's venv, in an environment that differs from the
+        preloaded interpreter's only in what is read when used, and in a ``$PYTHONPATH`` (the child puts it first on
+        ``sys.path``) that holds none of the preloaded libraries."""
+        python = cmd[0] in (str(REPO / ".venv/bin/python"), sys.executable)
+        if cmd[0] != str(REPO / ".venv/bin/lmforge") and not (python and (cmd[1:2] == ["-c"] or cmd[1:3] == ["-P", "-c"])):
+            return False
+        path = [Path(entry) for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+        if any((entry / name).exists() or (entry / f"{name}.py").exists() for entry in path for name in PRELOAD):
             return False
         base = self.environment()
-        return all(name.startswith(READ_WHEN_USED) for name in env.keys() | base.keys() if env.get(name) != base.get(name))
+        return all(name.startswith(READ_WHEN_USED) or name == "PYTHONPATH" for name in env.keys() | base.keys() if env.get(name) != base.get(name))
 
     def spawn(self, cmd: list[str], cwd: Path, env: dict[str, str], stdout, stderr) -> Forked:
         if self.proc is None or self.proc.poll() is not None:

@@ -7,8 +7,8 @@ Why: an ``lmforge`` process spends ~4-10 s of CPU importing those libraries befo
 the suite runs ~80 such processes on 2 cores.  A forked child runs the same command as a fresh process would: the same
 script or ``-c`` code as ``__main__``, its own working directory, environment, stdin/stdout/stderr (passed over
 the socket) and session (so a test can kill its whole process group), the same exit code.  Only lmforge's
-own code is imported afresh in each child (not preloaded here): from the checkout (the editable install), or
-from the working directory for ``python -c``, as a fresh process would.  tests/conftest.py decides which
+own code is imported afresh in each child (not preloaded here): from the checkout (the editable install), from
+the working directory for ``python -c``, or from ``$PYTHONPATH`` (a copy of the code), as a fresh process would.  tests/conftest.py decides which
 commands come here: none whose environment differs in what a library reads when it is imported.
 
 Protocol, over a Unix socket: a request is one JSON line ``{"argv", "cwd", "env"}`` sent with three file
@@ -55,10 +55,15 @@ def become(request: dict, fds: list[int]) -> None:
     os.environ.update(request["env"])
     argv = request["argv"]
     try:
-        if argv[1:2] == ["-c"]:  # python -c CODE ARGS: the working directory first on sys.path
-            sys.argv = ["-c", *argv[3:]]
-            sys.path.insert(0, "")
-            exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        # what a fresh interpreter puts first on sys.path: $PYTHONPATH, and before it the working directory
+        # for -c (not with -P) or the script's directory
+        sys.path[:0] = [entry for entry in request["env"].get("PYTHONPATH", "").split(os.pathsep) if entry]
+        safe_path = argv[1:2] == ["-P"]
+        if argv[1 + safe_path:2 + safe_path] == ["-c"]:  # python [-P] -c CODE ARGS
+            sys.argv = ["-c", *argv[3 + safe_path:]]
+            if not safe_path:
+                sys.path.insert(0, "")
+            exec(compile(argv[2 + safe_path], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
         else:  # a script (an installed console script such as .venv/bin/lmforge): its directory first on sys.path
             sys.argv = list(argv)
             sys.path.insert(0, os.path.dirname(argv[0]))
