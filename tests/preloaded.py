@@ -8,8 +8,9 @@ the suite runs ~80 such processes on 2 cores.  A forked child runs the same comm
 script or ``-c`` code as ``__main__``, its own working directory, environment, stdin/stdout/stderr (passed over
 the socket) and session (so a test can kill its whole process group), the same exit code.  Only lmforge's
 own code is imported afresh in each child (not preloaded here): from the checkout (the editable install), from
-the working directory for ``python -c``, or from ``$PYTHONPATH`` (a copy of the code), as a fresh process would.  tests/conftest.py decides which
-commands come here: none whose environment differs in what a library reads when it is imported.
+the working directory for ``python -c``, or from ``$PYTHONPATH`` (a copy of the code), as a fresh process would.
+tests/conftest.py decides which commands come here: none whose environment differs in what a library reads when
+it is imported.
 
 Protocol, over a Unix socket: a request is one JSON line ``{"argv", "cwd", "env"}`` sent with three file
 descriptors (stdin, stdout, stderr); the reply is two lines, the child's pid at once and its exit code (as
