@@ -27,7 +27,6 @@ ONNX model, ``params.json`` and ``summary.json``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 import tempfile
@@ -101,7 +100,7 @@ def convert(converter: Path, model_dir: Path, out: Path, kind: str) -> None:
     """Write ``model_dir`` (a Hugging Face directory) as a GGUF file of type ``kind`` (``lmforge.gguf_convert``)."""
     if not (converter / STAMP).is_file():
         raise LmforgeError(f"llama.cpp's converter is not in {converter}: run `lmforge fetch-converter` (make does)")
-    result = run_module(gguf_convert.__name__, [str(converter), str(model_dir), str(out), kind], dict(os.environ), cwd=REPO_ROOT)
+    result = run_module(gguf_convert.__name__, [str(converter), str(model_dir), str(out), kind], cwd=REPO_ROOT)
     if result.returncode != 0:
         out.unlink(missing_ok=True)
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]

@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 
 
-def run_module(module: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``module`` as ``__main__`` with ``args``, wait, and return its exit code and output (text)."""
+def run_module(module: str, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``module`` as ``__main__`` with ``args`` (in ``env``, else this process's environment), wait, and return
+    its exit code and output (text)."""
     argv = [sys.executable, "-m", module, *args]
     if sys.platform != "linux":
         return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
@@ -44,7 +45,7 @@ def run_module(module: str, args: list[str], env: dict[str, str], cwd: Path | No
                                            err.read().decode(errors="replace"))
 
 
-def _become(module: str, args: list[str], env: dict[str, str], cwd: Path | None, out: int, err: int) -> None:
+def _become(module: str, args: list[str], env: dict[str, str] | None, cwd: Path | None, out: int, err: int) -> None:
     """In the forked child: run the module, then exit with its code, whatever happens."""
     code = 1
     try:
@@ -53,8 +54,9 @@ def _become(module: str, args: list[str], env: dict[str, str], cwd: Path | None,
         sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # not the parent's objects or their locks
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
-        os.environ.clear()
-        os.environ.update(env)
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
         if cwd is not None:
             os.chdir(cwd)
         sys.argv = [module, *args]
@@ -67,6 +69,8 @@ def _become(module: str, args: list[str], env: dict[str, str], cwd: Path | None,
 
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:  # never past here: the child would go on as a copy of the caller
+            os._exit(code)
