@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from preloaded import PRELOAD
+from preloaded import PRELOAD, dash_c, python_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -139,9 +139,9 @@ class Preloaded:
         preloaded interpreter's only in what is read when used, and in a ``$PYTHONPATH`` (the child puts it first on
         ``sys.path``) that holds none of the preloaded libraries."""
         python = cmd[0] in (str(REPO / ".venv/bin/python"), sys.executable)
-        if cmd[0] != str(REPO / ".venv/bin/lmforge") and not (python and (cmd[1:2] == ["-c"] or cmd[1:3] == ["-P", "-c"])):
+        if cmd[0] != str(REPO / ".venv/bin/lmforge") and not (python and dash_c(cmd) is not None):
             return False
-        path = [Path(entry) for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+        path = [Path(entry) for entry in python_path(env)]
         if any((entry / name).exists() or (entry / f"{name}.py").exists() for entry in path for name in PRELOAD):
             return False
         base = self.environment()

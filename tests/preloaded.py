@@ -35,6 +35,17 @@ PRELOAD = ("torch", "pytorch_lightning", "transformers", "peft", "mlflow", "dags
            "sklearn", "fastapi", "uvicorn", "openai")
 
 
+def python_path(env: dict[str, str]) -> list[str]:
+    """The entries of ``$PYTHONPATH`` in ``env``, which a fresh interpreter puts first on ``sys.path``."""
+    return [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+
+
+def dash_c(argv: list[str]) -> int | None:
+    """Where the code of ``python [-P] -c CODE ARGS`` is in ``argv`` (2 or 3), or None for another command."""
+    flags = 1 if argv[1:2] == ["-P"] else 0
+    return 2 + flags if argv[1 + flags:2 + flags] == ["-c"] else None
+
+
 def receive(conn: socket.socket) -> tuple[dict, list[int]]:
     """One request: its JSON line and the three descriptors that came with its first bytes."""
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
@@ -58,13 +69,13 @@ def become(request: dict, fds: list[int]) -> None:
     try:
         # what a fresh interpreter puts first on sys.path: $PYTHONPATH, and before it the working directory
         # for -c (not with -P) or the script's directory
-        sys.path[:0] = [entry for entry in request["env"].get("PYTHONPATH", "").split(os.pathsep) if entry]
-        safe_path = argv[1:2] == ["-P"]
-        if argv[1 + safe_path:2 + safe_path] == ["-c"]:  # python [-P] -c CODE ARGS
-            sys.argv = ["-c", *argv[3 + safe_path:]]
-            if not safe_path:
+        sys.path[:0] = python_path(request["env"])
+        code_at = dash_c(argv)
+        if code_at is not None:  # python [-P] -c CODE ARGS
+            sys.argv = ["-c", *argv[code_at + 1:]]
+            if argv[1] != "-P":
                 sys.path.insert(0, "")
-            exec(compile(argv[2 + safe_path], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            exec(compile(argv[code_at], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
         else:  # a script (an installed console script such as .venv/bin/lmforge): its directory first on sys.path
             sys.argv = list(argv)
             sys.path.insert(0, os.path.dirname(argv[0]))
