@@ -38,14 +38,15 @@ def connected(cluster: ClusterParams, report=None) -> Iterator[None]:
     # from a background thread after every dataset it runs.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        # "": a Ray instance of this block's own, even where `ray start` runs one ("auto" joins that),
-        # with its dashboard on 127.0.0.1:8265 (Ray's default host: reachable from this machine only)
-        ray.init(address=where or "local")
+        # "": a Ray instance of this block's own, even where `ray start` runs one ("auto" joins that), with
+        # its dashboard on 127.0.0.1:8265 (Ray's default host: reachable from this machine only) if asked for
+        context = ray.init(address=where) if where else ray.init(address="local", include_dashboard=cluster.dashboard)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise LmforgeError(f"cluster.address: cannot join the Ray cluster at '{where}': {exc}") from exc
     resources = ray.cluster_resources()
+    dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url and not where else ""
     say(f"ray: {'joined ' + where if where else 'started on this machine'}: {len(ray.nodes())} node(s), "
-        f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
+        f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU{dashboard}")
     try:
         yield
     finally:

@@ -714,6 +714,9 @@ class ClusterParams:
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     max_failures: int = 3  # restarts of the training group after a worker or node dies, before the run fails
+    # the Ray started here (address ""): with Ray's dashboard on 127.0.0.1:8265, for as long as the stage runs.
+    # Off by default: its nine processes cost ~6-10 s of CPU at every start, once per stage
+    dashboard: bool = False
 
 
 @dataclass

@@ -28,4 +28,5 @@ def test_no_address_starts_a_ray_on_this_machine_for_the_block_and_stops_it_afte
         assert ray.is_initialized() and len(ray.nodes()) == 1
         assert ray.get(ray.put("stored")) == "stored"  # its object store serves this driver
     assert len(said) == 1 and said[0].startswith("ray: started on this machine: 1 node(s), "), said
+    assert "dashboard" not in said[0]  # cluster.dashboard: false, the default (its nine processes: ~6-10 s of CPU)
     assert not ray.is_initialized()
