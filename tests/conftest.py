@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from preloaded import PRELOAD, dash_c, python_path
+from preloaded import READ_WHEN_USED, dash_c, same_imports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -81,12 +81,6 @@ def stop_process_group(proc) -> None:
 # The commands tests run: forked from a preloaded interpreter where that is the same as a fresh process
 # --------------------------------------------------------------------------------------------------
 
-#: Environment variables that may differ between a command and the preloaded interpreter (tests/preloaded.py):
-#: the libraries read them when they are used, not when they are imported.  Any other difference (PYTHONPATH,
-#: a thread count, ...) runs the command in a fresh interpreter.
-READ_WHEN_USED = ("DAGSTER_HOME", "PATH", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST", "LMFORGE_")
-
-
 class Forked:
     """A command tests/preloaded.py forked: what the tests use of ``subprocess.Popen`` (``pid``, ``poll``,
     ``wait``, ``returncode``), its exit code read from the watcher's socket."""
@@ -135,28 +129,43 @@ class Preloaded:
         return {k: v for k, v in os.environ.items() if not k.startswith(READ_WHEN_USED)}
 
     def can_fork(self, cmd: list[str], env: dict[str, str]) -> bool:
-        """``lmforge ...`` or ``python [-P] -c ...`` of this checkout's venv, in an environment that differs from the
-        preloaded interpreter's only in what is read when used, and in a ``$PYTHONPATH`` (the child puts it first on
-        ``sys.path``) that holds none of the preloaded libraries."""
+        """``lmforge ...`` or ``python [-P] -c ...`` of this checkout's venv, in an environment that imports the
+        libraries as the preloaded interpreter did (``preloaded.same_imports``)."""
         python = cmd[0] in (str(REPO / ".venv/bin/python"), sys.executable)
         if cmd[0] != str(REPO / ".venv/bin/lmforge") and not (python and dash_c(cmd) is not None):
             return False
-        path = [Path(entry) for entry in python_path(env)]
-        if any((entry / name).exists() or (entry / f"{name}.py").exists() for entry in path for name in PRELOAD):
-            return False
-        base = self.environment()
-        return all(name.startswith(READ_WHEN_USED) or name == "PYTHONPATH" for name in env.keys() | base.keys() if env.get(name) != base.get(name))
+        return same_imports(env, self.environment())
+
+    def start(self) -> None:
+        """The preloaded interpreter, if it is not running; and ``bin/lmforge`` beside its socket, which runs
+        ``lmforge`` through it (``preloaded.client``) for a process that is not a test's (``shim``)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.folder = tempfile.mkdtemp(prefix="lmforge-preloaded-")
+        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
+        self.socket = os.path.join(self.folder, "socket")
+        self.proc = subprocess.Popen([str(REPO / ".venv/bin/python"), str(REPO / "tests/preloaded.py"), self.socket],
+                                     env=self.environment(), stdout=subprocess.PIPE, stderr=open(os.path.join(self.folder, "log"), "w"),
+                                     start_new_session=True, text=True)
+        atexit.register(self.proc.kill)
+        assert self.proc.stdout.readline() == "ready\n", f"tests/preloaded.py did not start: {Path(self.folder, 'log').read_text()[-3000:]}"
+        base = Path(self.folder, "environment.json")
+        base.write_text(json.dumps(self.environment()))
+        shim = Path(self.folder, "bin", "lmforge")
+        shim.parent.mkdir()
+        # -S: no site-packages to scan (~20 ms); the client needs the standard library only
+        shim.write_text(f'#!/bin/sh\nexec "{REPO / ".venv/bin/python"}" -S "{REPO / "tests/preloaded.py"}" --client "{self.socket}" '
+                        f'"{base}" "{REPO / ".venv/bin/lmforge"}" "$@"\n')
+        shim.chmod(0o755)
+
+    def shim(self) -> str:
+        """A folder whose ``lmforge`` runs through the preloaded interpreter: first on ``$PATH``, the ``lmforge``
+        commands that another program runs (``dvc repro``: its stages) fork from it as a test's own do."""
+        self.start()
+        return os.path.join(self.folder, "bin")
 
     def spawn(self, cmd: list[str], cwd: Path, env: dict[str, str], stdout, stderr) -> Forked:
-        if self.proc is None or self.proc.poll() is not None:
-            folder = tempfile.mkdtemp(prefix="lmforge-preloaded-")
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
-            self.socket = os.path.join(folder, "socket")
-            self.proc = subprocess.Popen([str(REPO / ".venv/bin/python"), str(REPO / "tests/preloaded.py"), self.socket],
-                                         env=self.environment(), stdout=subprocess.PIPE, stderr=open(os.path.join(folder, "log"), "w"),
-                                         start_new_session=True, text=True)
-            atexit.register(self.proc.kill)
-            assert self.proc.stdout.readline() == "ready\n", f"tests/preloaded.py did not start: {Path(folder, 'log').read_text()[-3000:]}"
+        self.start()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.socket)
         with open(os.devnull) as stdin:
@@ -174,6 +183,8 @@ def start_command(cmd: list[str], cwd: Path, env: dict[str, str], stdout, stderr
     that is the same as a fresh process, else a fresh process."""
     if PRELOADED.can_fork(cmd, env):
         return PRELOADED.spawn(cmd, cwd, env, stdout, stdout if stderr == subprocess.STDOUT else stderr)
+    if Path(cmd[0]).name == "dvc":  # the `lmforge` of its stages' commands (dvc.yaml) forks too
+        env = {**env, "PATH": f"{PRELOADED.shim()}{os.pathsep}{env['PATH']}"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
 
 

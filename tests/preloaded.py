@@ -10,14 +10,16 @@ the socket) and session (so a test can kill its whole process group), the same e
 own code is imported afresh in each child (not preloaded here): from the checkout (the editable install), from
 the working directory for ``python -c``, or from ``$PYTHONPATH`` (a copy of the code), as a fresh process would.
 tests/conftest.py decides which commands come here: none whose environment differs in what a library reads when
-it is imported.
+it is imported (``same_imports``).  The ``lmforge`` commands that ``dvc repro`` runs for its stages come here too,
+through ``client`` (tests/conftest.py puts a ``lmforge`` that calls it first on the ``$PATH`` of a test's ``dvc``).
 
 Protocol, over a Unix socket: a request is one JSON line ``{"argv", "cwd", "env"}`` sent with three file
 descriptors (stdin, stdout, stderr); the reply is two lines, the child's pid at once and its exit code (as
 ``subprocess`` gives it: ``-N`` for signal N) when it ends.  A watcher process per request waits for the child,
 so that this process only ever accepts and forks.
 
-Usage: ``python tests/preloaded.py SOCKET`` prints ``ready`` once it listens."""
+Usage: ``python tests/preloaded.py SOCKET`` prints ``ready`` once it listens;
+``python -S tests/preloaded.py --client SOCKET BASE_ENV.json COMMAND ARGS...`` runs a command through it."""
 
 import atexit
 import gc
@@ -35,9 +37,27 @@ PRELOAD = ("torch", "pytorch_lightning", "transformers", "peft", "mlflow", "dags
            "sklearn", "fastapi", "uvicorn", "openai")
 
 
+#: Environment variables that may differ between a command and the preloaded interpreter: the libraries read them
+#: when they are used, not when they are imported (DVC_: what ``dvc repro`` sets for a stage's command).  Any other
+#: difference (PYTHONPATH, a thread count, ...) runs the command in a fresh interpreter.
+READ_WHEN_USED = ("DAGSTER_HOME", "PATH", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST", "LMFORGE_", "DVC_")
+#: What a shell sets for the commands it runs (``dvc repro`` runs a stage's command with one), read by none of them.
+SHELL_SETS = ("_", "PWD", "OLDPWD", "SHLVL")
+
+
 def python_path(env: dict[str, str]) -> list[str]:
     """The entries of ``$PYTHONPATH`` in ``env``, which a fresh interpreter puts first on ``sys.path``."""
     return [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+
+
+def same_imports(env: dict[str, str], base: dict[str, str]) -> bool:
+    """Whether a command's environment imports the preloaded libraries as ``base`` (the preloaded interpreter's)
+    does: it differs only in what is read when used, and in a ``$PYTHONPATH`` (a child puts it first on ``sys.path``)
+    that holds none of the preloaded libraries."""
+    path = python_path(env)
+    if any(os.path.exists(os.path.join(entry, name)) or os.path.exists(os.path.join(entry, f"{name}.py")) for entry in path for name in PRELOAD):
+        return False
+    return all(name.startswith(READ_WHEN_USED) or name in ("PYTHONPATH", *SHELL_SETS) for name in env.keys() | base.keys() if env.get(name) != base.get(name))
 
 
 def dash_c(argv: list[str]) -> int | None:
@@ -142,5 +162,39 @@ def serve(path: str) -> None:
             os.close(fd)
 
 
+def client(path: str, base_file: str, argv: list[str]) -> None:
+    """Run ``argv`` forked by the preloaded interpreter listening at ``path``, for a process that is not a test
+    (``dvc repro`` running a stage's ``lmforge``): pass this process's streams, working directory and environment, pass
+    a SIGTERM or SIGINT on to the command's process group, and exit as the command did.  In an environment that
+    imports the libraries otherwise than ``base_file`` records (``same_imports``), become the command instead."""
+    with open(base_file) as f:
+        base = json.load(f)
+    env = dict(os.environ)
+    if not same_imports(env, base):
+        os.execv(argv[0], argv)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    socket.send_fds(conn, [(json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}) + "\n").encode()], [0, 1, 2])
+    reply = conn.makefile()
+    pid = int(reply.readline())
+
+    def pass_on(signum, _frame):
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, pass_on)
+    code = int(reply.readline())
+    if code < 0:  # killed by signal -code: end the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    if sys.argv[1] == "--client":
+        client(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        serve(sys.argv[1])

@@ -1,15 +1,16 @@
 """Pretraining on CPU: the loss falls, runs repeat exactly, a killed run resumes exactly, NaN stops."""
 
+import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, cfg, tiny_arch
+from conftest import REPO, cfg, start_command, tiny_arch
 
 from models.architectures import from_name
 from models.lightning_module import StreamSampler, rank_share
@@ -93,7 +94,7 @@ def test_every_objective_trains(tmp_path: Path, corpus_dirs, arch: str, auto: st
 #: says so, and waits there to be killed.  It can never write a later checkpoint or finish, however
 #: fast or slow the machine, so the kill always lands between the same two checkpoints.
 VICTIM = """
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 from models.architectures import ArchConfig
 from models.train_config import TrainConfig
@@ -101,13 +102,22 @@ from models.training import pretrain
 
 def wait_to_be_killed(_progress_line):
     print("validated", flush=True)
-    sys.stdin.read()  # returns only if the test went away without killing this process
+    time.sleep(900)  # ends only if the test went away without killing this process
     os._exit(1)
 
 packed, tok, out = map(Path, sys.argv[1:4])
 arch, train = ArchConfig(**json.loads(sys.argv[4])), TrainConfig(**json.loads(sys.argv[5]))
 pretrain(arch, train, packed, tok, out, progress=False, report=wait_to_be_killed)
 """
+
+
+def wait_for_line(log: Path, line: str, proc, seconds: float = 300) -> None:
+    """Until ``proc`` has written ``line`` to ``log``: a process that exits first, or a hang, fails the test."""
+    deadline = time.monotonic() + seconds
+    while line not in log.read_text().splitlines():
+        assert proc.poll() is None, f"the victim exited early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no '{line}' after {seconds} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -117,16 +127,16 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path:
     packed, tok = corpus_dirs
     run = cfg(max_steps=12, checkpoint_every=4, val_every=6)  # checkpoint at 4, the victim waits at 6
     log = tmp_path / "victim.log"
-    with open(log, "w") as stderr:
+    with open(log, "w") as out:
         args = [str(packed), str(tok), str(tmp_path / "killed"), json.dumps(asdict(ARCH)), json.dumps(asdict(run))]
-        victim = subprocess.Popen([sys.executable, "-c", VICTIM, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                  text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)  # one thread, as here
+        victim = start_command([sys.executable, "-c", VICTIM, *args], REPO, {**os.environ, "OMP_NUM_THREADS": "1"}, out)  # one thread, as here
     try:
         reference = pretrain(ARCH, run, packed, tok, tmp_path / "whole", progress=False)  # while the victim starts
-        assert any(line.strip() == "validated" for line in victim.stdout), f"the victim exited early:\n{log.read_text()[-3000:]}"
-        victim.send_signal(signal.SIGKILL)  # a real kill: no handler, no cleanup
+        wait_for_line(log, "validated", victim)
+        os.killpg(victim.pid, signal.SIGKILL)  # a real kill: no handler, no cleanup
     finally:
-        victim.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
     checkpoints = tmp_path / "killed/checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step=4.ckpt"] and not (tmp_path / "killed/hf").exists()
