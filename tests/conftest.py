@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,8 +68,6 @@ def prose(seed: int, n_words: int = 60) -> str:
 
 def stop_process_group(proc) -> None:
     """Stop a server started with ``start_new_session=True`` and every process it spawned."""
-    import signal
-
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -118,10 +117,12 @@ class Forked:
 
 
 class Preloaded:
-    """This worker's tests/preloaded.py, started when a test first runs a command it can fork."""
+    """The session's tests/preloaded.py, started when a test first runs a command it can fork: one for both
+    pytest-xdist workers (~12 s of CPU to start), in the folder ``$LMFORGE_TEST_PRELOADED`` that the process handing
+    out the tests made (``pytest_configure``), which stops it at the end; without xdist, one of this process's own."""
 
     def __init__(self):
-        self.proc: subprocess.Popen | None = None
+        self.folder: str | None = None
 
     def environment(self) -> dict[str, str]:
         """What the preloaded interpreter imported its libraries with: this process's, without the variables a
@@ -137,26 +138,36 @@ class Preloaded:
         return same_imports(env, self.environment())
 
     def start(self) -> None:
-        """The preloaded interpreter, if it is not running; and ``bin/lmforge`` beside its socket, which runs
-        ``lmforge`` through it (``preloaded.client``) for a process that is not a test's (``shim``)."""
-        if self.proc is not None and self.proc.poll() is None:
+        """The preloaded interpreter, if it is not running (the first worker to need it starts it, the other finds
+        it); and ``bin/lmforge`` beside its socket, which runs ``lmforge`` through it (``preloaded.client``) for a
+        process that is not a test's (``shim``)."""
+        import filelock
+
+        if self.folder is not None and running_preloaded(self.folder):
             return
-        self.folder = tempfile.mkdtemp(prefix="lmforge-preloaded-")
-        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
+        shared = os.environ.get("LMFORGE_TEST_PRELOADED")
+        self.folder = shared or tempfile.mkdtemp(prefix="lmforge-preloaded-")
         self.socket = os.path.join(self.folder, "socket")
-        self.proc = subprocess.Popen([str(REPO / ".venv/bin/python"), str(REPO / "tests/preloaded.py"), self.socket],
-                                     env=self.environment(), stdout=subprocess.PIPE, stderr=open(os.path.join(self.folder, "log"), "w"),
-                                     start_new_session=True, text=True)
-        atexit.register(self.proc.kill)
-        assert self.proc.stdout.readline() == "ready\n", f"tests/preloaded.py did not start: {Path(self.folder, 'log').read_text()[-3000:]}"
-        base = Path(self.folder, "environment.json")
-        base.write_text(json.dumps(self.environment()))
-        shim = Path(self.folder, "bin", "lmforge")
-        shim.parent.mkdir()
-        # -S: no site-packages to scan (~20 ms); the client needs the standard library only
-        shim.write_text(f'#!/bin/sh\nexec "{REPO / ".venv/bin/python"}" -S "{REPO / "tests/preloaded.py"}" --client "{self.socket}" '
-                        f'"{base}" "{REPO / ".venv/bin/lmforge"}" "$@"\n')
-        shim.chmod(0o755)
+        with filelock.FileLock(os.path.join(self.folder, "lock")):
+            if running_preloaded(self.folder):
+                return
+            if os.path.exists(self.socket):  # of one that died
+                os.remove(self.socket)
+            proc = subprocess.Popen([str(REPO / ".venv/bin/python"), str(REPO / "tests/preloaded.py"), self.socket],
+                                    env=self.environment(), stdout=subprocess.PIPE, stderr=open(os.path.join(self.folder, "log"), "w"),
+                                    start_new_session=True, text=True)
+            if not shared:
+                atexit.register(stop_preloaded, self.folder)
+            assert proc.stdout.readline() == "ready\n", f"tests/preloaded.py did not start: {Path(self.folder, 'log').read_text()[-3000:]}"
+            base = Path(self.folder, "environment.json")
+            base.write_text(json.dumps(self.environment()))
+            shim = Path(self.folder, "bin", "lmforge")
+            shim.parent.mkdir(exist_ok=True)
+            # -S: no site-packages to scan (~20 ms); the client needs the standard library only
+            shim.write_text(f'#!/bin/sh\nexec "{REPO / ".venv/bin/python"}" -S "{REPO / "tests/preloaded.py"}" --client "{self.socket}" '
+                            f'"{base}" "{REPO / ".venv/bin/lmforge"}" "$@"\n')
+            shim.chmod(0o755)
+            Path(self.folder, "pid").write_text(str(proc.pid))  # last: the other worker waits for it under the lock
 
     def shim(self) -> str:
         """A folder whose ``lmforge`` runs through the preloaded interpreter: first on ``$PATH``, the ``lmforge``
@@ -172,6 +183,25 @@ class Preloaded:
             request = json.dumps({"argv": cmd, "cwd": str(cwd), "env": env}) + "\n"
             socket.send_fds(conn, [request.encode()], [stdin.fileno(), stdout.fileno(), stderr.fileno()])
         return Forked(cmd, conn)
+
+
+def running_preloaded(folder: str) -> int | None:
+    """The pid of the preloaded interpreter recorded in ``folder``, if that process still runs it (not a
+    zombie, and not another process that got its pid since)."""
+    try:
+        pid = int(Path(folder, "pid").read_text())
+        stat, cmdline = Path(f"/proc/{pid}/stat").read_text(), Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if stat.rsplit(")", 1)[1].split()[0] != "Z" and b"tests/preloaded.py" in cmdline else None
+
+
+def stop_preloaded(folder: str) -> None:
+    """Stop the preloaded interpreter of ``folder`` (and its watchers: its process group), then remove the folder."""
+    pid = running_preloaded(folder)
+    if pid:
+        os.killpg(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 PRELOADED = Preloaded()
@@ -559,6 +589,8 @@ def pytest_configure(config):
     if config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput"):
         os.environ["LMFORGE_TEST_GROUPS"] = tempfile.mkdtemp(prefix="lmforge-test-groups-")
         atexit.register(shutil.rmtree, os.environ["LMFORGE_TEST_GROUPS"], ignore_errors=True)
+        os.environ["LMFORGE_TEST_PRELOADED"] = tempfile.mkdtemp(prefix="lmforge-preloaded-")
+        atexit.register(stop_preloaded, os.environ["LMFORGE_TEST_PRELOADED"])
 
 
 def pytest_xdist_make_scheduler(config, log):
