@@ -38,9 +38,10 @@ PRELOAD = ("torch", "pytorch_lightning", "transformers", "peft", "mlflow", "dags
 
 
 #: Environment variables that may differ between a command and the preloaded interpreter: the libraries read them
-#: when they are used, not when they are imported (DVC_: what ``dvc repro`` sets for a stage's command).  Any other
-#: difference (PYTHONPATH, a thread count, ...) runs the command in a fresh interpreter.
-READ_WHEN_USED = ("DAGSTER_HOME", "PATH", "MLFLOW_TRACKING_URI", "PYTEST_", "LMFORGE_", "DVC_")
+#: when they are used, not when they are imported (DVC_: what ``dvc repro`` sets for a stage's command; RAY_: Ray is
+#: not preloaded, each child imports it afresh, and a worker that joined the tests' cluster has RAY_CLIENT_MODE set).
+#: Any other difference (PYTHONPATH, a thread count, ...) runs the command in a fresh interpreter.
+READ_WHEN_USED = ("DAGSTER_HOME", "PATH", "MLFLOW_TRACKING_URI", "PYTEST_", "LMFORGE_", "DVC_", "RAY_")
 #: What a shell sets for the commands it runs (``dvc repro`` runs a stage's command with one), read by none of them.
 SHELL_SETS = ("_", "PWD", "OLDPWD", "SHLVL")
 
