@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from preloaded import READ_WHEN_USED, dash_c, same_imports
+from preloaded import READ_WHEN_USED, dash_c, same_imports, send_request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -177,12 +177,8 @@ class Preloaded:
 
     def spawn(self, cmd: list[str], cwd: Path, env: dict[str, str], stdout, stderr) -> Forked:
         self.start()
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.socket)
         with open(os.devnull) as stdin:
-            request = json.dumps({"argv": cmd, "cwd": str(cwd), "env": env}) + "\n"
-            socket.send_fds(conn, [request.encode()], [stdin.fileno(), stdout.fileno(), stderr.fileno()])
-        return Forked(cmd, conn)
+            return Forked(cmd, send_request(self.socket, cmd, str(cwd), env, [stdin.fileno(), stdout.fileno(), stderr.fileno()]))
 
 
 def running_preloaded(folder: str) -> int | None:

@@ -67,6 +67,14 @@ def dash_c(argv: list[str]) -> int | None:
     return 2 + flags if argv[1 + flags:2 + flags] == ["-c"] else None
 
 
+def send_request(path: str, argv: list[str], cwd: str, env: dict[str, str], fds: list[int]) -> socket.socket:
+    """Send one request to the preloaded interpreter listening at ``path``; its reply comes on the socket returned."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    socket.send_fds(conn, [(json.dumps({"argv": argv, "cwd": cwd, "env": env}) + "\n").encode()], fds)
+    return conn
+
+
 def receive(conn: socket.socket) -> tuple[dict, list[int]]:
     """One request: its JSON line and the three descriptors that came with its first bytes."""
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
@@ -173,10 +181,7 @@ def client(path: str, base_file: str, argv: list[str]) -> None:
     env = dict(os.environ)
     if not same_imports(env, base):
         os.execv(argv[0], argv)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(path)
-    socket.send_fds(conn, [(json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}) + "\n").encode()], [0, 1, 2])
-    reply = conn.makefile()
+    reply = send_request(path, argv, os.getcwd(), env, [0, 1, 2]).makefile()
     pid = int(reply.readline())
 
     def pass_on(signum, _frame):
