@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from preloaded import READ_WHEN_USED, dash_c, same_imports, send_request
+from preloaded import READ_WHEN_USED, dash_c, exit_without_teardown, same_imports, send_request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -579,10 +579,17 @@ def group_of(item) -> str:
     return next((name for name in GROUPED_FIXTURES if name in names), item.nodeid.split("::")[0])
 
 
+@pytest.hookimpl(tryfirst=True)  # the first to add a cleanup, so that it runs after the others (pytest's own)
 def pytest_configure(config):
     """In the process that hands tests to the workers: a folder where the workers write each test's group
-    (they collect the tests; it does not).  Its workers inherit the variable."""
-    if config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput"):
+    (they collect the tests; it does not), and one for the preloaded interpreter.  Its workers inherit the variables.
+
+    In a worker: once pytest is done with it (its last cleanup; its results are with the process that handed out the
+    tests), exit without tearing down its modules.  After the suite that teardown kept both cores busy ~7 s while the
+    session waited for it (pytest-xdist waits up to 10 s for a worker, then kills it)."""
+    if hasattr(config, "workerinput"):
+        config.add_cleanup(functools.partial(exit_without_teardown, 0))
+    elif config.getoption("dist", "no") != "no":
         os.environ["LMFORGE_TEST_GROUPS"] = tempfile.mkdtemp(prefix="lmforge-test-groups-")
         atexit.register(shutil.rmtree, os.environ["LMFORGE_TEST_GROUPS"], ignore_errors=True)
         os.environ["LMFORGE_TEST_PRELOADED"] = tempfile.mkdtemp(prefix="lmforge-preloaded-")

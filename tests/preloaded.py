@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import NoReturn
 
 #: What lmforge's commands import that costs seconds; lmforge's own packages are not here (see above).
 PRELOAD = ("torch", "pytorch_lightning", "transformers", "peft", "mlflow", "dagster", "datasets", "great_expectations",
@@ -115,8 +116,14 @@ def become(request: dict, fds: list[int]) -> None:
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
-    # what the interpreter does at exit (threads, atexit handlers: logging, MLflow, multiprocessing, weakref finalizers; the
-    # standard streams), but not the teardown of every preloaded module, which here is ~3 s of copy-on-write page faults
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Exit as the interpreter does (non-daemon threads joined, atexit handlers: logging, MLflow, multiprocessing,
+    weakref finalizers; the standard streams flushed), but without tearing down every module it imported, which after
+    torch, Lightning, transformers, ... costs seconds of CPU that nothing needs: ~3 s in a forked child (copy-on-write
+    page faults), ~7 s in a pytest-xdist worker at the end of the suite (tests/conftest.py's ``pytest_configure``)."""
     threading._shutdown()  # non-daemon threads end first (concurrent.futures' workers among them)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
