@@ -163,10 +163,13 @@ def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: di
     model's context are left out (``fit_to_context``).  ``shared=False``: lm-eval's ``hf`` model as it
     is, one forward pass per request (``benchmarks/eval_throughput.py`` compares both)."""
     import logging
+    import random
 
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
-
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -181,9 +184,16 @@ def run_harness(model, tokenizer, tasks_dir: Path, names: list[str], metrics: di
                 f"{lm.max_length} tokens: " + ", ".join(f"{n} {k} item(s)" for n, k in too_long.items() if k))
         tasks_dir = Path(tmp)
         names = [n for n in names if (tasks_dir / f"lmforge_{n}.yaml").is_file()]  # a task left with no item is not scored
-        manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-        result = simple_evaluate(model=lm, tasks=[f"lmforge_{n}" for n in names], task_manager=manager, log_samples=True,
-                                 bootstrap_iters=1000, random_seed=0, fewshot_random_seed=1234)
+        # lm-eval's `evaluate` with the seeds its `simple_evaluate` sets, not `simple_evaluate` itself: after scoring, that
+        # one describes the machine for its report (torch's collect_env, a `pip list`...), ~0.35 s of CPU a call, as much
+        # as scoring a tiny model, for a part of the result this function does not keep
+        random.seed(DEFAULT_RANDOM_SEED)
+        np.random.seed(DEFAULT_OTHER_SEED)
+        torch.manual_seed(DEFAULT_OTHER_SEED)
+        tasks = TaskManager(include_path=str(tasks_dir), include_defaults=False).load([f"lmforge_{n}" for n in names])
+        for task in tasks["tasks"].values():
+            task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+        result = evaluate(lm=lm, task_dict=tasks, bootstrap_iters=1000, log_samples=True)
     scores, items = {}, {}
     for name in names:
         task = f"lmforge_{name}"
