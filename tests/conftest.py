@@ -580,7 +580,7 @@ def group_of(item) -> str:
     return next((name for name in GROUPED_FIXTURES if name in names), item.nodeid.split("::")[0])
 
 
-@pytest.hookimpl(tryfirst=True)  # the first to add a cleanup, so that it runs after the others (pytest's own)
+@pytest.hookimpl(tryfirst=True)  # the first to add a cleanup: it runs after those the other plugins' pytest_configure add
 def pytest_configure(config):
     """In the process that hands tests to the workers: a folder where the workers write each test's group
     (they collect the tests; it does not), and one for the preloaded interpreter.  Its workers inherit the variables.
@@ -648,9 +648,9 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """Python's garbage collector, tuned for a process that holds a large heap for minutes: it took ~15 s of CPU a
-    worker over the suite, mostly in 26-30 full collections that each walked the ~1-2 million objects the libraries
-    keep.  What collecting imported (torch, transformers, Lightning, Dagster, MLflow, ...: objects that live as long as
+    """Python's garbage collector, tuned for a process that holds a large heap for minutes: it took 16-20 s of CPU a
+    worker over the suite (5-9 s now), mostly in 26-30 full collections that each walked the 1-2 million objects the
+    libraries keep.  What collecting imported (torch, transformers, Lightning, Dagster, MLflow, ...: objects that live as long as
     the process) goes out of its reach (garbage first, so that none is kept), and it collects less often: a young
     collection every 50,000 allocations rather than 700 (a test's cycles still go within a few tests)."""
     gc.collect()
