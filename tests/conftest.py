@@ -154,14 +154,15 @@ class Preloaded:
                 return
             if os.path.exists(self.socket):  # of one that died
                 os.remove(self.socket)
+            environment = self.environment()
             proc = subprocess.Popen([str(REPO / ".venv/bin/python"), str(REPO / "tests/preloaded.py"), self.socket],
-                                    env=self.environment(), stdout=subprocess.PIPE, stderr=open(os.path.join(self.folder, "log"), "w"),
+                                    env=environment, stdout=subprocess.PIPE, stderr=open(os.path.join(self.folder, "log"), "w"),
                                     start_new_session=True, text=True)
             if not shared:
                 atexit.register(stop_preloaded, self.folder)
             assert proc.stdout.readline() == "ready\n", f"tests/preloaded.py did not start: {Path(self.folder, 'log').read_text()[-3000:]}"
             base = Path(self.folder, "environment.json")
-            base.write_text(json.dumps(self.environment()))
+            base.write_text(json.dumps(environment))  # what the client compares a command's environment with
             shim = Path(self.folder, "bin", "lmforge")
             shim.parent.mkdir(exist_ok=True)
             # -S: no site-packages to scan (~20 ms); the client needs the standard library only
